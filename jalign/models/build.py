@@ -1,0 +1,43 @@
+"""Create models with their parameters already placed on a mesh.
+
+Parameters are initialised inside one jitted function whose ``out_shardings`` come from
+the rules table, so each device only ever materialises its own shards: a model too big
+for one device can still be created.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jalign.models.config import LlamaConfig
+from jalign.models.llama import Llama
+from jalign.sharding import DEFAULT_RULES, Rules, param_shardings
+
+
+def abstract_model(config: LlamaConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                   model_cls=Llama):
+    """(graphdef, abstract state) where each leaf is a ShapeDtypeStruct with its sharding."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+    if mesh is None:
+        return graphdef, state
+    shardings = param_shardings(state, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            state, shardings)
+    return graphdef, abstract
+
+
+def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None,
+                 rules: Rules = DEFAULT_RULES, model_cls=Llama):
+    """A randomly initialised model; sharded per ``rules`` when a mesh is given."""
+    if mesh is None:
+        return model_cls(config, rngs=nnx.Rngs(seed))
+    graphdef, abstract = abstract_model(config, mesh, rules, model_cls)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+    def init():
+        return nnx.split(model_cls(config, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

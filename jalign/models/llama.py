@@ -1,0 +1,230 @@
+"""Llama (2, 3, 3.1, 3.2) as a Flax NNX module. Architecture only: no loading, no losses.
+
+Layers are stored stacked (every per-layer parameter has a leading ``layers`` axis) so the
+same parameters run scanned (``lax.scan``: compile time flat in depth) or unrolled (a
+Python loop: faster on CPU), chosen by ``config.scan_layers``.
+
+Matmuls run on 2-D activations [batch*length, features]: with 3-D operands XLA:CPU
+materialises a transposed copy for each weight-gradient matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jalign.models.attention import attention, make_mask
+from jalign.models.config import LlamaConfig
+from jalign.models.rope import apply_rope, rope_angles
+from jalign.sharding import constrain
+
+# Per-layer parameter names and their logical axes (without the leading "layers").
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("norm",),
+    "wq": ("embed", "q_heads", "head_dim"),
+    "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"),
+    "wo": ("q_heads", "head_dim", "embed"),
+    "mlp_norm": ("norm",),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+}
+ATTN_BIAS_AXES = {"bq": ("q_heads", "head_dim"), "bk": ("kv_heads", "head_dim"),
+                  "bv": ("kv_heads", "head_dim"), "bo": ("norm",)}
+MLP_BIAS_AXES = {"b_gate": ("mlp",), "b_up": ("mlp",), "b_down": ("norm",)}
+
+
+def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's parameters (without the leading layers axis)."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    nq, nkv = config.num_heads, config.num_kv_heads
+    shapes = {"attn_norm": (d,), "wq": (d, nq, h), "wk": (d, nkv, h), "wv": (d, nkv, h),
+              "wo": (nq, h, d), "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f),
+              "w_down": (f, d)}
+    if config.attention_bias:
+        shapes.update(bq=(nq, h), bk=(nkv, h), bv=(nkv, h), bo=(d,))
+    if config.mlp_bias:
+        shapes.update(b_gate=(f,), b_up=(f,), b_down=(d,))
+    return shapes
+
+
+def layer_axes(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    axes = dict(LAYER_AXES)
+    if config.attention_bias:
+        axes.update(ATTN_BIAS_AXES)
+    if config.mlp_bias:
+        axes.update(MLP_BIAS_AXES)
+    return axes
+
+
+def rms_norm(x, scale, eps):
+    # Normalise in float32 then cast back before scaling, as Hugging Face does.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _dense(x_btd, w_d_out, b_out=None):
+    """x @ w on 2-D views; w's trailing dims are flattened and restored."""
+    b, t, d = x_btd.shape
+    out_shape = w_d_out.shape[1:]
+    y = x_btd.reshape(b * t, d) @ w_d_out.reshape(d, -1)
+    y = y.reshape(b, t, *out_shape)
+    return y if b_out is None else y + b_out
+
+
+def decoder_layer(p: dict, x_btd, cos_bth, sin_bth, mask_bts, *, config: LlamaConfig):
+    """One pre-norm transformer block on one layer's parameters ``p`` (already in compute dtype)."""
+    eps = config.rms_norm_eps
+    b, t, _ = x_btd.shape
+    h_btd = rms_norm(x_btd, p["attn_norm"], eps)
+    q_btnh = _dense(h_btd, p["wq"], p.get("bq"))
+    k_btgh = _dense(h_btd, p["wk"], p.get("bk"))
+    v_btgh = _dense(h_btd, p["wv"], p.get("bv"))
+    q_btnh = constrain(q_btnh, ("batch", "length", "act_heads", None))
+    k_btgh = constrain(k_btgh, ("batch", "length", "act_kv_heads", None))
+    v_btgh = constrain(v_btgh, ("batch", "length", "act_kv_heads", None))
+    q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
+    k_btgh = apply_rope(k_btgh, cos_bth, sin_bth)
+    o_btnh = attention(q_btnh, k_btgh, v_btgh, mask_bts, impl=config.attention_impl)
+    o_btnh = constrain(o_btnh, ("batch", "length", "act_heads", None))
+    wo_nhd = p["wo"]
+    attn_btd = (o_btnh.reshape(b * t, -1) @ wo_nhd.reshape(-1, wo_nhd.shape[-1])).reshape(b, t, -1)
+    if "bo" in p:
+        attn_btd = attn_btd + p["bo"]
+    x_btd = constrain(x_btd + attn_btd, ("batch", "length", "act_embed"))
+
+    h_btd = rms_norm(x_btd, p["mlp_norm"], eps)
+    gate_btf = _dense(h_btd, p["w_gate"], p.get("b_gate"))
+    up_btf = _dense(h_btd, p["w_up"], p.get("b_up"))
+    act_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
+    mlp_btd = _dense(act_btf, p["w_down"], p.get("b_down"))
+    return constrain(x_btd + mlp_btd, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _with_remat(fn, policy: str, scanned: bool):
+    if policy == "none":
+        return fn
+    # Inside scan, CSE cannot merge the recomputation into the forward, so
+    # prevent_cse=False is safe there and avoids needless barriers.
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+def positions_from_segments(segment_ids_bt):
+    """Positions that restart at 0 at the start of every segment of a packed row."""
+    t = segment_ids_bt.shape[1]
+    idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], dtype=bool),
+         segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    start_bt = jax.lax.cummax(jnp.where(is_start, idx_bt, 0), axis=1)
+    return idx_bt - start_bt
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' parameters, stacked on a leading ``layers`` axis."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = config.weight_dtype
+        n = config.num_layers
+        axes = layer_axes(config)
+        for name, shape in layer_shapes(config).items():
+            if name.endswith("norm"):
+                value = jnp.ones((n, *shape), pdt)
+            elif name.startswith("b"):
+                value = jnp.zeros((n, *shape), pdt)
+            else:
+                fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
+                value = jax.random.normal(rngs.params(), (n, *shape), pdt) * fan_in ** -0.5
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes[name])))
+
+    def stacked(self) -> dict:
+        """The stacked parameter arrays, cast to the compute dtype."""
+        cdt = self.config.compute_dtype
+        return {name: getattr(self, name)[...].astype(cdt) for name in layer_shapes(self.config)}
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts):
+        cfg = self.config
+        params = self.stacked()
+        layer = functools.partial(decoder_layer, config=cfg)
+        if cfg.scan_layers:
+            body = _with_remat(lambda x, p: (layer(p, x, cos_bth, sin_bth, mask_bts), None),
+                               cfg.remat_policy, scanned=True)
+            x_btd, _ = jax.lax.scan(body, x_btd, params)
+            return x_btd
+        body = _with_remat(layer, cfg.remat_policy, scanned=False)
+        for i in range(cfg.num_layers):
+            x_btd = body({k: v[i] for k, v in params.items()}, x_btd, cos_bth, sin_bth, mask_bts)
+        return x_btd
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama.
+
+    ``model(input_ids, positions=None, segment_ids=None) -> logits [batch, length, vocab]``.
+    ``inputs_embeds`` may replace ``input_ids`` (IFT mixes embeddings); ``backbone`` returns
+    the final normalised hidden states for heads and memory-saving losses.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = config.weight_dtype
+        d, v = config.hidden_size, config.vocab_size
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), pdt),
+                               logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), pdt), logical_axes=("norm",))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (d, v), pdt) * d ** -0.5,
+                                     logical_axes=("embed", "vocab"))
+
+    def embedding_table(self):
+        return self.embed[...]
+
+    def embed_tokens(self, input_ids_bt):
+        table = self.embed[...].astype(self.config.compute_dtype)
+        return constrain(jnp.take(table, input_ids_bt, axis=0), ("batch", "length", "act_embed"))
+
+    def lm_head_weight(self):
+        """[embed, vocab] output projection (the embedding transposed when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def backbone(self, input_ids=None, positions=None, segment_ids=None, *, inputs_embeds=None):
+        """Final-norm hidden states [batch, length, embed]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x_btd = (self.embed_tokens(input_ids) if inputs_embeds is None
+                 else constrain(inputs_embeds.astype(self.config.compute_dtype),
+                                ("batch", "length", "act_embed")))
+        b, t, _ = x_btd.shape
+        index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        mask_bts = make_mask(segment_ids, segment_ids, index_bt, index_bt)
+        cos_bth, sin_bth = rope_angles(positions, self.config)
+        x_btd = self.layers(x_btd, cos_bth, sin_bth, mask_bts)
+        return rms_norm(x_btd, self.final_norm[...].astype(x_btd.dtype), self.config.rms_norm_eps)
+
+    def logits(self, hidden_btd):
+        w_dv = self.lm_head_weight().astype(self.config.compute_dtype)
+        return constrain(_dense(hidden_btd, w_dv), ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids=None, positions=None, segment_ids=None, *, inputs_embeds=None):
+        return self.logits(self.backbone(input_ids, positions, segment_ids,
+                                          inputs_embeds=inputs_embeds))

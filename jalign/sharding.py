@@ -1,0 +1,176 @@
+"""Device mesh, the logical-axis rules table, and helpers that apply it.
+
+Model code names array dimensions logically (``vocab``, ``embed``, ``q_heads`` ...).
+One rules table maps each logical name to zero or more mesh axes (``data``, ``fsdp``,
+``tensor``). Changing parallelism means changing the mesh shape or the table, never the
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. Parameters shard their large dims over fsdp (gathered per
+# layer in the forward) and their head/mlp/vocab dims over tensor. Activations shard
+# the batch over data+fsdp and the head/mlp/vocab dims over tensor.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. A size of -1 takes all devices left over (at most one axis)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"MeshConfig: at most one axis may be -1, got {self}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"MeshConfig: axis sizes must be positive or -1, got {self}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"MeshConfig {self}: {num_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"MeshConfig {self}: data*fsdp*tensor = {math.prod(sizes)} but "
+                f"{num_devices} devices are available")
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all three axes (size 1 where unused), Auto axis types.
+
+    Auto (not Explicit) axes: Explicit ones break shard_map on unsharded inputs and the
+    embedding gather, and we place every constraint ourselves through the rules table.
+    """
+    config = config or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = config.shape(len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+
+
+def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for key, axes in rules:
+        if key == name:
+            if axes is None:
+                return ()
+            return (axes,) if isinstance(axes, str) else tuple(axes)
+    raise KeyError(f"logical axis {name!r} has no entry in the sharding rules table")
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array whose dims carry these logical names.
+
+    With ``shape`` and ``mesh`` given, mesh axes that do not divide a dimension are
+    dropped (from the right) so that e.g. 2 KV heads on a 4-way tensor axis are
+    replicated instead of failing; a mesh axis is never used twice in one spec.
+    """
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(logical):
+        axes = [a for a in _lookup(rules, name) if a not in used]
+        if shape is not None and mesh is not None:
+            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes.pop()
+            axes = [a for a in axes if mesh.shape[a] > 1] or axes[:0]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
+                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
+
+
+# The mesh and rules that activation constraints use. Set by `use_mesh`; model code
+# calls `constrain` and stays unaware of the parallelism.
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jalign_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    return _ACTIVE.get()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation to the sharding its logical names map to (no-op without a mesh)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(logical) != x.ndim:
+        raise ValueError(f"constrain: {x.ndim}-d array given {len(logical)} logical names {logical}")
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, x.shape, rules))
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for an nnx State of abstract or concrete Variables.
+
+    Every parameter must carry ``logical_axes`` metadata; one that does not is an error
+    naming it, so that nothing silently ends up replicated.
+    """
+    from flax import nnx
+
+    def one(path, var):
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        names = var.get_metadata().get("logical_axes")
+        if names is None:
+            raise ValueError(f"parameter {where} has no logical_axes")
+        if len(names) != len(var.shape):
+            raise ValueError(f"parameter {where}: logical_axes {names} do not match shape {var.shape}")
+        return var.replace(named_sharding(mesh, names, var.shape, rules))
+
+    return jax.tree_util.tree_map_with_path(
+        one, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
