@@ -31,13 +31,12 @@ def abstract_model(config: LlamaConfig, mesh: Mesh | None = None, rules: Rules =
 def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None,
                  rules: Rules = DEFAULT_RULES, model_cls=Llama):
     """A randomly initialised model; sharded per ``rules`` when a mesh is given."""
-    if mesh is None:
-        return model_cls(config, rngs=nnx.Rngs(seed))
     graphdef, abstract = abstract_model(config, mesh, rules, model_cls)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    shardings = None if mesh is None else jax.tree.map(lambda a: a.sharding, abstract)
 
     def init():
         return nnx.split(model_cls(config, rngs=nnx.Rngs(seed)))[1]
 
+    # jit even without a mesh: eager init dispatches one op at a time (seconds).
     state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)

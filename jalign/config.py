@@ -1,0 +1,83 @@
+"""gin configuration: what may be bound, how files are parsed, the operative config.
+
+Only dataclass constructors and entry functions are registered (principle 5). gin itself
+rejects an unknown configurable or parameter; we re-raise that as ``ConfigError`` so that
+callers (CLI, tests) get one error type whose message names the binding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import gin
+
+from jalign.models.config import LlamaConfig, RopeScaling
+from jalign.sharding import MeshConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_REGISTERED: dict[str, object] = {}
+
+
+def register() -> None:
+    """Register jalign's configurables with gin (idempotent)."""
+    if _REGISTERED:
+        return
+    for cls in (LlamaConfig, RopeScaling, MeshConfig):
+        _REGISTERED[cls.__name__] = gin.external_configurable(cls, name=cls.__name__)
+
+
+def build(name: str):
+    """Construct the registered dataclass ``name`` from the current bindings.
+
+    gin returns an instance of a wrapper subclass; rebuild it as the plain dataclass so
+    equality and hashing behave (a config is a static jit argument).
+    """
+    register()
+    cls = {"LlamaConfig": LlamaConfig, "RopeScaling": RopeScaling, "MeshConfig": MeshConfig}[name]
+    made = _REGISTERED[name]()
+    return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(cls)})
+
+
+def model_config() -> LlamaConfig:
+    config = build("LlamaConfig")
+    if config.rope_scaling is not None and type(config.rope_scaling) is not RopeScaling:
+        rs = config.rope_scaling
+        config = config.replace(rope_scaling=RopeScaling(
+            **{f.name: getattr(rs, f.name) for f in dataclasses.fields(RopeScaling)}))
+    return config
+
+
+def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ()) -> None:
+    """Reset gin and parse ``config_files`` then ``bindings`` (later ones win).
+
+    Includes resolve against the working directory and the repository root, so
+    ``include 'configs/model/tiny.gin'`` works from anywhere.
+    """
+    register()
+    gin.clear_config()
+    for location in (os.getcwd(), str(REPO_ROOT)):
+        if location not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (no public getter)
+            gin.add_config_file_search_path(location)
+    for path in config_files:
+        if not Path(path).exists() and not (REPO_ROOT / path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+    try:
+        gin.parse_config_files_and_bindings(
+            [str(p if Path(p).exists() else REPO_ROOT / p) for p in config_files],
+            list(bindings), finalize_config=False, skip_unknown=False)
+    except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+        raise ConfigError(f"bad gin configuration: {e}") from None
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()
