@@ -41,7 +41,7 @@ def manager(directory: str | os.PathLike, **options) -> ocp.CheckpointManager:
 def save_model(directory: str | os.PathLike, config: LlamaConfig, model: Llama, *,
                step: int = 0, extra_metadata: dict | None = None) -> Path:
     """Write a params-only checkpoint (what ``jalign convert hf-to-jalign`` produces)."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "model"}
     metadata.update(extra_metadata or {})
     mngr = manager(directory)
@@ -88,7 +88,7 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 abstract)
-    target = abstract.to_pure_dict()
+    target = nnx.to_pure_dict(abstract)
     mngr = manager(directory)
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(

@@ -7,13 +7,15 @@ for one device can still be created.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from jalign.models.config import LlamaConfig
 from jalign.models.llama import Llama
-from jalign.sharding import DEFAULT_RULES, Rules, param_shardings
+from jalign.sharding import DEFAULT_RULES, Rules, param_shardings, use_mesh
 
 
 def abstract_model(config: LlamaConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
@@ -40,3 +42,24 @@ def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None
     # jit even without a mesh: eager init dispatches one op at a time (seconds).
     state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_forward(graphdef, mesh: Mesh | None, rules: Rules):
+    def apply(state, input_ids, positions, segment_ids):
+        model = nnx.merge(graphdef, state)
+        if mesh is None:
+            return model(input_ids, positions, segment_ids)
+        with use_mesh(mesh, rules):
+            return model(input_ids, positions, segment_ids)
+
+    return jax.jit(apply)
+
+
+def forward(model, input_ids, positions=None, segment_ids=None, *, mesh: Mesh | None = None,
+            rules: Rules = DEFAULT_RULES):
+    """Jitted ``model(input_ids, positions, segment_ids)``; compiled once per model
+    structure, mesh and input shape. The mesh is a static argument because activation
+    constraints are read from it at trace time."""
+    graphdef, state = nnx.split(model)
+    return _jitted_forward(graphdef, mesh, tuple(rules))(state, input_ids, positions, segment_ids)

@@ -1,0 +1,29 @@
+"""Test setup shared by the whole suite.
+
+Eight host CPU devices for the sharding tests: XLA reads this flag once, when jax is
+first imported, so it is set here before anything imports jax. A persistent compilation
+cache makes repeated runs (and pytest-xdist workers) reuse compiled programs.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JALIGN_TEST_JAX_CACHE",
+                                 os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    if jax.device_count() != 8:
+        pytest.fail(f"tests need 8 host devices (XLA_FLAGS); got {jax.device_count()}: "
+                    "was jax imported before tests/conftest.py ran?")

@@ -1,0 +1,79 @@
+"""Tiny Hugging Face Llama checkpoints for tests, built locally with transformers + torch.
+
+Weights are re-drawn at unit scale (matrices ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm
+weights ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)): HF's default std of 0.02 leaves attention
+almost uniform, which would hide RoPE and masking bugs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import torch
+    import transformers
+except ImportError as e:  # fail loudly: these tests must not silently pass without torch
+    raise ImportError("the HF parity tests need torch and transformers: "
+                      "pip install -e '.[test]'") from e
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+# name -> transformers LlamaConfig kwargs
+CONFIGS = {
+    # Llama 2 style: multi-head attention, untied head, default rope.
+    "llama2": dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                   rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                   tie_word_embeddings=False),
+    # Llama 3.1 style: GQA 4:1, llama3 rope scaling; tests run sequences longer than
+    # original_max_position_embeddings (32). head_dim 16 puts frequencies in all three
+    # llama3 bands (kept, interpolated, divided).
+    "llama3_1": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                     max_position_embeddings=256, rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE,
+                     tie_word_embeddings=False),
+    # Llama 3.2 style: tied embeddings, GQA 2:1, explicit head_dim != hidden/heads.
+    "llama3_2": dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=256, rms_norm_eps=1e-5,
+                     rope_parameters=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True),
+    # Biases on attention and MLP (some Llama derivatives), linear rope scaling.
+    "biased": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                   attention_bias=True, mlp_bias=True,
+                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, **overrides):
+    kwargs = dict(CONFIGS[name], **overrides)
+    config = transformers.LlamaConfig(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif pname.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+    return model
+
+
+def save_hf_model(name: str, path, seed: int = 0, dtype=None, **overrides):
+    model = make_hf_model(name, seed, **overrides)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(np.array(ids))).logits.float().numpy()
