@@ -182,7 +182,10 @@ class Llama(nnx.Module):
         self.config = config
         pdt = config.weight_dtype
         d, v = config.hidden_size, config.vocab_size
-        self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), pdt),
+        # Untied: unit-scale embeddings (RMSNorm follows). Tied: the table is also the
+        # output projection, so scale it like one to keep initial logits O(1).
+        embed_std = d ** -0.5 if config.tie_word_embeddings else 1.0
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), pdt) * embed_std,
                                logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(config, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((d,), pdt), logical_axes=("norm",))

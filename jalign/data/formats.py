@@ -1,0 +1,246 @@
+"""Reading records and normalising real dataset formats to jalign's internal shapes.
+
+Internal shapes (plain dicts, so they serialise and print):
+  conversation  {"messages": [{"role", "content"}, ...]}             (SFT, IFT)
+  preference    {"prompt": [msgs ending with user], "chosen": [assistant msgs],
+                 "rejected": [assistant msgs]}                       (RM, DPO)
+  prompt        {"prompt": [msgs ending with user], "meta": {...}}   (PPO rollouts)
+
+Every adapter raises ``BadRecord`` naming what is wrong; the caller adds the record index
+and decides (by ``on_bad_record``) whether to stop or drop and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message says why."""
+
+
+class DataError(ValueError):
+    """A data problem that stops the pipeline; the message names the record and the cause."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, Any]]:
+    """Records from a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory, or a
+    hub dataset name (needs network). JSON is parsed here, one record at a time, so that
+    records of mixed shape (a string in one, a list in the next) are fine and a broken
+    line is reported by number."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return _read_jsonl(p)
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+            if isinstance(data, dict):  # {"data": [...]} or {split: [...]}
+                data = data.get(split, data.get("data", data))
+            if not isinstance(data, list):
+                raise DataError(f"{p}: expected a JSON list of records")
+            return data
+        if p.suffix == ".parquet":
+            import datasets
+            return datasets.load_dataset("parquet", data_files=str(p), split="train")
+        raise DataError(f"{p}: unsupported file type {p.suffix!r} (.json, .jsonl, .parquet)")
+    if p.is_dir():
+        import datasets
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{p}: no split {split!r}; has {sorted(ds)}")
+            ds = ds[split]
+        return ds
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        import datasets
+        return datasets.load_dataset(str(path), split=split)
+    raise DataError(f"{path}: no such file or directory, and not a hub dataset name")
+
+
+def _read_jsonl(p: Path) -> list:
+    records = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+    return records
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _field(record: Mapping, name: str, columns: Mapping[str, str], *, optional=False):
+    column = columns.get(name, name)
+    if not isinstance(record, Mapping):
+        raise BadRecord(f"record is a {type(record).__name__}, not an object")
+    if column not in record or record[column] is None:
+        if optional:
+            return None
+        raise BadRecord(f"missing field {column!r}")
+    return record[column]
+
+
+def _string(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(f"{what} is a {type(value).__name__}, not a string")
+    return value
+
+
+def check_messages(messages, what: str = "messages", *, end_with: str | None = None) -> list[dict]:
+    """Validate a chat: optional system first, then user/assistant alternating from user."""
+    if not isinstance(messages, list):
+        raise BadRecord(f"{what} is a {type(messages).__name__}, not a list")
+    if not messages:
+        raise BadRecord(f"{what} is an empty conversation")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise BadRecord(f"{what}[{i}] needs 'role' and 'content'")
+        role = m["role"]
+        if role not in ROLES:
+            raise BadRecord(f"{what}[{i}] has unknown role {role!r}")
+        out.append({"role": role, "content": _string(m["content"], f"{what}[{i}].content")})
+    body = out[1:] if out[0]["role"] == "system" else out
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            k = i + (len(out) - len(body))
+            raise BadRecord(f"wrong role order: {what}[{k}] is {m['role']!r}, expected "
+                            f"{expected!r} (system first, then user/assistant alternating)")
+    if not body:
+        raise BadRecord(f"{what} has only a system message")
+    if end_with and out[-1]["role"] != end_with:
+        raise BadRecord(f"{what} must end with a {end_with!r} message, ends with "
+                        f"{out[-1]['role']!r}")
+    return out
+
+
+def _as_messages(value, role: str, what: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        if not value:
+            raise BadRecord(f"{what} is an empty conversation")
+        for i, m in enumerate(value):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise BadRecord(f"{what}[{i}] needs 'role' and 'content'")
+            _string(m["content"], f"{what}[{i}].content")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise BadRecord(f"{what} is a {type(value).__name__}, not a string or message list")
+
+
+# ---------------------------------------------------------------------------- adapters
+
+def messages_adapter(record, columns) -> dict:
+    return {"messages": check_messages(_field(record, "messages", columns),
+                                       end_with="assistant")}
+
+
+def alpaca_adapter(record, columns) -> dict:
+    instruction = _string(_field(record, "instruction", columns), "instruction")
+    extra = _field(record, "input", columns, optional=True)
+    output = _string(_field(record, "output", columns), "output")
+    user = instruction if not extra else f"{instruction}\n\n{_string(extra, 'input')}"
+    if not user.strip():
+        raise BadRecord("empty instruction")
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": output}]}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(text: str, what: str) -> list[dict]:
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise BadRecord(f"{what} does not start with '\\n\\nHuman: '")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+    if not turns:
+        raise BadRecord(f"{what} has no 'Human:'/'Assistant:' turns")
+    return turns
+
+
+def hh_rlhf_adapter(record, columns) -> dict:
+    chosen = _hh_turns(_string(_field(record, "chosen", columns), "chosen"), "chosen")
+    rejected = _hh_turns(_string(_field(record, "rejected", columns), "rejected"), "rejected")
+    for what, turns in (("chosen", chosen), ("rejected", rejected)):
+        check_messages(turns, what, end_with="assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("chosen and rejected transcripts differ before their final "
+                        "assistant response")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def _strip_prompt(prompt: list[dict], full: list[dict], what: str) -> list[dict]:
+    """UltraFeedback stores chosen/rejected as whole conversations: drop the prompt part."""
+    if full[: len(prompt)] == prompt:
+        full = full[len(prompt):]
+    elif full[0]["role"] != "assistant":
+        raise BadRecord(f"{what} repeats a conversation that does not start with the prompt")
+    if not full or any(m["role"] != "assistant" for m in full) or len(full) != 1:
+        raise BadRecord(f"{what} must be one assistant response after the prompt")
+    return full
+
+
+def preference_adapter(record, columns) -> dict:
+    prompt = check_messages(_as_messages(_field(record, "prompt", columns), "user", "prompt"),
+                            "prompt", end_with="user")
+    chosen = _as_messages(_field(record, "chosen", columns), "assistant", "chosen")
+    rejected = _as_messages(_field(record, "rejected", columns), "assistant", "rejected")
+    return {"prompt": prompt, "chosen": _strip_prompt(prompt, chosen, "chosen"),
+            "rejected": _strip_prompt(prompt, rejected, "rejected")}
+
+
+def prompt_adapter(record, columns) -> dict:
+    prompt = check_messages(_as_messages(_field(record, "prompt", columns), "user", "prompt"),
+                            "prompt", end_with="user")
+    meta_columns = {v for k, v in columns.items() if k != "prompt"} | {"answer"}
+    meta = {k: record[k] for k in meta_columns if isinstance(record, Mapping) and k in record}
+    return {"prompt": prompt, "meta": meta}
+
+
+ADAPTERS: dict[str, tuple[str, Callable[[Mapping, Mapping], dict]]] = {
+    # name -> (internal kind, adapter)
+    "messages": ("conversation", messages_adapter),
+    "alpaca": ("conversation", alpaca_adapter),
+    "hh_rlhf": ("preference", hh_rlhf_adapter),
+    "preference": ("preference", preference_adapter),
+    "prompt": ("prompt", prompt_adapter),
+}
+
+
+def adapter(name: str):
+    if name not in ADAPTERS:
+        raise DataError(f"unknown data format {name!r}; one of {sorted(ADAPTERS)}")
+    return ADAPTERS[name]
+
+
+def normalise(records: Iterable[Mapping], fmt: str, columns: Mapping[str, str] | None = None,
+              *, on_bad_record: str = "error", stats: dict | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (record index, internal record); bad ones raise or are skipped and counted."""
+    if on_bad_record not in ("error", "skip"):
+        raise DataError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    _, fn = adapter(fmt)
+    columns = dict(columns or {})
+    stats = stats if stats is not None else {}
+    for index, record in enumerate(records):
+        try:
+            yield index, fn(record, columns)
+        except BadRecord as e:
+            if on_bad_record == "error":
+                raise DataError(f"record {index}: {e}") from None
+            stats["skipped_bad_record"] = stats.get("skipped_bad_record", 0) + 1
+            examples = stats.setdefault("skipped_examples", [])
+            if len(examples) < 20:  # enough to diagnose, bounded for huge datasets
+                examples.append(f"record {index}: {e}")
