@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 ROLES = ("system", "user", "assistant")
 
@@ -224,23 +224,3 @@ def adapter(name: str):
     if name not in ADAPTERS:
         raise DataError(f"unknown data format {name!r}; one of {sorted(ADAPTERS)}")
     return ADAPTERS[name]
-
-
-def normalise(records: Iterable[Mapping], fmt: str, columns: Mapping[str, str] | None = None,
-              *, on_bad_record: str = "error", stats: dict | None = None) -> Iterator[tuple[int, dict]]:
-    """Yield (record index, internal record); bad ones raise or are skipped and counted."""
-    if on_bad_record not in ("error", "skip"):
-        raise DataError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-    _, fn = adapter(fmt)
-    columns = dict(columns or {})
-    stats = stats if stats is not None else {}
-    for index, record in enumerate(records):
-        try:
-            yield index, fn(record, columns)
-        except BadRecord as e:
-            if on_bad_record == "error":
-                raise DataError(f"record {index}: {e}") from None
-            stats["skipped_bad_record"] = stats.get("skipped_bad_record", 0) + 1
-            examples = stats.setdefault("skipped_examples", [])
-            if len(examples) < 20:  # enough to diagnose, bounded for huge datasets
-                examples.append(f"record {index}: {e}")

@@ -37,10 +37,11 @@ NAMED_TEMPLATES = {
         "{% endif %}"),
     # Llama 2 / Mistral instruct style; a system message is folded into the first user turn.
     "llama2": (
-        "{{ bos_token }}{% set sys = '' %}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{% set sys = m['content'] + '\n\n' %}"
-        "{% elif m['role'] == 'user' %}[INST] {% if loop.index0 == 1 %}{{ sys }}{% endif %}"
-        "{{ m['content'] }} [/INST]"
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set sys = messages[0]['content'] + '\n\n' %}{% set rest = messages[1:] %}"
+        "{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}[INST] "
+        "{% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }} [/INST]"
         "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
 }
 

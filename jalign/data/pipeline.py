@@ -1,0 +1,223 @@
+"""grain pipelines: records -> tokenized examples -> shuffled, sharded, packed, batched rows.
+
+Records are read, normalised and tokenized once, up front (with progress), for this
+process's share only. That makes the statistics exact (every record is counted once, not
+once per epoch) and leaves the grain part cheap, deterministic and resumable: shuffle by
+seed (reshuffled each epoch), repeat, first-fit packing, batching to fixed shapes. The
+iterator state is a small JSON-serialisable dict; restoring it continues exactly where
+the saved iterator stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import grain
+import numpy as np
+from grain.experimental import FirstFitPackIterDataset
+
+from jalign.data import formats, packing
+from jalign.data.formats import BadRecord, DataError
+from jalign.data.tokenize import TOKENIZERS, ChatTokenizer, TokenizeConfig, load_tokenizer
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where records come from and how they become batches.
+
+    path: a .json/.jsonl/.parquet file, a ``save_to_disk`` directory, a hub dataset name,
+    or ``bundled:TASK`` for the synthetic tasks shipped with jalign. format: an adapter
+    name (``messages``, ``alpaca``, ``hh_rlhf``, ``preference``, ``prompt``). columns:
+    (internal field, your column) pairs. batch_size is global (rows, or pairs for
+    preference data) and is split evenly across processes.
+    """
+
+    path: str = "bundled:add"
+    format: str = "messages"
+    split: str = "train"
+    columns: tuple[tuple[str, str], ...] = ()
+    tokenizer: str | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    train_on: str = "all_assistant"
+    chat_template: str | None = None
+    on_bad_record: str = "error"
+    packing: bool = False
+    batch_size: int = 8
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    bundled_size: int = 2000  # records generated for ``bundled:TASK``
+
+    def __post_init__(self):
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record={self.on_bad_record!r}; 'error' or 'skip'")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        formats.adapter(self.format)
+        self.tokenize_config()  # validates the tokenization fields
+
+    def tokenize_config(self) -> TokenizeConfig:
+        return TokenizeConfig(self.max_length, self.max_prompt_length, self.train_on,
+                              self.chat_template)
+
+
+def _source_records(config: DataConfig) -> Iterable[Mapping]:
+    if config.path.startswith("bundled:"):
+        from jalign.data import tasks
+
+        task = config.path.split(":", 1)[1]
+        make = {"messages": tasks.sft_records, "preference": tasks.preference_records,
+                "prompt": tasks.prompt_records}.get(config.format)
+        if make is None:
+            raise DataError(f"bundled data comes as 'messages', 'preference' or 'prompt', "
+                            f"not {config.format!r}")
+        return make(task, config.bundled_size, config.seed, split=config.split)
+    return formats.read_records(config.path, split=config.split)
+
+
+def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatTokenizer, *,
+                     process_index: int = 0, process_count: int = 1,
+                     progress: bool = False) -> tuple[list[dict], dict]:
+    """Normalise and tokenize this process's records; return (examples, stats)."""
+    kind, adapt = formats.adapter(config.format)
+    tok_cfg = config.tokenize_config()
+    columns = dict(config.columns)
+    fn = TOKENIZERS[kind]
+    stats: dict[str, Any] = {"records": 0, "examples": 0, "skipped_bad_record": 0,
+                             "skipped_too_long": 0, "tokens": 0, "target_tokens": 0}
+    examples = []
+    records = list(records) if not isinstance(records, Sequence) else records
+    mine = range(process_index, len(records), process_count)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(mine), desc="tokenize", unit="rec", mininterval=2)
+    for index in mine:
+        stats["records"] += 1
+        if bar is not None:
+            bar.update(1)
+        try:
+            record = adapt(records[index], columns)
+        except BadRecord as e:
+            _bad(stats, config, index, str(e), "skipped_bad_record")
+            continue
+        try:
+            example = fn(chat, record, tok_cfg)
+        except BadRecord as e:  # truncation left nothing to train on: always dropped
+            _drop(stats, index, str(e), "skipped_too_long")
+            continue
+        example["record_index"] = index
+        examples.append(example)
+        stats["examples"] += 1
+        if kind == "conversation":
+            stats["tokens"] += len(example["input_ids"])
+            stats["target_tokens"] += int(example["loss_mask"].sum())
+    if bar is not None:
+        bar.close()
+    if not examples:
+        raise DataError(f"{config.path}: no usable examples out of {stats['records']} records "
+                        f"({stats['skipped_bad_record']} bad, {stats['skipped_too_long']} "
+                        f"too long){_examples_note(stats)}")
+    return examples, stats
+
+
+def _examples_note(stats):
+    shown = stats.get("skipped_examples", [])[:3]
+    return "; e.g. " + "; ".join(shown) if shown else ""
+
+
+def _bad(stats, config, index, message, counter):
+    if config.on_bad_record == "error":
+        raise DataError(f"{config.path}: record {index}: {message}")
+    _drop(stats, index, message, counter)
+
+
+def _drop(stats, index, message, counter):
+    stats[counter] += 1
+    shown = stats.setdefault("skipped_examples", [])
+    if len(shown) < 20:
+        shown.append(f"record {index}: {message}")
+
+
+class DataIterator:
+    """Batches as dicts of numpy arrays, with exact save/restore of the position."""
+
+    def __init__(self, dataset, stats: dict, config: DataConfig, kind: str, rows: int):
+        self._dataset = dataset
+        self._iter = iter(dataset)
+        self.stats = stats
+        self.config = config
+        self.kind = kind
+        self.rows = rows
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iter)
+        self.batches += 1
+        mask = batch.get("loss_mask", batch.get("chosen_loss_mask"))
+        if mask is not None and not mask.any():  # by construction impossible; never train on it
+            raise DataError(f"batch {self.batches} has no trainable tokens")
+        return {k: v for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"version": STATE_VERSION, "batches": self.batches,
+                "grain": self._iter.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data iterator state version {state.get('version')} is not "
+                            f"{STATE_VERSION}")
+        self._iter.set_state(state["grain"])
+        self.batches = state["batches"]
+
+    def state_json(self) -> str:
+        return json.dumps(self.get_state(), sort_keys=True)
+
+
+def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = None,
+                   chat: ChatTokenizer | None = None, process_index: int = 0,
+                   process_count: int = 1, progress: bool = False) -> DataIterator:
+    """The batch iterator for this process (``process_index`` of ``process_count``)."""
+    if config.batch_size % process_count:
+        raise DataError(f"batch_size={config.batch_size} is not divisible by "
+                        f"{process_count} processes")
+    rows = config.batch_size // process_count
+    kind, _ = formats.adapter(config.format)
+    if chat is None:
+        chat = ChatTokenizer(load_tokenizer(config.tokenizer), config.chat_template)
+    t0 = time.time()
+    records = _source_records(config) if records is None else records
+    examples, stats = tokenize_records(records, config, chat, process_index=process_index,
+                                       process_count=process_count, progress=progress)
+    stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    if config.packing and kind != "conversation":
+        raise DataError("packing applies to conversation (SFT/IFT) data only")
+    ds = grain.MapDataset.source(examples)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    length, pad = config.max_length, chat.pad_id
+    if kind == "conversation" and config.packing:
+        ds = ds.map(lambda e: {"input_ids": e["input_ids"], "loss_mask": e["loss_mask"]})
+        ds = FirstFitPackIterDataset(
+            ds.to_iter_dataset(), length_struct={"input_ids": length, "loss_mask": length},
+            num_packing_bins=rows, shuffle_bins=False)
+        ds = ds.map(lambda r: packing.from_grain_packed(r, pad))
+    elif kind == "conversation":
+        ds = ds.map(lambda e: packing.pad_example(e, length, pad)).to_iter_dataset()
+    elif kind == "preference":
+        ds = ds.map(lambda e: packing.pad_pair(e, length, pad)).to_iter_dataset()
+    else:
+        prompt_len = config.max_prompt_length or length - 1
+        ds = ds.map(lambda e: packing.left_pad_prompt(e, prompt_len, pad)).to_iter_dataset()
+    ds = ds.batch(rows, drop_remainder=True)
+    return DataIterator(ds, stats, config, kind, rows)
