@@ -118,6 +118,8 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
         if kind == "conversation":
             stats["tokens"] += len(example["input_ids"])
             stats["target_tokens"] += int(example["loss_mask"].sum())
+        else:
+            stats["tokens"] += sum(len(v) for k, v in example.items() if k.endswith("_ids"))
     if bar is not None:
         bar.close()
     if not examples:
