@@ -77,10 +77,9 @@ def _dense(x_btd, w_d_out, b_out=None):
     return y if b_out is None else y + b_out
 
 
-def decoder_layer(p: dict, x_btd, cos_bth, sin_bth, mask_bts, *, config: LlamaConfig):
-    """One pre-norm transformer block on one layer's parameters ``p`` (already in compute dtype)."""
-    eps = config.rms_norm_eps
-    b, t, _ = x_btd.shape
+def project_qkv(p: dict, x_btd, cos_bth, sin_bth, eps):
+    """Pre-norm and the q/k/v projections with RoPE applied: shared by the full forward
+    and the KV-cache decode path."""
     h_btd = rms_norm(x_btd, p["attn_norm"], eps)
     q_btnh = _dense(h_btd, p["wq"], p.get("bq"))
     k_btgh = _dense(h_btd, p["wk"], p.get("bk"))
@@ -88,9 +87,12 @@ def decoder_layer(p: dict, x_btd, cos_bth, sin_bth, mask_bts, *, config: LlamaCo
     q_btnh = constrain(q_btnh, ("batch", "length", "act_heads", None))
     k_btgh = constrain(k_btgh, ("batch", "length", "act_kv_heads", None))
     v_btgh = constrain(v_btgh, ("batch", "length", "act_kv_heads", None))
-    q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-    k_btgh = apply_rope(k_btgh, cos_bth, sin_bth)
-    o_btnh = attention(q_btnh, k_btgh, v_btgh, mask_bts, impl=config.attention_impl)
+    return apply_rope(q_btnh, cos_bth, sin_bth), apply_rope(k_btgh, cos_bth, sin_bth), v_btgh
+
+
+def finish_layer(p: dict, x_btd, o_btnh, eps):
+    """Attention output projection + residual, then the SwiGLU MLP block + residual."""
+    b, t, _ = x_btd.shape
     o_btnh = constrain(o_btnh, ("batch", "length", "act_heads", None))
     wo_nhd = p["wo"]
     attn_btd = (o_btnh.reshape(b * t, -1) @ wo_nhd.reshape(-1, wo_nhd.shape[-1])).reshape(b, t, -1)
@@ -104,6 +106,14 @@ def decoder_layer(p: dict, x_btd, cos_bth, sin_bth, mask_bts, *, config: LlamaCo
     act_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
     mlp_btd = _dense(act_btf, p["w_down"], p.get("b_down"))
     return constrain(x_btd + mlp_btd, ("batch", "length", "act_embed"))
+
+
+def decoder_layer(p: dict, x_btd, cos_bth, sin_bth, mask_bts, *, config: LlamaConfig):
+    """One pre-norm transformer block on one layer's parameters ``p`` (already in compute dtype)."""
+    eps = config.rms_norm_eps
+    q_btnh, k_btgh, v_btgh = project_qkv(p, x_btd, cos_bth, sin_bth, eps)
+    o_btnh = attention(q_btnh, k_btgh, v_btgh, mask_bts, impl=config.attention_impl)
+    return finish_layer(p, x_btd, o_btnh, eps)
 
 
 _REMAT_POLICIES = {
