@@ -15,7 +15,7 @@ def token_log_probs(logits_btv, targets_bt):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sft_loss(model, batch) -> LossOutput:
+def sft_loss(model, batch, ctx=None) -> LossOutput:
     """Sum of -log p over targets where ``loss_mask`` is 1; weight = number of targets.
 
     Position t predicts token t+1; the mask of token t+1 says whether it is a target.

@@ -1,0 +1,146 @@
+"""KV-cache decoding on the parameters of the full forward (no new parameters).
+
+The per-layer math is the full forward's own: ``project_qkv`` -> ``attention`` ->
+``finish_layer`` on ``Llama.layers.stacked()``, so a cached step differs from the
+uncached forward only by floating-point summation order.
+
+Layout. Prompts are LEFT-padded ([B, P], ``prompt_mask`` 1 on real tokens), so every
+row's next token goes to the same cache slot: slot ``index`` is one scalar for the whole
+batch, while RoPE positions are per row (``cumsum(mask) - 1``: 0 at each row's first
+real token, exactly as if the row had been run unpadded). ``KVCache.valid`` marks slots
+holding a real token; attention only ever reads valid slots, so left padding is
+invisible to real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jalign.models.attention import attention, make_mask
+from jalign.models.config import LlamaConfig
+from jalign.models.llama import finish_layer, project_qkv, rms_norm
+from jalign.models.rope import rope_angles
+from jalign.sharding import constrain
+
+_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+
+
+class KVCache(NamedTuple):
+    k: jax.Array      # [layers, batch, max_len, kv_heads, head_dim], compute dtype
+    v: jax.Array      # same as k
+    valid: jax.Array  # [batch, max_len] bool: slot holds a real (prompt or generated) token
+
+
+class DecodeState(NamedTuple):
+    index: jax.Array      # [] int32: the cache slot the next token is written to
+    positions: jax.Array  # [batch] int32: the RoPE position of the next token of each row
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache for ``max_len`` slots (prompt length + tokens to generate)."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    zeros = jnp.zeros(shape, config.compute_dtype)
+    return KVCache(k=constrain(zeros, _CACHE_AXES), v=constrain(zeros, _CACHE_AXES),
+                   valid=jnp.zeros((batch, max_len), bool))
+
+
+def _final_logits(model, x_btd):
+    """Final norm + LM head, as ``Llama.backbone``/``Llama.logits`` apply them."""
+    cfg = model.config
+    hidden = rms_norm(x_btd, model.final_norm[...].astype(x_btd.dtype), cfg.rms_norm_eps)
+    return model.logits(hidden)
+
+
+def _run_layers(model, x_btd, layer_fn, cache: KVCache):
+    """Runs ``layer_fn(p, x, k_layer, v_layer) -> (x, k_layer, v_layer)`` over every layer.
+
+    The whole cache rides in the carry and each layer writes only its own slice back:
+    XLA then updates the buffer in place instead of re-materialising a stacked output.
+    Scanned or unrolled per ``config.scan_layers``, like ``DecoderLayers``.
+    """
+    cfg = model.config
+    params = model.layers.stacked()
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        p, i = xs
+        x, k_layer, v_layer = layer_fn(p, x, jax.lax.dynamic_index_in_dim(k_all, i, 0, False),
+                                       jax.lax.dynamic_index_in_dim(v_all, i, 0, False))
+        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, i, axis=0)
+        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, i, axis=0)
+        return (x, k_all, v_all), None
+
+    carry = (x_btd, cache.k, cache.v)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    if cfg.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, (params, layer_ids))
+    else:
+        for i in range(cfg.num_layers):
+            carry, _ = body(carry, ({k: v[i] for k, v in params.items()}, i))
+    return carry
+
+
+def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
+    """Runs left-padded prompts [B, P] and stores their keys/values in slots 0..P-1.
+
+    Returns (logits of the last prompt token [B, V], cache, DecodeState). Padding gets
+    segment id 0 and real tokens 1, so the two never attend to each other (the shared
+    ``make_mask`` rule); pad keys are also left invalid for all later steps.
+    """
+    cfg = model.config
+    eps = cfg.rms_norm_eps
+    b, p_len = prompt_ids.shape
+    if cache.k.shape[2] < p_len:
+        raise ValueError(f"cache has {cache.k.shape[2]} slots, prompt needs {p_len}")
+    mask_bt = prompt_mask.astype(jnp.int32)
+    positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0)
+    index_bt = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
+    attn_mask = make_mask(mask_bt, mask_bt, index_bt, index_bt)
+    cos, sin = rope_angles(positions_bt, cfg)
+
+    def layer(p, x, k_layer, v_layer):
+        q, k, v = project_qkv(p, x, cos, sin, eps)
+        # Attend over the prompt's own keys (P long), not the whole cache: same result,
+        # as every later slot is empty, at a fraction of the cost.
+        o = attention(q, k, v, attn_mask, impl=cfg.attention_impl)
+        k_layer = jax.lax.dynamic_update_slice_in_dim(k_layer, k.astype(k_layer.dtype), 0, axis=1)
+        v_layer = jax.lax.dynamic_update_slice_in_dim(v_layer, v.astype(v_layer.dtype), 0, axis=1)
+        return finish_layer(p, x, o, eps), k_layer, v_layer
+
+    x, k_all, v_all = _run_layers(model, model.embed_tokens(prompt_ids), layer, cache)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, prompt_mask.astype(bool), 0, axis=1)
+    # Left padding puts every row's last real token at index P-1.
+    logits = _final_logits(model, x[:, -1:])[:, 0]
+    state = DecodeState(index=jnp.asarray(p_len, jnp.int32),
+                        positions=jnp.sum(mask_bt, axis=1).astype(jnp.int32))
+    return logits, KVCache(k_all, v_all, valid), state
+
+
+def decode_step(model, token_ids, cache: KVCache, state: DecodeState):
+    """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
+
+    The token attends to every valid slot up to and including its own: the real prompt
+    tokens and the tokens fed since (slots after ``index`` are empty and invalid).
+    """
+    cfg = model.config
+    eps = cfg.rms_norm_eps
+    idx = state.index
+    valid = jax.lax.dynamic_update_slice_in_dim(
+        cache.valid, jnp.ones((token_ids.shape[0], 1), bool), idx, axis=1)
+    attn_mask = valid[:, None, :]  # [B, 1, max_len]
+    cos, sin = rope_angles(state.positions[:, None], cfg)
+
+    def layer(p, x, k_layer, v_layer):
+        q, k, v = project_qkv(p, x, cos, sin, eps)
+        k_layer = jax.lax.dynamic_update_slice_in_dim(k_layer, k.astype(k_layer.dtype), idx, axis=1)
+        v_layer = jax.lax.dynamic_update_slice_in_dim(v_layer, v.astype(v_layer.dtype), idx, axis=1)
+        o = attention(q, k_layer, v_layer, attn_mask, impl=cfg.attention_impl)
+        return finish_layer(p, x, o, eps), k_layer, v_layer
+
+    x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache)
+    logits = _final_logits(model, x)[:, 0]
+    state = DecodeState(index=idx + 1, positions=state.positions + 1)
+    return logits, KVCache(k_all, v_all, valid), state

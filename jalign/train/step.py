@@ -1,0 +1,171 @@
+"""The jitted train and eval steps, generic over the loss.
+
+A loss is ``loss_fn(model, batch, ctx) -> LossOutput``: ``model`` is the NNX model merged
+from the trained params, ``ctx`` a StepContext (rng, frozen models). The step never
+knows which algorithm it runs.
+
+Gradient accumulation sums ``total`` and ``weight`` (and their gradients) over
+micro-batches and divides once, so accumulated steps equal the full batch exactly, even
+when micro-batches hold different numbers of trainable tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jalign.losses.types import LossOutput
+from jalign.sharding import DEFAULT_RULES, Rules, logical_to_spec, use_mesh
+from jalign.train.state import TrainState
+
+NAN_POLICIES = ("abort", "skip")
+
+
+@dataclasses.dataclass
+class StepContext:
+    rng: jax.Array
+    frozen: dict  # name -> merged NNX model (read-only)
+    step: jax.Array
+
+
+LossFn = Callable[[Any, dict, StepContext], LossOutput]
+
+
+def batch_sharding(mesh: Mesh, global_batch: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Leading (batch) dimension over the rules' batch axes; everything else replicated."""
+    spec = logical_to_spec(("batch",), (global_batch,), mesh, rules)
+    return NamedSharding(mesh, spec)
+
+
+def _split_micro(batch: dict, accum: int) -> dict:
+    """[B, ...] -> [accum, B/accum, ...] taking rows i, i+accum, ... for micro-batch i, so
+    every micro-batch spans all devices that hold the batch."""
+    def split(x):
+        b = x.shape[0]
+        return x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _sum_outputs(a: LossOutput, b: LossOutput) -> LossOutput:
+    return LossOutput(a.total + b.total, a.weight + b.weight, jax.tree.map(jnp.add, a.aux, b.aux))
+
+
+def _metrics(out: LossOutput) -> dict:
+    m = {"loss": out.total / jnp.maximum(out.weight, 1e-9), "loss_weight": out.weight}
+    for name, (s, c) in out.aux.items():
+        m[name] = s / jnp.maximum(c, 1e-9)
+    return m
+
+
+def _frozen_models(frozen_defs: dict, frozen_params) -> dict:
+    if not frozen_defs:
+        return {}
+    return {name: nnx.merge(frozen_defs[name], jax.lax.stop_gradient(frozen_params[name]))
+            for name in frozen_defs}
+
+
+def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps: int, *,
+               mesh: Mesh, rules: Rules = DEFAULT_RULES, frozen: dict | None = None,
+               step=0, micro_sharding=None) -> tuple[LossOutput, Any]:
+    """Summed LossOutput and gradient of the summed ``total`` over ``accum_steps``
+    micro-batches (not yet divided by the weight)."""
+    frozen = frozen or {}
+
+    def loss_of(p, micro_batch, micro_rng):
+        with use_mesh(mesh, rules):
+            model = nnx.merge(graphdef, p)
+            out = loss_fn(model, micro_batch, StepContext(micro_rng, frozen, step))
+        return out.total, out
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if accum_steps == 1:
+        (_, out), grads = grad_fn(params, batch, rng)
+        return out, grads
+    micro = _split_micro(batch, accum_steps)
+    rngs = jax.random.split(rng, accum_steps)
+
+    def body(carry, xs):
+        mb, r = xs
+        if micro_sharding is not None:
+            mb = jax.lax.with_sharding_constraint(mb, micro_sharding)
+        (_, out), g = grad_fn(params, mb, r)
+        acc_out, acc_g = carry
+        return (_sum_outputs(acc_out, out), jax.tree.map(jnp.add, acc_g, g)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zero_out = jax.eval_shape(lambda: grad_fn(params, first, rngs[0])[0][1])
+    zero_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_out)
+    zero_g = jax.tree.map(jnp.zeros_like, params)
+    (out, grads), _ = jax.lax.scan(body, (zero_out, zero_g), (micro, rngs))
+    return out, grads
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, graphdef, *,
+                    mesh: Mesh, state_sharding: TrainState, global_batch: int,
+                    accum_steps: int = 1, rules: Rules = DEFAULT_RULES,
+                    frozen_graphdefs: dict | None = None, schedule=None, donate: bool = True):
+    """``step(state, batch) -> (state, metrics)``, jitted once with explicit shardings.
+
+    A non-finite loss or gradient norm leaves params and optimizer state bit-unchanged
+    (``metrics["finite"]`` is False); the loop decides whether to abort or go on.
+    """
+    if global_batch % accum_steps:
+        raise ValueError(f"global batch {global_batch} is not divisible by accum_steps={accum_steps}")
+    data_sharding = batch_sharding(mesh, global_batch, rules)
+    micro_sharding = batch_sharding(mesh, global_batch // accum_steps, rules)
+    frozen_graphdefs = frozen_graphdefs or {}
+
+    def step(state: TrainState, batch: dict):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        frozen = _frozen_models(frozen_graphdefs, state.frozen)
+        out, grads = accumulate(loss_fn, graphdef, state.params, batch, step_rng, accum_steps,
+                                mesh=mesh, rules=rules, frozen=frozen, step=state.step,
+                                micro_sharding=micro_sharding)
+        weight = jnp.maximum(out.weight, 1e-9)
+        grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = TrainState(state.step + 1, keep(new_params, state.params),
+                               keep(new_opt, state.opt_state), jax.random.key_data(rng),
+                               state.skipped + (~finite).astype(jnp.int32), state.frozen)
+        metrics = _metrics(out)
+        metrics.update(grad_norm=grad_norm, finite=finite)
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(state_sharding, data_sharding),
+                   out_shardings=(state_sharding, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, graphdef, *, mesh: Mesh, state_sharding: TrainState,
+                   global_batch: int, rules: Rules = DEFAULT_RULES,
+                   frozen_graphdefs: dict | None = None):
+    """``eval_step(state, batch) -> LossOutput`` of unreduced sums (add them up, divide once)."""
+    data_sharding = batch_sharding(mesh, global_batch, rules)
+    frozen_graphdefs = frozen_graphdefs or {}
+
+    def eval_step(state: TrainState, batch: dict):
+        with use_mesh(mesh, rules):
+            model = nnx.merge(graphdef, state.params)
+            ctx = StepContext(jax.random.wrap_key_data(state.rng),
+                              _frozen_models(frozen_graphdefs, state.frozen), state.step)
+            return loss_fn(model, batch, ctx)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
+                   out_shardings=replicated)

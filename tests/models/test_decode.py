@@ -1,0 +1,143 @@
+"""The KV-cache path (prefill + decode_step) reproduces the full forward on the same
+parameters: left-padded batches, GQA, llama3 RoPE scaling past the original context."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jalign.models.build import create_model, forward
+from jalign.models.config import preset
+from jalign.models.decode import DecodeState, KVCache, decode_step, init_cache, prefill
+
+PROMPT_LENS = (20, 13, 5)  # one batch, left-padded to the longest
+P = max(PROMPT_LENS)
+STEPS = 6
+
+CONFIGS = {
+    "gqa": preset("tiny"),  # 4 q heads share 2 kv heads
+    # Prompts of 20 tokens run past original_max_position_embeddings=16, where llama3
+    # scaling has reshaped the low frequencies.
+    "llama3_rope": preset("tiny", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(graphdef):
+    """Jitted prefill / decode_step for one model structure, shared by all tests."""
+    pre = jax.jit(lambda s, ids, mask, cache: prefill(nnx.merge(graphdef, s), ids, mask, cache))
+    step = jax.jit(lambda s, tok, cache, st: decode_step(nnx.merge(graphdef, s), tok, cache, st))
+    return pre, step
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    return create_model(CONFIGS[request.param], seed=11)
+
+
+def _prompts(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    # Tokens from 3 up: never pad (0) or EOS (2), so "real" is unambiguous.
+    return [rng.integers(3, vocab, n).astype(np.int32) for n in PROMPT_LENS]
+
+
+def _left_pad(prompts, length, pad_id=0):
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = p
+        mask[r, length - len(p):] = 1
+    return ids, mask
+
+
+def _run_cached(model, prompts, fed, pad_id=0):
+    """Prefill logits [B, V] and the logits of each decode step [steps, B, V]."""
+    graphdef, state = nnx.split(model)
+    pre, step = _compiled(graphdef)
+    ids, mask = _left_pad(prompts, P, pad_id)
+    # One cache size for every test, so each structure compiles each function once.
+    cache = init_cache(model.config, len(prompts), P + STEPS)
+    last, cache, st = pre(state, ids, mask, cache)
+    steps = []
+    for s in range(fed.shape[1]):
+        logits, cache, st = step(state, jnp.asarray(fed[:, s]), cache, st)
+        steps.append(np.asarray(logits))
+    return np.asarray(last), np.asarray(steps).reshape(len(steps), *last.shape), cache, st
+
+
+def test_prefill_matches_forward_of_each_unpadded_prompt(model):
+    prompts = _prompts(model.config.vocab_size)
+    last, *_ = _run_cached(model, prompts, np.zeros((len(prompts), 0), np.int32))
+    for r, p in enumerate(prompts):
+        want = np.asarray(forward(model, p[None]))[0, -1]
+        np.testing.assert_allclose(last[r], want, atol=1e-5, rtol=0, err_msg=f"row {r}")
+
+
+def test_every_decode_step_matches_full_forward(model):
+    vocab = model.config.vocab_size
+    prompts = _prompts(vocab, seed=1)
+    fed = np.random.default_rng(2).integers(3, vocab, (len(prompts), STEPS)).astype(np.int32)
+    last, steps, cache, st = _run_cached(model, prompts, fed)
+
+    # One forward over each row's prompt + fed tokens, right-padded: the forward is
+    # causal, so position t's logits are those of the prefix ending at t.
+    full = np.zeros((len(prompts), P + STEPS), np.int32)
+    for r, p in enumerate(prompts):
+        full[r, : len(p) + STEPS] = np.concatenate([p, fed[r]])
+    ref = np.asarray(forward(model, full))
+    for r, p in enumerate(prompts):
+        n = len(p)
+        np.testing.assert_allclose(last[r], ref[r, n - 1], atol=1e-4, rtol=0)
+        for s in range(STEPS):
+            np.testing.assert_allclose(steps[s, r], ref[r, n + s], atol=1e-4, rtol=0,
+                                       err_msg=f"row {r} step {s}")
+
+    # Bookkeeping: one scalar slot index, per-row positions, pad slots never valid.
+    assert int(st.index) == P + STEPS
+    np.testing.assert_array_equal(np.asarray(st.positions), np.asarray(PROMPT_LENS) + STEPS)
+    _, mask = _left_pad(prompts, P)
+    np.testing.assert_array_equal(np.asarray(cache.valid),
+                                  np.concatenate([mask, np.ones((len(prompts), STEPS))], 1) > 0)
+
+
+def test_pad_token_ids_are_invisible(model):
+    """What sits in the pad slots cannot matter: the mask, not the pad id, hides them."""
+    prompts = _prompts(model.config.vocab_size, seed=3)
+    fed = np.full((len(prompts), 2), 7, np.int32)
+    a = _run_cached(model, prompts, fed, pad_id=0)
+    b = _run_cached(model, prompts, fed, pad_id=5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_unscanned_layers_give_the_same_logits():
+    config = CONFIGS["gqa"]
+    scanned = create_model(config, seed=4)
+    unscanned = create_model(config.replace(scan_layers=False), seed=4)
+    prompts = _prompts(config.vocab_size, seed=5)
+    fed = np.full((len(prompts), 1), 9, np.int32)
+    a, b = _run_cached(scanned, prompts, fed), _run_cached(unscanned, prompts, fed)
+    np.testing.assert_allclose(b[0], a[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b[1], a[1], atol=1e-5, rtol=0)
+
+
+def test_cache_layout_and_dtype():
+    config = preset("tiny", dtype="bfloat16")
+    cache = init_cache(config, batch=3, max_len=10)
+    assert isinstance(cache, KVCache)
+    assert cache.k.shape == cache.v.shape == (2, 3, 10, 2, 16)
+    assert cache.k.dtype == jnp.bfloat16
+    assert cache.valid.shape == (3, 10) and not bool(cache.valid.any())
+    assert DecodeState._fields == ("index", "positions")
+
+
+def test_prompt_longer_than_cache_is_rejected():
+    model = create_model(CONFIGS["gqa"], seed=0)
+    ids = np.ones((1, 8), np.int32)
+    with pytest.raises(ValueError, match="slots"):
+        prefill(model, ids, np.ones_like(ids), init_cache(model.config, 1, 4))
