@@ -14,7 +14,10 @@ ever sees committed steps.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import time
 from pathlib import Path
 
 import jax
@@ -54,8 +57,14 @@ def save_model(directory: str | os.PathLike, config: LlamaConfig, model: Llama, 
     return Path(directory)
 
 
-def latest_step(directory: str | os.PathLike) -> int:
+def _checkpoint_dir(directory: str | os.PathLike) -> Path:
+    """A training run directory keeps its steps under ``checkpoints/``; accept either."""
     directory = Path(directory)
+    return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+
+
+def latest_step(directory: str | os.PathLike) -> int:
+    directory = _checkpoint_dir(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     mngr = manager(directory)
@@ -68,7 +77,7 @@ def latest_step(directory: str | os.PathLike) -> int:
 
 def read_model_config(directory: str | os.PathLike, step: int | None = None) -> LlamaConfig:
     step = latest_step(directory) if step is None else step
-    mngr = manager(directory)
+    mngr = manager(_checkpoint_dir(directory))
     restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     mngr.close()
     return LlamaConfig.from_dict(restored["model_config"])
@@ -89,7 +98,7 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 abstract)
     target = nnx.to_pure_dict(abstract)
-    mngr = manager(directory)
+    mngr = manager(_checkpoint_dir(directory))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target)))
@@ -97,3 +106,91 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
         mngr.close()
     nnx.replace_by_pure_dict(abstract, restored["params"])
     return config, nnx.merge(graphdef, abstract)
+
+
+# ---------------------------------------------------------------------------- training
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+
+
+def resolve_run_dir(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` after checking ``name`` cannot escape ``root`` (no '..', no absolute
+    path, no odd characters): run names often come from command lines and sweeps."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or ".." in name.split("/"):
+        raise CheckpointError(
+            f"invalid run name {name!r}: use letters, digits, '.', '_', '-' and '/' "
+            "separated parts, not starting with '.' or '/' and without '..'")
+    root_path = Path(root).resolve()
+    run = (root_path / name).resolve()
+    if root_path not in run.parents:
+        raise CheckpointError(f"run name {name!r} escapes the output root {root_path}")
+    return run
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TrainCheckpointer:
+    """Saves and restores training: state, data-iterator position, operative config.
+
+    Items per step: ``params`` (the model, readable alone for export), ``train_state``
+    (step, optimizer state, rng, skip count, frozen models), ``data`` (iterator state),
+    ``gin_config``, ``model_config`` and ``metadata``. Saves are asynchronous; a step
+    becomes visible to restore only once Orbax has committed it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, save_every: int, keep: int,
+                 async_save: bool = True):
+        self.run_dir = Path(run_dir)
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            create=True, max_to_keep=keep, enable_async_checkpointing=async_save,
+            save_interval_steps=1)  # the loop decides when to save
+        self._mngr = ocp.CheckpointManager(self.run_dir.absolute() / "checkpoints",
+                                           options=options)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def save(self, state, *, data_state: dict, model_config: LlamaConfig, operative: str,
+             extra_metadata: dict | None = None) -> int:
+        step = int(jax.device_get(state.step))
+        rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+                "skipped": state.skipped, "frozen": state.frozen}
+        metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "train",
+                    "config_hash": config_hash(operative), "time": time.time()}
+        metadata.update(extra_metadata or {})
+        self._mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train_state=ocp.args.StandardSave(rest),
+            data=ocp.args.JsonSave(data_state),
+            gin_config=ocp.args.JsonSave({"operative": operative}),
+            model_config=ocp.args.JsonSave(model_config.to_dict()),
+            metadata=ocp.args.JsonSave(metadata)), force=True)
+        return step
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, data_state, metadata) of ``step`` (default latest committed) onto the
+        shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        step = self._mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.run_dir}: no committed checkpoint")
+        rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                "rng": abstract_state.rng, "skipped": abstract_state.skipped,
+                "frozen": abstract_state.frozen}
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train_state=ocp.args.StandardRestore(rest),
+            data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+        r = restored["train_state"]
+        state = type(abstract_state)(r["step"], restored["params"], r["opt_state"], r["rng"],
+                                     r["skipped"], r["frozen"])
+        return state, restored["data"], restored["metadata"]
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,4 +1,4 @@
-"""The ``jalign`` command line: ``jalign convert ...`` and ``jalign demo``."""
+"""The ``jalign`` command line: ``jalign train|convert|generate|eval|demo``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from jalign.train import loop
+    from jalign.train.experiment import load_experiment, run
+
+    exp = load_experiment(args.configs, args.gin)
+    print("operative config:\n" + exp.operative, flush=True)
+
+    def log(record):
+        keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mfu")
+        text = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+        print(f"step {record['step']}: {text}", flush=True)
+
+    try:
+        summary = run(exp, on_log=log if not exp.train.progress else None)
+    except (loop.Preempted, loop.NonFiniteError) as e:
+        print(f"jalign train: {e}", file=sys.stderr, flush=True)
+        return loop.exit_code_for(e)
+    print(f"done: {summary['run_dir']} (final step {summary['final_step']}"
+          + (f", eval loss {summary['eval']['eval_loss']:.4f}" if summary["eval"] else "") + ")")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from jalign.demo_convert import run_round_trip
 
@@ -72,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.set_defaults(func=cmd_convert)
 
+    tr = sub.add_parser("train", help="train from gin configs (resumes a run automatically)")
+    tr.add_argument("configs", nargs="+", help="gin files, applied in order")
+    tr.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                    help="extra gin binding, e.g. --gin 'TrainConfig.steps=100' (repeatable)")
+    tr.set_defaults(func=cmd_train)
+
     demo = sub.add_parser("demo", help="the bundled end-to-end job (see README)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.set_defaults(func=cmd_demo)
@@ -81,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jalign.checkpoint import CheckpointError
+    from jalign.config import ConfigError
     from jalign.convert.safetensors_io import ConversionError
+    from jalign.data.formats import DataError
 
     try:
         return args.func(args)
-    except (ConversionError, CheckpointError, FileExistsError) as e:
+    except (ConversionError, CheckpointError, FileExistsError, ConfigError, DataError) as e:
         print(f"jalign {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

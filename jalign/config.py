@@ -14,8 +14,12 @@ from typing import Sequence
 
 import gin
 
+from jalign.data.pipeline import DataConfig
 from jalign.models.config import LlamaConfig, RopeScaling
 from jalign.sharding import MeshConfig
+from jalign.train.loop import TrainConfig
+from jalign.train.optimizer import OptimizerConfig
+from jalign.train.setup import ModelInit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -25,6 +29,8 @@ class ConfigError(ValueError):
     pass
 
 
+CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
+                                          OptimizerConfig, DataConfig, ModelInit)}
 _REGISTERED: dict[str, object] = {}
 
 
@@ -32,19 +38,27 @@ def register() -> None:
     """Register jalign's configurables with gin (idempotent)."""
     if _REGISTERED:
         return
-    for cls in (LlamaConfig, RopeScaling, MeshConfig):
-        _REGISTERED[cls.__name__] = gin.external_configurable(cls, name=cls.__name__)
+    for name, cls in CLASSES.items():
+        _REGISTERED[name] = gin.external_configurable(cls, name=name)
 
 
-def build(name: str):
-    """Construct the registered dataclass ``name`` from the current bindings.
+def build(name: str, scope: str | None = None):
+    """Construct the registered dataclass ``name`` from the current bindings (optionally
+    inside a gin scope, e.g. ``eval`` for ``eval/DataConfig.split = 'eval'``).
 
     gin returns an instance of a wrapper subclass; rebuild it as the plain dataclass so
     equality and hashing behave (a config is a static jit argument).
     """
     register()
-    cls = {"LlamaConfig": LlamaConfig, "RopeScaling": RopeScaling, "MeshConfig": MeshConfig}[name]
-    made = _REGISTERED[name]()
+    cls = CLASSES[name]
+    try:
+        if scope:
+            with gin.config_scope(scope):
+                made = _REGISTERED[name]()
+        else:
+            made = _REGISTERED[name]()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
     return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(cls)})
 
 

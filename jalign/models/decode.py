@@ -54,29 +54,32 @@ def _final_logits(model, x_btd):
     return model.logits(hidden)
 
 
-def _run_layers(model, x_btd, layer_fn, cache: KVCache):
-    """Runs ``layer_fn(p, x, k_layer, v_layer) -> (x, k_layer, v_layer)`` over every layer.
+def _write(cache_all, layer, new_btgh, start):
+    """Stores one layer's new keys (or values) at slots ``start..`` of the full cache.
 
-    The whole cache rides in the carry and each layer writes only its own slice back:
-    XLA then updates the buffer in place instead of re-materialising a stacked output.
-    Scanned or unrolled per ``config.scan_layers``, like ``DecoderLayers``.
+    Only the new tokens are written: inside scan and while_loop XLA updates the carried
+    buffer in place, so a decode step moves [B, 1, G, H] per layer, not the whole cache.
+    """
+    new = new_btgh.astype(cache_all.dtype)[None]
+    return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, start, 0, 0))
+
+
+def _run_layers(model, x_btd, layer_fn, cache: KVCache):
+    """Runs ``layer_fn(p, x, k_all, v_all, i) -> (x, k_all, v_all)`` over every layer.
+
+    The whole cache rides in the carry; scanned or unrolled per ``config.scan_layers``,
+    like ``DecoderLayers``.
     """
     cfg = model.config
     params = model.layers.stacked()
 
     def body(carry, xs):
-        x, k_all, v_all = carry
         p, i = xs
-        x, k_layer, v_layer = layer_fn(p, x, jax.lax.dynamic_index_in_dim(k_all, i, 0, False),
-                                       jax.lax.dynamic_index_in_dim(v_all, i, 0, False))
-        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, i, axis=0)
-        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, i, axis=0)
-        return (x, k_all, v_all), None
+        return layer_fn(p, *carry, i), None
 
     carry = (x_btd, cache.k, cache.v)
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     if cfg.scan_layers:
-        carry, _ = jax.lax.scan(body, carry, (params, layer_ids))
+        carry, _ = jax.lax.scan(body, carry, (params, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     else:
         for i in range(cfg.num_layers):
             carry, _ = body(carry, ({k: v[i] for k, v in params.items()}, i))
@@ -101,14 +104,12 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
     attn_mask = make_mask(mask_bt, mask_bt, index_bt, index_bt)
     cos, sin = rope_angles(positions_bt, cfg)
 
-    def layer(p, x, k_layer, v_layer):
+    def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
         # Attend over the prompt's own keys (P long), not the whole cache: same result,
         # as every later slot is empty, at a fraction of the cost.
         o = attention(q, k, v, attn_mask, impl=cfg.attention_impl)
-        k_layer = jax.lax.dynamic_update_slice_in_dim(k_layer, k.astype(k_layer.dtype), 0, axis=1)
-        v_layer = jax.lax.dynamic_update_slice_in_dim(v_layer, v.astype(v_layer.dtype), 0, axis=1)
-        return finish_layer(p, x, o, eps), k_layer, v_layer
+        return finish_layer(p, x, o, eps), _write(k_all, i, k, 0), _write(v_all, i, v, 0)
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(prompt_ids), layer, cache)
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, prompt_mask.astype(bool), 0, axis=1)
@@ -133,12 +134,13 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState):
     attn_mask = valid[:, None, :]  # [B, 1, max_len]
     cos, sin = rope_angles(state.positions[:, None], cfg)
 
-    def layer(p, x, k_layer, v_layer):
+    def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
-        k_layer = jax.lax.dynamic_update_slice_in_dim(k_layer, k.astype(k_layer.dtype), idx, axis=1)
-        v_layer = jax.lax.dynamic_update_slice_in_dim(v_layer, v.astype(v_layer.dtype), idx, axis=1)
-        o = attention(q, k_layer, v_layer, attn_mask, impl=cfg.attention_impl)
-        return finish_layer(p, x, o, eps), k_layer, v_layer
+        k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
+        o = attention(q, jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False),
+                      jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False),
+                      attn_mask, impl=cfg.attention_impl)
+        return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache)
     logits = _final_logits(model, x)[:, 0]

@@ -73,7 +73,8 @@ def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top
     else:
         filtered = filter_logits(scaled, top_k, params.top_p if use_top_p else None)
         token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    logprobs_bv = jax.nn.log_softmax(scaled, axis=-1)
+    logprob = jnp.take_along_axis(logprobs_bv, token[:, None], axis=-1)[:, 0]
     return jnp.where(done_b, params.pad_id, token), jnp.where(done_b, 0.0, logprob)
 
 

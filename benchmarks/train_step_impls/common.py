@@ -1,0 +1,159 @@
+"""Shared by every train-step worker: the benchmark shape and the driver protocol.
+
+Standard library only: it is imported by workers running in different virtual
+environments (jalign's, the TRL one, the Tunix one).
+
+Protocol. A worker builds its model and optimizer, runs ``warmup`` steps (compile,
+allocator warm-up), then sends ``ready`` and waits for commands on stdin:
+``run K`` runs K more steps and answers ``times`` (seconds per step, wall clock);
+``exit`` ends the process. Messages go to the worker's *original* stdout as one JSON
+line each, prefixed ``@@``; everything libraries print is sent to stderr instead (the
+driver keeps it in a log file), so a progress bar can never corrupt the protocol.
+Keeping workers alive between rounds lets the driver alternate implementations
+(A, B, C, A, B, C, ...) without paying each one's start-up and compile every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Benchmark shape (overridable from the command line; the driver passes its own).
+SHAPE = dict(vocab=8192, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8,
+             batch=4, seq=512)
+# AdamW hyper-parameters used by every implementation (no clipping, no decay, constant lr).
+ADAMW = dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
+
+
+def worker_args(extra=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    for k, v in SHAPE.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=1000,
+                    help="upper bound on steps (trainer loops need it up front)")
+    if extra:
+        extra(ap)
+    return ap.parse_args()
+
+
+def batch_ids(batch: int, seq: int, vocab: int, seed: int = 0):
+    """The same random token ids for every implementation (numpy, int64)."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int64)
+
+
+class Channel:
+    """The worker's side of the protocol."""
+
+    def __init__(self):
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        sys.stdout.flush()
+        os.dup2(2, 1)  # from now on, library prints land in stderr
+
+    def send(self, event: str, **fields):
+        self._out.write("@@" + json.dumps({"event": event, **fields}) + "\n")
+        self._out.flush()
+
+    def recv(self) -> tuple[str, int]:
+        line = sys.stdin.readline()
+        if not line:
+            return "exit", 0
+        parts = line.split()
+        return parts[0], int(parts[1]) if len(parts) > 1 else 0
+
+    def exit(self):
+        self._out.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def serve(step, warmup: int, info: dict):
+    """Drive a loop we own: ``step()`` runs one full step and returns after the device
+    finished it."""
+    chan = Channel()
+    t0 = time.perf_counter()
+    warm = []
+    for _ in range(warmup):
+        s = time.perf_counter()
+        step()
+        warm.append(time.perf_counter() - s)
+    info = dict(info, warmup_times=warm, warmup_total_s=time.perf_counter() - t0)
+    chan.send("ready", info=info)
+    while True:
+        cmd, k = chan.recv()
+        if cmd != "run":
+            chan.exit()
+        times = []
+        for _ in range(k):
+            s = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - s)
+        chan.send("times", times=times)
+
+
+class Gate:
+    """Drive a loop someone else owns (a Trainer): call ``begin()`` when a step starts
+    and ``end()`` when it has finished; the gate reports to the driver and blocks for the
+    next command at the right moments."""
+
+    def __init__(self, warmup: int, info: dict):
+        self.chan = Channel()
+        self.warmup = warmup
+        self.info = info
+        self.done = 0          # steps finished
+        self.pending = None    # steps left in the current "run K" (None: warming up)
+        self.times = []
+        self.warm = []
+        self._t = None
+        self._t_start = time.perf_counter()
+
+    def begin(self):
+        self._t = time.perf_counter()
+
+    def end(self):
+        dt = time.perf_counter() - self._t
+        self.done += 1
+        if self.pending is None:
+            self.warm.append(dt)
+            if self.done < self.warmup:
+                return
+            info = dict(self.info, warmup_times=self.warm,
+                        warmup_total_s=time.perf_counter() - self._t_start)
+            self.chan.send("ready", info=info)
+        else:
+            self.times.append(dt)
+            self.pending -= 1
+            if self.pending > 0:
+                return
+            self.chan.send("times", times=self.times)
+        self._wait()
+
+    def _wait(self):
+        cmd, k = self.chan.recv()
+        if cmd != "run" or k <= 0:
+            self.chan.exit()
+        self.pending, self.times = k, []
+
+
+def flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq,
+                   head_dim=None) -> dict:
+    """Matmul FLOPs of one SFT step (forward + backward = 3x forward).
+
+    6 * N * tokens with N the parameters that take part in matmuls (q/k/v/o, the MLP, the
+    LM head; not the embedding lookup, not the norms), plus attention's two batched
+    matmuls (QK^T and PV) computed over the full T x T score matrix, as all four
+    implementations do (the causal mask is applied to a dense matrix).
+    """
+    hd = head_dim or hidden // heads
+    n_layer = hidden * hd * (heads + 2 * kv_heads) + heads * hd * hidden + 3 * hidden * intermediate
+    n_matmul = layers * n_layer + hidden * vocab
+    tokens = batch * seq
+    dense = 6 * n_matmul * tokens
+    attn = 3 * layers * 2 * (2 * batch * heads * seq * seq * hd)
+    return dict(n_matmul_params=n_matmul, tokens=tokens, dense=dense, attention=attn,
+                total=dense + attn)

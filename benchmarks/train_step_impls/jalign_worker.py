@@ -1,0 +1,101 @@
+"""Worker (a): jalign's jitted SFT train step (jalign's own venv).
+
+One step = ``make_train_step(sft_loss, ...)`` on a donated state, blocked on the loss.
+Every token but the first of each row is a target (loss_mask all ones; sft_loss drops
+position 0's mask because nothing predicts it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ADAMW, batch_ids, flops_per_step, serve, worker_args  # noqa: E402
+
+
+def build(args, scan_layers: bool):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jalign.losses.sft import sft_loss
+    from jalign.models.build import abstract_model, create_model
+    from jalign.models.config import LlamaConfig
+    from jalign.sharding import MeshConfig, make_mesh
+    from jalign.train.optimizer import OptimizerConfig, make_optimizer
+    from jalign.train.state import (init_state, model_param_shardings, params_of,
+                                    state_shardings)
+    from jalign.train.step import make_train_step
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads,
+                      max_position_embeddings=max(4096, args.seq), scan_layers=scan_layers)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    model = create_model(cfg, seed=0, mesh=mesh)
+    graphdef, abstract = abstract_model(cfg, mesh)
+    params = params_of(model)
+    del model
+    opt_cfg = OptimizerConfig(name="adamw", learning_rate=ADAMW["lr"], schedule="constant",
+                              b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
+                              weight_decay=ADAMW["weight_decay"], clip_norm=None,
+                              warmup_steps=0)
+    tx, _ = make_optimizer(opt_cfg, params, total_steps=args.max_steps)
+    state = init_state(params, tx, seed=0)
+    sh = state_shardings(jax.eval_shape(lambda s: s, state),
+                         model_param_shardings(abstract, mesh), mesh)
+    state = jax.device_put(state, sh)
+    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
+                           global_batch=args.batch)
+    ids = batch_ids(args.batch, args.seq, args.vocab).astype(np.int32)
+    batch = {"input_ids": ids, "loss_mask": np.ones_like(ids),
+             "segment_ids": np.ones_like(ids),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy()}
+    batch = jax.device_put(batch)
+    return cfg, step, state, batch
+
+
+def main():
+    args = worker_args(lambda ap: ap.add_argument("--scan", action="store_true",
+                                                  help="scan_layers=True (default: unrolled)"))
+    import jax
+    import jaxlib
+
+    cfg, step, state, batch = build(args, args.scan)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    box = {"state": state}
+    losses = []
+
+    def one_step():
+        box["state"], metrics = compiled(box["state"], batch)
+        losses.append(float(jax.block_until_ready(metrics["loss"])))
+
+    info = dict(
+        name=f"jalign ({'scan' if args.scan else 'unrolled'})",
+        versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__,
+                      flax=__import__("flax").__version__, optax=__import__("optax").__version__),
+        devices=str(jax.devices()), compile_s=compile_s,
+        xla_flops=float(cost.get("flops", -1)) if cost else -1,
+        n_params=cfg.num_params(), ld_preload=os.environ.get("LD_PRELOAD", ""),
+        flops=flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers,
+                             args.heads, args.kv_heads, args.batch, args.seq),
+    )
+    info["first_loss"] = None
+
+    def warm_step():
+        one_step()
+        if info["first_loss"] is None:
+            info["first_loss"] = losses[0]
+
+    serve(warm_step, args.warmup, info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Where a run's initial model comes from, and building the sharded train state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from jalign.models.build import abstract_model, create_model
+from jalign.models.config import LlamaConfig
+from jalign.sharding import DEFAULT_RULES, Rules
+from jalign.train.optimizer import OptimizerConfig, make_optimizer
+from jalign.train.state import init_state, model_param_shardings, params_of, state_shardings
+
+EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInit:
+    """``source``: ``random`` (the gin LlamaConfig), ``hf:PATH_OR_HUB_ID`` or
+    ``jalign:CHECKPOINT_DIR``. Execution fields (dtype, param_dtype, scan_layers,
+    remat_policy, attention_impl) of the gin LlamaConfig apply to every source when
+    ``use_execution_config`` is set, so a bf16 run can start from an fp32 checkpoint."""
+
+    source: str = "random"
+    seed: int = 0
+    use_execution_config: bool = True
+
+    def __post_init__(self):
+        if self.source != "random" and not self.source.startswith(("hf:", "jalign:")):
+            raise ValueError(f"ModelInit.source={self.source!r}: use 'random', 'hf:PATH' or "
+                             "'jalign:DIR'")
+
+
+def _execution_overrides(config: LlamaConfig) -> dict:
+    return {f: getattr(config, f) for f in EXECUTION_FIELDS}
+
+
+def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES):
+    """(config, model) placed on ``mesh``."""
+    overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
+    if init.source == "random":
+        return gin_config, create_model(gin_config, seed=init.seed, mesh=mesh, rules=rules)
+    if init.source.startswith("hf:"):
+        from jalign.convert.hf import load_hf
+        dtype = overrides.pop("param_dtype", None)
+        config, model = load_hf(init.source[3:], mesh=mesh, dtype=dtype, rules=rules, **overrides)
+        return config, model
+    from jalign.checkpoint import load_model
+    return load_model(init.source[7:], mesh=mesh, rules=rules, **overrides)
+
+
+def abstract_train_state(config: LlamaConfig, optimizer, mesh, rules: Rules = DEFAULT_RULES,
+                         frozen_configs: dict | None = None):
+    """(graphdef, abstract TrainState with shardings) — the restore target."""
+    graphdef, abstract = abstract_model(config, mesh, rules)
+    params_sh = model_param_shardings(abstract, mesh, rules)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                          nnx.to_pure_dict(abstract))
+    frozen, frozen_sh = None, None
+    if frozen_configs:
+        frozen, frozen_sh = {}, {}
+        for name, cfg in frozen_configs.items():
+            _, fab = abstract_model(cfg, mesh, rules)
+            frozen[name] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                        nnx.to_pure_dict(fab))
+            frozen_sh[name] = model_param_shardings(fab, mesh, rules)
+    shapes = jax.eval_shape(lambda p, f: init_state(p, optimizer, 0, f), params, frozen)
+    sh = state_shardings(shapes, params_sh, mesh, frozen_sh)
+    abstract_state = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                                  shapes, sh)
+    return graphdef, abstract_state, sh
+
+
+def build_optimizer(opt: OptimizerConfig, config: LlamaConfig, total_steps: int):
+    graphdef, abstract = abstract_model(config)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                          nnx.to_pure_dict(abstract))
+    return make_optimizer(opt, params, total_steps)
+
+
+def fresh_state(model, optimizer, seed: int, shardings, frozen=None):
+    """Initial TrainState placed with ``shardings`` (optimizer state created in place)."""
+    params = params_of(model)
+    init = jax.jit(lambda p, f: init_state(p, optimizer, seed, f), out_shardings=shardings)
+    return init(params, frozen)

@@ -1,0 +1,194 @@
+"""The cached sampler against the uncached forward: greedy tokens, EOS handling, sampled
+log-probabilities, top-k/top-p, determinism, and decode_text."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jalign.models.build import create_model, forward
+from jalign.models.config import preset
+from jalign.rl.generate import decode_text, generate, make_generate_fn
+
+EOS, PAD = 2, 0
+NO_EOS = -1  # an id no token can take: generation runs the full length
+PROMPT_LENS = (12, 7, 3)
+P = max(PROMPT_LENS)
+N = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(preset("tiny"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, model.config.vocab_size, n).astype(np.int32) for n in PROMPT_LENS]
+    ids = np.full((len(rows), P), PAD, np.int32)
+    mask = np.zeros((len(rows), P), np.int32)
+    for r, p in enumerate(rows):
+        ids[r, P - len(p):], mask[r, P - len(p):] = p, 1
+    return rows, ids, mask
+
+
+def _gen(model, prompts, **kw):
+    _, ids, mask = prompts
+    kw = {"rng": jax.random.key(0), "eos_id": EOS, "pad_id": PAD, **kw}
+    return {k: np.asarray(v) for k, v in generate(model, ids, mask, max_new_tokens=N, **kw).items()}
+
+
+def _reference_logits(model, rows, tokens, lengths):
+    """Full-forward logits [B, N, V]: entry j is what predicts generated token j.
+
+    Rows are right-padded to one shape (one compile); the forward is causal, so the
+    padding after a position cannot change its logits.
+    """
+    seqs = np.full((len(rows), P + N), PAD, np.int32)
+    for r, p in enumerate(rows):
+        seqs[r, : len(p) + lengths[r]] = np.concatenate([p, tokens[r, : lengths[r]]])
+    logits = np.asarray(forward(model, seqs))
+    return np.stack([logits[r, len(p) - 1: len(p) - 1 + N] for r, p in enumerate(rows)])
+
+
+def _check_eos_layout(out, eos_ids):
+    for r, n in enumerate(out["lengths"]):
+        row = out["tokens"][r]
+        assert not np.isin(row[: n - 1], eos_ids).any(), "EOS before the end"
+        assert n == N or np.isin(row[n - 1], eos_ids), "stopped without EOS"
+        assert (row[n:] == PAD).all() and (out["logprobs"][r, n:] == 0).all()
+
+
+def test_greedy_equals_repeated_argmax_of_full_forward(model, prompts):
+    rows, *_ = prompts
+    out = _gen(model, prompts, greedy=True)
+    # Uncached reference: grow each row one argmax at a time, same shape every call.
+    seqs = np.full((len(rows), P + N), PAD, np.int32)
+    ends = np.array([len(p) for p in rows])
+    for r, p in enumerate(rows):
+        seqs[r, : len(p)] = p
+    want = np.full((len(rows), N), PAD, np.int32)
+    alive = np.ones(len(rows), bool)
+    for j in range(N):
+        nxt = np.asarray(forward(model, seqs))[np.arange(len(rows)), ends - 1].argmax(-1)
+        want[alive, j] = nxt[alive]
+        seqs[np.arange(len(rows)), ends] = nxt
+        ends += 1
+        alive &= nxt != EOS
+    np.testing.assert_array_equal(out["tokens"], want)
+    _check_eos_layout(out, [EOS])
+
+
+def test_eos_mid_sequence_truncates_each_row(model, prompts):
+    free = _gen(model, prompts, greedy=True, eos_id=NO_EOS)
+    assert (free["lengths"] == N).all()
+    eos = int(free["tokens"][0, 2])  # row 0 emits it by its third token
+    out = _gen(model, prompts, greedy=True, eos_id=eos)  # eos is traced: no recompile
+    for r in range(len(PROMPT_LENS)):
+        hits = np.flatnonzero(free["tokens"][r] == eos)
+        n = hits[0] + 1 if hits.size else N
+        assert out["lengths"][r] == n
+        np.testing.assert_array_equal(out["tokens"][r, :n], free["tokens"][r, :n])
+        np.testing.assert_allclose(out["logprobs"][r, :n], free["logprobs"][r, :n], atol=1e-6)
+    assert out["lengths"][0] <= 3
+    _check_eos_layout(out, [eos])
+
+
+def _rigged_to_emit_eos(model):
+    """Same structure, parameters set so EOS wins every step: layers add nothing to the
+    residual stream, every embedding has +1 in dim 0, and only EOS reads dim 0 strongly."""
+    rigged = nnx.clone(model)  # the shared fixture must stay untouched
+    rigged.layers.wo[...] = 0.0 * rigged.layers.wo[...]
+    rigged.layers.w_down[...] = 0.0 * rigged.layers.w_down[...]
+    rigged.embed[...] = rigged.embed[...].at[:, 0].set(1.0)
+    rigged.lm_head[...] = rigged.lm_head[...].at[:, EOS].set(0.0).at[0, EOS].set(100.0)
+    return rigged
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_stops_early_when_every_row_emits_eos(model, prompts, greedy):
+    out = _gen(_rigged_to_emit_eos(model), prompts, greedy=greedy)
+    assert (out["tokens"][:, 0] == EOS).all()
+    assert (out["lengths"] == 1).all()
+    assert int(out["num_steps"]) == 1  # the while_loop ran no decode step at all
+    _check_eos_layout(out, [EOS])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])  # traced: one compile for both
+def test_sampled_logprobs_match_full_forward(model, prompts, temperature):
+    rows, *_ = prompts
+    out = _gen(model, prompts, temperature=temperature, rng=jax.random.key(3))
+    again = _gen(model, prompts, temperature=temperature, rng=jax.random.key(3))
+    other = _gen(model, prompts, temperature=temperature, rng=jax.random.key(4))
+    np.testing.assert_array_equal(again["tokens"], out["tokens"])
+    np.testing.assert_array_equal(again["logprobs"], out["logprobs"])
+    assert (other["tokens"] != out["tokens"]).any()
+
+    ref = _reference_logits(model, rows, out["tokens"], out["lengths"]) / temperature
+    ref_lp = jax.nn.log_softmax(ref, axis=-1)
+    for r, n in enumerate(out["lengths"]):
+        want = np.take_along_axis(np.asarray(ref_lp[r, :n]), out["tokens"][r, :n, None], -1)[:, 0]
+        np.testing.assert_allclose(out["logprobs"][r, :n], want, atol=1e-4, rtol=0)
+    _check_eos_layout(out, [EOS])
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, prompts):
+    greedy = _gen(model, prompts, greedy=True)
+    for kw in ({"top_k": 1}, {"top_p": 1e-4}):
+        out = _gen(model, prompts, rng=jax.random.key(9), **kw)
+        np.testing.assert_array_equal(out["tokens"], greedy["tokens"], err_msg=str(kw))
+        np.testing.assert_allclose(out["logprobs"], greedy["logprobs"], atol=1e-6)
+
+
+def test_top_k_and_top_p_restrict_the_sampled_tokens(model, prompts):
+    rows, *_ = prompts
+    k, p = 4, 0.5
+    topk = _gen(model, prompts, top_k=k, rng=jax.random.key(1), eos_id=NO_EOS)
+    ref = _reference_logits(model, rows, topk["tokens"], topk["lengths"])
+    ranks = (ref > np.take_along_axis(ref, topk["tokens"][..., None], -1)).sum(-1)
+    assert (ranks < k).all() and (ranks > 0).any()  # restricted, yet not merely greedy
+
+    nucleus = _gen(model, prompts, top_p=p, rng=jax.random.key(2), eos_id=NO_EOS)
+    probs = np.asarray(jax.nn.softmax(
+        _reference_logits(model, rows, nucleus["tokens"], nucleus["lengths"]), axis=-1))
+    chosen = np.take_along_axis(probs, nucleus["tokens"][..., None], -1)
+    mass_before = np.where(probs > chosen, probs, 0.0).sum(-1)  # more likely tokens' mass
+    assert (mass_before < p + 1e-4).all()
+
+
+def test_compiled_once_across_traced_settings(model, prompts):
+    graphdef, _ = nnx.split(model)
+    fn = make_generate_fn(graphdef, max_new_tokens=N, use_top_p=True)
+    assert fn is make_generate_fn(graphdef, max_new_tokens=N, use_top_p=True)
+    for t, top_p, eos in [(0.5, 0.9, EOS), (1.5, 0.3, 7)]:
+        _gen(model, prompts, temperature=t, top_p=top_p, eos_id=eos)
+    assert fn._cache_size() == 1
+
+
+def test_argument_checks(model, prompts):
+    with pytest.raises(ValueError, match="temperature"):
+        _gen(model, prompts, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        _gen(model, prompts, top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        make_generate_fn(nnx.split(model)[0], max_new_tokens=0)
+
+
+def test_temperature_zero_is_greedy(model, prompts):
+    np.testing.assert_array_equal(_gen(model, prompts, temperature=0.0)["tokens"],
+                                  _gen(model, prompts, greedy=True)["tokens"])
+
+
+def test_decode_text_strips_eos_and_padding():
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+
+    chat = ChatTokenizer(load_tokenizer())
+    a = chat.tokenizer("The answer is 521", add_special_tokens=False)["input_ids"]
+    b = chat.tokenizer("no end yet", add_special_tokens=False)["input_ids"]
+    width = max(len(a), len(b)) + 3
+    tokens = np.full((2, width), chat.pad_id, np.int32)
+    tokens[0, : len(a) + 1] = a + [chat.eos_id]
+    tokens[1, : len(b)] = b
+    lengths = np.array([len(a) + 1, len(b)])
+    assert decode_text(chat, tokens, lengths) == ["The answer is 521", "no end yet"]

@@ -1,0 +1,132 @@
+"""The loop as users run it (`jalign train` in a subprocess): exact resume after SIGKILL,
+interrupted saves, SIGTERM, non-finite losses, metrics and artifacts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jalign.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED
+
+CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cmd(tmp_path, name, *bindings):
+    return [sys.executable, "-m", "jalign.cli", "train", CONFIG,
+            "--gin", f"TrainConfig.output_root='{tmp_path}'",
+            "--gin", f"TrainConfig.run_name='{name}'", *sum((["--gin", b] for b in bindings), [])]
+
+
+def _env(fault=""):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JALIGN_FAULT=fault)
+    env.pop("XLA_FLAGS", None)  # one device, as a user's single-host run
+    return env
+
+
+def _run(tmp_path, name, *bindings, fault="", expect=0):
+    r = subprocess.run(_cmd(tmp_path, name, *bindings), capture_output=True, text=True,
+                       env=_env(fault), cwd=ROOT, timeout=600)
+    assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def _committed(run_dir: Path) -> list[int]:
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    _run(root, "ref")
+    return _losses(root / "ref"), root / "ref"
+
+
+def test_uninterrupted_run_writes_everything(reference):
+    losses, run_dir = reference
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1]
+    assert _committed(run_dir) == [4, 8]
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "TrainConfig.steps = 8" in (run_dir / "operative_config.gin").read_text()
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+    assert all(r["tokens_per_second_per_device"] > 0 and 0 < r["mfu"] < 1
+               for r in records if "loss" in r)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, reference):
+    ref_losses, _ = reference
+    _run(tmp_path, "killed", fault="sigkill_after_save:4", expect=-signal.SIGKILL)
+    assert _committed(tmp_path / "killed") == [4]
+    _run(tmp_path, "killed")
+    assert _losses(tmp_path / "killed") == ref_losses  # floats compared exactly
+
+
+def test_sigkill_during_save_resumes_from_previous_commit(tmp_path, reference):
+    ref_losses, _ = reference
+    _run(tmp_path, "torn", fault="sigkill_during_save:8", expect=-signal.SIGKILL)
+    assert _committed(tmp_path / "torn") == [4]  # step 8 never committed
+    r = _run(tmp_path, "torn")
+    assert "resumed" in r.stdout and "at step 4" in r.stdout
+    assert _losses(tmp_path / "torn") == ref_losses
+
+
+def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
+    ref_losses, _ = reference
+    r = _run(tmp_path, "term", fault="sigterm_at_step:6", expect=EXIT_PREEMPTED)
+    assert "SIGTERM: saved step 6" in r.stderr
+    assert _committed(tmp_path / "term") == [4, 6]  # 6 is not a multiple of save_every=4
+    r = _run(tmp_path, "term")
+    assert "at step 6" in r.stdout
+    assert _losses(tmp_path / "term") == ref_losses
+
+
+def test_external_sigterm_is_handled(tmp_path):
+    run_dir = tmp_path / "ext"
+    proc = subprocess.Popen(_cmd(tmp_path, "ext", "TrainConfig.steps=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (run_dir / "metrics.jsonl").exists() and len(_losses(run_dir)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert _committed(run_dir)[-1] == max(_losses(run_dir))
+
+
+def test_nonfinite_abort_and_skip(tmp_path):
+    r = _run(tmp_path, "nan_abort", fault="nan_at_step:6", expect=EXIT_NONFINITE)
+    assert "non-finite loss" in r.stderr and "nan_policy='skip'" in r.stderr
+    assert _committed(tmp_path / "nan_abort") == [4]  # nothing at or after step 6
+    _run(tmp_path, "nan_skip", "TrainConfig.nan_policy='skip'", fault="nan_at_step:6")
+    records = [json.loads(l) for l in (tmp_path / "nan_skip" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in records if r.get("skipped_nonfinite")]
+    assert skipped == [6]
+    assert _committed(tmp_path / "nan_skip") == [4, 8]
+
+
+def test_bad_run_name_and_binding_are_clear_errors(tmp_path):
+    r = _run(tmp_path, "../escape", expect=2)
+    assert "invalid run name '../escape'" in r.stderr
+    r = subprocess.run(_cmd(tmp_path, "x", "TrainConfig.stepz=3"), capture_output=True,
+                       text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "stepz" in r.stderr
