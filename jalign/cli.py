@@ -71,10 +71,71 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from jalign.demo_convert import run_round_trip
+def _load_any(source: str, step=None):
+    """A model from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory."""
+    if source.startswith("hf:"):
+        from jalign.convert.hf import load_hf
+        return load_hf(source[3:])
+    from jalign.checkpoint import load_model
+    return load_model(source, step=step)
 
-    return run_round_trip(Path(args.out))
+
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+
+    from jalign.data.packing import left_pad_prompt
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    from jalign.rl.generate import decode_text, generate
+
+    config, model = _load_any(args.model, args.step)
+    chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
+    prompts = args.prompt
+    encoded = [chat.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+    length = max(len(e) for e in encoded)
+    rows = [left_pad_prompt({"prompt_ids": e}, length, chat.pad_id) for e in encoded]
+    out = generate(model, np.stack([r["prompt_ids"] for r in rows]),
+                   np.stack([r["prompt_mask"] for r in rows]), max_new_tokens=args.max_new_tokens,
+                   rng=jax.random.key(args.seed), temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eos_id=chat.eos_id, pad_id=chat.pad_id)
+    for prompt, text in zip(prompts, decode_text(chat, out["tokens"], out["lengths"])):
+        print(f"> {prompt}\n{text}\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json as _json
+
+    from jalign.data.pipeline import DataConfig
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    from jalign.evaluate import dataset_loss, task_accuracy
+
+    config, model = _load_any(args.model, args.step)
+    results = {}
+    if args.task:
+        chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
+        acc = task_accuracy(model, chat, args.task, n=args.n, show=args.show)
+        for prompt, answer, ok in acc.pop("samples"):
+            print(f"  {prompt!r} -> {answer!r} {'correct' if ok else 'WRONG'}")
+        results["task"] = acc
+    if args.data:
+        dc = DataConfig(path=args.data, format=args.format, split=args.split,
+                        tokenizer=args.tokenizer, chat_template=args.chat_template,
+                        max_length=args.max_length, batch_size=args.batch_size, shuffle=False,
+                        num_epochs=1, bundled_size=args.n)
+        results["data"] = dataset_loss(model, dc, max_batches=args.max_batches)
+    if not results:
+        raise SystemExit("jalign eval: pass --task and/or --data")
+    print(_json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if args.convert_only:
+        from jalign.demo_convert import run_round_trip
+        return run_round_trip(Path(args.out))
+    from jalign.demo import run_demo
+    return run_demo(args.gin, fresh=args.fresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,8 +161,43 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra gin binding, e.g. --gin 'TrainConfig.steps=100' (repeatable)")
     tr.set_defaults(func=cmd_train)
 
+    def model_args(p):
+        p.add_argument("model", help="jalign run/checkpoint directory, or hf:PATH_OR_HUB_ID")
+        p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+        p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default bundled)")
+        p.add_argument("--chat-template", default=None,
+                       help="template name (jalign, chatml, llama3, llama2) if the tokenizer has none")
+
+    gen = sub.add_parser("generate", help="sample completions (KV cache, one compiled loop)")
+    model_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="task accuracy and/or loss and perplexity on a dataset")
+    model_args(ev)
+    ev.add_argument("--task", default=None, help="bundled task for exact-match accuracy (add, mul, reverse)")
+    ev.add_argument("--n", type=int, default=512, help="problems (or bundled records) to evaluate")
+    ev.add_argument("--show", type=int, default=5, help="sample answers to print")
+    ev.add_argument("--data", default=None, help="dataset for loss/perplexity (path, hub id, bundled:TASK)")
+    ev.add_argument("--format", default="messages")
+    ev.add_argument("--split", default="eval")
+    ev.add_argument("--max-length", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=50)
+    ev.set_defaults(func=cmd_eval)
+
     demo = sub.add_parser("demo", help="the bundled end-to-end job (see README)")
-    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                      help="override a binding of configs/demo/sft_add.gin (repeatable)")
+    demo.add_argument("--fresh", action="store_true", help="delete the demo run and start over")
+    demo.add_argument("--convert-only", action="store_true",
+                      help="only run the HF conversion round trip (into --out)")
+    demo.add_argument("--out", default="runs/demo_convert", help="--convert-only output directory")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -80,7 +80,8 @@ def main():
                 info["optimizer_class"] = (f"{type(opt).__module__}.{type(opt).__name__}"
                                            f"(fused={d.get('fused')}, foreach={d.get('foreach')}, "
                                            f"betas={d.get('betas')}, eps={d.get('eps')}, "
-                                           f"weight_decay={d.get('weight_decay')})")
+                                           "param-group weight_decay="
+                                           f"{sorted({g['weight_decay'] for g in opt.param_groups})})")
 
         def on_step_begin(self, a, state, control, **kw):
             gate.begin()

@@ -112,7 +112,8 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
         return finish_layer(p, x, o, eps), _write(k_all, i, k, 0), _write(v_all, i, v, 0)
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(prompt_ids), layer, cache)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, prompt_mask.astype(bool), 0, axis=1)
+    # Rebuilt, not updated: a reused cache's stale slots must not stay visible.
+    valid = jnp.zeros_like(cache.valid).at[:, :p_len].set(prompt_mask.astype(bool))
     # Left padding puts every row's last real token at index P-1.
     logits = _final_logits(model, x[:, -1:])[:, 0]
     state = DecodeState(index=jnp.asarray(p_len, jnp.int32),
@@ -124,7 +125,9 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState):
     """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
 
     The token attends to every valid slot up to and including its own: the real prompt
-    tokens and the tokens fed since (slots after ``index`` are empty and invalid).
+    tokens and the tokens fed since (slots after ``index`` are empty and invalid). The
+    caller sizes the cache: past its last slot the write would be clamped (no error can
+    be raised under jit), so allocate prompt length + tokens to feed.
     """
     cfg = model.config
     eps = cfg.rms_norm_eps

@@ -56,13 +56,14 @@ def _left_pad(prompts, length, pad_id=0):
     return ids, mask
 
 
-def _run_cached(model, prompts, fed, pad_id=0):
+def _run_cached(model, prompts, fed, pad_id=0, cache=None):
     """Prefill logits [B, V] and the logits of each decode step [steps, B, V]."""
     graphdef, state = nnx.split(model)
     pre, step = _compiled(graphdef)
     ids, mask = _left_pad(prompts, P, pad_id)
-    # One cache size for every test, so each structure compiles each function once.
-    cache = init_cache(model.config, len(prompts), P + STEPS)
+    if cache is None:
+        # One cache size for every test, so each structure compiles each function once.
+        cache = init_cache(model.config, len(prompts), P + STEPS)
     last, cache, st = pre(state, ids, mask, cache)
     steps = []
     for s in range(fed.shape[1]):
@@ -114,6 +115,17 @@ def test_pad_token_ids_are_invisible(model):
     b = _run_cached(model, prompts, fed, pad_id=5)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_a_used_cache_can_be_prefilled_again(model):
+    """Slots left valid by a longer earlier rollout must not leak into the next one."""
+    vocab = model.config.vocab_size
+    first = _run_cached(model, _prompts(vocab, seed=6), np.full((3, STEPS), 4, np.int32))
+    prompts, fed = _prompts(vocab, seed=7), np.full((3, 2), 8, np.int32)
+    fresh, reused = _run_cached(model, prompts, fed), _run_cached(model, prompts, fed,
+                                                                 cache=first[2])
+    np.testing.assert_array_equal(reused[0], fresh[0])
+    np.testing.assert_array_equal(reused[1], fresh[1])
 
 
 def test_unscanned_layers_give_the_same_logits(model):

@@ -1,0 +1,377 @@
+"""SFT train step on CPU: jalign vs transformers+PyTorch, TRL's SFTTrainer and Tunix.
+
+Every implementation trains the same Llama shape (vocab 8192, hidden 512, intermediate
+1408, 8 layers, 8 q / 8 kv heads of 64, untied LM head; 34.1M parameters) on the same
+random batch of 4 x 512 tokens, float32, AdamW (lr 1e-4, betas 0.9/0.95, eps 1e-8, no
+weight decay, constant lr, no gradient clipping), every token but the first a target:
+
+  jalign (unrolled)   jalign's jitted ``make_train_step(sft_loss, ...)``, scan_layers=False
+  jalign (scan)       the same with scan_layers=True (layers under ``lax.scan``)
+  jalign + jemalloc   jalign (unrolled) with jemalloc preloaded (LD_PRELOAD, MALLOC_CONF)
+  transformers+torch  ``LlamaForCausalLM`` + ``torch.optim.AdamW``, hand-written loop
+  TRL SFTTrainer      ``trl.SFTTrainer.train()``, timed by a TrainerCallback
+  Tunix PeftTrainer   ``tunix.sft.PeftTrainer.train()`` on Tunix's NNX Llama3, timed by a hook
+
+plus the JAX fp32 matmul rate (jitted 4096x4096 @ 4096x4096) as the MFU reference.
+Each runs in its own process (TRL and Tunix each in their own virtual environment, see
+below) that stays alive for the whole run: all are started and warmed up (compile
+included) one after the other, then the driver runs ``--rounds`` rounds, each giving
+every implementation ``--steps`` timed steps in turn (the order rotates every round), so
+the noise of this shared machine hits all of them alike. Per-step wall times are
+pooled over rounds; the table shows median and min seconds per step, tokens/s
+(batch*seq / median), model GFLOP/s and MFU (the same FLOP count for every row, see
+``common.flops_per_step``) and speed relative to TRL (TRL's median / the row's median).
+Worker protocol and timing details: benchmarks/train_step_impls/*.py.
+
+Virtual environments (outside the repo; TRL and Tunix would change jalign's packages,
+e.g. ``pip install google-tunix`` downgrades transformers). Exact commands used:
+
+    python3.11 -m venv /work/bench-venvs/trl
+    /work/bench-venvs/trl/bin/pip install --upgrade pip
+    /work/bench-venvs/trl/bin/pip install trl torch==2.13.0   # pin torch: else a CUDA build
+
+    python3.11 -m venv /work/bench-venvs/tunix
+    /work/bench-venvs/tunix/bin/pip install --upgrade pip
+    /work/bench-venvs/tunix/bin/pip install jax==0.10.2 flax==0.12.8 optax==0.2.8
+    /work/bench-venvs/tunix/bin/pip install --no-deps google-tunix
+    printf 'jax==0.10.2\\njaxlib==0.10.2\\nflax==0.12.8\\noptax==0.2.8\\n' > /tmp/tunix-constraints.txt
+    /work/bench-venvs/tunix/bin/pip install -c /tmp/tunix-constraints.txt google-metrax \\
+        jaxtyping tqdm huggingface_hub sentencepiece pillow perfetto pandas 'safetensors<0.8'
+
+    apt-get update && apt-get install -y libjemalloc2          # the jemalloc row
+
+(the last Tunix line is exactly what ``import tunix`` + its trainer + its Llama3 need on
+top of jax/flax/optax; TRL's venv resolves to trl 1.16.0, transformers 5.23.0, the same
+torch 2.13.0+cpu as jalign's venv.) Paths: ``--trl-python`` / ``--tunix-python`` /
+``--jalign-python`` or the environment variables JALIGN_BENCH_TRL_PYTHON,
+JALIGN_BENCH_TUNIX_PYTHON, JALIGN_BENCH_PYTHON. A missing venv or a failing worker
+gives a "not run: <reason>" row, never a silently missing one.
+
+Run from the repo root (about 12 minutes with the defaults on a 2-core machine):
+
+    .venv/bin/python benchmarks/train_step.py
+    .venv/bin/python benchmarks/train_step.py --only jalign,trl --rounds 2
+    .venv/bin/python benchmarks/train_step.py --breakdown   # + where jalign's step goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMPLS_DIR = HERE / "train_step_impls"
+REPO = HERE.parent
+sys.path.insert(0, str(IMPLS_DIR))
+from common import SHAPE, flops_per_step  # noqa: E402
+
+VENVS = Path("/work/bench-venvs")
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "torch", "trl", "tunix")
+HOWTO = {
+    "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
+    "tunix": ("python3.11 -m venv {venv} && {venv}/bin/pip install jax==0.10.2 flax==0.12.8 "
+              "optax==0.2.8 && {venv}/bin/pip install --no-deps google-tunix && {venv}/bin/pip "
+              "install google-metrax jaxtyping tqdm huggingface_hub sentencepiece pillow "
+              "perfetto pandas 'safetensors<0.8' (see the top of benchmarks/train_step.py)"),
+}
+
+
+class Worker:
+    """One implementation's process and its side of the protocol (common.py)."""
+
+    def __init__(self, key: str, label: str, cmd: list[str], env: dict, log_path: Path):
+        self.key, self.label, self.cmd, self.log_path = key, label, cmd, log_path
+        self.times: list[float] = []
+        self.info: dict = {}
+        self.error: str | None = None
+        self.log = open(log_path, "w")
+        self.log.write("$ " + shlex.join(cmd) + "\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env, cwd=REPO, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                self.lines.put(json.loads(line[2:]))
+            else:
+                self.log.write(line)
+        self.lines.put(None)
+
+    def wait(self, event: str, timeout: float):
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.fail(f"no '{event}' after {timeout:.0f} s")
+            return None
+        if msg is None or msg.get("event") != event:
+            self.proc.wait(timeout=30)
+            self.fail(f"worker exited (rc {self.proc.returncode}): {self._last_log_line()}")
+            return None
+        return msg
+
+    def _last_log_line(self) -> str:
+        self.log.flush()
+        lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines()
+                 if ln.strip()]
+        return (lines[-1][:200] if lines else "no output") + f" (log: {self.log_path})"
+
+    def send(self, text: str):
+        try:
+            self.proc.stdin.write(text + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def fail(self, reason: str):
+        self.error = reason
+        self.stop()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.send("exit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]], dict]:
+    """(key, label, command or None, extra env, reason not run) per row."""
+    shape = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE]
+    common = shape + [f"--warmup={args.warmup}", f"--threads={args.threads}",
+                      f"--max-steps={args.warmup + args.rounds * args.steps + 10}"]
+    jpy = args.jalign_python
+    rows = []
+
+    def py_ok(py: str, key: str):
+        if Path(py).exists():
+            return None
+        venv = str(Path(py).parent.parent)
+        how = HOWTO.get(key, "").format(venv=venv)
+        return f"{py} not found" + (f"; create it: {how}" if how else "")
+
+    jalign_env = {"PYTHONPATH": str(REPO)}
+    w = str(IMPLS_DIR / "jalign_worker.py")
+    rows.append(("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")))
+    rows.append(("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
+                 py_ok(jpy, "")))
+    je_reason = py_ok(jpy, "")
+    if not Path(args.jemalloc).exists():
+        je_reason = (f"{args.jemalloc} not found (apt-get update && apt-get install -y "
+                     "libjemalloc2)")
+    rows.append(("jalign-jemalloc", "jalign (unrolled) + jemalloc", [jpy, w] + common,
+                 dict(jalign_env, LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF),
+                 je_reason))
+    rows.append(("torch", "transformers + PyTorch", [jpy, str(IMPLS_DIR / "torch_worker.py")]
+                 + common, {}, py_ok(jpy, "")))
+    rows.append(("trl", "TRL SFTTrainer",
+                 [args.trl_python, str(IMPLS_DIR / "trl_worker.py")] + common, {},
+                 py_ok(args.trl_python, "trl")))
+    rows.append(("tunix", "Tunix PeftTrainer",
+                 [args.tunix_python, str(IMPLS_DIR / "tunix_worker.py")] + common, {},
+                 py_ok(args.tunix_python, "tunix")))
+    only = set(args.only.split(",")) if args.only else set(ROWS)
+    unknown = only - set(ROWS)
+    if unknown:
+        raise SystemExit(f"--only: unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    rows = [r for r in rows if r[0] in only]
+    peak = (jpy, [jpy, str(IMPLS_DIR / "matmul_peak.py"), f"--n={args.peak_n}"])
+    return rows, {"peak": peak}
+
+
+def fmt_s(x):
+    return f"{x:.3f}" if x == x else "n/a"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for k, v in SHAPE.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker (compile incl.)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per worker per round")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--jalign-python", default=os.environ.get("JALIGN_BENCH_PYTHON", sys.executable))
+    ap.add_argument("--trl-python", default=os.environ.get("JALIGN_BENCH_TRL_PYTHON",
+                                                          str(VENVS / "trl/bin/python")))
+    ap.add_argument("--tunix-python", default=os.environ.get("JALIGN_BENCH_TUNIX_PYTHON",
+                                                            str(VENVS / "tunix/bin/python")))
+    ap.add_argument("--jemalloc", default=JEMALLOC)
+    ap.add_argument("--peak-n", type=int, default=4096, help="matmul size for the MFU peak")
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
+    ap.add_argument("--start-timeout", type=float, default=900)
+    ap.add_argument("--logs", default="/tmp/jalign_train_step_bench")
+    ap.add_argument("--json", default="", help="write raw per-step times here")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="afterwards, run benchmarks/train_step_impls/jalign_breakdown.py")
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    rows, extra = plan(args)
+    fl = flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers, args.heads,
+                        args.kv_heads, args.batch, args.seq)
+    tokens = args.batch * args.seq
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, {mem_gib():.1f} GiB RAM, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"shape: vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"{args.layers} layers, {args.heads} q / {args.kv_heads} kv heads, untied; batch "
+          f"{args.batch} x {args.seq} = {tokens} tokens, fp32, AdamW, no clipping")
+    print(f"FLOPs/step: 6 x {fl['n_matmul_params']:,} matmul params x {tokens} tokens = "
+          f"{fl['dense'] / 1e9:.1f} G, + attention 3 x {args.layers} layers x 2 x "
+          f"(2 x B x H x T^2 x head_dim) = {fl['attention'] / 1e9:.1f} G; total "
+          f"{fl['total'] / 1e9:.1f} GFLOP")
+    print(f"protocol: warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps, "
+          f"rotating order; logs in {logs}\n", flush=True)
+
+    workers: list[Worker] = []
+    skipped: dict[str, tuple[str, str]] = {}
+    for key, label, cmd, env_extra, reason in rows:
+        if reason:
+            print(f"[{label}] not run: {reason}", flush=True)
+            skipped[key] = (label, reason)
+            continue
+        env = dict(os.environ, **env_extra)
+        if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
+        t0 = time.perf_counter()
+        w = Worker(key, label, cmd, env, logs / f"{key}.log")
+        msg = w.wait("ready", args.start_timeout)
+        if msg is None:
+            print(f"[{label}] not run: {w.error}", flush=True)
+            skipped[key] = (label, w.error)
+            continue
+        w.info = msg["info"]
+        warm = ", ".join(f"{t:.1f}" for t in w.info.get("warmup_times", []))
+        extra_txt = (f", compile {w.info['compile_s']:.1f} s, XLA cost-analysis flops "
+                     f"{w.info['xla_flops'] / 1e9:.1f} G" if "compile_s" in w.info else "")
+        print(f"[{label}] ready in {time.perf_counter() - t0:.0f} s (warmup steps: {warm} s"
+              f"{extra_txt}); first loss {w.info.get('first_loss', float('nan')):.3f}",
+              flush=True)
+        workers.append(w)
+
+    peak_worker = None
+    if not args.no_peak:
+        py, cmd = extra["peak"]
+        peak_worker = Worker("peak", f"matmul {args.peak_n}", cmd, dict(os.environ),
+                             logs / "peak.log")
+        if peak_worker.wait("ready", args.start_timeout) is None:
+            print(f"[matmul peak] not run: {peak_worker.error}")
+            peak_worker = None
+
+    participants = workers + ([peak_worker] if peak_worker else [])
+    for r in range(args.rounds):
+        order = participants[r % len(participants):] + participants[:r % len(participants)] \
+            if participants else []
+        for w in order:
+            if w.error:
+                continue
+            k = 1 if w is peak_worker else args.steps
+            w.send(f"run {k}")
+            msg = w.wait("times", 600 + 120 * k)
+            if msg is None:
+                print(f"[{w.label}] failed in round {r + 1}: {w.error}", flush=True)
+                continue
+            w.times += msg["times"]
+        line = ", ".join(f"{w.key} {statistics.median(w.times[-args.steps:]):.2f}"
+                         for w in workers if w.times and not w.error)
+        print(f"round {r + 1}/{args.rounds} (s/step): {line}", flush=True)
+    for w in participants:
+        w.stop()
+
+    peak_gflops = float("nan")
+    if peak_worker and peak_worker.times:
+        per_call = statistics.median(peak_worker.times)
+        peak_gflops = 2 * args.peak_n ** 3 / per_call / 1e9
+        print(f"\nfp32 matmul peak (jax.jit {args.peak_n}x{args.peak_n}, median call "
+              f"{per_call:.3f} s over rounds): {peak_gflops:.1f} GFLOP/s "
+              f"(per round: {', '.join(f'{2 * args.peak_n ** 3 / t / 1e9:.0f}' for t in peak_worker.times)})")
+
+    results = {}
+    for w in workers:
+        if w.times:
+            results[w.key] = (w.label, statistics.median(w.times), min(w.times), max(w.times),
+                              len(w.times))
+        else:
+            skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
+    trl = results.get("trl")
+    print(f"\nSFT train step, {tokens} tokens/step, {fl['total'] / 1e9:.1f} GFLOP/step; "
+          f"{args.rounds} rounds x {args.steps} steps per implementation\n")
+    print("| implementation | median s/step | min s/step | max s/step | tokens/s | "
+          "GFLOP/s | MFU | speed vs TRL |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in [r[0] for r in rows]:
+        if key in results:
+            label, med, lo, hi, n = results[key]
+            gf = fl["total"] / med / 1e9
+            mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
+            vs = f"{trl[1] / med:.2f}x" if trl else "n/a"
+            print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {tokens / med:.0f} | "
+                  f"{gf:.1f} | {mfu} | {vs} |")
+        elif key in skipped:
+            label, reason = skipped[key]
+            print(f"| {label} | not run: {reason} | | | | | | |")
+    print("\nspeed vs TRL = TRL median s/step / this row's median (>1: faster than TRL). "
+          "MFU = (GFLOP/step / median s/step) / fp32 matmul peak.")
+    print("\nversions / settings:")
+    for w in workers:
+        i = w.info
+        keep = {k: i[k] for k in ("versions", "optim", "optimizer_class", "attn_implementation",
+                                  "threads", "n_params", "input_shape", "labels_trainable",
+                                  "ld_preload", "lora") if k in i}
+        print(f"  {w.label}: {json.dumps(keep)}")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"flops": fl, "peak_gflops": peak_gflops,
+             "peak_times": peak_worker.times if peak_worker else [],
+             "rows": {w.key: {"label": w.label, "times": w.times, "info": w.info,
+                              "error": w.error} for w in workers},
+             "skipped": skipped}, indent=1))
+    if args.breakdown:
+        print("\n--- jalign breakdown ---", flush=True)
+        subprocess.run([args.jalign_python, str(IMPLS_DIR / "jalign_breakdown.py")],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+if __name__ == "__main__":
+    main()
