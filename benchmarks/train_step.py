@@ -94,6 +94,7 @@ class Worker:
     def __init__(self, key: str, label: str, cmd: list[str], env: dict, log_path: Path):
         self.key, self.label, self.cmd, self.log_path = key, label, cmd, log_path
         self.times: list[float] = []
+        self.faults: list[int] = []
         self.info: dict = {}
         self.error: str | None = None
         self.log = open(log_path, "w")
@@ -284,8 +285,9 @@ def main():
         warm = ", ".join(f"{t:.1f}" for t in w.info.get("warmup_times", []))
         extra_txt = (f", compile {w.info['compile_s']:.1f} s, XLA cost-analysis flops "
                      f"{w.info['xla_flops'] / 1e9:.1f} G" if "compile_s" in w.info else "")
+        loss = w.info.get("first_loss")
         print(f"[{label}] ready in {time.perf_counter() - t0:.0f} s (warmup steps: {warm} s"
-              f"{extra_txt}); first loss {w.info.get('first_loss', float('nan')):.3f}",
+              f"{extra_txt}); first loss {'n/a' if loss is None else f'{loss:.3f}'}",
               flush=True)
         workers.append(w)
 
@@ -312,6 +314,7 @@ def main():
                 print(f"[{w.label}] failed in round {r + 1}: {w.error}", flush=True)
                 continue
             w.times += msg["times"]
+            w.faults += msg.get("faults", [])
         line = ", ".join(f"{w.key} {statistics.median(w.times[-args.steps:]):.2f}"
                          for w in workers if w.times and not w.error)
         print(f"round {r + 1}/{args.rounds} (s/step): {line}", flush=True)
@@ -329,29 +332,31 @@ def main():
     results = {}
     for w in workers:
         if w.times:
+            faults = statistics.median(w.faults) if w.faults else float("nan")
             results[w.key] = (w.label, statistics.median(w.times), min(w.times), max(w.times),
-                              len(w.times))
+                              len(w.times), faults)
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
     trl = results.get("trl")
     print(f"\nSFT train step, {tokens} tokens/step, {fl['total'] / 1e9:.1f} GFLOP/step; "
           f"{args.rounds} rounds x {args.steps} steps per implementation\n")
     print("| implementation | median s/step | min s/step | max s/step | tokens/s | "
-          "GFLOP/s | MFU | speed vs TRL |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "GFLOP/s | MFU | speed vs TRL | page faults/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in [r[0] for r in rows]:
         if key in results:
-            label, med, lo, hi, n = results[key]
+            label, med, lo, hi, n, faults = results[key]
             gf = fl["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
             vs = f"{trl[1] / med:.2f}x" if trl else "n/a"
             print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {tokens / med:.0f} | "
-                  f"{gf:.1f} | {mfu} | {vs} |")
+                  f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} |")
         elif key in skipped:
             label, reason = skipped[key]
-            print(f"| {label} | not run: {reason} | | | | | | |")
+            print(f"| {label} | not run: {reason} | | | | | | | |")
     print("\nspeed vs TRL = TRL median s/step / this row's median (>1: faster than TRL). "
-          "MFU = (GFLOP/step / median s/step) / fp32 matmul peak.")
+          "MFU = (GFLOP/step / median s/step) / fp32 matmul peak. page faults/step: median minor "
+          "page faults of the worker process during one timed step (getrusage).")
     print("\nversions / settings:")
     for w in workers:
         i = w.info
@@ -364,7 +369,8 @@ def main():
         Path(args.json).write_text(json.dumps(
             {"flops": fl, "peak_gflops": peak_gflops,
              "peak_times": peak_worker.times if peak_worker else [],
-             "rows": {w.key: {"label": w.label, "times": w.times, "info": w.info,
+             "rows": {w.key: {"label": w.label, "times": w.times, "faults": w.faults,
+                              "info": w.info,
                               "error": w.error} for w in workers},
              "skipped": skipped}, indent=1))
     if args.breakdown:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -72,6 +73,11 @@ class Channel:
         os._exit(0)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (a fresh page from the OS costs one)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def serve(step, warmup: int, info: dict):
     """Drive a loop we own: ``step()`` runs one full step and returns after the device
     finished it."""
@@ -88,12 +94,13 @@ def serve(step, warmup: int, info: dict):
         cmd, k = chan.recv()
         if cmd != "run":
             chan.exit()
-        times = []
+        times, faults = [], []
         for _ in range(k):
-            s = time.perf_counter()
+            f, s = minor_faults(), time.perf_counter()
             step()
             times.append(time.perf_counter() - s)
-        chan.send("times", times=times)
+            faults.append(minor_faults() - f)
+        chan.send("times", times=times, faults=faults)
 
 
 class Gate:
@@ -108,15 +115,19 @@ class Gate:
         self.done = 0          # steps finished
         self.pending = None    # steps left in the current "run K" (None: warming up)
         self.times = []
+        self.faults = []
         self.warm = []
         self._t = None
+        self._f = 0
         self._t_start = time.perf_counter()
 
     def begin(self):
+        self._f = minor_faults()
         self._t = time.perf_counter()
 
     def end(self):
         dt = time.perf_counter() - self._t
+        df = minor_faults() - self._f
         self.done += 1
         if self.pending is None:
             self.warm.append(dt)
@@ -127,17 +138,18 @@ class Gate:
             self.chan.send("ready", info=info)
         else:
             self.times.append(dt)
+            self.faults.append(df)
             self.pending -= 1
             if self.pending > 0:
                 return
-            self.chan.send("times", times=self.times)
+            self.chan.send("times", times=self.times, faults=self.faults)
         self._wait()
 
     def _wait(self):
         cmd, k = self.chan.recv()
         if cmd != "run" or k <= 0:
             self.chan.exit()
-        self.pending, self.times = k, []
+        self.pending, self.times, self.faults = k, [], []
 
 
 def flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq,

@@ -210,18 +210,19 @@ def read_hf_config(directory: Path, **overrides) -> LlamaConfig:
     return config_from_hf(json.loads(config_path.read_text()), **overrides)
 
 
-def load_hf(path, *, mesh: Mesh | None = None, dtype=None, rules: Rules = DEFAULT_RULES,
-            **config_overrides) -> tuple[LlamaConfig, Llama]:
+def load_hf(path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
+            rules: Rules = DEFAULT_RULES, **config_overrides) -> tuple[LlamaConfig, Llama]:
     """Load a Hugging Face Llama checkpoint (directory or hub id) as a jalign model.
 
     ``dtype`` is the parameter dtype; by default the dtype the checkpoint stores (so a
-    round trip is exact). The compute dtype follows it unless ``config_overrides`` set
-    ``dtype``. With ``mesh``, parameters are sharded per ``rules`` as they are read.
+    round trip is exact). ``compute_dtype`` defaults to the parameter dtype. Other
+    LlamaConfig execution fields (scan_layers, remat_policy, attention_impl) may be
+    overridden by keyword. With ``mesh``, parameters are sharded per ``rules`` as read.
     """
     directory = _resolve_directory(path)
     ckpt = SafetensorsCheckpoint(directory)
     param_dtype = str(jnp.dtype(dtype).name) if dtype is not None else _stored_dtype(ckpt)
-    config_overrides.setdefault("dtype", param_dtype)
+    config_overrides["dtype"] = str(jnp.dtype(compute_dtype).name) if compute_dtype else param_dtype
     config = read_hf_config(directory, param_dtype=param_dtype, **config_overrides)
     validate(ckpt, config)
 

@@ -27,7 +27,7 @@ from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import metrics as M
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.setup import (ModelInit, abstract_train_state, build_optimizer, fresh_state,
-                                load_initial_model)
+                                initial_model_config, load_initial_model)
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved on SIGTERM, restart to continue
@@ -126,6 +126,8 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
     if resume_step is not None:
         from jalign.checkpoint import read_model_config
         model_config = read_model_config(run_dir, resume_step)
+    else:
+        model_config = initial_model_config(model_init, model_config)
     optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps)
     graphdef, abstract_state, shardings = abstract_train_state(model_config, optimizer, mesh, rules)
     if resume_step is not None:
@@ -133,7 +135,9 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
         data.set_state(data_state)
         print(f"resumed {run_dir} at step {resume_step}", flush=True)
     else:
-        model_config, model = load_initial_model(model_init, model_config, mesh, rules)
+        loaded_config, model = load_initial_model(model_init, model_config, mesh, rules)
+        if loaded_config != model_config:  # both read from the same source: a bug if not
+            raise RuntimeError(f"model config changed while loading: {loaded_config} vs {model_config}")
         state = fresh_state(model, optimizer, tc.seed, shardings)
         del model
     start = int(jax.device_get(state.step))

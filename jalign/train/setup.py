@@ -37,6 +37,18 @@ def _execution_overrides(config: LlamaConfig) -> dict:
     return {f: getattr(config, f) for f in EXECUTION_FIELDS}
 
 
+def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfig:
+    """The architecture a run will have, read from the source without loading weights."""
+    overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
+    if init.source == "random":
+        return gin_config
+    if init.source.startswith("hf:"):
+        from jalign.convert.hf import _resolve_directory, read_hf_config
+        return read_hf_config(_resolve_directory(init.source[3:]), **overrides)
+    from jalign.checkpoint import read_model_config
+    return read_model_config(init.source[7:]).replace(**overrides)
+
+
 def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES):
     """(config, model) placed on ``mesh``."""
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
@@ -45,7 +57,9 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
     if init.source.startswith("hf:"):
         from jalign.convert.hf import load_hf
         dtype = overrides.pop("param_dtype", None)
-        config, model = load_hf(init.source[3:], mesh=mesh, dtype=dtype, rules=rules, **overrides)
+        compute = overrides.pop("dtype", None)
+        config, model = load_hf(init.source[3:], mesh=mesh, dtype=dtype, compute_dtype=compute,
+                                rules=rules, **overrides)
         return config, model
     from jalign.checkpoint import load_model
     return load_model(init.source[7:], mesh=mesh, rules=rules, **overrides)

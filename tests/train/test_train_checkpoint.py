@@ -1,0 +1,56 @@
+"""Training checkpoints restore exactly onto a different mesh, and export to HF."""
+
+import jax
+import numpy as np
+import pytest
+
+from jalign.checkpoint import CheckpointError, TrainCheckpointer, load_model, resolve_run_dir
+from jalign.models.config import preset
+from jalign.sharding import MeshConfig, make_mesh
+from jalign.train.optimizer import OptimizerConfig
+from jalign.train.setup import ModelInit, abstract_train_state, build_optimizer, fresh_state, load_initial_model
+
+CONFIG = preset("tiny", num_kv_heads=4)
+
+
+def _state(mesh):
+    tx, _ = build_optimizer(OptimizerConfig(), CONFIG, 10)
+    _, abstract, shardings = abstract_train_state(CONFIG, tx, mesh)
+    _, model = load_initial_model(ModelInit(seed=5), CONFIG, mesh)
+    return fresh_state(model, tx, 0, shardings), abstract
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    mesh_a = make_mesh(MeshConfig(1, 8, 1))
+    state, _ = _state(mesh_a)
+    ckpt = TrainCheckpointer(tmp_path / "run", save_every=1, keep=2)
+    ckpt.save(state, data_state={"version": 1, "batches": 0, "grain": {}}, model_config=CONFIG,
+              operative="TrainConfig.steps = 10")
+    ckpt.close()
+
+    mesh_b = make_mesh(MeshConfig(2, 1, 4))
+    tx, _ = build_optimizer(OptimizerConfig(), CONFIG, 10)
+    _, abstract_b, _ = abstract_train_state(CONFIG, tx, mesh_b)
+    restored, data_state, metadata = TrainCheckpointer(
+        tmp_path / "run", save_every=1, keep=2).restore(abstract_b)
+    assert data_state["version"] == 1 and metadata["step"] == 0 and metadata["config_hash"]
+    wq = restored.params["layers"]["wq"]
+    assert wq.sharding.mesh.devices.shape == (2, 1, 4) and wq.sharding.spec[2] == "tensor"
+    mu = restored.opt_state[1][0].mu["layers"]["wq"]  # chain(clip, adamw=chain(adam, ...))
+    assert mu.sharding.spec == wq.sharding.spec
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+        np.testing.assert_array_equal(a, b)
+    # The model part of a training checkpoint loads on its own (for export).
+    config, model = load_model(tmp_path / "run")
+    assert config == CONFIG
+    np.testing.assert_array_equal(np.asarray(model.layers.wq[...]), np.asarray(jax.device_get(wq)))
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/../../b", "", ".hidden", "a b", "a//b"])
+def test_run_names_cannot_escape(tmp_path, name):
+    with pytest.raises(CheckpointError, match="invalid run name|escapes"):
+        resolve_run_dir(tmp_path, name)
+
+
+def test_good_run_names(tmp_path):
+    assert resolve_run_dir(tmp_path, "sweep/lr_1e-3.seed0") == (tmp_path / "sweep" / "lr_1e-3.seed0").resolve()
