@@ -7,7 +7,8 @@ weight decay, constant lr, no gradient clipping), every token but the first a ta
 
   jalign (unrolled)   jalign's jitted ``make_train_step(sft_loss, ...)``, scan_layers=False
   jalign (scan)       the same with scan_layers=True (layers under ``lax.scan``)
-  jalign + jemalloc   jalign (unrolled) with jemalloc preloaded (LD_PRELOAD, MALLOC_CONF)
+  jalign + jemalloc   jalign (unrolled, and scan) with jemalloc preloaded (LD_PRELOAD,
+                      MALLOC_CONF=thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1)
   transformers+torch  ``LlamaForCausalLM`` + ``torch.optim.AdamW``, hand-written loop
   TRL SFTTrainer      ``trl.SFTTrainer.train()``, timed by a TrainerCallback
   Tunix PeftTrainer   ``tunix.sft.PeftTrainer.train()`` on Tunix's NNX Llama3, timed by a hook
@@ -78,7 +79,8 @@ from common import SHAPE, flops_per_step  # noqa: E402
 VENVS = Path("/work/bench-venvs")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "torch", "trl", "tunix")
+ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "torch", "trl",
+        "tunix")
 HOWTO = {
     "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
     "tunix": ("python3.11 -m venv {venv} && {venv}/bin/pip install jax==0.10.2 flax==0.12.8 "
@@ -199,6 +201,9 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("jalign-jemalloc", "jalign (unrolled) + jemalloc", [jpy, w] + common,
                  dict(jalign_env, LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF),
                  je_reason))
+    rows.append(("jalign-scan-jemalloc", "jalign (scan) + jemalloc", [jpy, w, "--scan"] + common,
+                 dict(jalign_env, LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF),
+                 je_reason))
     rows.append(("torch", "transformers + PyTorch", [jpy, str(IMPLS_DIR / "torch_worker.py")]
                  + common, {}, py_ok(jpy, "")))
     rows.append(("trl", "TRL SFTTrainer",
@@ -226,8 +231,8 @@ def main():
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker (compile incl.)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per worker per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per worker per round")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--jalign-python", default=os.environ.get("JALIGN_BENCH_PYTHON", sys.executable))

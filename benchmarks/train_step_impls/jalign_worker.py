@@ -15,7 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ADAMW, batch_ids, flops_per_step, serve, worker_args  # noqa: E402
 
 
-def build(args, scan_layers: bool):
+def build(args, scan_layers: bool, **cfg_overrides):
+    """A namespace with cfg, mesh, graphdef, tx, state (sharded), state_sharding, step
+    (jitted, donating) and batch (on device)."""
+    import types
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -32,7 +36,8 @@ def build(args, scan_layers: bool):
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                       intermediate_size=args.intermediate, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.kv_heads,
-                      max_position_embeddings=max(4096, args.seq), scan_layers=scan_layers)
+                      max_position_embeddings=max(4096, args.seq), scan_layers=scan_layers,
+                      **cfg_overrides)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     model = create_model(cfg, seed=0, mesh=mesh)
     graphdef, abstract = abstract_model(cfg, mesh)
@@ -54,7 +59,8 @@ def build(args, scan_layers: bool):
              "segment_ids": np.ones_like(ids),
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy()}
     batch = jax.device_put(batch)
-    return cfg, step, state, batch
+    return types.SimpleNamespace(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, state=state,
+                                 state_sharding=sh, step=step, batch=batch)
 
 
 def main():
@@ -63,7 +69,8 @@ def main():
     import jax
     import jaxlib
 
-    cfg, step, state, batch = build(args, args.scan)
+    b = build(args, args.scan)
+    cfg, step, state, batch = b.cfg, b.step, b.state, b.batch
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
