@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
-from grain.experimental import FirstFitPackIterDataset
+from grain.experimental import FirstFitPackIterDataset, ThreadPrefetchIterDataset
 
 from jalign.data import formats, packing
 from jalign.data.formats import BadRecord, DataError
@@ -53,6 +53,7 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None  # None: repeat forever
     bundled_size: int = 2000  # records generated for ``bundled:TASK``
+    prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
 
     def __post_init__(self):
         if self.on_bad_record not in ("error", "skip"):
@@ -222,4 +223,8 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
         prompt_len = config.max_prompt_length or length - 1
         ds = ds.map(lambda e: packing.left_pad_prompt(e, prompt_len, pad)).to_iter_dataset()
     ds = ds.batch(rows, drop_remainder=True)
+    if config.prefetch:
+        # Packs and batches while the accelerator (or XLA:CPU) runs the step. grain keeps
+        # the state of the last *consumed* batch, so save/restore stays exact.
+        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
     return DataIterator(ds, stats, config, kind, rows)
