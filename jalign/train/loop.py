@@ -156,16 +156,26 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
 
+    eval_iter = eval_start = None
+
     def evaluate(step: int) -> dict:
-        it = build_iterator(eval_data_config, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+        nonlocal eval_iter, eval_start
+        if eval_iter is None:  # tokenize the eval split once; rewind it for every eval
+            eval_iter = build_iterator(eval_data_config, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+            eval_start = eval_iter.get_state()
+        it = eval_iter
+        it.set_state(eval_start)
         total = weight = 0.0
         for _, batch in zip(range(tc.eval_batches), it):
             out = eval_fn(state, _global_batch(batch, batch_sharding(
                 mesh, eval_data_config.batch_size, rules)))
             total += float(out.total)
             weight += float(out.weight)
-        loss = total / max(weight, 1e-9)
+        if weight == 0:
+            raise ValueError(f"eval data {eval_data_config.path} ({eval_data_config.split}) "
+                             "gave no target tokens")
+        loss = total / weight
         return {"step": step, "eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50)))}
 
     def save(reason: str):
