@@ -9,6 +9,9 @@ weight decay, constant lr, no gradient clipping), every token but the first a ta
   jalign (scan)       the same with scan_layers=True (layers under ``lax.scan``)
   jalign + jemalloc   jalign (unrolled, and scan) with jemalloc preloaded (LD_PRELOAD,
                       MALLOC_CONF=thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1)
+  jalign + glibc      jalign (unrolled) with stock glibc malloc told never to mmap or trim
+                      (GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=
+                      4294967296:glibc.malloc.arena_max=1): the same effect without jemalloc
   transformers+torch  ``LlamaForCausalLM`` + ``torch.optim.AdamW``, hand-written loop
   TRL SFTTrainer      ``trl.SFTTrainer.train()``, timed by a TrainerCallback
   Tunix PeftTrainer   ``tunix.sft.PeftTrainer.train()`` on Tunix's NNX Llama3, timed by a hook
@@ -18,7 +21,10 @@ Each runs in its own process (TRL and Tunix each in their own virtual environmen
 below) that stays alive for the whole run: all are started and warmed up (compile
 included) one after the other, then the driver runs ``--rounds`` rounds, each giving
 every implementation ``--steps`` timed steps in turn (the order rotates every round), so
-the noise of this shared machine hits all of them alike. Per-step wall times are
+the noise of this shared machine hits all of them alike; before each timed run it also
+waits (at most ``--quiet-wait`` s) until other processes use fewer than ``--quiet-below``
+cores, and it records how much CPU other processes used during each row's steps (the
+"others' CPU" column: 0 means a clean measurement). Per-step wall times are
 pooled over rounds; the table shows median and min seconds per step, tokens/s
 (batch*seq / median), model GFLOP/s and MFU (the same FLOP count for every row, see
 ``common.flops_per_step``) and speed relative to TRL (TRL's median / the row's median).
@@ -48,7 +54,7 @@ torch 2.13.0+cpu as jalign's venv.) Paths: ``--trl-python`` / ``--tunix-python``
 JALIGN_BENCH_TUNIX_PYTHON, JALIGN_BENCH_PYTHON. A missing venv or a failing worker
 gives a "not run: <reason>" row, never a silently missing one.
 
-Run from the repo root (about 12 minutes with the defaults on a 2-core machine):
+Run from the repo root (about 9 minutes with the defaults on a quiet 2-core machine):
 
     .venv/bin/python benchmarks/train_step.py
     .venv/bin/python benchmarks/train_step.py --only jalign,trl --rounds 2
@@ -74,13 +80,15 @@ HERE = Path(__file__).resolve().parent
 IMPLS_DIR = HERE / "train_step_impls"
 REPO = HERE.parent
 sys.path.insert(0, str(IMPLS_DIR))
-from common import SHAPE, flops_per_step  # noqa: E402
+from common import HZ, SHAPE, cpu_busy, flops_per_step, proc_cpu  # noqa: E402
 
 VENVS = Path("/work/bench-venvs")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "torch", "trl",
-        "tunix")
+GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
+                  "glibc.malloc.arena_max=1")
+ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "jalign-glibc",
+        "torch", "trl", "tunix")
 HOWTO = {
     "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
     "tunix": ("python3.11 -m venv {venv} && {venv}/bin/pip install jax==0.10.2 flax==0.12.8 "
@@ -97,6 +105,8 @@ class Worker:
         self.key, self.label, self.cmd, self.log_path = key, label, cmd, log_path
         self.times: list[float] = []
         self.faults: list[int] = []
+        self.others: list[float] = []  # other processes' CPU use (cores) during each run
+        self.waited: list[float] = []
         self.info: dict = {}
         self.error: str | None = None
         self.log = open(log_path, "w")
@@ -154,6 +164,19 @@ class Worker:
                 self.proc.wait()
 
 
+def wait_quiet(below: float, limit: float) -> float:
+    """Wait (at most ``limit`` s) until other processes use less than ``below`` cores
+    over a 1 s window (our workers are idle between steps, so all load is someone
+    else's). Returns the seconds waited."""
+    start = time.perf_counter()
+    while limit > 0:
+        b0 = cpu_busy()
+        time.sleep(1.0)
+        if (cpu_busy() - b0) / HZ < below or time.perf_counter() - start >= limit:
+            break
+    return time.perf_counter() - start
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -204,6 +227,8 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("jalign-scan-jemalloc", "jalign (scan) + jemalloc", [jpy, w, "--scan"] + common,
                  dict(jalign_env, LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF),
                  je_reason))
+    rows.append(("jalign-glibc", "jalign (unrolled) + glibc malloc tunables", [jpy, w] + common,
+                 dict(jalign_env, GLIBC_TUNABLES=GLIBC_TUNABLES), py_ok(jpy, "")))
     rows.append(("torch", "transformers + PyTorch", [jpy, str(IMPLS_DIR / "torch_worker.py")]
                  + common, {}, py_ok(jpy, "")))
     rows.append(("trl", "TRL SFTTrainer",
@@ -244,6 +269,10 @@ def main():
     ap.add_argument("--peak-n", type=int, default=4096, help="matmul size for the MFU peak")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
     ap.add_argument("--start-timeout", type=float, default=900)
+    ap.add_argument("--quiet-below", type=float, default=0.3,
+                    help="before each timed run, wait until other processes use fewer cores")
+    ap.add_argument("--quiet-wait", type=float, default=5,
+                    help="...but at most this many seconds (0: never wait)")
     ap.add_argument("--logs", default="/tmp/jalign_train_step_bench")
     ap.add_argument("--json", default="", help="write raw per-step times here")
     ap.add_argument("--breakdown", action="store_true",
@@ -313,68 +342,84 @@ def main():
             if w.error:
                 continue
             k = 1 if w is peak_worker else args.steps
+            waited = wait_quiet(args.quiet_below, args.quiet_wait)
+            b0, p0, t0 = cpu_busy(), proc_cpu(w.proc.pid), time.perf_counter()
             w.send(f"run {k}")
             msg = w.wait("times", 600 + 120 * k)
             if msg is None:
                 print(f"[{w.label}] failed in round {r + 1}: {w.error}", flush=True)
                 continue
+            b1, p1, t1 = cpu_busy(), proc_cpu(w.proc.pid), time.perf_counter()
             w.times += msg["times"]
             w.faults += msg.get("faults", [])
+            w.others.append(max(0.0, ((b1 - b0) - (p1 - p0)) / HZ / (t1 - t0)))
+            w.waited.append(waited)
         line = ", ".join(f"{w.key} {statistics.median(w.times[-args.steps:]):.2f}"
+                         f" ({w.others[-1]:.1f})"
                          for w in workers if w.times and not w.error)
-        print(f"round {r + 1}/{args.rounds} (s/step): {line}", flush=True)
+        print(f"round {r + 1}/{args.rounds} s/step (others' CPU, cores): {line}", flush=True)
     for w in participants:
         w.stop()
 
     peak_gflops = float("nan")
     if peak_worker and peak_worker.times:
-        per_call = statistics.median(peak_worker.times)
+        per_call = min(peak_worker.times)
         peak_gflops = 2 * args.peak_n ** 3 / per_call / 1e9
-        print(f"\nfp32 matmul peak (jax.jit {args.peak_n}x{args.peak_n}, median call "
-              f"{per_call:.3f} s over rounds): {peak_gflops:.1f} GFLOP/s "
-              f"(per round: {', '.join(f'{2 * args.peak_n ** 3 / t / 1e9:.0f}' for t in peak_worker.times)})")
+        print(f"\nfp32 matmul peak (jax.jit {args.peak_n}x{args.peak_n}; best round's median "
+              f"call {per_call:.3f} s): {peak_gflops:.1f} GFLOP/s "
+              f"(per round: {', '.join(f'{2 * args.peak_n ** 3 / t / 1e9:.0f}' for t in peak_worker.times)}"
+              f"; others' CPU {', '.join(f'{o:.1f}' for o in peak_worker.others)} cores)")
 
     results = {}
     for w in workers:
         if w.times:
             faults = statistics.median(w.faults) if w.faults else float("nan")
+            others = statistics.median(w.others) if w.others else float("nan")
             results[w.key] = (w.label, statistics.median(w.times), min(w.times), max(w.times),
-                              len(w.times), faults)
+                              len(w.times), faults, others)
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
     trl = results.get("trl")
     print(f"\nSFT train step, {tokens} tokens/step, {fl['total'] / 1e9:.1f} GFLOP/step; "
           f"{args.rounds} rounds x {args.steps} steps per implementation\n")
     print("| implementation | median s/step | min s/step | max s/step | tokens/s | "
-          "GFLOP/s | MFU | speed vs TRL | page faults/step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "GFLOP/s | MFU | speed vs TRL | page faults/step | others' CPU (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in [r[0] for r in rows]:
         if key in results:
-            label, med, lo, hi, n, faults = results[key]
+            label, med, lo, hi, n, faults, others = results[key]
             gf = fl["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
             vs = f"{trl[1] / med:.2f}x" if trl else "n/a"
             print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {tokens / med:.0f} | "
-                  f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} |")
+                  f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {others:.2f} |")
         elif key in skipped:
             label, reason = skipped[key]
-            print(f"| {label} | not run: {reason} | | | | | | | |")
+            print(f"| {label} | not run: {reason} | | | | | | | | |")
     print("\nspeed vs TRL = TRL median s/step / this row's median (>1: faster than TRL). "
-          "MFU = (GFLOP/step / median s/step) / fp32 matmul peak. page faults/step: median minor "
-          "page faults of the worker process during one timed step (getrusage).")
+          "MFU = (GFLOP/step / median s/step) / fp32 matmul peak (best round). page faults/step: median minor "
+          "page faults of the worker process during one timed step (getrusage). others' CPU: "
+          "median CPU use of all other processes on the machine while this row's steps ran "
+          "(/proc/stat minus the worker's own /proc/<pid>/stat), in cores out of "
+          f"{os.cpu_count()}: the noise each row suffered.")
     print("\nversions / settings:")
     for w in workers:
         i = w.info
         keep = {k: i[k] for k in ("versions", "optim", "optimizer_class", "attn_implementation",
                                   "threads", "n_params", "input_shape", "labels_trainable",
                                   "ld_preload", "lora") if k in i}
+        if w.key == "jalign-glibc":
+            keep["GLIBC_TUNABLES"] = GLIBC_TUNABLES
         print(f"  {w.label}: {json.dumps(keep)}")
-    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s", flush=True)
+    waited = sum(sum(w.waited) for w in participants)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s (of which {waited:.0f} s "
+          f"waiting for a quiet machine before steps)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"flops": fl, "peak_gflops": peak_gflops,
              "peak_times": peak_worker.times if peak_worker else [],
              "rows": {w.key: {"label": w.label, "times": w.times, "faults": w.faults,
+                              "others_cores": w.others, "waited_s": w.waited,
                               "info": w.info,
                               "error": w.error} for w in workers},
              "skipped": skipped}, indent=1))

@@ -73,6 +73,25 @@ class Channel:
         os._exit(0)
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy() -> int:
+    """Busy jiffies of the whole machine (all cores) since boot."""
+    f = open("/proc/stat").read().split("\n", 1)[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def proc_cpu(pid: int) -> int:
+    """CPU jiffies (user + system, all threads) used by one process so far."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (a fresh page from the OS costs one)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

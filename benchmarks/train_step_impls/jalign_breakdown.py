@@ -15,10 +15,16 @@ after one compile call; inputs not donated except for the full step):
                           chunked  the same math over 4 token chunks under lax.map with
                                    jax.checkpoint: never more than 1/4 of the logits live
                           no-CE    the matmul alone with a linear surrogate (GEMM floor)
-  attention fwd+bwd     jalign.models.attention.attention on one layer's q/k/v, x layers
+  attention fwd+bwd     jalign.models.attention.attention on one layer's q/k/v, x layers;
+                        also the same math on q/k/v transposed to [b, h, t, d] first (a
+                        variant written here, not jalign code) and, for reference, torch's
+                        scaled_dot_product_attention(is_causal=True) on the same shape
   optimizer             tx.update + optax.apply_updates on a full set of gradients
   GEMM floor            every weight matmul of the step (forward, and the two backward
                         products: dX = dY W^T, dW = X^T dY) timed alone and summed
+
+"faults": minor page faults per call; "others": CPU cores used by other processes on
+the machine meanwhile (it is shared: a line with others > 0 was measured under load).
 
 Run:  .venv/bin/python benchmarks/train_step_impls/jalign_breakdown.py [--scan]
 """
@@ -31,7 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flops_per_step, minor_faults, worker_args  # noqa: E402
+from common import HZ, cpu_busy, flops_per_step, minor_faults, proc_cpu, worker_args  # noqa: E402
 from jalign_worker import build  # noqa: E402
 
 
@@ -60,16 +66,20 @@ def main():
         jax.block_until_ready(out)
         del out
         ts, fs = [], []
+        b0, p0, t0 = cpu_busy(), proc_cpu(os.getpid()), time.perf_counter()
         for _ in range(args.reps):
             f, s = minor_faults(), time.perf_counter()
             jax.block_until_ready(fn(*xs))
             ts.append(time.perf_counter() - s)
             fs.append(minor_faults() - f)
+        others = max(0.0, ((cpu_busy() - b0) - (proc_cpu(os.getpid()) - p0)) / HZ
+                     / (time.perf_counter() - t0))
         med = statistics.median(ts)
         rows.append((label, med, min(ts), statistics.median(fs), flops, note))
         gf = f"{flops / med / 1e9:6.1f} GFLOP/s" if flops else ""
         print(f"  {label:<44} median {med:7.3f} s  min {min(ts):7.3f} s  "
-              f"faults {statistics.median(fs):>9,.0f}  {gf} {note}", flush=True)
+              f"faults {statistics.median(fs):>9,.0f}  others {others:.1f}  {gf} {note}",
+              flush=True)
         return med
 
     params = b.state.params
@@ -167,6 +177,39 @@ def main():
     t_attn1 = bench("attention fwd+bwd, 1 layer",
                     jax.jit(jax.value_and_grad(attn_loss, argnums=(0, 1, 2))), q, k, v,
                     flops=fl["attention"] / L)
+    # Variant (not jalign's code): the same math with q/k/v transposed to
+    # [batch, heads, length, head_dim] before the two einsums.
+    from jalign.models.attention import _MASK_VALUE
+
+    def attn_bhtd(q, k, v):
+        qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+        if G != H:
+            kt, vt = (jnp.repeat(x, H // G, axis=1) for x in (kt, vt))
+        s = jnp.einsum("bhtd,bhsd->bhts", qt, kt) * hd ** -0.5
+        s = jnp.where(mask[:, None], s, _MASK_VALUE)
+        o = jnp.einsum("bhts,bhsd->bhtd", jax.nn.softmax(s, axis=-1), vt)
+        return jnp.sum(o.transpose(0, 2, 1, 3) * ro)
+
+    t_attn_v = bench("attention variant: [b,h,t,d] layout, 1 layer",
+                     jax.jit(jax.value_and_grad(attn_bhtd, argnums=(0, 1, 2))), q, k, v,
+                     flops=fl["attention"] / L)
+    t_sdpa = float("nan")
+    try:  # reference: PyTorch's fused CPU attention (causal), same shape, 2 threads
+        import torch
+        torch.set_num_threads(args.threads)
+        tq, tk, tv = (torch.randn(B, n, T, hd, requires_grad=True) for n in (H, G, G))
+        tro = torch.randn(B, H, T, hd)
+
+        def sdpa(*_):
+            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                                 enable_gqa=G != H)
+            (o * tro).sum().backward()
+            return jnp.zeros(())
+
+        t_sdpa = bench(f"torch SDPA causal fwd+bwd, 1 layer ({torch.__version__})", sdpa, None,
+                       flops=fl["attention"] / L, note="(skips masked blocks)")
+    except ImportError:
+        pass
 
     # Optimizer alone.
     grads = jax.tree.map(lambda x: x * 1e-3, params)
@@ -205,7 +248,9 @@ def main():
           f"({100 * other / t_full:.0f}% of the step); head+CE alone {t_ce:.3f}, "
           f"of which the head GEMMs {t_head:.3f}")
     print(f"  attention fwd+bwd x {L} layers: {L * t_attn1:.3f} ({100 * L * t_attn1 / t_full:.0f}%)"
-          f"; optimizer alone {t_opt:.3f} ({100 * t_opt / t_full:.0f}%)")
+          f" for {100 * fl['attention'] / fl['total']:.0f}% of the FLOPs; [b,h,t,d] variant "
+          f"{L * t_attn_v:.3f}; torch SDPA {L * t_sdpa:.3f}; optimizer alone {t_opt:.3f} "
+          f"({100 * t_opt / t_full:.0f}%)")
     print(f"  GEMM floor (all weight matmuls alone, fwd + 2 bwd): {gemm_total:.3f} s "
           f"({100 * gemm_total / t_full:.0f}% of the step); GEMMs + attention + optimizer "
           f"{gemm_total + L * t_attn1 + t_opt:.3f} s vs full step {t_full:.3f} s")
