@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -98,7 +99,8 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(mine), desc="tokenize", unit="rec", mininterval=2)
+        bar = tqdm(total=len(mine), desc="tokenize", unit="rec",
+                   mininterval=2 if sys.stderr.isatty() else 30)
     for index in mine:
         stats["records"] += 1
         if bar is not None:

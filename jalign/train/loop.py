@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -190,7 +191,9 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
     bar = None
     if tc.progress and is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        # Redraw often on a terminal; in a log file (no terminal) only every 30 s.
+        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
     summary = {"run_dir": str(run_dir), "start_step": start, "skipped": 0}
     last_eval = None
     t_last = time.perf_counter()
