@@ -152,3 +152,34 @@ def test_nonfinite_update_leaves_state_bit_unchanged():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(jax.device_get(after.opt_state)), jax.tree.leaves(before.opt_state)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    cfg16 = CONFIG.replace(dtype="bfloat16", param_dtype="float32")
+    model = create_model(cfg16, seed=0, mesh=mesh)
+    graphdef, abstract = abstract_model(cfg16, mesh)
+    params = params_of(model)
+    tx, _ = make_optimizer(OPT, params, total_steps=10)
+    state = init_state(params, tx, seed=0)
+    sh = state_sharding_for(state, abstract, mesh)
+    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh, global_batch=8)
+    state, metrics = step(jax.device_put(state, sh), _batch(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    _, fp32_losses = _run(mesh, accum=1, steps=1)
+    assert np.isfinite(float(metrics["loss"]))
+    assert abs(float(metrics["loss"]) - fp32_losses[0]) < 2e-2 * fp32_losses[0]
+    assert float(metrics["loss"]) != fp32_losses[0]  # it really computed in bf16
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from jalign.train.optimizer import decay_mask, trainable_mask
+    params = params_of(create_model(preset("tiny", attention_bias=True, mlp_bias=True)))
+    mask = decay_mask(params, OPT)
+    assert mask["layers"]["wq"] and mask["layers"]["w_down"] and mask["embed"]
+    assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
+    assert not mask["layers"]["bq"] and not mask["layers"]["b_down"]
+    only_mlp = trainable_mask(params, OptimizerConfig(trainable=r"layers/w_(gate|up|down)$"))
+    assert only_mlp["layers"]["w_up"] and not only_mlp["layers"]["wq"] and not only_mlp["embed"]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        trainable_mask(params, OptimizerConfig(trainable="nothing_like_this"))
