@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +40,6 @@ from flax import nnx
 from jalign.convert.hf import save_hf
 from jalign.models.build import create_model
 from jalign.models.config import preset
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn) -> float:

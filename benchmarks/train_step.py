@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import queue
 import shlex
 import statistics
@@ -75,6 +74,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 HERE = Path(__file__).resolve().parent
 IMPLS_DIR = HERE / "train_step_impls"
@@ -175,16 +176,6 @@ def wait_quiet(below: float, limit: float) -> float:
         if (cpu_busy() - b0) / HZ < below or time.perf_counter() - start >= limit:
             break
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mem_gib() -> float:

@@ -46,7 +46,6 @@ def main():
                                    ap.add_argument("--reps", type=int, default=3)))
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 

@@ -21,7 +21,6 @@ def build(args, scan_layers: bool, **cfg_overrides):
     import types
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jalign.losses.sft import sft_loss

@@ -28,7 +28,6 @@ from common import ADAMW, Gate, batch_ids, flops_per_step, worker_args  # noqa: 
 def main():
     args = worker_args()
     import jax
-    import jax.numpy as jnp
     import jaxlib
     import numpy as np
     import optax

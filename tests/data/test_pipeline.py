@@ -3,7 +3,6 @@
 import json
 from collections import Counter
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jalign.losses.sft import sft_loss
 from jalign.models.build import abstract_model, create_model
