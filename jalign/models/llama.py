@@ -188,7 +188,9 @@ class Llama(nnx.Module):
     the final normalised hidden states for heads and memory-saving losses.
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        """``lm_head=False`` builds the backbone only (reward/value models), without the
+        untied output projection they would never use."""
         self.config = config
         pdt = config.weight_dtype
         d, v = config.hidden_size, config.vocab_size
@@ -199,7 +201,7 @@ class Llama(nnx.Module):
                                logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(config, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((d,), pdt), logical_axes=("norm",))
-        if not config.tie_word_embeddings:
+        if lm_head and not config.tie_word_embeddings:
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (d, v), pdt) * d ** -0.5,
                                      logical_axes=("embed", "vocab"))
 
