@@ -140,10 +140,8 @@ class TrainCheckpointer:
     becomes visible to restore only once Orbax has committed it.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, save_every: int, keep: int,
-                 async_save: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = True):
         self.run_dir = Path(run_dir)
-        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             create=True, max_to_keep=keep, enable_async_checkpointing=async_save,
             save_interval_steps=1)  # the loop decides when to save

@@ -270,13 +270,10 @@ def save_hf(config: LlamaConfig, model: Llama, path, *, dtype=None,
     np_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else config.weight_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     maps = tensor_maps(config)
-    items = []
-    for m in maps:
-        if m.stacked:
-            continue
-        items.append(m)
+    # HF file order: embeddings, then layer by layer, then final norm and head.
+    whole = [m for m in maps if not m.stacked]
     layer_maps = [m for m in maps if m.stacked]
-    head, tail = items[:1], items[1:]
+    head, tail = whole[:1], whole[1:]
 
     def produce(m, i):
         arr = flat[m.jalign_path].get_value()

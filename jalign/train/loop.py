@@ -121,7 +121,7 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
     data = build_iterator(data_config, process_index=jax.process_index(),
                           process_count=jax.process_count(), progress=tc.progress and is_main)
 
-    ckpt = TrainCheckpointer(run_dir, save_every=tc.save_every, keep=tc.keep,
+    ckpt = TrainCheckpointer(run_dir, keep=tc.keep,
                              async_save=tc.async_save)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
@@ -151,6 +151,8 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
         eval_fn = make_eval_step(loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
                                  global_batch=eval_data_config.batch_size, rules=rules)
     data_sh = batch_sharding(mesh, global_batch, rules)
+    eval_sh = (batch_sharding(mesh, eval_data_config.batch_size, rules)
+               if eval_data_config is not None else None)
     seq_len = data_config.max_length
     flops_per_step = M.train_flops_per_token(model_config, seq_len) * global_batch * seq_len
     peak, peak_source = M.peak_flops_per_device(tc.peak_flops)
@@ -169,8 +171,7 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
         it.set_state(eval_start)
         total = weight = 0.0
         for _, batch in zip(range(tc.eval_batches), it):
-            out = eval_fn(state, _global_batch(batch, batch_sharding(
-                mesh, eval_data_config.batch_size, rules)))
+            out = eval_fn(state, _global_batch(batch, eval_sh))
             total += float(out.total)
             weight += float(out.weight)
         if weight == 0:

@@ -23,7 +23,7 @@ def _state(mesh):
 def test_restore_onto_another_mesh(tmp_path):
     mesh_a = make_mesh(MeshConfig(1, 8, 1))
     state, _ = _state(mesh_a)
-    ckpt = TrainCheckpointer(tmp_path / "run", save_every=1, keep=2)
+    ckpt = TrainCheckpointer(tmp_path / "run", keep=2)
     ckpt.save(state, data_state={"version": 1, "batches": 0, "grain": {}}, model_config=CONFIG,
               operative="TrainConfig.steps = 10")
     ckpt.close()
@@ -32,7 +32,7 @@ def test_restore_onto_another_mesh(tmp_path):
     tx, _ = build_optimizer(OptimizerConfig(), CONFIG, 10)
     _, abstract_b, _ = abstract_train_state(CONFIG, tx, mesh_b)
     restored, data_state, metadata = TrainCheckpointer(
-        tmp_path / "run", save_every=1, keep=2).restore(abstract_b)
+        tmp_path / "run", keep=2).restore(abstract_b)
     assert data_state["version"] == 1 and metadata["step"] == 0 and metadata["config_hash"]
     wq = restored.params["layers"]["wq"]
     assert wq.sharding.mesh.devices.shape == (2, 1, 4) and wq.sharding.spec[2] == "tensor"
