@@ -22,14 +22,17 @@ def last_token_index(segment_ids_bt):
     return jnp.max(jnp.where(segment_ids_bt > 0, idx_bt, 0), axis=1)
 
 
+def _init_score(key, config: LlamaConfig):
+    # Small init: a fresh head starts near score 0 for every sequence.
+    d = config.hidden_size
+    return jax.random.normal(key, (d,), config.weight_dtype) * (0.1 * d ** -0.5)
+
+
 class ScalarHeadModel(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.backbone = Llama(config, rngs=rngs, lm_head=False)
-        d = config.hidden_size
-        # Small init: a fresh head starts near score 0 for every sequence.
-        self.score = nnx.Param(jax.random.normal(rngs.params(), (d,), config.weight_dtype)
-                               * (0.1 * d ** -0.5), logical_axes=("embed",))
+        self.score = nnx.Param(_init_score(rngs.params(), config), logical_axes=("embed",))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         """Scores at every position, [batch, length], float32."""
@@ -42,3 +45,34 @@ class ScalarHeadModel(nnx.Module):
         scores_bt = self(input_ids, positions, segment_ids)
         last = last_token_index(segment_ids)
         return jnp.take_along_axis(scores_bt, last[:, None], axis=1)[:, 0]
+
+
+# ------------------------------------------------------------------ model kinds
+
+# What a checkpoint holds, recorded in its metadata so loaders build the right class.
+MODEL_KINDS = {"causal_lm": Llama, "scalar_head": ScalarHeadModel}
+
+
+def model_class(kind: str):
+    try:
+        return MODEL_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown model kind {kind!r}; one of {sorted(MODEL_KINDS)}") from None
+
+
+def kind_of(model) -> str:
+    for kind, cls in MODEL_KINDS.items():
+        if type(model) is cls:
+            return kind
+    raise TypeError(f"{type(model).__name__} is not a jalign model class")
+
+
+def fresh_score(config: LlamaConfig, seed: int = 0) -> jax.Array:
+    """A newly initialised score vector [hidden], as ScalarHeadModel would make it."""
+    return _init_score(jax.random.key(seed), config)
+
+
+def scalar_params_from_lm(lm_params: dict, score) -> dict:
+    """ScalarHeadModel params (pure dict) from a causal LM's: the LM head is dropped (a
+    reward model starting from an SFT or HF policy), ``score`` fills the new head."""
+    return {"backbone": {k: v for k, v in lm_params.items() if k != "lm_head"}, "score": score}
