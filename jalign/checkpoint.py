@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 import jalign
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
+from jalign.models.heads import fresh_score, kind_of, model_class, scalar_params_from_lm
 from jalign.models.llama import Llama
 from jalign.sharding import DEFAULT_RULES, Rules
 
@@ -45,7 +46,8 @@ def save_model(directory: str | os.PathLike, config: LlamaConfig, model: Llama, 
                step: int = 0, extra_metadata: dict | None = None) -> Path:
     """Write a params-only checkpoint (what ``jalign convert hf-to-jalign`` produces)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "model"}
+    metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "model",
+                "model_kind": kind_of(model)}
     metadata.update(extra_metadata or {})
     mngr = manager(directory)
     mngr.save(step, args=ocp.args.Composite(
@@ -83,16 +85,44 @@ def read_model_config(directory: str | os.PathLike, step: int | None = None) -> 
     return LlamaConfig.from_dict(restored["model_config"])
 
 
+def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> str:
+    """``causal_lm`` or ``scalar_head`` (checkpoints written before kinds existed: causal_lm)."""
+    step = latest_step(directory) if step is None else step
+    mngr = manager(_checkpoint_dir(directory))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return restored["metadata"].get("model_kind", "causal_lm")
+
+
 def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, **config_overrides) -> tuple[LlamaConfig, Llama]:
+               rules: Rules = DEFAULT_RULES, model_kind: str | None = None, seed: int = 0,
+               **config_overrides) -> tuple[LlamaConfig, Llama]:
     """Restore the model of a checkpoint step (default: latest) onto ``mesh``.
 
     ``config_overrides`` may change execution fields (scan_layers, remat_policy, dtype,
-    attention_impl); parameter shapes come from the checkpoint.
+    attention_impl); parameter shapes come from the checkpoint. ``model_kind`` defaults
+    to the checkpoint's; asking for ``scalar_head`` from a causal-LM checkpoint (a reward
+    model from an SFT run) drops the LM head and starts a fresh score (seeded by ``seed``).
     """
     step = latest_step(directory) if step is None else step
     config = read_model_config(directory, step).replace(**config_overrides)
-    graphdef, abstract = abstract_model(config, mesh, rules)
+    stored = read_model_kind(directory, step)
+    wanted = model_kind or stored
+    if (stored, wanted) == ("causal_lm", "scalar_head"):
+        _, lm = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
+        graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
+        score = fresh_score(config, seed)
+        if mesh is not None:
+            score = jax.device_put(score, abstract["score"].sharding)
+        nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(
+            nnx.to_pure_dict(nnx.state(lm, nnx.Param)), score))
+        return config, nnx.merge(graphdef, abstract)
+    if stored != wanted:
+        raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
+                              f"it as {wanted}")
+    graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

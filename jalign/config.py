@@ -15,6 +15,8 @@ from typing import Sequence
 import gin
 
 from jalign.data.pipeline import DataConfig
+from jalign.losses.dpo import DPOConfig
+from jalign.losses.rm import RMConfig
 from jalign.models.config import LlamaConfig, RopeScaling
 from jalign.sharding import MeshConfig
 from jalign.train.loop import TrainConfig
@@ -30,7 +32,8 @@ class ConfigError(ValueError):
 
 
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
-                                          OptimizerConfig, DataConfig, ModelInit)}
+                                          OptimizerConfig, DataConfig, ModelInit, DPOConfig,
+                                          RMConfig)}
 _REGISTERED: dict[str, object] = {}
 
 

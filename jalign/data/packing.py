@@ -54,9 +54,11 @@ def pad_pair(example: dict, length: int, pad_id: int) -> dict:
     """A preference pair as two right-padded rows sharing the prompt tokens.
 
     Loss masks cover each response (targets only); segment ids mark real tokens.
+    Per-pair scalars attached before batching (``ref_*``: precomputed reference
+    log-probs) travel with the pair.
     """
     prompt = example["prompt_ids"]
-    out = {}
+    out = {k: np.float32(v) for k, v in example.items() if k.startswith("ref_")}
     for side in ("chosen", "rejected"):
         response = example[f"{side}_ids"]
         row = pad_example({"input_ids": np.concatenate([prompt, response]),

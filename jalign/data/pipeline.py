@@ -190,8 +190,13 @@ class DataIterator:
 
 def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = None,
                    chat: ChatTokenizer | None = None, process_index: int = 0,
-                   process_count: int = 1, progress: bool = False) -> DataIterator:
-    """The batch iterator for this process (``process_index`` of ``process_count``)."""
+                   process_count: int = 1, progress: bool = False,
+                   annotate=None) -> DataIterator:
+    """The batch iterator for this process (``process_index`` of ``process_count``).
+
+    ``annotate(examples, chat)``, if given, runs once on the tokenized examples before
+    any batching and may add per-example fields (e.g. precomputed reference log-probs).
+    """
     if config.batch_size % process_count:
         raise DataError(f"batch_size={config.batch_size} is not divisible by "
                         f"{process_count} processes")
@@ -204,6 +209,8 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
     examples, stats = tokenize_records(records, config, chat, process_index=process_index,
                                        process_count=process_count, progress=progress)
     stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    if annotate is not None:
+        annotate(examples, chat)
     if config.packing and kind != "conversation":
         raise DataError("packing applies to conversation (SFT/IFT) data only")
     ds = grain.MapDataset.source(examples)

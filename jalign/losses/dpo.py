@@ -24,8 +24,13 @@ log-ratios, h = (pc - rc) - (pr - rr), and beta the temperature:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+from jalign.losses.sft import chunked_log_probs
+from jalign.losses.types import LossOutput
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 
@@ -91,3 +96,121 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         "kl/rejected": pr - rr,
     }
     return losses, aux
+
+
+# ------------------------------------------------------------------ the training loss
+
+REFERENCE_MODES = ("in_step", "precomputed")
+REFERENCE_NAME = "reference"  # the frozen model's name in TrainState.frozen / ctx.frozen
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The DPO-family loss of a training run (gin: ``DPOConfig.beta = 0.05``).
+
+    ``reference``: ``in_step`` keeps a frozen copy of the initial policy in the train
+    state and runs its forward inside the jitted step; ``precomputed`` runs it once over
+    the dataset before training and stores each pair's reference log-probs with the data
+    (halves model memory; same loss). ``sft_weight`` adds that multiple of the chosen
+    response's per-token NLL to each pair's loss (ORPO's SFT term; also RPO-style DPO).
+    ``ipo_average``: IPO on log-probs averaged over response tokens (the IPO paper, TRL)
+    instead of summed.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    gamma: float = 0.5
+    ipo_average: bool = False
+    sft_weight: float = 0.0
+    reference: str = "in_step"
+    chunk_tokens: int = 2048
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"DPOConfig.loss_type={self.loss_type!r}; one of {LOSS_TYPES}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"DPOConfig.reference={self.reference!r}; one of {REFERENCE_MODES}")
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta must be positive, got {self.beta}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.reference_free and self.loss_type not in ("simpo", "orpo")
+
+
+def response_logps(model, ids_bt, mask_bt, segment_ids_bt, positions_bt=None,
+                   chunk_tokens: int = 2048):
+    """(summed log p of each row's response tokens [B], response lengths [B]).
+
+    Token t+1 is a response token when ``mask_bt[t+1]`` is 1; it is predicted at t.
+    """
+    hidden_btd = model.backbone(ids_bt, positions_bt, segment_ids_bt)
+    b, t, d = hidden_btd.shape
+    targets = ids_bt[:, 1:].reshape(-1)
+    mask = mask_bt[:, 1:].astype(jnp.float32)
+    w_dv = model.lm_head_weight().astype(hidden_btd.dtype)
+    logp = chunked_log_probs(hidden_btd[:, :-1].reshape(-1, d), w_dv, targets, chunk_tokens)
+    return jnp.sum(logp.reshape(b, t - 1) * mask, axis=1), jnp.sum(mask, axis=1)
+
+
+def pair_logps(model, batch: dict, chunk_tokens: int = 2048):
+    """Chosen and rejected rows scored in ONE forward over 2N rows (the pair's two sides
+    see identical weights and numerics; one matmul shape instead of two).
+    Returns (chosen logps [N], rejected logps [N], chosen lengths, rejected lengths)."""
+    n = batch["chosen_input_ids"].shape[0]
+
+    def both(key):
+        return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+
+    positions = both("positions") if "chosen_positions" in batch else None
+    logps, lengths = response_logps(model, both("input_ids"), both("loss_mask"),
+                                    both("segment_ids"), positions, chunk_tokens)
+    return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+def make_dpo_loss(config: DPOConfig):
+    """``loss_fn(model, batch, ctx) -> LossOutput`` for the training step: weight = pairs.
+
+    The reference log-probs come from ``ctx.frozen["reference"]`` (in_step) or from the
+    batch's ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed)."""
+
+    def loss_fn(model, batch, ctx=None) -> LossOutput:
+        pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens)
+        if not config.needs_reference:
+            rc = rr = jnp.zeros_like(pc)
+        elif config.reference == "precomputed":
+            if "ref_chosen_logps" not in batch:
+                raise ValueError("DPOConfig.reference='precomputed' but the batch has no "
+                                 "ref_chosen_logps (the data was not annotated)")
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            if ctx is None or REFERENCE_NAME not in (ctx.frozen or {}):
+                raise ValueError("DPOConfig.reference='in_step' needs a frozen 'reference' "
+                                 "model in the train state")
+            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens)
+            rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+        use_lengths = config.loss_type in ("simpo", "orpo") or (
+            config.loss_type == "ipo" and config.ipo_average)
+        losses, aux = dpo_loss(pc, pr, rc, rr, beta=config.beta, loss_type=config.loss_type,
+                               label_smoothing=config.label_smoothing,
+                               reference_free=config.reference_free, gamma=config.gamma,
+                               chosen_lengths=lc if use_lengths else None,
+                               rejected_lengths=lr if use_lengths else None)
+        n = jnp.asarray(pc.shape[0], jnp.float32)
+        out_aux = {name: (jnp.sum(v), n) for name, v in aux.items()}
+        out_aux["pair_loss"] = (jnp.sum(losses), n)
+        if config.sft_weight:
+            nll = -pc / jnp.maximum(lc, 1.0)  # per-token NLL of each chosen response
+            losses = losses + config.sft_weight * nll
+            out_aux["nll/chosen"] = (jnp.sum(nll), n)
+        return LossOutput(jnp.sum(losses), n, out_aux)
+
+    return loss_fn
+
+
+def reference_scores(model, batch: dict, chunk_tokens: int = 2048) -> dict:
+    """Per-pair fields a precomputed-reference pass stores with the data."""
+    rc, rr, _, _ = pair_logps(model, batch, chunk_tokens)
+    return {"ref_chosen_logps": rc, "ref_rejected_logps": rr}

@@ -8,10 +8,23 @@ comparable across prompts when used for RL.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jalign.losses.types import LossOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """Reward-model loss settings (gin: ``RMConfig.center_coef = 0.01``)."""
+
+    center_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.center_coef < 0:
+            raise ValueError(f"RMConfig.center_coef must be >= 0, got {self.center_coef}")
 
 
 def bradley_terry(r_chosen, r_rejected, *, margin=None, center_coef: float = 0.0):

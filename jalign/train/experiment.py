@@ -6,15 +6,13 @@ import dataclasses
 from typing import Sequence
 
 from jalign import config as jconfig
-from jalign.losses.sft import sft_loss
+from jalign.train import algorithms
 from jalign.train.loop import train
-
-# Algorithm name -> loss function. DPO, RM, PPO and IFT register here as they land.
-ALGORITHMS = {"sft": sft_loss}
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+    algorithm: object
     train: object
     optimizer: object
     data: object
@@ -28,19 +26,18 @@ class Experiment:
 def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -> Experiment:
     jconfig.parse(config_files, bindings)
     tc = jconfig.build("TrainConfig")
-    if tc.algorithm not in ALGORITHMS:
-        raise jconfig.ConfigError(f"TrainConfig.algorithm={tc.algorithm!r}; one of {sorted(ALGORITHMS)}")
+    algorithm = algorithms.from_gin(tc.algorithm)
     data = jconfig.build("DataConfig")
     # Eval reads the same source's eval split once, in order, unless eval/ bindings differ.
     eval_data = dataclasses.replace(jconfig.build("DataConfig", scope="eval"), shuffle=False)
-    exp = Experiment(train=tc, optimizer=jconfig.build("OptimizerConfig"), data=data,
+    exp = Experiment(algorithm=algorithm, train=tc, optimizer=jconfig.build("OptimizerConfig"), data=data,
                      eval_data=eval_data, model=jconfig.model_config(),
                      model_init=jconfig.build("ModelInit"), mesh=jconfig.build("MeshConfig"),
                      operative=jconfig.operative_config())
     return exp
 
 
-def _with_injected_nan(loss_fn):
+def _with_injected_nan(algorithm):
     """JALIGN_FAULT="nan_at_step:K": the loss of step K (1-based) is NaN (robustness tests)."""
     import os
 
@@ -52,18 +49,19 @@ def _with_injected_nan(loss_fn):
     steps = [int(p.split(":")[1]) for p in os.environ.get(FAULT_ENV, "").split(",")
              if p.startswith("nan_at_step:")]
     if not steps:
-        return loss_fn
+        return algorithm
+    loss_fn = algorithm.loss_fn
 
     def poisoned(model, batch, ctx):
         out = loss_fn(model, batch, ctx)
         bad = jnp.isin(ctx.step + 1, jnp.asarray(steps))
         return LossOutput(jnp.where(bad, jnp.nan, out.total), out.weight, out.aux)
 
-    return poisoned
+    return dataclasses.replace(algorithm, loss_fn=poisoned)
 
 
 def run(exp: Experiment, **kwargs) -> dict:
-    return train(_with_injected_nan(ALGORITHMS[exp.train.algorithm]), train_config=exp.train,
+    return train(_with_injected_nan(exp.algorithm), train_config=exp.train,
                  optimizer_config=exp.optimizer, data_config=exp.data,
                  eval_data_config=exp.eval_data, model_config=exp.model,
                  model_init=exp.model_init, mesh_config=exp.mesh,

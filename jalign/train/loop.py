@@ -26,9 +26,12 @@ from jalign.data.pipeline import DataConfig, build_iterator
 from jalign.models.config import LlamaConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import metrics as M
+from jalign.train import reference as R
+from jalign.train.algorithms import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.setup import (ModelInit, abstract_train_state, build_optimizer, fresh_state,
-                                initial_model_config, load_initial_model)
+                                frozen_graphdefs, initial_model_config, load_initial_model)
+from jalign.train.state import params_of
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved on SIGTERM, restart to continue
@@ -105,12 +108,28 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: OptimizerConfig,
-          data_config: DataConfig, eval_data_config: DataConfig | None, model_config: LlamaConfig,
+def _check_data_kind(algo: Algorithm, config: DataConfig, what: str) -> None:
+    from jalign.data.formats import adapter
+    kind, _ = adapter(config.format)
+    if kind != algo.data_kind:
+        raise ValueError(f"algorithm {algo.name!r} trains on {algo.data_kind} data but "
+                         f"{what}.format={config.format!r} gives {kind} data")
+
+
+def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
+          optimizer_config: OptimizerConfig, data_config: DataConfig,
+          eval_data_config: DataConfig | None, model_config: LlamaConfig,
           model_init: ModelInit, mesh_config: MeshConfig, operative_config: str = "",
           rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError."""
+    """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError.
+
+    ``algorithm``: an Algorithm (loss, model kind, reference model) or a plain loss
+    function on conversation data."""
+    algo = algorithm if isinstance(algorithm, Algorithm) else custom(algorithm)
     tc = train_config
+    _check_data_kind(algo, data_config, "DataConfig")
+    if eval_data_config is not None:
+        _check_data_kind(algo, eval_data_config, "eval/DataConfig")
     run_dir = resolve_run_dir(tc.output_root, tc.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -118,43 +137,85 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
         (run_dir / "operative_config.gin").write_text(operative_config)
     mesh = make_mesh(mesh_config)
     global_batch = data_config.batch_size
-    data = build_iterator(data_config, process_index=jax.process_index(),
-                          process_count=jax.process_count(), progress=tc.progress and is_main)
 
     ckpt = TrainCheckpointer(run_dir, keep=tc.keep,
                              async_save=tc.async_save)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        from jalign.checkpoint import read_model_config
+        from jalign.checkpoint import read_model_config, read_model_kind
         model_config = read_model_config(run_dir, resume_step)
+        stored_kind = read_model_kind(run_dir, resume_step)
+        if stored_kind != algo.model_kind:
+            raise ValueError(f"{run_dir} holds a {stored_kind} run; algorithm {algo.name!r} "
+                             f"trains a {algo.model_kind}: use another TrainConfig.run_name")
     else:
         model_config = initial_model_config(model_init, model_config)
-    optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps)
-    graphdef, abstract_state, shardings = abstract_train_state(model_config, optimizer, mesh, rules)
+
+    loaded = {}
+
+    def initial_model():  # loaded at most once: for the reference pass and/or a fresh state
+        if "model" not in loaded:
+            config, model = load_initial_model(model_init, model_config, mesh, rules,
+                                               algo.model_kind)
+            if config != model_config:  # both read from the same source: a bug if not
+                raise RuntimeError(f"model config changed while loading: {config} vs {model_config}")
+            loaded["model"] = model
+        return loaded["model"]
+
+    def annotator(config: DataConfig, name: str):
+        if algo.reference != "precomputed":
+            return None
+
+        def annotate(examples, chat):
+            info = R.annotate(
+                examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
+                load_model=initial_model, score_fn=algo.reference_scores,
+                rows=config.batch_size // jax.process_count(), length=config.max_length,
+                pad_id=chat.pad_id, mesh=mesh, rules=rules, progress=tc.progress and is_main)
+            if is_main:
+                print(f"reference log-probs for {info['examples']} {name} pairs "
+                      f"{'read from cache' if info['cached'] else 'computed'}", flush=True)
+        return annotate
+
+    data = build_iterator(data_config, process_index=jax.process_index(),
+                          process_count=jax.process_count(), progress=tc.progress and is_main,
+                          annotate=annotator(data_config, "train"))
+
+    optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps, algo.model_kind)
+    frozen_configs = {"reference": model_config} if algo.reference == "in_step" else None
+    graphdef, abstract_state, shardings = abstract_train_state(
+        model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind)
     if resume_step is not None:
         state, data_state, _ = ckpt.restore(abstract_state, resume_step)
         data.set_state(data_state)
         print(f"resumed {run_dir} at step {resume_step}", flush=True)
     else:
-        loaded_config, model = load_initial_model(model_init, model_config, mesh, rules)
-        if loaded_config != model_config:  # both read from the same source: a bug if not
-            raise RuntimeError(f"model config changed while loading: {loaded_config} vs {model_config}")
-        state = fresh_state(model, optimizer, tc.seed, shardings)
-        del model
+        model = initial_model()
+        frozen = {"reference": params_of(model)} if frozen_configs else None
+        state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
+        del model, frozen
+    loaded.clear()
     start = int(jax.device_get(state.step))
 
-    step_fn = make_train_step(loss_fn, optimizer, graphdef, mesh=mesh, state_sharding=shardings,
-                              global_batch=global_batch, accum_steps=tc.accum_steps,
-                              rules=rules, schedule=schedule)
+    fdefs = frozen_graphdefs(frozen_configs)
+    step_fn = make_train_step(algo.loss_fn, optimizer, graphdef, mesh=mesh,
+                              state_sharding=shardings, global_batch=global_batch,
+                              accum_steps=tc.accum_steps, rules=rules,
+                              frozen_graphdefs=fdefs, schedule=schedule)
     eval_fn = None
     if eval_data_config is not None:
-        eval_fn = make_eval_step(loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
-                                 global_batch=eval_data_config.batch_size, rules=rules)
+        eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
+                                 global_batch=eval_data_config.batch_size, rules=rules,
+                                 frozen_graphdefs=fdefs)
     data_sh = batch_sharding(mesh, global_batch, rules)
     eval_sh = (batch_sharding(mesh, eval_data_config.batch_size, rules)
                if eval_data_config is not None else None)
     seq_len = data_config.max_length
-    flops_per_step = M.train_flops_per_token(model_config, seq_len) * global_batch * seq_len
+    rows_per_step = global_batch * algo.rows_per_example
+    flops_per_step = M.train_flops_per_token(model_config, seq_len) * rows_per_step * seq_len
+    if algo.reference == "in_step":  # plus the reference's forward (a third of fwd+bwd)
+        flops_per_step *= 4 / 3
+    weight_name = "target_tokens" if algo.data_kind == "conversation" else "pairs"
     peak, peak_source = M.peak_flops_per_device(tc.peak_flops)
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
@@ -165,24 +226,36 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
         nonlocal eval_iter, eval_start
         if eval_iter is None:  # tokenize the eval split once; rewind it for every eval
             eval_iter = build_iterator(eval_data_config, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(),
+                                       annotate=annotator(eval_data_config, "eval"))
             eval_start = eval_iter.get_state()
         it = eval_iter
         it.set_state(eval_start)
         total = weight = 0.0
+        aux: dict[str, list[float]] = {}
         for _, batch in zip(range(tc.eval_batches), it):
             out = eval_fn(state, _global_batch(batch, eval_sh))
             total += float(out.total)
             weight += float(out.weight)
+            for name, (s, c) in jax.device_get(out.aux).items():
+                acc = aux.setdefault(name, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(c)
         if weight == 0:
             raise ValueError(f"eval data {eval_data_config.path} ({eval_data_config.split}) "
                              "gave no target tokens")
         loss = total / weight
-        return {"step": step, "eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50)))}
+        result = {"step": step, "eval_loss": loss}
+        if algo.data_kind == "conversation":  # per-token losses: perplexity means something
+            result["eval_perplexity"] = float(np.exp(min(loss, 50)))
+        result.update({f"eval_{name}": s / c for name, (s, c) in aux.items() if c})
+        return result
 
     def save(reason: str):
         step = ckpt.save(state, data_state=data.get_state(), model_config=model_config,
-                         operative=operative_config, extra_metadata={"reason": reason})
+                         operative=operative_config,
+                         extra_metadata={"reason": reason, "model_kind": algo.model_kind,
+                                         "algorithm": algo.name})
         if _fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fault("sigkill_after_save", step):
@@ -209,8 +282,8 @@ def train(loss_fn: Callable, *, train_config: TrainConfig, optimizer_config: Opt
                 done = step + 1
                 record = {"step": done, "loss": m["loss"], "grad_norm": m["grad_norm"],
                           "learning_rate": m.get("learning_rate", 0.0), "step_seconds": dt,
-                          "tokens_per_second_per_device": global_batch * seq_len / dt / n_dev,
-                          "target_tokens": m["loss_weight"]}
+                          "tokens_per_second_per_device": rows_per_step * seq_len / dt / n_dev,
+                          weight_name: m["loss_weight"]}
                 if peak:
                     record["mfu"] = flops_per_step / dt / (peak * n_dev)
                 record.update({k: v for k, v in m.items()

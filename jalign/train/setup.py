@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jalign.models.build import abstract_model, create_model
 from jalign.models.config import LlamaConfig
+from jalign.models.heads import model_class
 from jalign.sharding import DEFAULT_RULES, Rules
 from jalign.train.optimizer import OptimizerConfig, make_optimizer
 from jalign.train.state import init_state, model_param_shardings, params_of, state_shardings
@@ -49,26 +51,38 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
     return read_model_config(init.source[7:]).replace(**overrides)
 
 
-def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES):
-    """(config, model) placed on ``mesh``."""
+def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES,
+                       model_kind: str = "causal_lm"):
+    """(config, model) placed on ``mesh``. ``model_kind="scalar_head"`` (a reward model)
+    from a causal-LM source keeps its backbone and starts a fresh score head (seeded by
+    ``init.seed``)."""
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
     if init.source == "random":
-        return gin_config, create_model(gin_config, seed=init.seed, mesh=mesh, rules=rules)
+        return gin_config, create_model(gin_config, seed=init.seed, mesh=mesh, rules=rules,
+                                        model_cls=model_class(model_kind))
     if init.source.startswith("hf:"):
         from jalign.convert.hf import load_hf
         dtype = overrides.pop("param_dtype", None)
         compute = overrides.pop("dtype", None)
+        head = "scalar" if model_kind == "scalar_head" else "lm"
         config, model = load_hf(init.source[3:], mesh=mesh, dtype=dtype, compute_dtype=compute,
-                                rules=rules, **overrides)
+                                rules=rules, head=head, seed=init.seed, **overrides)
         return config, model
     from jalign.checkpoint import load_model
-    return load_model(init.source[7:], mesh=mesh, rules=rules, **overrides)
+    return load_model(init.source[7:], mesh=mesh, rules=rules, model_kind=model_kind,
+                      seed=init.seed, **overrides)
+
+
+def frozen_graphdefs(frozen_configs: dict | None) -> dict:
+    """name -> graphdef of each frozen (causal LM) model, for make_train_step."""
+    return {name: abstract_model(cfg)[0] for name, cfg in (frozen_configs or {}).items()}
 
 
 def abstract_train_state(config: LlamaConfig, optimizer, mesh, rules: Rules = DEFAULT_RULES,
-                         frozen_configs: dict | None = None):
-    """(graphdef, abstract TrainState with shardings) — the restore target."""
-    graphdef, abstract = abstract_model(config, mesh, rules)
+                         frozen_configs: dict | None = None, model_kind: str = "causal_lm"):
+    """(graphdef, abstract TrainState with shardings) — the restore target.
+    ``frozen_configs``: name -> LlamaConfig of each frozen causal LM (e.g. the reference)."""
+    graphdef, abstract = abstract_model(config, mesh, rules, model_class(model_kind))
     params_sh = model_param_shardings(abstract, mesh, rules)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                           nnx.to_pure_dict(abstract))
@@ -87,15 +101,23 @@ def abstract_train_state(config: LlamaConfig, optimizer, mesh, rules: Rules = DE
     return graphdef, abstract_state, sh
 
 
-def build_optimizer(opt: OptimizerConfig, config: LlamaConfig, total_steps: int):
-    graphdef, abstract = abstract_model(config)
+def build_optimizer(opt: OptimizerConfig, config: LlamaConfig, total_steps: int,
+                    model_kind: str = "causal_lm"):
+    graphdef, abstract = abstract_model(config, model_cls=model_class(model_kind))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                           nnx.to_pure_dict(abstract))
     return make_optimizer(opt, params, total_steps)
 
 
 def fresh_state(model, optimizer, seed: int, shardings, frozen=None):
-    """Initial TrainState placed with ``shardings`` (optimizer state created in place)."""
+    """Initial TrainState placed with ``shardings`` (optimizer state created in place).
+
+    ``frozen`` may hold the very arrays of ``model`` (a reference = the initial policy):
+    they are copied, because the step donates the state and one buffer cannot be donated
+    twice."""
     params = params_of(model)
-    init = jax.jit(lambda p, f: init_state(p, optimizer, seed, f), out_shardings=shardings)
-    return init(params, frozen)
+
+    def init(p, f):
+        return init_state(p, optimizer, seed, jax.tree.map(jnp.copy, f))
+
+    return jax.jit(init, out_shardings=shardings)(params, frozen)

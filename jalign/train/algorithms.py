@@ -1,0 +1,66 @@
+"""What each ``TrainConfig.algorithm`` trains: its loss, its model, its data and its
+reference model. The loop reads these fields and never imports a loss itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+from jalign.losses import dpo, rm, sft
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    name: str
+    loss_fn: Callable                  # (model, batch, ctx) -> LossOutput
+    model_kind: str = "causal_lm"      # the trained model: causal_lm or scalar_head
+    data_kind: str = "conversation"    # what DataConfig.format must produce
+    # A frozen copy of the initial policy: "in_step" (in the train state, run inside the
+    # jitted step), "precomputed" (one pass before training, stored with the data) or None.
+    reference: str | None = None
+    reference_scores: Callable | None = None  # (model, batch) -> {field: [pairs]}
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences per batch entry (a preference pair is two)."""
+        return 2 if self.data_kind == "preference" else 1
+
+
+def custom(loss_fn: Callable) -> Algorithm:
+    """A plain loss function on conversation data (tests, user code)."""
+    return Algorithm(getattr(loss_fn, "__name__", "custom"), loss_fn)
+
+
+def sft_algorithm() -> Algorithm:
+    return Algorithm("sft", sft.sft_loss)
+
+
+def rm_algorithm(config: rm.RMConfig) -> Algorithm:
+    return Algorithm("rm", functools.partial(rm.rm_loss, center_coef=config.center_coef),
+                     model_kind="scalar_head", data_kind="preference")
+
+
+def dpo_algorithm(config: dpo.DPOConfig) -> Algorithm:
+    reference = config.reference if config.needs_reference else None
+    scores = (functools.partial(dpo.reference_scores, chunk_tokens=config.chunk_tokens)
+              if reference == "precomputed" else None)
+    return Algorithm(f"dpo/{config.loss_type}", dpo.make_dpo_loss(config),
+                     data_kind="preference", reference=reference, reference_scores=scores)
+
+
+NAMES = ("sft", "rm", "dpo")
+
+
+def from_gin(name: str) -> Algorithm:
+    """The algorithm ``name`` with its loss settings read from the parsed gin config."""
+    from jalign import config as jconfig
+
+    if name == "sft":
+        return sft_algorithm()
+    if name == "rm":
+        return rm_algorithm(jconfig.build("RMConfig"))
+    if name == "dpo":
+        return dpo_algorithm(jconfig.build("DPOConfig"))
+    raise jconfig.ConfigError(f"TrainConfig.algorithm={name!r}; one of {NAMES} "
+                              "(SimPO and ORPO are DPOConfig.loss_type values)")
