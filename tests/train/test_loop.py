@@ -17,8 +17,8 @@ CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cmd(tmp_path, name, *bindings):
-    return [sys.executable, "-m", "jalign.cli", "train", CONFIG,
+def _cmd(tmp_path, name, *bindings, config=CONFIG):
+    return [sys.executable, "-m", "jalign.cli", "train", config,
             "--gin", f"TrainConfig.output_root='{tmp_path}'",
             "--gin", f"TrainConfig.run_name='{name}'", *sum((["--gin", b] for b in bindings), [])]
 
@@ -29,8 +29,8 @@ def _env(fault=""):
     return env
 
 
-def _run(tmp_path, name, *bindings, fault="", expect=0):
-    r = subprocess.run(_cmd(tmp_path, name, *bindings), capture_output=True, text=True,
+def _run(tmp_path, name, *bindings, fault="", expect=0, config=CONFIG):
+    r = subprocess.run(_cmd(tmp_path, name, *bindings, config=config), capture_output=True, text=True,
                        env=_env(fault), cwd=ROOT, timeout=600)
     assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r

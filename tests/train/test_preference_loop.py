@@ -1,0 +1,75 @@
+"""Preference runs as users launch them (`jalign train` in a subprocess): a DPO run resumes
+bit-identically after SIGKILL (in-step and precomputed reference), the precomputed pass
+is cached, a reward-model run trains a scalar head and says so in its checkpoint."""
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.train.test_loop import _committed, _losses, _run
+
+HERE = Path(__file__).parent
+DPO = str(HERE / "tiny_dpo.gin")
+RM = str(HERE / "tiny_rm.gin")
+
+
+@pytest.fixture(scope="module")
+def dpo_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    _run(root, "ref", config=DPO)
+    return _losses(root / "ref"), root / "ref"
+
+
+def test_dpo_run_logs_pair_metrics(dpo_reference):
+    losses, run_dir = dpo_reference
+    assert sorted(losses) == list(range(1, 9))
+    assert abs(losses[1] - np.log(2)) < 1e-5  # step 1: policy == reference
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert all(r["pairs"] == 4 and "rewards/accuracy" in r and "kl/chosen" in r for r in train)
+    assert any("eval_rewards/accuracy" in r for r in records)
+    assert "DPOConfig.beta = 0.1" in (run_dir / "operative_config.gin").read_text()
+
+
+def test_dpo_resume_after_sigkill_is_bit_identical(tmp_path, dpo_reference):
+    ref_losses, _ = dpo_reference
+    _run(tmp_path, "killed", config=DPO, fault="sigkill_after_save:4", expect=-signal.SIGKILL)
+    assert _committed(tmp_path / "killed") == [4]
+    _run(tmp_path, "killed", config=DPO)
+    assert _losses(tmp_path / "killed") == ref_losses  # floats compared exactly
+
+
+def test_precomputed_reference_run_matches_and_resumes_from_cache(tmp_path, dpo_reference):
+    ref_losses, _ = dpo_reference
+    mode = "DPOConfig.reference='precomputed'"
+    _run(tmp_path, "pre", mode, config=DPO, fault="sigkill_after_save:4", expect=-signal.SIGKILL)
+    cache = tmp_path / "pre" / "reference_train.p0.npz"
+    assert cache.exists()
+    with np.load(cache, allow_pickle=False) as z:
+        assert z["ref_chosen_logps"].shape == (48,) and np.all(z["ref_chosen_logps"] < 0)
+    r = _run(tmp_path, "pre", mode, config=DPO)
+    assert "48 train pairs read from cache" in r.stdout
+    got = _losses(tmp_path / "pre")
+    assert sorted(got) == sorted(ref_losses)
+    np.testing.assert_allclose([got[k] for k in sorted(got)],
+                               [ref_losses[k] for k in sorted(ref_losses)], rtol=0, atol=1e-6)
+
+
+def test_reward_model_run(tmp_path):
+    from jalign.checkpoint import load_model, read_model_kind
+    from jalign.models.heads import ScalarHeadModel
+
+    _run(tmp_path, "rm", "TrainConfig.eval_every=8", config=RM)
+    run_dir = tmp_path / "rm"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in records)
+    assert all("accuracy" in r and "margin" in r for r in records if "loss" in r)
+    assert read_model_kind(run_dir) == "scalar_head"
+    _, model = load_model(run_dir)
+    assert isinstance(model, ScalarHeadModel)
+    # An RM run directory cannot be resumed as a DPO run (a different model kind).
+    r = _run(tmp_path, "rm", config=DPO, expect=1)
+    assert "scalar_head" in r.stderr + r.stdout
