@@ -33,18 +33,23 @@ def _mesh_arg(text: str | None):
 def cmd_convert(args) -> int:
     from jalign import checkpoint
     from jalign.convert import hf
+    from jalign.models.heads import kind_of
 
     t0 = time.time()
     if args.direction == "hf-to-jalign":
-        config, model = hf.load_hf(args.src, mesh=_mesh_arg(args.mesh), dtype=args.dtype)
-        print(f"loaded {args.src}: {config.num_params() / 1e6:.1f}M parameters, "
-              f"{config.num_layers} layers, param dtype {config.param_dtype}")
+        config, model = hf.load_hf(args.src, head=args.head, seed=args.seed,
+                                   mesh=_mesh_arg(args.mesh), dtype=args.dtype)
+        print(f"loaded {args.src} as {kind_of(model)}: {config.num_params() / 1e6:.1f}M "
+              f"parameters, {config.num_layers} layers, param dtype {config.param_dtype}")
+        # save_model records kind_of(model) as model_kind, which load_model rebuilds.
         checkpoint.save_model(args.dst, config, model, step=args.step or 0,
                               extra_metadata={"source": str(args.src)})
     else:
+        # The checkpoint's model_kind decides the class; save_hf exports either kind.
         config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh))
         hf.save_hf(config, model, args.dst, dtype=args.dtype,
-                   max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite)
+                   max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite,
+                   pad_token_id=args.pad_token_id)
     print(f"wrote {args.dst} in {time.time() - t0:.1f}s")
     return 0
 
@@ -153,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR mesh to load onto")
     conv.add_argument("--max-shard-size", default="2GiB", help="safetensors shard size")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    conv.add_argument("--head", choices=["lm", "scalar"], default="lm",
+                      help="hf-to-jalign: model to build; 'scalar' is a reward/value model, read "
+                           "from a LlamaForSequenceClassification checkpoint or started from a "
+                           "causal LM (LM head dropped, score head freshly initialised)")
+    conv.add_argument("--seed", type=int, default=0,
+                      help="hf-to-jalign --head scalar from a causal LM: score head init seed")
+    conv.add_argument("--pad-token-id", type=int, default=None,
+                      help="jalign-to-hf: pad_token_id for config.json (default: the model "
+                           "config's; a scalar head without one gets 0). transformers scores a "
+                           "sequence at its rightmost non-pad token")
     conv.set_defaults(func=cmd_convert)
 
     tr = sub.add_parser("train", help="train from gin configs (resumes a run automatically)")

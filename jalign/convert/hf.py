@@ -7,10 +7,16 @@ partial model is ever returned. Only safetensors are read: nothing is ever unpic
 Loading streams: tensors are read one at a time and each device receives only its own
 shard, so the host never holds the whole model. Export gathers one tensor at a time and
 writes one safetensors shard at a time.
+
+Two model kinds convert: a causal LM (``Llama`` <-> ``LlamaForCausalLM``) and a scalar
+head (``ScalarHeadModel``, reward/value models <-> ``LlamaForSequenceClassification`` with
+one label). A causal-LM checkpoint can also start a scalar head: its backbone is read, its
+LM head is not, and the score is freshly initialised.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,16 +31,23 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from jalign.convert.hf_config import config_from_hf, config_to_hf, generation_config_to_hf
+from jalign.convert.hf_config import (checkpoint_kind, config_from_hf, config_to_hf,
+                                      generation_config_to_hf)
 from jalign.convert.safetensors_io import ConversionError, SafetensorsCheckpoint, write_sharded
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
-from jalign.models.llama import Llama, layer_shapes
+from jalign.models.heads import fresh_score, kind_of, model_class
+from jalign.models.llama import layer_shapes
 from jalign.sharding import DEFAULT_RULES, Rules
 
 # Buffers some older checkpoints saved; they are recomputed from the config, not weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# load_hf's ``head`` argument -> the jalign model kind it builds.
+HEADS = {"lm": "causal_lm", "scalar": "scalar_head"}
+# pad_token_id written for a scalar head whose config has none: jalign's data pipeline pads
+# with the tokenizer's pad id, or 0 when it has none (ChatTokenizer.pad_id).
+DEFAULT_CLASSIFIER_PAD_ID = 0
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,10 @@ def _identity(x):
     return x
 
 
-def tensor_maps(config: LlamaConfig, prefix: str = "model.") -> list[TensorMap]:
-    """All parameters in Hugging Face file order."""
+def tensor_maps(config: LlamaConfig, prefix: str = "model.", *,
+                lm_head: bool = True) -> list[TensorMap]:
+    """All ``Llama`` parameters in Hugging Face file order (without the untied output
+    projection when ``lm_head`` is false)."""
     d, f = config.hidden_size, config.intermediate_size
     h, nq, nkv = config.resolved_head_dim, config.num_heads, config.num_kv_heads
     shapes = layer_shapes(config)
@@ -104,10 +119,35 @@ def tensor_maps(config: LlamaConfig, prefix: str = "model.") -> list[TensorMap]:
                       vec("b_down", "mlp.down_proj.bias", d)]
     maps += per_layer
     maps.append(TensorMap(("final_norm",), prefix + "norm.weight", (d,), _identity, _identity))
-    if not config.tie_word_embeddings:
+    if lm_head and not config.tie_word_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", (config.vocab_size, d),
                               lambda w: w.T, lambda w: w.T))
     return maps
+
+
+def _under(maps: list[TensorMap], *path: str) -> list[TensorMap]:
+    return [dataclasses.replace(m, jalign_path=(*path, *m.jalign_path)) for m in maps]
+
+
+def backbone_maps(config: LlamaConfig) -> list[TensorMap]:
+    """A ScalarHeadModel's backbone: HF ``model.*`` -> jalign ``backbone.*``."""
+    return _under(tensor_maps(config, lm_head=False), "backbone")
+
+
+def score_map(config: LlamaConfig) -> TensorMap:
+    d = config.hidden_size
+    return TensorMap(("score",), "score.weight", (1, d),
+                     lambda w: w.reshape(d), lambda w: w.reshape(1, d))
+
+
+def file_maps(config: LlamaConfig, kind: str) -> list[TensorMap]:
+    """Every tensor a HF checkpoint of model ``kind`` holds, in file order, with jalign
+    paths into the jalign model of the same kind."""
+    if kind == "causal_lm":
+        return tensor_maps(config)
+    if kind == "scalar_head":
+        return backbone_maps(config) + [score_map(config)]
+    raise ValueError(f"unknown model kind {kind!r}")
 
 
 def _expected_names(maps: list[TensorMap], num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -118,19 +158,27 @@ def _expected_names(maps: list[TensorMap], num_layers: int) -> dict[str, tuple[i
     return out
 
 
-def validate(ckpt: SafetensorsCheckpoint, config: LlamaConfig) -> None:
-    """Raise one ConversionError listing every missing, unexpected and misshaped tensor."""
-    expected = _expected_names(tensor_maps(config), config.num_layers)
+def validate(ckpt: SafetensorsCheckpoint, config: LlamaConfig, kind: str = "causal_lm", *,
+             uses_lm_head: bool = True) -> None:
+    """Raise one ConversionError listing every missing, unexpected and misshaped tensor.
+
+    ``kind`` is the checkpoint's own kind: the whole file is checked, including tensors the
+    caller will not read (a causal LM's head when importing it as a scalar head, where
+    ``uses_lm_head`` is false).
+    """
+    expected = _expected_names(file_maps(config, kind), config.num_layers)
     present = {k for k in ckpt.tensors if not k.endswith(IGNORED_SUFFIXES)}
     problems = []
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    if config.tie_word_embeddings and "lm_head.weight" in unexpected:
-        # Some tied checkpoints store the head anyway; accept it only if it is the embedding.
-        unexpected.remove("lm_head.weight")
-        if not np.array_equal(ckpt.read("lm_head.weight"), ckpt.read("model.embed_tokens.weight")):
+    if kind == "causal_lm" and config.tie_word_embeddings and "lm_head.weight" in present:
+        # Some tied checkpoints store the head anyway; accept it only if it is the embedding
+        # (compared only when the head will be used: a dropped head is never read).
+        expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+        if uses_lm_head and not np.array_equal(ckpt.read("lm_head.weight"),
+                                               ckpt.read("model.embed_tokens.weight")):
             problems.append("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' "
                             "but config.json says tie_word_embeddings=true")
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
     for name in missing:
         problems.append(f"missing tensor {name!r} (expected shape {list(expected[name])})")
     for name in unexpected:
@@ -203,45 +251,80 @@ def _resolve_directory(path: str | os.PathLike) -> Path:
     raise ConversionError(f"{p}: no such checkpoint directory")
 
 
-def read_hf_config(directory: Path, **overrides) -> LlamaConfig:
+def _read_config_json(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{directory}: no config.json")
-    return config_from_hf(json.loads(config_path.read_text()), **overrides)
+    return json.loads(config_path.read_text())
 
 
-def load_hf(path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
-            rules: Rules = DEFAULT_RULES, **config_overrides) -> tuple[LlamaConfig, Llama]:
+def read_hf_config(directory: Path, **overrides) -> LlamaConfig:
+    return config_from_hf(_read_config_json(directory), **overrides)
+
+
+def _model_kind_for(kind: str, file_kind: str, directory: Path) -> str:
+    """The jalign model kind to build from a checkpoint of ``file_kind``, or why not."""
+    if file_kind == "scalar_head" and kind == "causal_lm":
+        raise ConversionError(
+            f"{directory}: a LlamaForSequenceClassification (reward/value model) checkpoint "
+            "has no LM head ('lm_head.weight'), so it cannot load as a causal LM; "
+            "load it with head='scalar'")
+    return kind
+
+
+def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, dtype=None,
+            compute_dtype=None, rules: Rules = DEFAULT_RULES, **config_overrides):
     """Load a Hugging Face Llama checkpoint (directory or hub id) as a jalign model.
+
+    Returns ``(config, model)``. ``head="lm"`` builds a ``Llama`` from a
+    ``LlamaForCausalLM`` checkpoint. ``head="scalar"`` builds a ``ScalarHeadModel``: from a
+    ``LlamaForSequenceClassification`` checkpoint (one label) its ``score.weight`` is read;
+    from a causal LM the LM head is dropped unread and the score is
+    ``fresh_score(config, seed)`` (a reward model started from a policy).
 
     ``dtype`` is the parameter dtype; by default the dtype the checkpoint stores (so a
     round trip is exact). ``compute_dtype`` defaults to the parameter dtype. Other
     LlamaConfig execution fields (scan_layers, remat_policy, attention_impl) may be
     overridden by keyword. With ``mesh``, parameters are sharded per ``rules`` as read.
     """
+    if head not in HEADS:
+        raise ValueError(f"load_hf: head={head!r}; one of {sorted(HEADS)}")
     directory = _resolve_directory(path)
     ckpt = SafetensorsCheckpoint(directory)
+    file_kind = checkpoint_kind(_read_config_json(directory))
+    kind = _model_kind_for(HEADS[head], file_kind, directory)
     param_dtype = str(jnp.dtype(dtype).name) if dtype is not None else _stored_dtype(ckpt)
     config_overrides["dtype"] = str(jnp.dtype(compute_dtype).name) if compute_dtype else param_dtype
     config = read_hf_config(directory, param_dtype=param_dtype, **config_overrides)
-    validate(ckpt, config)
+    validate(ckpt, config, file_kind, uses_lm_head=kind == "causal_lm")
 
-    graphdef, abstract = abstract_model(config, mesh, rules)
+    graphdef, abstract = abstract_model(config, mesh, rules, model_class(kind))
     flat = dict(nnx.to_flat_state(abstract))
     default_sharding = SingleDeviceSharding(jax.devices()[0])
-    values = {}
-    for m in tensor_maps(config):
-        target = flat[m.jalign_path]
-        shape, np_dtype = target.shape, np.dtype(target.dtype)
+
+    def place(jalign_path, read, stacked):
+        target = flat[jalign_path]
+        np_dtype = np.dtype(target.dtype)
         sharding = target.get_value().sharding if mesh is not None else default_sharding
+        return _assemble(target.shape, np_dtype, sharding, lambda i: read(i).astype(np_dtype),
+                         config.num_layers if stacked else None)
 
-        def read(i, m=m):
-            name = m.hf_name.format(i=i) if i is not None else m.hf_name
-            return m.to_jalign(ckpt.read(name)).astype(np_dtype)
+    # A scalar head from a causal LM reads only the backbone; everything else maps 1:1.
+    maps = backbone_maps(config) if kind != file_kind else file_maps(config, kind)
+    values = {}
+    try:
+        for m in maps:
+            def read(i, m=m):
+                return m.to_jalign(ckpt.read(m.hf_name.format(i=i) if i is not None else m.hf_name))
 
-        values[m.jalign_path] = _assemble(shape, np_dtype, sharding, read,
-                                          config.num_layers if m.stacked else None)
-    ckpt.close()
+            values[m.jalign_path] = place(m.jalign_path, read, m.stacked)
+    finally:
+        ckpt.close()
+    if kind != file_kind:
+        print(f"load_hf: {directory} is a causal LM; its LM head is dropped and the score "
+              f"head is freshly initialised (seed={seed})", flush=True)
+        score = np.asarray(fresh_score(config, seed))
+        values[("score",)] = place(("score",), lambda _: score, False)
     missing = set(flat) - set(values)
     if missing:  # a model parameter no HF tensor fills: a bug in tensor_maps, never silent
         raise ConversionError(f"internal: no HF source for {sorted(missing)}")
@@ -256,10 +339,35 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def save_hf(config: LlamaConfig, model: Llama, path, *, dtype=None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
-    """Export as a transformers ``LlamaForCausalLM`` directory (sharded safetensors,
-    config.json, generation_config.json). ``dtype`` defaults to the parameter dtype.
+def _export_config(config: LlamaConfig, kind: str, pad_token_id: int | None) -> LlamaConfig:
+    """The config to describe in config.json: ``pad_token_id`` overrides the model's; a
+    scalar head always gets one, because transformers reads a sequence's score at the
+    rightmost token that is not ``pad_token_id`` and refuses batches > 1 without one."""
+    if pad_token_id is not None:
+        return config.replace(pad_token_id=pad_token_id)
+    if kind == "scalar_head" and config.pad_token_id is None:
+        print(f"save_hf: the config has no pad_token_id; writing pad_token_id="
+              f"{DEFAULT_CLASSIFIER_PAD_ID} (jalign's padding default). transformers scores "
+              "each row at its rightmost non-pad token: pass pad_token_id= to match your "
+              "tokenizer", flush=True)
+        return config.replace(pad_token_id=DEFAULT_CLASSIFIER_PAD_ID)
+    return config
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_hf(config: LlamaConfig, model, path, *, dtype=None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+            pad_token_id: int | None = None) -> Path:
+    """Export as a transformers checkpoint directory (sharded safetensors, config.json).
+
+    A ``Llama`` becomes a ``LlamaForCausalLM`` (plus generation_config.json); a
+    ``ScalarHeadModel`` becomes a ``LlamaForSequenceClassification`` with one label
+    (``model.*`` + ``score.weight`` [1, hidden], no LM head). ``dtype`` defaults to the
+    parameter dtype. ``pad_token_id`` overrides the config's in config.json (see
+    ``_export_config`` for why a scalar head always needs one).
 
     Files are written into a temporary sibling directory and moved into place at the end,
     so an interrupted export never leaves a half-written checkpoint at ``path``.
@@ -267,10 +375,12 @@ def save_hf(config: LlamaConfig, model: Llama, path, *, dtype=None,
     out = Path(path)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    kind = kind_of(model)
     np_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else config.weight_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    maps = tensor_maps(config)
-    # HF file order: embeddings, then layer by layer, then final norm and head.
+    maps = file_maps(config, kind)
+    described = _export_config(config, kind, pad_token_id)
+    # HF file order: embeddings, then layer by layer, then final norm and head (or score).
     whole = [m for m in maps if not m.stacked]
     layer_maps = [m for m in maps if m.stacked]
     head, tail = whole[:1], whole[1:]
@@ -294,10 +404,9 @@ def save_hf(config: LlamaConfig, model: Llama, path, *, dtype=None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_sharded(plan, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(
-            json.dumps(config_to_hf(config, np_dtype.name), indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps(generation_config_to_hf(config), indent=2, sort_keys=True) + "\n")
+        _write_json(tmp / "config.json", config_to_hf(described, np_dtype.name, kind))
+        if kind == "causal_lm":  # a classifier does not generate
+            _write_json(tmp / "generation_config.json", generation_config_to_hf(described))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

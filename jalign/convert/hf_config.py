@@ -3,6 +3,10 @@
 Reads both the transformers 5 layout (``rope_parameters``) and the older one
 (``rope_theta`` + ``rope_scaling``). Anything jalign would silently compute differently
 (another architecture, activation or rope type) is refused with its name.
+
+Two architectures map to jalign model kinds (``jalign.models.heads.MODEL_KINDS``):
+``LlamaForCausalLM`` is a ``causal_lm``; ``LlamaForSequenceClassification`` with one
+label is a ``scalar_head`` (reward or value model).
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ from typing import Any
 from jalign.convert.safetensors_io import ConversionError
 from jalign.models.config import LlamaConfig, RopeScaling
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ARCHITECTURE_KINDS = {"LlamaForCausalLM": "causal_lm",
+                      "LlamaForSequenceClassification": "scalar_head"}
+HF_ARCHITECTURE = {kind: arch for arch, kind in ARCHITECTURE_KINDS.items()}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_KINDS)
+# transformers' PretrainedConfig default when config.json names no labels.
+HF_DEFAULT_NUM_LABELS = 2
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -41,7 +50,37 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         raise ConversionError(f"config.json: rope type {rope_type!r} needs {e.args[0]!r}") from None
 
 
-def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
+def num_labels(hf: dict) -> int:
+    """The label count transformers would build: id2label wins over num_labels (as in
+    ``PretrainedConfig``); neither means the library default, 2."""
+    if hf.get("id2label") is not None:
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", HF_DEFAULT_NUM_LABELS))
+
+
+def checkpoint_kind(hf: dict) -> str:
+    """The jalign model kind a config.json describes: 'causal_lm' or 'scalar_head'.
+
+    Configs without ``architectures`` (some older exports) are taken as causal LMs; the
+    tensor check then reports a stray ``score.weight`` by name.
+    """
+    _check_architecture(hf)
+    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    kinds = {ARCHITECTURE_KINDS[a] for a in archs if a in ARCHITECTURE_KINDS}
+    if len(kinds) != 1:
+        raise ConversionError(f"config.json: architectures={archs} names both a causal LM and "
+                              "a classifier; expected exactly one")
+    kind = kinds.pop()
+    if kind == "scalar_head" and num_labels(hf) != 1:
+        n = num_labels(hf)
+        raise ConversionError(
+            f"config.json: LlamaForSequenceClassification with num_labels={n} (score.weight "
+            f"[{n}, hidden]); jalign's scalar head (reward/value model) has exactly one output, "
+            "num_labels=1")
+    return kind
+
+
+def _check_architecture(hf: dict) -> None:
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if model_type != "llama" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
@@ -49,6 +88,10 @@ def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
             f"config.json: unsupported architecture (model_type={model_type!r}, "
             f"architectures={archs}); jalign converts model_type 'llama' with "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
+    _check_architecture(hf)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json: unsupported hidden_act {act!r} (Llama uses 'silu')")
@@ -77,7 +120,13 @@ def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
         raise ConversionError(f"config.json: {e}") from None
 
 
-def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
+def config_to_hf(config: LlamaConfig, dtype: str, kind: str = "causal_lm") -> dict:
+    """config.json for a model of ``kind`` ('causal_lm' or 'scalar_head').
+
+    A scalar head is written as ``LlamaForSequenceClassification`` with one label.
+    transformers finds each row's last token as the rightmost one that is not
+    ``pad_token_id`` (and refuses batches > 1 without one), so the caller should set it.
+    """
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         s = config.rope_scaling
@@ -86,8 +135,8 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
             rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                         original_max_position_embeddings=s.original_max_position_embeddings)
     eos = config.eos_token_id
-    return {
-        "architectures": ["LlamaForCausalLM"],
+    out = {
+        "architectures": [HF_ARCHITECTURE[kind]],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -111,6 +160,9 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
         "use_cache": True,
         "dtype": dtype,
     }
+    if kind == "scalar_head":
+        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return out
 
 
 def generation_config_to_hf(config: LlamaConfig) -> dict:
