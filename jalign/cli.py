@@ -140,7 +140,7 @@ def cmd_demo(args) -> int:
         from jalign.demo_convert import run_round_trip
         return run_round_trip(Path(args.out))
     from jalign.demo import run_demo
-    return run_demo(args.gin, fresh=args.fresh)
+    return run_demo(args.gin, fresh=args.fresh, stages=tuple(args.stages.split(",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the bundled end-to-end job (see README)")
     demo.add_argument("--gin", action="append", default=[], metavar="BINDING",
-                      help="override a binding of configs/demo/sft_add.gin (repeatable)")
-    demo.add_argument("--fresh", action="store_true", help="delete the demo run and start over")
+                      help="override a binding of every stage's configs/demo/*.gin (repeatable)")
+    demo.add_argument("--fresh", action="store_true", help="delete the demo runs and start over")
+    demo.add_argument("--stages", default="sft,rm,dpo",
+                      help="comma-separated stages: sft (from scratch), rm and dpo (from the "
+                           "SFT run)")
     demo.add_argument("--convert-only", action="store_true",
                       help="only run the HF conversion round trip (into --out)")
     demo.add_argument("--out", default="runs/demo_convert", help="--convert-only output directory")

@@ -74,6 +74,16 @@ def model_config() -> LlamaConfig:
     return config
 
 
+def _drop_package_path_reader() -> None:
+    """gin also looks for an include such as 'configs/model/small.gin' as a file inside a
+    Python package ``configs.model``; with the repository on sys.path that finds a
+    namespace package without a file and crashes (and logs an ERROR for every miss).
+    jalign's includes are plain paths, so that reader is not wanted."""
+    from gin import resource_reader
+    gin.config._FILE_READERS[:] = [  # noqa: SLF001 (no public way to unregister a reader)
+        r for r in gin.config._FILE_READERS if r[1] is not resource_reader.system_path_file_exists]
+
+
 def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ()) -> None:
     """Reset gin and parse ``config_files`` then ``bindings`` (later ones win).
 
@@ -82,6 +92,7 @@ def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str
     """
     register()
     gin.clear_config()
+    _drop_package_path_reader()
     for location in (os.getcwd(), str(REPO_ROOT)):
         if location not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (no public getter)
             gin.add_config_file_search_path(location)
