@@ -77,12 +77,13 @@ def cmd_train(args) -> int:
 
 
 def _load_any(source: str, step=None):
-    """A model from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory."""
+    """A causal LM from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory (a reward
+    model there is a clear error, not a crash in generation)."""
     if source.startswith("hf:"):
         from jalign.convert.hf import load_hf
         return load_hf(source[3:])
     from jalign.checkpoint import load_model
-    return load_model(source, step=step)
+    return load_model(source, step=step, model_kind="causal_lm")
 
 
 def cmd_generate(args) -> int:

@@ -70,6 +70,8 @@ def test_reward_model_run(tmp_path):
     assert read_model_kind(run_dir) == "scalar_head"
     _, model = load_model(run_dir)
     assert isinstance(model, ScalarHeadModel)
+    from jalign.cli import main
+    assert main(["generate", str(run_dir), "--prompt", "1 + 1"]) == 2  # not a causal LM
     # An RM run directory cannot be resumed as a DPO run (a different model kind).
     r = _run(tmp_path, "rm", config=DPO, expect=1)
     assert "scalar_head" in r.stderr + r.stdout
