@@ -1,4 +1,4 @@
-"""The ``jalign`` command line: ``jalign train|convert|generate|eval|demo``."""
+"""The ``jalign`` command line: ``jalign train|convert|generate|eval|pairs|demo``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    from jalign.rl.pairs import policy_pairs, write_jsonl
+
+    _, model = _load_any(args.model, args.step)
+    chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
+    records, stats = policy_pairs(model, chat, args.task, n=args.n, seed=args.seed,
+                                  split=args.split, samples=args.samples,
+                                  temperature=args.temperature,
+                                  fill_synthetic=not args.no_synthetic)
+    out = write_jsonl(records, args.out)
+    print(f"{len(records)} pairs -> {out}: {stats}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.convert_only:
         from jalign.demo_convert import run_round_trip
@@ -206,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-batches", type=int, default=50)
     ev.set_defaults(func=cmd_eval)
+
+    pairs = sub.add_parser("pairs", help="preference pairs (JSONL) from a model's own answers "
+                                         "to a bundled task: chosen = correct, rejected = its mistake")
+    model_args(pairs)
+    pairs.add_argument("--task", required=True, help="bundled task (add, mul, reverse)")
+    pairs.add_argument("--out", required=True, help="output .jsonl")
+    pairs.add_argument("--n", type=int, default=4000, help="problems")
+    pairs.add_argument("--split", default="train")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--samples", type=int, default=2, help="sampled answers per problem")
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--no-synthetic", action="store_true",
+                       help="leave out problems the model never got wrong (default: use the "
+                            "task's synthetic wrong answer)")
+    pairs.set_defaults(func=cmd_pairs)
 
     demo = sub.add_parser("demo", help="the bundled end-to-end job (see README)")
     demo.add_argument("--gin", action="append", default=[], metavar="BINDING",

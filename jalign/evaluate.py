@@ -15,32 +15,43 @@ from jalign.losses.sft import sft_loss
 from jalign.rl.generate import decode_text, generate
 
 
-def task_accuracy(model, chat: ChatTokenizer, task: str, *, n: int = 256, seed: int = 1234,
-                  split: str = "eval", batch_size: int = 64, max_new_tokens: int = 8,
-                  prompt_length: int = 48, show: int = 0) -> dict:
-    """Exact-match accuracy of greedy answers on ``n`` held-out problems of a bundled task.
+def complete(model, chat: ChatTokenizer, prompts: list, *, rng=None, greedy: bool = True,
+             temperature: float = 1.0, batch_size: int = 64, max_new_tokens: int = 8,
+             prompt_length: int = 48) -> list[str]:
+    """The completion text of each chat prompt (a list of messages).
 
-    Every batch has the same shape (the last is padded with repeats and not counted), so
-    generation compiles once.
-    """
-    records = tasks.prompt_records(task, n, seed, split=split)
-    rows = [left_pad_prompt({"prompt_ids": chat.encode_prompt(r["prompt"])}, prompt_length,
-                            chat.pad_id) for r in records]
-    correct, samples = 0, []
-    for start in range(0, n, batch_size):
+    Every batch has the same shape (the last is padded with repeats, dropped from the
+    result), so generation compiles once."""
+    rng = jax.random.key(0) if rng is None else rng
+    rows = [left_pad_prompt({"prompt_ids": chat.encode_prompt(p)}, prompt_length, chat.pad_id)
+            for p in prompts]
+    texts = []
+    for i, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start:start + batch_size]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)
         ids = np.stack([c["prompt_ids"] for c in chunk])
         mask = np.stack([c["prompt_mask"] for c in chunk])
-        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, rng=jax.random.key(0),
-                       greedy=True, eos_id=chat.eos_id, pad_id=chat.pad_id)
-        texts = decode_text(chat, out["tokens"], out["lengths"])[:real]
-        for record, text in zip(records[start:start + real], texts):
-            ok = tasks.check(task, record, text)
-            correct += ok
-            if len(samples) < show:
-                samples.append((record["prompt"][-1]["content"], text, ok))
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                       rng=jax.random.fold_in(rng, i), greedy=greedy, temperature=temperature,
+                       eos_id=chat.eos_id, pad_id=chat.pad_id)
+        texts += decode_text(chat, out["tokens"], out["lengths"])[:real]
+    return texts
+
+
+def task_accuracy(model, chat: ChatTokenizer, task: str, *, n: int = 256, seed: int = 1234,
+                  split: str = "eval", batch_size: int = 64, max_new_tokens: int = 8,
+                  prompt_length: int = 48, show: int = 0) -> dict:
+    """Exact-match accuracy of greedy answers on ``n`` held-out problems of a bundled task."""
+    records = tasks.prompt_records(task, n, seed, split=split)
+    texts = complete(model, chat, [r["prompt"] for r in records], batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, prompt_length=prompt_length)
+    correct, samples = 0, []
+    for record, text in zip(records, texts):
+        ok = tasks.check(task, record, text)
+        correct += ok
+        if len(samples) < show:
+            samples.append((record["prompt"][-1]["content"], text, ok))
     return {"task": task, "accuracy": correct / n, "correct": correct, "total": n,
             "samples": samples}
 

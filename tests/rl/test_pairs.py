@@ -1,0 +1,31 @@
+"""Pairs from a policy's own answers: chosen passes the task checker, rejected fails it,
+and every problem is accounted for."""
+
+import json
+
+from jalign.data import tasks
+from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+from jalign.models.build import create_model
+from jalign.models.config import preset
+from jalign.rl.pairs import policy_pairs, write_jsonl
+
+
+def test_policy_pairs_are_judged_by_the_checker(tmp_path):
+    chat = ChatTokenizer(load_tokenizer(None), None)
+    model = create_model(preset("tiny", vocab_size=512), seed=0)
+    records, stats = policy_pairs(model, chat, "add", n=24, samples=2, batch_size=16)
+    assert stats["problems"] == 24 and stats["samples"] == 48
+    assert stats["pairs_from_policy"] + stats["pairs_synthetic"] == len(records) == 24
+    assert stats["pairs_from_policy"] > 0  # an untrained model gets answers wrong
+    for r in records:
+        assert tasks.check("add", r, r["chosen"][0]["content"])
+        assert not tasks.check("add", r, r["rejected"][0]["content"])
+    # The same problems as the bundled prompt records of that seed, in order.
+    assert [r["prompt"] for r in records] == [p["prompt"] for p in tasks.prompt_records("add", 24, 0)]
+    path = write_jsonl(records, tmp_path / "pairs.jsonl")
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+
+    kept, stats = policy_pairs(model, chat, "add", n=24, samples=1, fill_synthetic=False,
+                               batch_size=16)
+    assert stats["left_out"] + stats["pairs_from_policy"] == 24 == stats["left_out"] + len(kept)
