@@ -15,6 +15,10 @@ log-ratios, h = (pc - rc) - (pr - rr), and beta the temperature:
 - ``robust`` (Chowdhury et al. 2024, "Provably Robust DPO"): unbiased under label flips
   with rate e: [(1-e) (-log sigmoid(beta h)) - e (-log sigmoid(-beta h))] / (1 - 2e).
 - ``reference_free=True``: rc = rr = 0 in any of the above.
+- ``dpop_lambda`` l > 0 (DPO-Positive; Pal et al. 2024, "Smaug: Fixing Failure Modes of
+  Preference Optimisation with DPO-Positive"): h - l max(0, rc - pc) in place of h, for
+  every loss_type that uses h. With chosen and rejected a few tokens apart (one wrong digit)
+  plain DPO can lower the chosen log-prob too; the penalty stops that.
 - ``simpo`` (Meng et al. 2024, "SimPO"): no reference, length-normalised:
   -log sigmoid(beta (pc/|yc| - pr/|yr|) - gamma). Needs the lengths.
 - ``orpo`` (Hong et al. 2024, "ORPO"): the odds-ratio term only,
@@ -44,7 +48,7 @@ def _lengths(x, name):
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              reference_free: bool = False, gamma: float = 0.5, chosen_lengths=None,
-             rejected_lengths=None):
+             rejected_lengths=None, dpop_lambda: float = 0.0):
     """(per-pair losses [pairs], aux dict of per-pair metrics). See the module docstring."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}; one of {LOSS_TYPES}")
@@ -57,6 +61,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_reward = beta * (pc - rc)
     rejected_reward = beta * (pr - rr)
     h = (pc - rc) - (pr - rr)
+    if dpop_lambda:
+        h = h - dpop_lambda * jax.nn.relu(rc - pc)
     e = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
@@ -123,6 +129,7 @@ class DPOConfig:
     reference_free: bool = False
     gamma: float = 0.5
     ipo_average: bool = False
+    dpop_lambda: float = 0.0
     sft_weight: float = 0.0
     reference: str = "in_step"
     chunk_tokens: int = 2048
@@ -132,6 +139,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type={self.loss_type!r}; one of {LOSS_TYPES}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"DPOConfig.reference={self.reference!r}; one of {REFERENCE_MODES}")
+        if self.dpop_lambda < 0:
+            raise ValueError(f"DPOConfig.dpop_lambda must be >= 0, got {self.dpop_lambda}")
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta must be positive, got {self.beta}")
 
@@ -196,6 +205,7 @@ def make_dpo_loss(config: DPOConfig):
         losses, aux = dpo_loss(pc, pr, rc, rr, beta=config.beta, loss_type=config.loss_type,
                                label_smoothing=config.label_smoothing,
                                reference_free=config.reference_free, gamma=config.gamma,
+                               dpop_lambda=config.dpop_lambda,
                                chosen_lengths=lc if use_lengths else None,
                                rejected_lengths=lr if use_lengths else None)
         n = jnp.asarray(pc.shape[0], jnp.float32)

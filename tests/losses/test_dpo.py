@@ -21,10 +21,10 @@ def logsig(x):
     return -np.logaddexp(0.0, -x)
 
 
-def reference(loss_type, pc, pr, rc, rr, eps=0.0, free=False, gamma=0.5):
+def reference(loss_type, pc, pr, rc, rr, eps=0.0, free=False, gamma=0.5, dpop=0.0):
     if free:
         rc, rr = 0 * rc, 0 * rr
-    h = (pc - rc) - (pr - rr)
+    h = (pc - rc) - (pr - rr) - dpop * np.maximum(0.0, rc - pc)
     if loss_type == "sigmoid":
         return -(1 - eps) * logsig(BETA * h) - eps * logsig(-BETA * h)
     if loss_type == "robust":
@@ -45,7 +45,8 @@ def reference(loss_type, pc, pr, rc, rr, eps=0.0, free=False, gamma=0.5):
 
 CASES = [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.2}),
          ("hinge", {}), ("ipo", {}), ("sigmoid", {"reference_free": True}),
-         ("ipo_avg", {}), ("simpo", {"gamma": 0.5}), ("orpo", {})]
+         ("ipo_avg", {}), ("simpo", {"gamma": 0.5}), ("orpo", {}),
+         ("sigmoid", {"dpop_lambda": 5.0})]
 
 
 def _call(name, kw, pc, pr, rc, rr):
@@ -59,7 +60,8 @@ def _call(name, kw, pc, pr, rc, rr):
 def test_values_match_independent_formula(name, kw):
     losses, aux = _call(name, kw, PC, PR, RC, RR)
     expected = reference(name, PC, PR, RC, RR, eps=kw.get("label_smoothing", 0.0),
-                         free=kw.get("reference_free", False), gamma=kw.get("gamma", 0.5))
+                         free=kw.get("reference_free", False), gamma=kw.get("gamma", 0.5),
+                         dpop=kw.get("dpop_lambda", 0.0))
     np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-5, atol=1e-6)
     assert aux["rewards/accuracy"].shape == (4,)
 
@@ -80,8 +82,9 @@ def test_gradients_match_finite_differences(name, kw):
             down[i][j] -= step
             eps = kw.get("label_smoothing", 0.0)
             free = kw.get("reference_free", False)
-            fd = (reference(name, *up, eps=eps, free=free).sum()
-                  - reference(name, *down, eps=eps, free=free).sum()) / (2 * step)
+            dpop = kw.get("dpop_lambda", 0.0)
+            fd = (reference(name, *up, eps=eps, free=free, dpop=dpop).sum()
+                  - reference(name, *down, eps=eps, free=free, dpop=dpop).sum()) / (2 * step)
             assert abs(float(grads[i][j]) - fd) <= 1e-3 * max(1.0, abs(fd)), (name, i, j)
 
 
