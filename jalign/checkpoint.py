@@ -85,15 +85,19 @@ def read_model_config(directory: str | os.PathLike, step: int | None = None) -> 
     return LlamaConfig.from_dict(restored["model_config"])
 
 
-def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> str:
-    """``causal_lm`` or ``scalar_head`` (checkpoints written before kinds existed: causal_lm)."""
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
     step = latest_step(directory) if step is None else step
     mngr = manager(_checkpoint_dir(directory))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     finally:
         mngr.close()
-    return restored["metadata"].get("model_kind", "causal_lm")
+    return restored["metadata"]
+
+
+def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> str:
+    """``causal_lm`` or ``scalar_head`` (checkpoints written before kinds existed: causal_lm)."""
+    return read_metadata(directory, step).get("model_kind", "causal_lm")
 
 
 def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,

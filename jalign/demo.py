@@ -62,10 +62,20 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512,
     from jalign.train.experiment import load_experiment
     from jalign.train.setup import load_initial_model
 
+    from jalign.checkpoint import resolve_run_dir
+
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"jalign demo: unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+    if any(b.replace(" ", "").startswith(("TrainConfig.run_name=", "ModelInit.source="))
+           for b in bindings):
+        raise SystemExit("jalign demo: each stage has its own run_name and model source; "
+                         "bind them with `jalign train configs/demo/<stage>.gin` instead")
     t0 = time.time()
+    sft_exp = load_experiment([DEMO_CONFIG], bindings)
+    # The later stages start from the SFT run wherever bindings (output_root) put it.
+    from_sft = (f"ModelInit.source='jalign:"
+                f"{resolve_run_dir(sft_exp.train.output_root, sft_exp.train.run_name)}'",)
     rows = []
     if "sft" in stages:
         exp = load_experiment([DEMO_CONFIG], bindings)
@@ -92,7 +102,7 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512,
     else:
         sft_accuracy = None
     if "rm" in stages:
-        exp, summary, model, secs = _train_stage("rm", bindings, fresh)
+        exp, summary, model, secs = _train_stage("rm", tuple(bindings) + from_sft, fresh)
         ev = summary["eval"] or {}
         rows += [("RM: held-out pairwise accuracy",
                   f"{ev.get('eval_accuracy', float('nan')):.1%} (chosen reward > rejected)"),
@@ -100,7 +110,7 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512,
                  ("RM: Hugging Face export (LlamaForSequenceClassification)",
                   str(_export(summary, model)))]
     if "dpo" in stages:
-        exp, summary, model, secs = _train_stage("dpo", bindings, fresh)
+        exp, summary, model, secs = _train_stage("dpo", tuple(bindings) + from_sft, fresh)
         after = _accuracy(model, exp, eval_n)
         start = f" (SFT {sft_accuracy:.1%})" if sft_accuracy is not None else ""
         ev = summary["eval"] or {}

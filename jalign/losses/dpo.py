@@ -61,8 +61,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_reward = beta * (pc - rc)
     rejected_reward = beta * (pr - rr)
     h = (pc - rc) - (pr - rr)
-    if dpop_lambda:
-        h = h - dpop_lambda * jax.nn.relu(rc - pc)
+    # DPO-Positive: the chosen falling below the reference is penalised in h (summed
+    # log-probs; IPO's averaged h below gets the averaged penalty).
+    penalty = dpop_lambda * jax.nn.relu(rc - pc) if dpop_lambda else 0.0
+    h = h - penalty
     e = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
@@ -75,7 +77,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         if chosen_lengths is not None or rejected_lengths is not None:
             lc = _lengths(chosen_lengths, "chosen_lengths")
             lr = _lengths(rejected_lengths, "rejected_lengths")
-            h = (pc - rc) / lc - (pr - rr) / lr
+            h = (pc - rc) / lc - (pr - rr) / lr - penalty / lc
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         lc = _lengths(chosen_lengths, "chosen_lengths")
@@ -139,8 +141,15 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type={self.loss_type!r}; one of {LOSS_TYPES}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"DPOConfig.reference={self.reference!r}; one of {REFERENCE_MODES}")
-        if self.dpop_lambda < 0:
-            raise ValueError(f"DPOConfig.dpop_lambda must be >= 0, got {self.dpop_lambda}")
+        if self.dpop_lambda < 0 or (self.dpop_lambda and self.loss_type in ("simpo", "orpo")):
+            raise ValueError(f"DPOConfig.dpop_lambda={self.dpop_lambda}: must be >= 0, and 0 "
+                             "for simpo/orpo (no reference to stay above)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got "
+                             f"{self.label_smoothing}")
+        if self.sft_weight < 0 or self.chunk_tokens <= 0:
+            raise ValueError(f"DPOConfig: sft_weight must be >= 0 and chunk_tokens > 0, got "
+                             f"{self.sft_weight}, {self.chunk_tokens}")
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta must be positive, got {self.beta}")
 

@@ -30,14 +30,14 @@ def policy_pairs(model, chat: ChatTokenizer, task: str, *, n: int, seed: int = 0
     right = 0
     for s in range(samples):
         texts = complete(model, chat, [r["prompt"] for r in prompts],
-                         rng=jax.random.key(seed * 1000 + s), greedy=False,
+                         rng=jax.random.fold_in(jax.random.key(seed), s), greedy=False,
                          temperature=temperature, batch_size=batch_size,
                          max_new_tokens=max_new_tokens)
         for i, (record, text) in enumerate(zip(prompts, texts)):
             if tasks.check(task, record, text):
                 right += 1
-            elif wrong[i] is None and tasks.normalize_completion(text):
-                wrong[i] = tasks.normalize_completion(text)
+            elif wrong[i] is None:
+                wrong[i] = tasks.normalize_completion(text) or None
     records = []
     stats = {"problems": n, "samples": n * samples, "sample_accuracy": right / max(n * samples, 1),
              "pairs_from_policy": 0, "pairs_synthetic": 0, "left_out": 0}
@@ -52,7 +52,7 @@ def policy_pairs(model, chat: ChatTokenizer, task: str, *, n: int, seed: int = 0
             stats["left_out"] += 1
             continue
         records.append({"prompt": record["prompt"],
-                        "chosen": [{"role": "assistant", "content": record["answer"]}],
+                        "chosen": [{"role": "assistant", "content": tasks.answer(task, record)}],
                         "rejected": rejected})
     return records, stats
 

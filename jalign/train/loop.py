@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 
 from jalign.checkpoint import TrainCheckpointer, resolve_run_dir
 from jalign.data.pipeline import DataConfig, build_iterator
+from jalign.losses.dpo import REFERENCE_NAME
 from jalign.models.config import LlamaConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import metrics as M
@@ -142,16 +143,21 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                              async_save=tc.async_save)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        from jalign.checkpoint import read_model_config, read_model_kind
+        from jalign.checkpoint import read_metadata, read_model_config
         model_config = read_model_config(run_dir, resume_step)
-        stored_kind = read_model_kind(run_dir, resume_step)
-        if stored_kind != algo.model_kind:
-            raise ValueError(f"{run_dir} holds a {stored_kind} run; algorithm {algo.name!r} "
-                             f"trains a {algo.model_kind}: use another TrainConfig.run_name")
+        meta = read_metadata(run_dir, resume_step)
+        stored = (meta.get("model_kind", "causal_lm"), meta.get("reference"))
+        if stored != (algo.model_kind, algo.reference):
+            raise ValueError(
+                f"{run_dir} holds a {stored[0]} run (reference model: {stored[1]}); "
+                f"algorithm {algo.name!r} trains a {algo.model_kind} (reference: "
+                f"{algo.reference}): the train states differ, use another TrainConfig.run_name")
     else:
         model_config = initial_model_config(model_init, model_config)
 
     loaded = {}
+    # What the precomputed reference scores depend on besides the data.
+    reference_key = repr((model_init, model_config.to_dict(), algo.name))
 
     def initial_model():  # loaded at most once: for the reference pass and/or a fresh state
         if "model" not in loaded:
@@ -171,7 +177,8 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
                 load_model=initial_model, score_fn=algo.reference_scores,
                 rows=config.batch_size // jax.process_count(), length=config.max_length,
-                pad_id=chat.pad_id, mesh=mesh, rules=rules, progress=tc.progress and is_main)
+                pad_id=chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
+                progress=tc.progress and is_main)
             if is_main:
                 print(f"reference log-probs for {info['examples']} {name} pairs "
                       f"{'read from cache' if info['cached'] else 'computed'}", flush=True)
@@ -180,9 +187,16 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     data = build_iterator(data_config, process_index=jax.process_index(),
                           process_count=jax.process_count(), progress=tc.progress and is_main,
                           annotate=annotator(data_config, "train"))
+    eval_iter = eval_start = None
+    if eval_data_config is not None and algo.reference == "precomputed":
+        # Score the eval split now, while only one model is in memory (not next to the state).
+        eval_iter = build_iterator(eval_data_config, process_index=jax.process_index(),
+                                   process_count=jax.process_count(),
+                                   annotate=annotator(eval_data_config, "eval"))
+        eval_start = eval_iter.get_state()
 
     optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps, algo.model_kind)
-    frozen_configs = {"reference": model_config} if algo.reference == "in_step" else None
+    frozen_configs = {REFERENCE_NAME: model_config} if algo.reference == "in_step" else None
     graphdef, abstract_state, shardings = abstract_train_state(
         model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind)
     if resume_step is not None:
@@ -191,7 +205,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         print(f"resumed {run_dir} at step {resume_step}", flush=True)
     else:
         model = initial_model()
-        frozen = {"reference": params_of(model)} if frozen_configs else None
+        frozen = {REFERENCE_NAME: params_of(model)} if frozen_configs else None
         state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
         del model, frozen
     loaded.clear()
@@ -220,8 +234,6 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
 
-    eval_iter = eval_start = None
-
     def evaluate(step: int) -> dict:
         nonlocal eval_iter, eval_start
         if eval_iter is None:  # tokenize the eval split once; rewind it for every eval
@@ -243,7 +255,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 acc[1] += float(c)
         if weight == 0:
             raise ValueError(f"eval data {eval_data_config.path} ({eval_data_config.split}) "
-                             "gave no target tokens")
+                             f"gave no {weight_name.replace('_', ' ')}")
         loss = total / weight
         result = {"step": step, "eval_loss": loss}
         if algo.data_kind == "conversation":  # per-token losses: perplexity means something
@@ -255,7 +267,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         step = ckpt.save(state, data_state=data.get_state(), model_config=model_config,
                          operative=operative_config,
                          extra_metadata={"reason": reason, "model_kind": algo.model_kind,
-                                         "algorithm": algo.name})
+                                         "algorithm": algo.name, "reference": algo.reference})
         if _fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fault("sigkill_after_save", step):

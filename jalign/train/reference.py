@@ -27,9 +27,10 @@ from jalign.train.step import batch_sharding
 CACHE_VERSION = 1
 
 
-def fingerprint(examples: list[dict]) -> str:
-    """Hash of every example's record index and token ids, in order."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+def fingerprint(examples: list[dict], model_key: str = "") -> str:
+    """Hash of what the scores depend on: the reference model (``model_key``: its source,
+    config and the scoring algorithm) and every example's record index and token ids."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{model_key}".encode())
     for ex in examples:
         h.update(str(ex.get("record_index", -1)).encode())
         for key in sorted(k for k in ex if k.endswith("_ids")):
@@ -43,7 +44,8 @@ def _read_cache(path: Path, expected: str, n: int) -> dict | None:
         return None
     with np.load(path, allow_pickle=False) as z:
         if str(z["fingerprint"]) != expected:
-            print(f"{path}: written for different data; recomputing", flush=True)
+            print(f"{path}: written for different data or another reference model; "
+                  "recomputing", flush=True)
             return None
         values = {k: z[k] for k in z.files if k != "fingerprint"}
     if any(len(v) != n for v in values.values()):
@@ -85,7 +87,7 @@ def compute_scores(model, examples: list[dict], score_fn: Callable, *, rows: int
     for b in range(batches):
         chunk = [examples[min(i, n - 1)] for i in range(b * rows, (b + 1) * rows)]
         padded = [packing.pad_pair(ex, length, pad_id) for ex in chunk]
-        local = {k: np.stack([p[k] for p in padded]) for k in padded[0] if not k.startswith("ref_")}
+        local = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
         batch = {k: jax.make_array_from_process_local_data(in_sh, v) for k, v in local.items()}
         result = fn(params, batch)
         for k, v in result.items():
@@ -108,13 +110,18 @@ def _local_rows(x: jax.Array, mesh) -> np.ndarray:
 
 def annotate(examples: list[dict], *, cache_path: Path, load_model: Callable, score_fn: Callable,
              rows: int, length: int, pad_id: int, mesh, rules=DEFAULT_RULES,
-             progress: bool = False) -> dict:
+             model_key: str = "", progress: bool = False) -> dict:
     """Attach score fields to each example (from the cache, or computed and cached).
     Returns {"cached": bool, "examples": n}."""
-    fp = fingerprint(examples)
+    fp = fingerprint(examples, model_key)
     values = _read_cache(cache_path, fp, len(examples))
     cached = values is not None
-    if values is None:
+    if jax.process_count() > 1:
+        # The pass is a collective (global jitted calls): recompute on every process
+        # unless every process holds a valid cache.
+        from jax.experimental import multihost_utils
+        cached = bool(np.all(multihost_utils.process_allgather(np.asarray(cached))))
+    if not cached:
         values = compute_scores(load_model(), examples, score_fn, rows=rows, length=length,
                                 pad_id=pad_id, mesh=mesh, rules=rules, progress=progress)
         _write_cache(cache_path, fp, values)

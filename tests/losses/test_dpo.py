@@ -34,7 +34,8 @@ def reference(loss_type, pc, pr, rc, rr, eps=0.0, free=False, gamma=0.5, dpop=0.
     if loss_type == "ipo":
         return (h - 1 / (2 * BETA)) ** 2
     if loss_type == "ipo_avg":
-        return ((pc - rc) / LC - (pr - rr) / LR - 1 / (2 * BETA)) ** 2
+        return ((pc - rc) / LC - (pr - rr) / LR - dpop * np.maximum(0.0, rc - pc) / LC
+                - 1 / (2 * BETA)) ** 2
     if loss_type == "simpo":
         return -logsig(BETA * (pc / LC - pr / LR) - gamma)
     if loss_type == "orpo":
@@ -46,7 +47,7 @@ def reference(loss_type, pc, pr, rc, rr, eps=0.0, free=False, gamma=0.5, dpop=0.
 CASES = [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.2}),
          ("hinge", {}), ("ipo", {}), ("sigmoid", {"reference_free": True}),
          ("ipo_avg", {}), ("simpo", {"gamma": 0.5}), ("orpo", {}),
-         ("sigmoid", {"dpop_lambda": 5.0})]
+         ("sigmoid", {"dpop_lambda": 5.0}), ("ipo_avg", {"dpop_lambda": 5.0})]
 
 
 def _call(name, kw, pc, pr, rc, rr):

@@ -29,3 +29,19 @@ def test_policy_pairs_are_judged_by_the_checker(tmp_path):
     kept, stats = policy_pairs(model, chat, "add", n=24, samples=1, fill_synthetic=False,
                                batch_size=16)
     assert stats["left_out"] + stats["pairs_from_policy"] == 24 == stats["left_out"] + len(kept)
+
+
+def test_problems_answered_right_get_the_synthetic_mistake(monkeypatch):
+    import jalign.rl.pairs as pairs
+
+    prompts = tasks.prompt_records("add", 6, 0)
+    # Right on even problems, a fixed wrong answer on odd ones.
+    fake = [p["answer"] if i % 2 == 0 else "7" for i, p in enumerate(prompts)]
+    monkeypatch.setattr(pairs, "complete", lambda *a, **k: list(fake))
+    records, stats = policy_pairs(None, None, "add", n=6, samples=2)
+    assert stats["sample_accuracy"] == 0.5
+    assert stats["pairs_from_policy"] == 3 == stats["pairs_synthetic"]
+    synthetic = tasks.preference_records("add", 6, 0)
+    for i, r in enumerate(records):
+        want = synthetic[i]["rejected"] if i % 2 == 0 else [{"role": "assistant", "content": "7"}]
+        assert r["rejected"] == want and r["prompt"] == prompts[i]["prompt"]
