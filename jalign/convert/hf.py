@@ -268,7 +268,7 @@ def _model_kind_for(kind: str, file_kind: str, directory: Path) -> str:
         raise ConversionError(
             f"{directory}: a LlamaForSequenceClassification (reward/value model) checkpoint "
             "has no LM head ('lm_head.weight'), so it cannot load as a causal LM; "
-            "load it with head='scalar'")
+            "load it with head='scalar' (CLI: --head scalar)")
     return kind
 
 

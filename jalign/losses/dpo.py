@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jalign.losses.sft import chunked_log_probs
+from jalign.losses.sft import target_log_probs
 from jalign.losses.types import LossOutput
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
@@ -164,13 +164,9 @@ def response_logps(model, ids_bt, mask_bt, segment_ids_bt, positions_bt=None,
 
     Token t+1 is a response token when ``mask_bt[t+1]`` is 1; it is predicted at t.
     """
-    hidden_btd = model.backbone(ids_bt, positions_bt, segment_ids_bt)
-    b, t, d = hidden_btd.shape
-    targets = ids_bt[:, 1:].reshape(-1)
-    mask = mask_bt[:, 1:].astype(jnp.float32)
-    w_dv = model.lm_head_weight().astype(hidden_btd.dtype)
-    logp = chunked_log_probs(hidden_btd[:, :-1].reshape(-1, d), w_dv, targets, chunk_tokens)
-    return jnp.sum(logp.reshape(b, t - 1) * mask, axis=1), jnp.sum(mask, axis=1)
+    logp, mask = target_log_probs(model, ids_bt, mask_bt, segment_ids_bt, positions_bt,
+                                  chunk_tokens)
+    return jnp.sum(logp * mask, axis=1), jnp.sum(mask, axis=1)
 
 
 def pair_logps(model, batch: dict, chunk_tokens: int = 2048):

@@ -44,6 +44,20 @@ def chunked_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOK
     return jax.lax.map(one, (hidden, targets)).reshape(-1)[:n]
 
 
+def target_log_probs(model, ids_bt, mask_bt, segment_ids_bt=None, positions_bt=None,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """(log p of each next token [B, T-1], its target mask [B, T-1] in float32).
+
+    Position t predicts token t+1; the mask of token t+1 says whether it is a target.
+    """
+    hidden_btd = model.backbone(ids_bt, positions_bt, segment_ids_bt)
+    b, t, d = hidden_btd.shape
+    w_dv = model.lm_head_weight().astype(hidden_btd.dtype)
+    logp = chunked_log_probs(hidden_btd[:, :-1].reshape(-1, d), w_dv,
+                             ids_bt[:, 1:].reshape(-1), chunk_tokens)
+    return logp.reshape(b, t - 1), mask_bt[:, 1:].astype(jnp.float32)
+
+
 def sft_loss(model, batch, ctx=None, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> LossOutput:
     """Sum of -log p over targets where ``loss_mask`` is 1; weight = number of targets.
 
@@ -51,13 +65,8 @@ def sft_loss(model, batch, ctx=None, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     Packed rows are safe: the first token of every segment has mask 0, so no target is
     predicted from the previous segment.
     """
-    hidden_btd = model.backbone(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
-    b, t, d = hidden_btd.shape
-    targets = batch["input_ids"][:, 1:].reshape(-1)
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32).reshape(-1)
-    hidden = hidden_btd[:, :-1].reshape(-1, d)
-    w_dv = model.lm_head_weight().astype(hidden.dtype)
-    logp = chunked_log_probs(hidden, w_dv, targets, chunk_tokens)
+    logp, mask = target_log_probs(model, batch["input_ids"], batch["loss_mask"],
+                                  batch.get("segment_ids"), batch.get("positions"), chunk_tokens)
     total = -jnp.sum(logp * mask)
     weight = jnp.sum(mask)
     return LossOutput(total, weight, {"nll": (total, weight)})
