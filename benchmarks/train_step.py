@@ -30,6 +30,27 @@ pooled over rounds; the table shows median and min seconds per step, tokens/s
 ``common.flops_per_step``) and speed relative to TRL (TRL's median / the row's median).
 Worker protocol and timing details: benchmarks/train_step_impls/*.py.
 
+``--algo dpo`` times a DPO train step instead, on the same model shape: ``--batch`` pairs
+(default 4), each a ``--prompt``-token prompt (128) followed by a chosen and a rejected
+response of ``seq - prompt`` tokens (384; the same random ids for everyone, common.pair_ids),
+sigmoid loss, beta 0.1, the same AdamW, fp32, and a frozen reference model = a copy of
+the initial policy whose forward runs every step:
+
+  jalign (unrolled)   ``make_train_step(make_dpo_loss(DPOConfig(beta=0.1)), ...,
+                      frozen_graphdefs={"reference": graphdef})``: the reference forward
+                      inside the same jitted, donating step; also (scan), and (unrolled)
+                      + the glibc tunables of the SFT glibc row
+  TRL DPOTrainer      ``trl.DPOTrainer.train()`` with ``ref_model`` = a second identical
+                      model, ``precompute_ref_log_probs=False``; gradient checkpointing off
+                      (the others recompute nothing), and on as TRL's configs default to
+  Tunix DPOTrainer    ``tunix.sft.dpo.DPOTrainer.train()`` on Tunix's Llama3 with a reference
+                      copy (Tunix runs its forward as a separate jitted call per step)
+
+The table then shows pairs/s, and the FLOPs are ``common.dpo_flops_per_step``: the SFT
+count for the 2 x pairs sequences (policy fwd + bwd) plus a third of it (the reference's
+forward). Every DPO timed interval includes the reference forward (details in
+train_step_impls/*_dpo_worker.py).
+
 Virtual environments (outside the repo; TRL and Tunix would change jalign's packages,
 e.g. ``pip install google-tunix`` downgrades transformers). Exact commands used:
 
@@ -59,6 +80,7 @@ Run from the repo root (about 9 minutes with the defaults on a quiet 2-core mach
     .venv/bin/python benchmarks/train_step.py
     .venv/bin/python benchmarks/train_step.py --only jalign,trl --rounds 2
     .venv/bin/python benchmarks/train_step.py --breakdown   # + where jalign's step goes
+    .venv/bin/python benchmarks/train_step.py --algo dpo    # the DPO step
 """
 
 from __future__ import annotations
@@ -81,7 +103,8 @@ HERE = Path(__file__).resolve().parent
 IMPLS_DIR = HERE / "train_step_impls"
 REPO = HERE.parent
 sys.path.insert(0, str(IMPLS_DIR))
-from common import HZ, SHAPE, cpu_busy, flops_per_step, proc_cpu  # noqa: E402
+from common import (DPO_BETA, DPO_PROMPT, HZ, SHAPE, cpu_busy, dpo_flops_per_step,  # noqa: E402
+                    flops_per_step, proc_cpu, wait_quiet)
 
 VENVS = Path("/work/bench-venvs")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -90,6 +113,7 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=429496729
                   "glibc.malloc.arena_max=1")
 ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "jalign-glibc",
         "torch", "trl", "tunix")
+DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix")
 HOWTO = {
     "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
     "tunix": ("python3.11 -m venv {venv} && {venv}/bin/pip install jax==0.10.2 flax==0.12.8 "
@@ -165,19 +189,6 @@ class Worker:
                 self.proc.wait()
 
 
-def wait_quiet(below: float, limit: float) -> float:
-    """Wait (at most ``limit`` s) until other processes use less than ``below`` cores
-    over a 1 s window (our workers are idle between steps, so all load is someone
-    else's). Returns the seconds waited."""
-    start = time.perf_counter()
-    while limit > 0:
-        b0 = cpu_busy()
-        time.sleep(1.0)
-        if (cpu_busy() - b0) / HZ < below or time.perf_counter() - start >= limit:
-            break
-    return time.perf_counter() - start
-
-
 def mem_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -204,6 +215,9 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
         return f"{py} not found" + (f"; create it: {how}" if how else "")
 
     jalign_env = {"PYTHONPATH": str(REPO)}
+    if args.algo == "dpo":
+        rows = plan_dpo(args, common + [f"--prompt={args.prompt}"], py_ok, jalign_env)
+        return select(rows, args.only, DPO_ROWS), {"peak": peak_cmd(args)}
     w = str(IMPLS_DIR / "jalign_worker.py")
     rows.append(("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")))
     rows.append(("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
@@ -228,13 +242,42 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("tunix", "Tunix PeftTrainer",
                  [args.tunix_python, str(IMPLS_DIR / "tunix_worker.py")] + common, {},
                  py_ok(args.tunix_python, "tunix")))
-    only = set(args.only.split(",")) if args.only else set(ROWS)
-    unknown = only - set(ROWS)
+    return select(rows, args.only, ROWS), {"peak": peak_cmd(args)}
+
+
+def plan_dpo(args, common: list[str], py_ok, jalign_env: dict) -> list:
+    """The DPO rows (``--algo dpo``): jalign's in-step-reference DPO step (unrolled, scan,
+    unrolled with the glibc tunables of the SFT glibc row), TRL's DPOTrainer (gradient
+    checkpointing off, and on as TRL's configs default to) and Tunix's DPOTrainer."""
+    jpy = args.jalign_python
+    w = str(IMPLS_DIR / "jalign_dpo_worker.py")
+    trl = [args.trl_python, str(IMPLS_DIR / "trl_dpo_worker.py")] + common
+    return [
+        ("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")),
+        ("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
+         py_ok(jpy, "")),
+        ("jalign-glibc", "jalign (unrolled) + glibc malloc tunables", [jpy, w] + common,
+         dict(jalign_env, GLIBC_TUNABLES=GLIBC_TUNABLES), py_ok(jpy, "")),
+        ("trl", "TRL DPOTrainer", trl, {}, py_ok(args.trl_python, "trl")),
+        ("trl-gc", "TRL DPOTrainer, gradient checkpointing (TRL's default)",
+         trl + ["--gradient-checkpointing"], {}, py_ok(args.trl_python, "trl")),
+        ("tunix", "Tunix DPOTrainer",
+         [args.tunix_python, str(IMPLS_DIR / "tunix_dpo_worker.py")] + common, {},
+         py_ok(args.tunix_python, "tunix")),
+    ]
+
+
+def select(rows: list, only_arg: str, known: tuple) -> list:
+    only = set(only_arg.split(",")) if only_arg else set(known)
+    unknown = only - set(known)
     if unknown:
-        raise SystemExit(f"--only: unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
-    rows = [r for r in rows if r[0] in only]
-    peak = (jpy, [jpy, str(IMPLS_DIR / "matmul_peak.py"), f"--n={args.peak_n}"])
-    return rows, {"peak": peak}
+        raise SystemExit(f"--only: unknown rows {sorted(unknown)}; known: {', '.join(known)}")
+    return [r for r in rows if r[0] in only]
+
+
+def peak_cmd(args):
+    jpy = args.jalign_python
+    return (jpy, [jpy, str(IMPLS_DIR / "matmul_peak.py"), f"--n={args.peak_n}"])
 
 
 def fmt_s(x):
@@ -246,11 +289,16 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument("--algo", choices=("sft", "dpo"), default="sft",
+                    help="which train step: SFT (default) or DPO (batch = pairs)")
+    ap.add_argument("--prompt", type=int, default=DPO_PROMPT,
+                    help="DPO: prompt tokens of each sequence (response = seq - prompt)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker (compile incl.)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1, help="timed steps per worker per round")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ROWS)} "
+                    f"(--algo dpo: of {','.join(DPO_ROWS)})")
     ap.add_argument("--jalign-python", default=os.environ.get("JALIGN_BENCH_PYTHON", sys.executable))
     ap.add_argument("--trl-python", default=os.environ.get("JALIGN_BENCH_TRL_PYTHON",
                                                           str(VENVS / "trl/bin/python")))
@@ -274,18 +322,34 @@ def main():
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     rows, extra = plan(args)
-    fl = flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers, args.heads,
-                        args.kv_heads, args.batch, args.seq)
+    dpo = args.algo == "dpo"
+    fl = (dpo_flops_per_step if dpo else flops_per_step)(
+        args.vocab, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads,
+        args.batch, args.seq)
     tokens = args.batch * args.seq
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, {mem_gib():.1f} GiB RAM, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"shape: vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"{args.layers} layers, {args.heads} q / {args.kv_heads} kv heads, untied; batch "
-          f"{args.batch} x {args.seq} = {tokens} tokens, fp32, AdamW, no clipping")
-    print(f"FLOPs/step: 6 x {fl['n_matmul_params']:,} matmul params x {tokens} tokens = "
-          f"{fl['dense'] / 1e9:.1f} G, + attention 3 x {args.layers} layers x 2 x "
-          f"(2 x B x H x T^2 x head_dim) = {fl['attention'] / 1e9:.1f} G; total "
-          f"{fl['total'] / 1e9:.1f} GFLOP")
+    if dpo:
+        tokens = 2 * args.batch * args.seq  # chosen and rejected sequences
+        print(f"shape: vocab {args.vocab}, hidden {args.hidden}, intermediate "
+              f"{args.intermediate}, {args.layers} layers, {args.heads} q / {args.kv_heads} kv "
+              f"heads, untied; DPO: {args.batch} pairs of {args.prompt} prompt + "
+              f"{args.seq - args.prompt} response tokens = 2 x {args.batch} x {args.seq} = "
+              f"{tokens} tokens, sigmoid loss, beta {DPO_BETA}, frozen reference = the initial "
+              f"policy, fp32, AdamW, no clipping")
+        print(f"FLOPs/step: policy fwd+bwd over {2 * args.batch} sequences: 6 x "
+              f"{fl['n_matmul_params']:,} matmul params x {tokens} tokens = "
+              f"{fl['dense'] / 1e9:.1f} G, + attention {fl['attention'] / 1e9:.1f} G = "
+              f"{fl['policy'] / 1e9:.1f} G; + reference forward (1/3 of that) "
+              f"{fl['reference'] / 1e9:.1f} G; total {fl['total'] / 1e9:.1f} GFLOP")
+    else:
+        print(f"shape: vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
+              f"{args.layers} layers, {args.heads} q / {args.kv_heads} kv heads, untied; batch "
+              f"{args.batch} x {args.seq} = {tokens} tokens, fp32, AdamW, no clipping")
+        print(f"FLOPs/step: 6 x {fl['n_matmul_params']:,} matmul params x {tokens} tokens = "
+              f"{fl['dense'] / 1e9:.1f} G, + attention 3 x {args.layers} layers x 2 x "
+              f"(2 x B x H x T^2 x head_dim) = {fl['attention'] / 1e9:.1f} G; total "
+              f"{fl['total'] / 1e9:.1f} GFLOP")
     print(f"protocol: warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps, "
           f"rotating order; logs in {logs}\n", flush=True)
 
@@ -300,7 +364,7 @@ def main():
         if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
         t0 = time.perf_counter()
-        w = Worker(key, label, cmd, env, logs / f"{key}.log")
+        w = Worker(key, label, cmd, env, logs / f"{'dpo-' if dpo else ''}{key}.log")
         msg = w.wait("ready", args.start_timeout)
         if msg is None:
             print(f"[{label}] not run: {w.error}", flush=True)
@@ -371,9 +435,15 @@ def main():
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
     trl = results.get("trl")
-    print(f"\nSFT train step, {tokens} tokens/step, {fl['total'] / 1e9:.1f} GFLOP/step; "
-          f"{args.rounds} rounds x {args.steps} steps per implementation\n")
-    print("| implementation | median s/step | min s/step | max s/step | tokens/s | "
+    if dpo:
+        print(f"\nDPO train step, {args.batch} pairs ({tokens} tokens) per step, "
+              f"{fl['total'] / 1e9:.1f} GFLOP/step; {args.rounds} rounds x {args.steps} steps "
+              "per implementation\n")
+    else:
+        print(f"\nSFT train step, {tokens} tokens/step, {fl['total'] / 1e9:.1f} GFLOP/step; "
+              f"{args.rounds} rounds x {args.steps} steps per implementation\n")
+    unit, per_step = ("pairs/s", args.batch) if dpo else ("tokens/s", tokens)
+    print(f"| implementation | median s/step | min s/step | max s/step | {unit} | "
           "GFLOP/s | MFU | speed vs TRL | page faults/step | others' CPU (cores) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in [r[0] for r in rows]:
@@ -382,7 +452,8 @@ def main():
             gf = fl["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
             vs = f"{trl[1] / med:.2f}x" if trl else "n/a"
-            print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {tokens / med:.0f} | "
+            rate = f"{per_step / med:.3f}" if dpo else f"{tokens / med:.0f}"
+            print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {rate} | "
                   f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {others:.2f} |")
         elif key in skipped:
             label, reason = skipped[key]
@@ -393,12 +464,20 @@ def main():
           "median CPU use of all other processes on the machine while this row's steps ran "
           "(/proc/stat minus the worker's own /proc/<pid>/stat), in cores out of "
           f"{os.cpu_count()}: the noise each row suffered.")
+    if dpo:
+        print("DPO: pairs/s = pairs per step / median s/step; every row's timed step includes "
+              "the frozen reference's forward over the same 2 x pairs sequences (jalign: inside "
+              "the one jitted step; TRL: inside compute_loss; Tunix: its separate jitted call "
+              "in _prepare_inputs).")
     print("\nversions / settings:")
     for w in workers:
         i = w.info
         keep = {k: i[k] for k in ("versions", "optim", "optimizer_class", "attn_implementation",
                                   "threads", "n_params", "input_shape", "labels_trainable",
-                                  "ld_preload", "lora") if k in i}
+                                  "ld_preload", "lora", "gradient_checkpointing",
+                                  "policy_gradient_checkpointing", "ref_model_separate",
+                                  "ref_logps_in_step", "response_tokens", "dpo_config")
+                if k in i}
         if w.key == "jalign-glibc":
             keep["GLIBC_TUNABLES"] = GLIBC_TUNABLES
         print(f"  {w.label}: {json.dumps(keep)}")
@@ -407,7 +486,7 @@ def main():
           f"waiting for a quiet machine before steps)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"flops": fl, "peak_gflops": peak_gflops,
+            {**({"algo": "dpo", "prompt": args.prompt} if dpo else {}), "flops": fl, "peak_gflops": peak_gflops,
              "peak_times": peak_worker.times if peak_worker else [],
              "rows": {w.key: {"label": w.label, "times": w.times, "faults": w.faults,
                               "others_cores": w.others, "waited_s": w.waited,

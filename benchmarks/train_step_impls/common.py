@@ -48,6 +48,33 @@ def batch_ids(batch: int, seq: int, vocab: int, seed: int = 0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int64)
 
 
+# DPO benchmark: each of the ``batch`` pairs is one prompt of DPO_PROMPT tokens followed by
+# a chosen or a rejected response of ``seq - DPO_PROMPT`` tokens (so every sequence is
+# ``seq`` long); sigmoid loss with this beta; frozen reference = the initial policy.
+DPO_PROMPT = 128
+DPO_BETA = 0.1
+EOS_ID = 2  # the toy tokenizer's EOS (trl_worker.toy_tokenizer)
+
+
+def pair_ids(pairs: int, prompt: int, seq: int, vocab: int, seed: int = 0):
+    """The same random preference pairs for every implementation: (prompt [pairs, prompt],
+    chosen [pairs, seq - prompt], rejected [pairs, seq - prompt]) numpy int64 ids. Both
+    responses end in EOS_ID (TRL appends an EOS to a response that lacks one; this way it
+    appends nothing and every implementation sees the same ids); otherwise chosen and
+    rejected differ everywhere they happen to be drawn differently."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    response = seq - prompt
+    if not 0 < prompt < seq:
+        raise ValueError(f"prompt length {prompt} must be in (0, seq={seq})")
+    p = rng.integers(0, vocab, size=(pairs, prompt), dtype=np.int64)
+    c = rng.integers(0, vocab, size=(pairs, response), dtype=np.int64)
+    r = rng.integers(0, vocab, size=(pairs, response), dtype=np.int64)
+    c[:, -1] = EOS_ID
+    r[:, -1] = EOS_ID
+    return p, c, r
+
+
 class Channel:
     """The worker's side of the protocol."""
 
@@ -90,6 +117,19 @@ def proc_cpu(pid: int) -> int:
         return int(f[11]) + int(f[12])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def wait_quiet(below: float, limit: float) -> float:
+    """Wait (at most ``limit`` s) until other processes use less than ``below`` cores
+    over a 1 s window (call it while this process is idle, so that all load is someone
+    else's). Returns the seconds waited."""
+    start = time.perf_counter()
+    while limit > 0:
+        b0 = cpu_busy()
+        time.sleep(1.0)
+        if (cpu_busy() - b0) / HZ < below or time.perf_counter() - start >= limit:
+            break
+    return time.perf_counter() - start
 
 
 def minor_faults() -> int:
@@ -188,3 +228,18 @@ def flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, batch, 
     attn = 3 * layers * 2 * (2 * batch * heads * seq * seq * hd)
     return dict(n_matmul_params=n_matmul, tokens=tokens, dense=dense, attention=attn,
                 total=dense + attn)
+
+
+def dpo_flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, pairs, seq,
+                       head_dim=None) -> dict:
+    """Matmul FLOPs of one DPO step with an in-step reference: the policy's forward +
+    backward over the 2 * pairs sequences (chosen and rejected; ``flops_per_step`` with
+    batch 2 * pairs) plus the frozen reference's forward over the same sequences (a third
+    of that: forward only). Like the SFT count, the LM head is counted on every position,
+    prompt included: jalign computes it there; TRL's fused head and Tunix project only the
+    positions that predict a response token (then ~3.5% fewer FLOPs at this shape)."""
+    policy = flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, 2 * pairs,
+                            seq, head_dim)
+    reference = policy["total"] // 3
+    return dict(policy, policy=policy["total"], reference=reference,
+                total=policy["total"] + reference, pairs=pairs)

@@ -15,12 +15,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ADAMW, batch_ids, flops_per_step, serve, worker_args  # noqa: E402
 
 
-def build(args, scan_layers: bool, **cfg_overrides):
+def build(args, scan_layers: bool, *, loss_fn=None, batch=None, reference: bool = False,
+          **cfg_overrides):
     """A namespace with cfg, mesh, graphdef, tx, state (sharded), state_sharding, step
-    (jitted, donating) and batch (on device)."""
+    (jitted, donating) and batch (on device).
+
+    Defaults: the SFT step (``sft_loss`` on ``batch_ids``). ``loss_fn``/``batch`` (numpy
+    dict, leading dim ``args.batch``) replace them; ``reference=True`` adds a frozen copy of
+    the initial params as ``TrainState.frozen["reference"]`` (own buffers: the state is
+    donated) with the policy's graphdef and shardings, as jalign's DPO training does."""
     import types
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from jalign.losses.sft import sft_loss
@@ -47,28 +54,33 @@ def build(args, scan_layers: bool, **cfg_overrides):
                               weight_decay=ADAMW["weight_decay"], clip_norm=None,
                               warmup_steps=0)
     tx, _ = make_optimizer(opt_cfg, params, total_steps=args.max_steps)
-    state = init_state(params, tx, seed=0)
-    sh = state_shardings(jax.eval_shape(lambda s: s, state),
-                         model_param_shardings(abstract, mesh), mesh)
+    frozen = frozen_sh = frozen_defs = None
+    params_sh = model_param_shardings(abstract, mesh)
+    if reference:
+        frozen = {"reference": jax.tree.map(jnp.copy, params)}
+        frozen_sh, frozen_defs = {"reference": params_sh}, {"reference": graphdef}
+    state = init_state(params, tx, seed=0, frozen=frozen)
+    sh = state_shardings(jax.eval_shape(lambda s: s, state), params_sh, mesh, frozen_sh)
     state = jax.device_put(state, sh)
-    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
-                           global_batch=args.batch)
-    ids = batch_ids(args.batch, args.seq, args.vocab).astype(np.int32)
-    batch = {"input_ids": ids, "loss_mask": np.ones_like(ids),
-             "segment_ids": np.ones_like(ids),
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy()}
+    step = make_train_step(loss_fn or sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
+                           global_batch=args.batch, frozen_graphdefs=frozen_defs)
+    if batch is None:
+        ids = batch_ids(args.batch, args.seq, args.vocab).astype(np.int32)
+        batch = {"input_ids": ids, "loss_mask": np.ones_like(ids),
+                 "segment_ids": np.ones_like(ids),
+                 "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32),
+                                              ids.shape).copy()}
     batch = jax.device_put(batch)
     return types.SimpleNamespace(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, state=state,
                                  state_sharding=sh, step=step, batch=batch)
 
 
-def main():
-    args = worker_args(lambda ap: ap.add_argument("--scan", action="store_true",
-                                                  help="scan_layers=True (default: unrolled)"))
+def serve_step(b, name: str, flops: dict, warmup: int, **extra_info):
+    """Compile ``b.step`` ahead of time and serve it (common.serve): one step = the
+    compiled step on the donated state, blocked on the loss."""
     import jax
     import jaxlib
 
-    b = build(args, args.scan)
     cfg, step, state, batch = b.cfg, b.step, b.state, b.batch
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -84,14 +96,13 @@ def main():
         losses.append(float(jax.block_until_ready(metrics["loss"])))
 
     info = dict(
-        name=f"jalign ({'scan' if args.scan else 'unrolled'})",
+        name=name,
         versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__,
                       flax=__import__("flax").__version__, optax=__import__("optax").__version__),
         devices=str(jax.devices()), compile_s=compile_s,
         xla_flops=float(cost.get("flops", -1)) if cost else -1,
         n_params=cfg.num_params(), ld_preload=os.environ.get("LD_PRELOAD", ""),
-        flops=flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers,
-                             args.heads, args.kv_heads, args.batch, args.seq),
+        flops=flops, **extra_info,
     )
     info["first_loss"] = None
 
@@ -100,7 +111,16 @@ def main():
         if info["first_loss"] is None:
             info["first_loss"] = losses[0]
 
-    serve(warm_step, args.warmup, info)
+    serve(warm_step, warmup, info)
+
+
+def main():
+    args = worker_args(lambda ap: ap.add_argument("--scan", action="store_true",
+                                                  help="scan_layers=True (default: unrolled)"))
+    b = build(args, args.scan)
+    serve_step(b, f"jalign ({'scan' if args.scan else 'unrolled'})",
+               flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers,
+                              args.heads, args.kv_heads, args.batch, args.seq), args.warmup)
 
 
 if __name__ == "__main__":

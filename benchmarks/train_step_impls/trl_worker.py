@@ -25,15 +25,33 @@ from common import ADAMW, Gate, batch_ids, flops_per_step, worker_args  # noqa: 
 from torch_worker import hf_model  # noqa: E402
 
 
-def toy_tokenizer(vocab: int):
+def toy_tokenizer(vocab: int, split_words: bool = False):
     """A word-level tokenizer with ``vocab`` entries, built in memory: SFTTrainer wants
-    a processing class (for the pad token) and nothing may be downloaded."""
-    from tokenizers import Tokenizer, models
+    a processing class (for the pad token) and nothing may be downloaded.
+
+    ``split_words``: a tokenizer for text, for trainers that tokenize strings themselves
+    (DPOTrainer): token i is the word ``toy_words(vocab)[i]``, words are split on
+    whitespace, so ``" ".join(words[i] for i in ids)`` encodes to exactly ``ids``. (Its
+    special tokens are not "t0".."t3": special tokens match inside words, "t2210" would
+    become [2, unk].)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t3"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1",
-                                   eos_token="t2", unk_token="t3")
+    if not split_words:
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t3"))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1",
+                                       eos_token="t2", unk_token="t3")
+    words = toy_words(vocab)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[3]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=words[0], bos_token=words[1],
+                                   eos_token=words[2], unk_token=words[3])
+
+
+def toy_words(vocab: int) -> list[str]:
+    """The words of ``toy_tokenizer(vocab, split_words=True)``, by id (ids 0-3: pad, bos,
+    eos, unk)."""
+    return ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, vocab)]
 
 
 def main():

@@ -25,18 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ADAMW, Gate, batch_ids, flops_per_step, worker_args  # noqa: E402
 
 
-def main():
-    args = worker_args()
+def build_model(args):
+    """(Tunix Llama3 of the benchmark shape with every matrix re-drawn N(0, 0.02^2), its
+    nnx.Param state). Deterministic: two calls give equal weights in separate arrays."""
     import jax
-    import jaxlib
-    import numpy as np
-    import optax
     from flax import nnx
-
-    import tunix
     from tunix.models.llama3 import model as llama3
-    from tunix.sft import hooks, peft_trainer
-    from tunix.sft import utils as sft_utils
 
     cfg = llama3.ModelConfig(num_layers=args.layers, vocab_size=args.vocab,
                              embed_dim=args.hidden, hidden_dim=args.intermediate,
@@ -50,7 +44,21 @@ def main():
         lambda p: (jax.random.normal(next(keys), p.shape, p.dtype) * 0.02 if p.ndim >= 2 else p),
         params)
     nnx.update(model, params)
+    return model, params
 
+
+def main():
+    args = worker_args()
+    import jax
+    import jaxlib
+    import numpy as np
+    import optax
+
+    import tunix
+    from tunix.sft import hooks, peft_trainer
+    from tunix.sft import utils as sft_utils
+
+    model, params = build_model(args)
     tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
                      weight_decay=ADAMW["weight_decay"])
     config = peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=args.max_steps,
