@@ -315,7 +315,8 @@ def main():
     ap.add_argument("--logs", default="/tmp/jalign_train_step_bench")
     ap.add_argument("--json", default="", help="write raw per-step times here")
     ap.add_argument("--breakdown", action="store_true",
-                    help="afterwards, run benchmarks/train_step_impls/jalign_breakdown.py")
+                    help="afterwards, run benchmarks/train_step_impls/jalign_breakdown.py "
+                    "(--algo dpo: jalign_dpo_breakdown.py)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -495,7 +496,8 @@ def main():
              "skipped": skipped}, indent=1))
     if args.breakdown:
         print("\n--- jalign breakdown ---", flush=True)
-        subprocess.run([args.jalign_python, str(IMPLS_DIR / "jalign_breakdown.py")],
+        script = "jalign_dpo_breakdown.py" if dpo else "jalign_breakdown.py"
+        subprocess.run([args.jalign_python, str(IMPLS_DIR / script)],
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
