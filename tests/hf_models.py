@@ -7,6 +7,8 @@ almost uniform, which would hide RoPE and masking bugs.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 try:
@@ -77,3 +79,14 @@ def save_hf_model(name: str, path, seed: int = 0, dtype=None, **overrides):
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.array(ids))).logits.float().numpy()
+
+
+class WarningCapture(logging.Handler):
+    """Collects WARNING+ log records (e.g. transformers' missing/unexpected-key warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)

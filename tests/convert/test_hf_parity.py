@@ -9,7 +9,8 @@ import transformers
 
 from jalign.convert.hf import load_hf, save_hf
 from jalign.models.build import forward
-from tests.hf_models import hf_logits, save_hf_model
+from tests.hf_models import WarningCapture, hf_logits, save_hf_model
+
 
 # (config name, sequence length). llama3_1 runs 80 tokens: longer than its
 # original_max_position_embeddings (32), where llama3 scaling matters.
@@ -18,15 +19,6 @@ CASES = [("llama2", 40), ("llama3_1", 80), ("llama3_2", 64), ("biased", 30)]
 
 def _ids(vocab, length, batch=2, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 @pytest.mark.parametrize("name,length", CASES)
@@ -43,7 +35,7 @@ def test_import_and_export_match_transformers(tmp_path, name, length):
     save_hf(config, model, tmp_path / "export", max_shard_bytes=30_000)  # several shards
     assert (tmp_path / "export" / "model.safetensors.index.json").exists()
     assert (tmp_path / "export" / "generation_config.json").exists()
-    capture = _Capture()
+    capture = WarningCapture()
     tf_logger = logging.getLogger("transformers")
     tf_logger.addHandler(capture)
     try:

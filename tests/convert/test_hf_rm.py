@@ -17,7 +17,8 @@ from jalign.cli import main
 from jalign.convert.hf import load_hf, save_hf
 from jalign.convert.safetensors_io import ConversionError, SafetensorsCheckpoint
 from jalign.models.heads import ScalarHeadModel, fresh_score
-from tests.hf_models import make_hf_model, save_hf_model
+from tests.hf_models import WarningCapture, make_hf_model, save_hf_model
+
 
 PAD = 0  # jalign's default classifier pad id; real tokens below never use it
 LENGTHS = (24, 9, 17)  # a right-padded batch of 3 rows of different lengths
@@ -79,18 +80,9 @@ def _tensors(path):
     return {k: ckpt.read(k) for k in ckpt.tensors}
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 def _from_pretrained_quietly(path):
     """Load with transformers; fail on any missing/unexpected key or logged warning."""
-    capture = _Capture()
+    capture = WarningCapture()
     tf_logger = logging.getLogger("transformers")
     tf_logger.addHandler(capture)
     try:
