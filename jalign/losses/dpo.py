@@ -109,6 +109,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # ------------------------------------------------------------------ the training loss
 
 REFERENCE_MODES = ("in_step", "precomputed")
+SPANS = ("response", "to_first_difference")
 REFERENCE_NAME = "reference"  # the frozen model's name in TrainState.frozen / ctx.frozen
 
 
@@ -123,6 +124,14 @@ class DPOConfig:
     response's per-token NLL to each pair's loss (ORPO's SFT term; also RPO-style DPO).
     ``ipo_average``: IPO on log-probs averaged over response tokens (the IPO paper, TRL)
     instead of summed.
+    ``span``: ``response`` scores each whole response; ``to_first_difference`` scores both
+    responses only up to and including the first token where they differ (Step-DPO; Lai
+    et al. 2024, "Step-DPO", with one token as the step). The shared prefix cancels in h
+    either way; what the option drops is everything after the fork, where the two sides
+    condition on different prefixes. At the fork both sides see the same context, so the
+    logit gradient of h is exactly e_chosen - e_rejected there: probability moves from the
+    wrong token to the right one and nowhere else, while pushing down a wrong answer's
+    later tokens spreads probability over unrelated tokens (docs/preference.md).
     """
 
     beta: float = 0.1
@@ -134,6 +143,7 @@ class DPOConfig:
     dpop_lambda: float = 0.0
     sft_weight: float = 0.0
     reference: str = "in_step"
+    span: str = "response"
     chunk_tokens: int = 2048
 
     def __post_init__(self):
@@ -141,6 +151,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type={self.loss_type!r}; one of {LOSS_TYPES}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"DPOConfig.reference={self.reference!r}; one of {REFERENCE_MODES}")
+        if self.span not in SPANS:
+            raise ValueError(f"DPOConfig.span={self.span!r}; one of {SPANS}")
         if self.dpop_lambda < 0 or (self.dpop_lambda and self.loss_type in ("simpo", "orpo")):
             raise ValueError(f"DPOConfig.dpop_lambda={self.dpop_lambda}: must be >= 0, and 0 "
                              "for simpo/orpo (no reference to stay above)")
@@ -169,10 +181,29 @@ def response_logps(model, ids_bt, mask_bt, segment_ids_bt, positions_bt=None,
     return jnp.sum(logp * mask, axis=1), jnp.sum(mask, axis=1)
 
 
-def pair_logps(model, batch: dict, chunk_tokens: int = 2048):
+def to_first_difference(batch: dict) -> dict:
+    """The pair batch with both loss masks cut after the first response token where the
+    chosen and rejected rows differ (token or mask), that token included. The two rows
+    share the prompt and are right-padded, so response token t sits at index t in both.
+    Identical responses keep their whole masks (h = 0 either way)."""
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    c_m, r_m = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
+    t = c_ids.shape[1]
+    idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), c_ids.shape)
+    fork_bt = ((c_ids != r_ids) | (c_m != r_m)) & ((c_m > 0) | (r_m > 0))
+    first_b = jnp.min(jnp.where(fork_bt, idx_bt, t), axis=1)
+    keep_bt = (idx_bt <= first_b[:, None]).astype(c_m.dtype)
+    return {**batch, "chosen_loss_mask": c_m * keep_bt, "rejected_loss_mask": r_m * keep_bt}
+
+
+def pair_logps(model, batch: dict, chunk_tokens: int = 2048, span: str = "response"):
     """Chosen and rejected rows scored in ONE forward over 2N rows (the pair's two sides
     see identical weights and numerics; one matmul shape instead of two).
     Returns (chosen logps [N], rejected logps [N], chosen lengths, rejected lengths)."""
+    if span == "to_first_difference":
+        batch = to_first_difference(batch)
+    elif span != "response":
+        raise ValueError(f"span={span!r}; one of {SPANS}")
     n = batch["chosen_input_ids"].shape[0]
 
     def both(key):
@@ -191,7 +222,7 @@ def make_dpo_loss(config: DPOConfig):
     batch's ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed)."""
 
     def loss_fn(model, batch, ctx=None) -> LossOutput:
-        pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens)
+        pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens, config.span)
         if not config.needs_reference:
             rc = rr = jnp.zeros_like(pc)
         elif config.reference == "precomputed":
@@ -203,7 +234,8 @@ def make_dpo_loss(config: DPOConfig):
             if ctx is None or REFERENCE_NAME not in (ctx.frozen or {}):
                 raise ValueError("DPOConfig.reference='in_step' needs a frozen 'reference' "
                                  "model in the train state")
-            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens)
+            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens,
+                                      config.span)
             rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
         use_lengths = config.loss_type in ("simpo", "orpo") or (
             config.loss_type == "ipo" and config.ipo_average)
@@ -225,7 +257,8 @@ def make_dpo_loss(config: DPOConfig):
     return loss_fn
 
 
-def reference_scores(model, batch: dict, chunk_tokens: int = 2048) -> dict:
+def reference_scores(model, batch: dict, chunk_tokens: int = 2048,
+                     span: str = "response") -> dict:
     """Per-pair fields a precomputed-reference pass stores with the data."""
-    rc, rr, _, _ = pair_logps(model, batch, chunk_tokens)
+    rc, rr, _, _ = pair_logps(model, batch, chunk_tokens, span)
     return {"ref_chosen_logps": rc, "ref_rejected_logps": rr}

@@ -43,9 +43,12 @@ def rm_algorithm(config: rm.RMConfig) -> Algorithm:
 
 def dpo_algorithm(config: dpo.DPOConfig) -> Algorithm:
     reference = config.reference if config.needs_reference else None
-    scores = (functools.partial(dpo.reference_scores, chunk_tokens=config.chunk_tokens)
+    scores = (functools.partial(dpo.reference_scores, chunk_tokens=config.chunk_tokens,
+                                span=config.span)
               if reference == "precomputed" else None)
-    return Algorithm(f"dpo/{config.loss_type}", dpo.make_dpo_loss(config),
+    # The name keys the precomputed-reference cache, so it names the span scored.
+    name = f"dpo/{config.loss_type}" + ("" if config.span == "response" else f"/{config.span}")
+    return Algorithm(name, dpo.make_dpo_loss(config),
                      data_kind="preference", reference=reference, reference_scores=scores)
 
 

@@ -2,6 +2,8 @@
 loss does not depend on how pairs are split (micro-batches, 8 devices), precomputed ==
 in-step reference, ORPO's SFT term."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,14 +47,19 @@ def models():
     return create_model(CONFIG, seed=0), create_model(CONFIG, seed=1)
 
 
+def _numpy_logps(model, ids, seg):
+    """log p of every vocabulary entry at every position [B, T, V], float64, by full softmax."""
+    logits = np.asarray(model(jnp.asarray(ids), None, jnp.asarray(seg)), np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
 def test_response_logps_match_full_softmax(models):
     policy, _ = models
     b = _batch(_examples(4))
     ids, mask, seg = b["chosen_input_ids"], b["chosen_loss_mask"], b["chosen_segment_ids"]
     got, lengths = jax.jit(response_logps)(policy, ids, mask, seg)
-    logits = np.asarray(policy(jnp.asarray(ids), None, jnp.asarray(seg)), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logp = _numpy_logps(policy, ids, seg)
     want = [sum(logp[r, t, ids[r, t + 1]] for t in range(LENGTH - 1) if mask[r, t + 1])
             for r in range(len(ids))]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
@@ -101,13 +108,64 @@ def test_pair_loss_independent_of_split_and_devices():
             np.testing.assert_array_equal(a, b)  # the reference never changes
 
 
-def test_precomputed_reference_equals_in_step(models):
+def _forked_examples(n=6, seed=7):
+    """Pairs whose responses share a prefix and then differ (like a wrong digit), with
+    unequal lengths; one pair has identical responses."""
+    rng = np.random.default_rng(seed)
+    draw = lambda k: rng.integers(3, CONFIG.vocab_size, k).astype(np.int32)  # noqa: E731
+    out = []
+    for i in range(n):
+        prompt, shared = draw(3 + i % 4), draw(i % 4)
+        chosen = np.concatenate([shared, draw(1 + i % 3)])
+        rejected = np.concatenate([shared, draw(2 + i % 2)]) if i else chosen.copy()
+        out.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return out
+
+
+def test_first_difference_span_by_hand(models):
+    """span='to_first_difference': each side's log-prob sums its response tokens up to and
+    including the first one that differs from the other side (found here by a Python scan
+    of the unpadded responses), and the sigmoid loss follows from those sums."""
     policy, ref = models
-    examples = _examples(8, seed=3)
+    examples = _forked_examples()
+    batch = jax.tree.map(jnp.asarray, _batch(examples))
+    beta = 0.4
+    out = make_dpo_loss(DPOConfig(beta=beta, span="to_first_difference"))(
+        policy, batch, StepContext(jax.random.key(0), {"reference": ref}, 0))
+    sums = {}
+    for name, model in (("policy", policy), ("ref", ref)):
+        for side in ("chosen", "rejected"):
+            ids = np.asarray(batch[f"{side}_input_ids"])
+            logp = _numpy_logps(model, ids, np.asarray(batch[f"{side}_segment_ids"]))
+            row_sums = []
+            for r, e in enumerate(examples):
+                c, w = list(e["chosen_ids"]), list(e["rejected_ids"])
+                fork = next((k for k in range(max(len(c), len(w)))
+                             if k >= min(len(c), len(w)) or c[k] != w[k]), None)
+                resp = e[f"{side}_ids"]
+                keep = len(resp) if fork is None else min(fork + 1, len(resp))
+                start = len(e["prompt_ids"])  # response token k sits at index start + k
+                row_sums.append(sum(logp[r, start + k - 1, resp[k]] for k in range(keep)))
+            sums[name, side] = np.array(row_sums)
+    h = (sums["policy", "chosen"] - sums["ref", "chosen"]) - (
+        sums["policy", "rejected"] - sums["ref", "rejected"])
+    want = np.sum(np.log1p(np.exp(-beta * h)))
+    np.testing.assert_allclose(float(out.total), want, rtol=1e-5)
+    assert abs(h[0]) == 0.0  # identical responses: no preference signal
+    full = make_dpo_loss(DPOConfig(beta=beta))(
+        policy, batch, StepContext(jax.random.key(0), {"reference": ref}, 0))
+    assert abs(float(full.total) - want) > 1e-3  # the span changed what is scored
+
+
+@pytest.mark.parametrize("span", ["response", "to_first_difference"])
+def test_precomputed_reference_equals_in_step(models, span):
+    policy, ref = models
+    examples = _examples(8, seed=3) if span == "response" else _forked_examples(8)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     graphdef, params = abstract_model(CONFIG)[0], params_of(policy)
     # The real precompute path: padded in its own batches of 3 (not the training batch).
-    scores = compute_scores(ref, examples, reference_scores, rows=3, length=LENGTH, pad_id=PAD,
+    score_fn = functools.partial(reference_scores, span=span)
+    scores = compute_scores(ref, examples, score_fn, rows=3, length=LENGTH, pad_id=PAD,
                             mesh=mesh)
     annotated = [dict(e, ref_chosen_logps=scores["ref_chosen_logps"][i],
                       ref_rejected_logps=scores["ref_rejected_logps"][i])
@@ -117,7 +175,7 @@ def test_precomputed_reference_equals_in_step(models):
     rng = jax.random.key(0)
     results = {}
     for mode in ("in_step", "precomputed"):
-        loss_fn = make_dpo_loss(DPOConfig(beta=0.3, reference=mode))
+        loss_fn = make_dpo_loss(DPOConfig(beta=0.3, reference=mode, span=span))
         frozen = {"reference": ref} if mode == "in_step" else {}
         out, g = jax.jit(lambda p, b, f=frozen, fn=loss_fn: accumulate(
             fn, graphdef, p, b, rng, 1, mesh=mesh, frozen=f))(params, batch)
@@ -157,3 +215,5 @@ def test_missing_reference_is_a_clear_error(models):
     assert np.isfinite(float(out.total))
     with pytest.raises(ValueError, match="loss_type"):
         DPOConfig(loss_type="kto")
+    with pytest.raises(ValueError, match="span"):
+        DPOConfig(span="tokens")
