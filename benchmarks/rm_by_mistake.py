@@ -2,7 +2,10 @@
 of mistake in the rejected answer (a measurement, not a speed benchmark; used for the
 reward-model tables in docs/preference.md).
 
-    .venv/bin/python benchmarks/rm_by_mistake.py RUN_DIR [--step N] [--n 512]
+    .venv/bin/python benchmarks/rm_by_mistake.py RUN_DIR [--step N] [--n 512] [--seed 0]
+
+``--seed 0 --n 512`` are the pairs the training runs evaluate on; another seed draws other
+held-out problems (still the eval split), to check a checkpoint picked on the first.
 """
 
 from __future__ import annotations
@@ -48,11 +51,12 @@ def main():
     ap.add_argument("run")
     ap.add_argument("--step", type=int)
     ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--length", type=int, default=48)
     args = ap.parse_args()
     _, model = load_model(args.run, step=args.step, model_kind="scalar_head")
     chat = ChatTokenizer(load_tokenizer(None), DataConfig().chat_template)
-    records = tasks.preference_records("add", args.n, 0, split="eval")
+    records = tasks.preference_records("add", args.n, args.seed, split="eval")
     score = jax.jit(model.sequence_scores)
     chosen = np.asarray(score(*rows(chat, records, "chosen", args.length)))
     rejected = np.asarray(score(*rows(chat, records, "rejected", args.length)))
