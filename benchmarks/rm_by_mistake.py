@@ -18,8 +18,7 @@ import numpy as np
 
 from jalign.checkpoint import load_model
 from jalign.data import tasks
-from jalign.data.pipeline import DataConfig
-from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+from jalign.data.pipeline import DataConfig, build_iterator
 
 
 def mistake_kind(correct: str, wrong: str) -> str:
@@ -34,18 +33,6 @@ def mistake_kind(correct: str, wrong: str) -> str:
     return "several digits"
 
 
-def rows(chat, records, side, length):
-    ids = np.zeros((len(records), length), np.int32)
-    seg = np.zeros_like(ids)
-    for i, r in enumerate(records):
-        x = np.concatenate([chat.encode_prompt(r["prompt"]),
-                            chat.encode_response(r["prompt"], r[side])])
-        if len(x) > length:
-            raise ValueError(f"pair {i} has {len(x)} tokens > --length {length}")
-        ids[i, :len(x)], seg[i, :len(x)] = x, 1
-    return ids, seg
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -55,11 +42,19 @@ def main():
     ap.add_argument("--length", type=int, default=48)
     args = ap.parse_args()
     _, model = load_model(args.run, step=args.step, model_kind="scalar_head")
-    chat = ChatTokenizer(load_tokenizer(None), DataConfig().chat_template)
+    # The training pipeline's own batches (one batch of all pairs, in record order), so
+    # the rows are exactly what an RM run's eval scores.
+    data = DataConfig(path="bundled:add", format="preference", split="eval",
+                      bundled_size=args.n, seed=args.seed, shuffle=False, batch_size=args.n,
+                      max_length=args.length, max_prompt_length=args.length // 2,
+                      prefetch=0)
+    batch = next(build_iterator(data))
+    if data.bundled_size != len(batch["chosen_input_ids"]):
+        raise RuntimeError("pairs were dropped while tokenizing; raise --length")
     records = tasks.preference_records("add", args.n, args.seed, split="eval")
     score = jax.jit(model.sequence_scores)
-    chosen = np.asarray(score(*rows(chat, records, "chosen", args.length)))
-    rejected = np.asarray(score(*rows(chat, records, "rejected", args.length)))
+    chosen = np.asarray(score(batch["chosen_input_ids"], batch["chosen_segment_ids"]))
+    rejected = np.asarray(score(batch["rejected_input_ids"], batch["rejected_segment_ids"]))
     total, right = collections.Counter(), collections.Counter()
     for r, c, w in zip(records, chosen, rejected):
         kind = mistake_kind(r["chosen"][0]["content"], r["rejected"][0]["content"])

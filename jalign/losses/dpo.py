@@ -196,14 +196,19 @@ def to_first_difference(batch: dict) -> dict:
     return {**batch, "chosen_loss_mask": c_m * keep_bt, "rejected_loss_mask": r_m * keep_bt}
 
 
-def pair_logps(model, batch: dict, chunk_tokens: int = 2048, span: str = "response"):
+def scored_span(batch: dict, span: str) -> dict:
+    """The pair batch with its loss masks covering what ``span`` scores."""
+    if span == "to_first_difference":
+        return to_first_difference(batch)
+    if span != "response":
+        raise ValueError(f"span={span!r}; one of {SPANS}")
+    return batch
+
+
+def pair_logps(model, batch: dict, chunk_tokens: int = 2048):
     """Chosen and rejected rows scored in ONE forward over 2N rows (the pair's two sides
     see identical weights and numerics; one matmul shape instead of two).
     Returns (chosen logps [N], rejected logps [N], chosen lengths, rejected lengths)."""
-    if span == "to_first_difference":
-        batch = to_first_difference(batch)
-    elif span != "response":
-        raise ValueError(f"span={span!r}; one of {SPANS}")
     n = batch["chosen_input_ids"].shape[0]
 
     def both(key):
@@ -222,7 +227,8 @@ def make_dpo_loss(config: DPOConfig):
     batch's ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed)."""
 
     def loss_fn(model, batch, ctx=None) -> LossOutput:
-        pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens, config.span)
+        batch = scored_span(batch, config.span)  # once, for policy and reference alike
+        pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens)
         if not config.needs_reference:
             rc = rr = jnp.zeros_like(pc)
         elif config.reference == "precomputed":
@@ -234,8 +240,7 @@ def make_dpo_loss(config: DPOConfig):
             if ctx is None or REFERENCE_NAME not in (ctx.frozen or {}):
                 raise ValueError("DPOConfig.reference='in_step' needs a frozen 'reference' "
                                  "model in the train state")
-            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens,
-                                      config.span)
+            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens)
             rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
         use_lengths = config.loss_type in ("simpo", "orpo") or (
             config.loss_type == "ipo" and config.ipo_average)
@@ -260,5 +265,5 @@ def make_dpo_loss(config: DPOConfig):
 def reference_scores(model, batch: dict, chunk_tokens: int = 2048,
                      span: str = "response") -> dict:
     """Per-pair fields a precomputed-reference pass stores with the data."""
-    rc, rr, _, _ = pair_logps(model, batch, chunk_tokens, span)
+    rc, rr, _, _ = pair_logps(model, scored_span(batch, span), chunk_tokens)
     return {"ref_chosen_logps": rc, "ref_rejected_logps": rr}
