@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import jalign
+from jalign import checksum
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
 from jalign.models.heads import fresh_score, kind_of, model_class, scalar_params_from_lm
@@ -35,6 +36,10 @@ from jalign.sharding import DEFAULT_RULES, Rules
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed step whose contents do not read back as saved."""
 
 
 def manager(directory: str | os.PathLike, **options) -> ocp.CheckpointManager:
@@ -47,7 +52,7 @@ def save_model(directory: str | os.PathLike, config: LlamaConfig, model: Llama, 
     """Write a params-only checkpoint (what ``jalign convert hf-to-jalign`` produces)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "model",
-                "model_kind": kind_of(model)}
+                "model_kind": kind_of(model), "checksums": {"params": checksum.checksums(params)}}
     metadata.update(extra_metadata or {})
     mngr = manager(directory)
     mngr.save(step, args=ocp.args.Composite(
@@ -138,8 +143,22 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
             params=ocp.args.StandardRestore(target)))
     finally:
         mngr.close()
+    _verify(directory, step, "params", read_metadata(directory, step), restored["params"])
     nnx.replace_by_pure_dict(abstract, restored["params"])
     return config, nnx.merge(graphdef, abstract)
+
+
+def _verify(directory, step: int, item: str, metadata: dict, tree) -> None:
+    """Raise CorruptCheckpoint if ``tree`` (item ``item`` as read back) differs from the
+    checksums recorded at save time (checkpoints without them are not checked)."""
+    expected = metadata.get("checksums", {}).get(item)
+    if expected is None:
+        return
+    bad = checksum.mismatches(expected, tree)
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CorruptCheckpoint(f"{directory} step {step}: item {item!r} does not match its "
+                                f"saved checksums: {shown}")
 
 
 # ---------------------------------------------------------------------------- training
@@ -186,39 +205,87 @@ class TrainCheckpointer:
         return self._mngr.latest_step()
 
     def save(self, state, *, data_state: dict, model_config: LlamaConfig, operative: str,
-             extra_metadata: dict | None = None) -> int:
+             extra_metadata: dict | None = None, config_record: dict | None = None) -> int:
         step = int(jax.device_get(state.step))
         rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
                 "skipped": state.skipped, "frozen": state.frozen}
         metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "train",
-                    "config_hash": config_hash(operative), "time": time.time()}
+                    "config_hash": config_hash(operative), "time": time.time(),
+                    # Computed where the arrays live, before the async save copies them.
+                    "checksums": {"params": checksum.checksums(state.params),
+                                  "train_state": checksum.checksums(rest)}}
         metadata.update(extra_metadata or {})
         self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train_state=ocp.args.StandardSave(rest),
             data=ocp.args.JsonSave(data_state),
-            gin_config=ocp.args.JsonSave({"operative": operative}),
+            gin_config=ocp.args.JsonSave({"operative": operative, "record": config_record}),
             model_config=ocp.args.JsonSave(model_config.to_dict()),
             metadata=ocp.args.JsonSave(metadata)), force=True)
         return step
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def read_config_record(self, step: int) -> dict | None:
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            gin_config=ocp.args.JsonRestore()))
+        return restored["gin_config"].get("record")
+
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, metadata) of ``step`` (default latest committed) onto the
-        shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        shardings carried by ``abstract_state`` (ShapeDtypeStructs). Raises
+        CorruptCheckpoint when what is read back differs from what was saved."""
         step = self._mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.run_dir}: no committed checkpoint")
         rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                 "rng": abstract_state.rng, "skipped": abstract_state.skipped,
                 "frozen": abstract_state.frozen}
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            train_state=ocp.args.StandardRestore(rest),
-            data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+        where = self.run_dir / "checkpoints"
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train_state=ocp.args.StandardRestore(rest),
+                data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+        except Exception as e:  # undecodable bytes surface as tensorstore/JSON/zstd errors
+            raise CorruptCheckpoint(f"{where} step {step} cannot be read back "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        metadata = restored["metadata"]
+        _verify(where, step, "params", metadata, restored["params"])
+        _verify(where, step, "train_state", metadata, restored["train_state"])
         r = restored["train_state"]
         state = type(abstract_state)(r["step"], restored["params"], r["opt_state"], r["rng"],
                                      r["skipped"], r["frozen"])
-        return state, restored["data"], restored["metadata"]
+        return state, restored["data"], metadata
+
+    def restore_intact(self, abstract_state, log=print):
+        """(state, data_state, metadata, step) of the newest step that reads back as saved;
+        each damaged newer step is reported through ``log`` and skipped. Raises
+        CorruptCheckpoint naming every damaged step when none is intact."""
+        problems, damaged = [], []
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state, metadata = self.restore(abstract_state, step)
+            except CorruptCheckpoint as e:
+                problems.append(str(e))
+                damaged.append(step)
+                continue
+            for bad in damaged:
+                log(f"checkpoint step {bad} skipped and moved to "
+                    f"{self._set_aside(bad)}: {problems[damaged.index(bad)]}")
+            return state, data_state, metadata, step
+        raise CorruptCheckpoint("no intact checkpoint to resume from: " + " | ".join(problems))
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a damaged step out of the manager's directory (kept for inspection, never
+        deleted) so that training past it can save that step number again."""
+        target = self.run_dir / "damaged_checkpoints" / f"{step}.{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.run_dir / "checkpoints" / str(step), target)
+        self._mngr.reload()
+        return target
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

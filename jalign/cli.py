@@ -67,7 +67,8 @@ def cmd_train(args) -> int:
         print(f"step {record['step']}: {text}", flush=True)
 
     try:
-        summary = run(exp, on_log=log if not exp.train.progress else None)
+        summary = run(exp, on_log=log if not exp.train.progress else None,
+                      allow_config_change=args.allow_config_change)
     except (loop.Preempted, loop.NonFiniteError) as e:
         print(f"jalign train: {e}", file=sys.stderr, flush=True)
         return loop.exit_code_for(e)
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("configs", nargs="+", help="gin files, applied in order")
     tr.add_argument("--gin", action="append", default=[], metavar="BINDING",
                     help="extra gin binding, e.g. --gin 'TrainConfig.steps=100' (repeatable)")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="resume a run although model, data, optimizer or loss bindings "
+                         "differ from its checkpoint's (the changes are listed and logged)")
     tr.set_defaults(func=cmd_train)
 
     def model_args(p):

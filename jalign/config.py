@@ -15,6 +15,7 @@ from typing import Sequence
 import gin
 
 from jalign.data.pipeline import DataConfig
+from jalign.errors import ConfigError  # noqa: F401 (re-exported)
 from jalign.losses.dpo import DPOConfig
 from jalign.losses.rm import RMConfig
 from jalign.models.config import LlamaConfig, RopeScaling
@@ -25,10 +26,6 @@ from jalign.train.setup import ModelInit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,

@@ -12,12 +12,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
+# The persistent compilation cache, set through the environment so that the `jalign`
+# subprocesses the tests start (and that process's re-exec) read and fill it too: most
+# of a short `jalign train` run is compiling.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.environ.get(
+    "JALIGN_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JALIGN_TEST_JAX_CACHE",
-                                 os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import jax  # noqa: E402
 
 import pytest  # noqa: E402
 

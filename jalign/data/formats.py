@@ -30,38 +30,97 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------- reading
 
+class FieldError(DataError):
+    """A DataConfig field that cannot be honoured; the caller adds the binding's scope
+    (``DataConfig`` or ``eval/DataConfig``) to make it a one-line config error."""
+
+    def __init__(self, field: str, value, message: str):
+        self.field, self.value, self.message = field, value, message
+        super().__init__(f"{field}={value!r}: {message}")
+
+
+# A single file has no splits: it is the training split. Reading it for any other split
+# would evaluate on the training data without saying so.
+FILE_SPLIT = "train"
+
+
 def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, Any]]:
     """Records from a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory, or a
     hub dataset name (needs network). JSON is parsed here, one record at a time, so that
     records of mixed shape (a string in one, a list in the next) are fine and a broken
-    line is reported by number."""
+    line is reported by number. A split that the source does not have is a FieldError."""
     p = Path(path)
     if p.is_file():
-        if p.suffix == ".jsonl":
-            return _read_jsonl(p)
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(data, dict):  # {"data": [...]} or {split: [...]}
-                data = data.get(split, data.get("data", data))
+                if split in data:
+                    data = data[split]
+                elif "data" in data and split == FILE_SPLIT:
+                    data = data["data"]
+                else:
+                    raise FieldError("split", split, f"{p} has no such key; it has "
+                                     f"{sorted(data)}")
+            elif split != FILE_SPLIT:
+                raise _no_splits(p, split)
             if not isinstance(data, list):
                 raise DataError(f"{p}: expected a JSON list of records")
             return data
-        if p.suffix == ".parquet":
-            import datasets
-            return datasets.load_dataset("parquet", data_files=str(p), split="train")
-        raise DataError(f"{p}: unsupported file type {p.suffix!r} (.json, .jsonl, .parquet)")
+        if p.suffix not in (".jsonl", ".parquet"):
+            raise DataError(f"{p}: unsupported file type {p.suffix!r} (.json, .jsonl, .parquet)")
+        if split != FILE_SPLIT:
+            raise _no_splits(p, split)
+        if p.suffix == ".jsonl":
+            return _read_jsonl(p)
+        import datasets
+        return datasets.load_dataset("parquet", data_files=str(p), split="train")
     if p.is_dir():
         import datasets
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{p}: not a datasets save_to_disk directory ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{p}: no split {split!r}; has {sorted(ds)}")
+                raise FieldError("split", split, f"{p} has splits {sorted(ds)}")
             ds = ds[split]
+        elif split != FILE_SPLIT:
+            raise _no_splits(p, split)
         return ds
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        import datasets
-        return datasets.load_dataset(str(path), split=split)
-    raise DataError(f"{path}: no such file or directory, and not a hub dataset name")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and p.suffix not in (".json", ".jsonl",
+                                                                             ".parquet"):
+        return _read_hub(str(path), split)
+    raise FieldError("path", str(path), "no such file or directory, and not a hub dataset "
+                     "name (owner/name)")
+
+
+def _no_splits(p: Path, split: str) -> FieldError:
+    return FieldError("split", split, f"{p} is a single file without splits (it is the "
+                      f"{FILE_SPLIT!r} split); point this config's path at a separate "
+                      "held-out file instead")
+
+
+def _read_hub(name: str, split: str):
+    """A hub dataset split; offline or unknown names and splits are one-line errors."""
+    import datasets
+    try:
+        return datasets.load_dataset(name, split=split)
+    except ValueError as e:  # datasets: "Unknown split ..." / "Bad split ..."
+        if "split" in str(e).lower():
+            raise FieldError("split", split, f"hub dataset {name}: {e}") from None
+        raise DataError(f"hub dataset {name}: {e}") from None
+    except (ConnectionError, OSError) as e:
+        raise FieldError("path", name, f"cannot download hub dataset {name} (offline or not "
+                         f"found: {type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # datasets raises its own DatasetNotFoundError etc.
+        if type(e).__name__ in ("DatasetNotFoundError", "DataFilesNotFoundError",
+                                "HfHubHTTPError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise FieldError("path", name, f"cannot load hub dataset {name} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+        raise
 
 
 def _read_jsonl(p: Path) -> list:

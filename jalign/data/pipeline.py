@@ -21,7 +21,7 @@ import numpy as np
 from grain.experimental import FirstFitPackIterDataset, ThreadPrefetchIterDataset
 
 from jalign.data import formats, packing
-from jalign.data.formats import BadRecord, DataError
+from jalign.data.formats import BadRecord, DataError, FieldError
 from jalign.data.tokenize import TOKENIZERS, ChatTokenizer, TokenizeConfig, load_tokenizer
 
 STATE_VERSION = 1
@@ -74,13 +74,36 @@ def _source_records(config: DataConfig) -> Iterable[Mapping]:
         from jalign.data import tasks
 
         task = config.path.split(":", 1)[1]
+        if task not in tasks.TASKS:
+            raise FieldError("path", config.path, f"bundled tasks are "
+                             f"{', '.join('bundled:' + t for t in sorted(tasks.TASKS))}")
+        # 'test' is what most datasets (and configs/algo/*.gin) call the held-out split.
+        split = {"test": "eval"}.get(config.split, config.split)
+        if split not in tasks.SPLITS:
+            raise FieldError("split", config.split, f"bundled data has the splits "
+                             f"{' and '.join(map(repr, tasks.SPLITS))} ('test' is 'eval')")
         make = {"messages": tasks.sft_records, "preference": tasks.preference_records,
                 "prompt": tasks.prompt_records}.get(config.format)
         if make is None:
-            raise DataError(f"bundled data comes as 'messages', 'preference' or 'prompt', "
-                            f"not {config.format!r}")
-        return make(task, config.bundled_size, config.seed, split=config.split)
+            raise FieldError("format", config.format, "bundled data comes as 'messages', "
+                             "'preference' or 'prompt'")
+        return make(task, config.bundled_size, config.seed, split=split)
     return formats.read_records(config.path, split=config.split)
+
+
+def open_tokenizer(config: DataConfig) -> ChatTokenizer:
+    """The config's tokenizer and chat template; problems name the field."""
+    try:
+        tokenizer = load_tokenizer(config.tokenizer)
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise FieldError("tokenizer", config.tokenizer, f"cannot load it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    try:
+        return ChatTokenizer(tokenizer, config.chat_template)
+    except DataError as e:
+        raise FieldError("chat_template", config.chat_template, str(e)) from None
 
 
 def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatTokenizer, *,
@@ -92,7 +115,8 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
     columns = dict(config.columns)
     fn = TOKENIZERS[kind]
     stats: dict[str, Any] = {"records": 0, "examples": 0, "skipped_bad_record": 0,
-                             "skipped_too_long": 0, "tokens": 0, "target_tokens": 0}
+                             "skipped_too_long": 0, "tokens": 0, "target_tokens": 0,
+                             "max_token_id": -1}
     examples = []
     records = list(records) if not isinstance(records, Sequence) else records
     mine = range(process_index, len(records), process_count)
@@ -117,6 +141,8 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
             continue
         example["record_index"] = index
         examples.append(example)
+        stats["max_token_id"] = max([stats["max_token_id"]] + [
+            int(v.max()) for k, v in example.items() if k.endswith("_ids") and len(v)])
         stats["examples"] += 1
         if kind == "conversation":
             stats["tokens"] += len(example["input_ids"])
@@ -153,35 +179,64 @@ def _drop(stats, index, message, counter):
 class DataIterator:
     """Batches as dicts of numpy arrays, with exact save/restore of the position."""
 
-    def __init__(self, dataset, stats: dict, config: DataConfig, kind: str, rows: int):
-        self._dataset = dataset
-        self._iter = iter(dataset)
+    def __init__(self, make_dataset, examples: list[dict], chat: ChatTokenizer, stats: dict,
+                 config: DataConfig, kind: str, rows: int):
+        self._make = make_dataset  # prefetch -> the grain dataset (rebuilt to count batches)
+        self._examples = examples
+        self.chat = chat
+        self._iter = None  # built on first use, so annotate() can still add fields
         self.stats = stats
         self.config = config
         self.kind = kind
         self.rows = rows
         self.batches = 0
+        self._total = None
+
+    def annotate(self, fn) -> None:
+        """``fn(examples, chat)`` adds per-example fields (e.g. precomputed reference
+        log-probs) before the first batch is made."""
+        if self._iter is not None:
+            raise RuntimeError("annotate() after batches were made")
+        fn(self._examples, self.chat)
+
+    def _it(self):
+        if self._iter is None:
+            self._iter = iter(self._make(self.config.prefetch))
+        return self._iter
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iter)
+        batch = next(self._it())
         self.batches += 1
         mask = batch.get("loss_mask", batch.get("chosen_loss_mask"))
         if mask is not None and not mask.any():  # by construction impossible; never train on it
             raise DataError(f"batch {self.batches} has no trainable tokens")
         return {k: v for k, v in batch.items()}
 
+    def total_batches(self) -> int | None:
+        """Batches this iterator yields from the start to the end of its data (None when
+        it repeats forever). Without packing this is arithmetic; packed rows are counted
+        by running the packing once (deterministic, so the count is exact)."""
+        if self.config.num_epochs is None:
+            return None
+        if self._total is None:
+            if self.kind == "conversation" and self.config.packing:
+                self._total = sum(1 for _ in self._make(0))
+            else:
+                self._total = self.stats["examples"] * self.config.num_epochs // self.rows
+        return self._total
+
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "batches": self.batches,
-                "grain": self._iter.get_state()}
+                "grain": self._it().get_state()}
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data iterator state version {state.get('version')} is not "
                             f"{STATE_VERSION}")
-        self._iter.set_state(state["grain"])
+        self._it().set_state(state["grain"])
         self.batches = state["batches"]
 
     def state_json(self) -> str:
@@ -198,42 +253,47 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
     any batching and may add per-example fields (e.g. precomputed reference log-probs).
     """
     if config.batch_size % process_count:
-        raise DataError(f"batch_size={config.batch_size} is not divisible by "
-                        f"{process_count} processes")
+        raise FieldError("batch_size", config.batch_size,
+                         f"not divisible by the {process_count} processes")
     rows = config.batch_size // process_count
     kind, _ = formats.adapter(config.format)
+    if config.packing and kind != "conversation":
+        raise FieldError("packing", True, "packing applies to conversation (SFT/IFT) data only")
     if chat is None:
-        chat = ChatTokenizer(load_tokenizer(config.tokenizer), config.chat_template)
+        chat = open_tokenizer(config)
     t0 = time.time()
     records = _source_records(config) if records is None else records
     examples, stats = tokenize_records(records, config, chat, process_index=process_index,
                                        process_count=process_count, progress=progress)
     stats["tokenize_seconds"] = round(time.time() - t0, 3)
+
+    def make_dataset(prefetch: int):
+        ds = grain.MapDataset.source(examples)
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed)
+        ds = ds.repeat(config.num_epochs)
+        length, pad = config.max_length, chat.pad_id
+        if kind == "conversation" and config.packing:
+            ds = ds.map(lambda e: {"input_ids": e["input_ids"], "loss_mask": e["loss_mask"]})
+            ds = FirstFitPackIterDataset(
+                ds.to_iter_dataset(), length_struct={"input_ids": length, "loss_mask": length},
+                num_packing_bins=rows, shuffle_bins=False)
+            ds = ds.map(lambda r: packing.from_grain_packed(r, pad))
+        elif kind == "conversation":
+            ds = ds.map(lambda e: packing.pad_example(e, length, pad)).to_iter_dataset()
+        elif kind == "preference":
+            ds = ds.map(lambda e: packing.pad_pair(e, length, pad)).to_iter_dataset()
+        else:
+            prompt_len = config.max_prompt_length or length - 1
+            ds = ds.map(lambda e: packing.left_pad_prompt(e, prompt_len, pad)).to_iter_dataset()
+        ds = ds.batch(rows, drop_remainder=True)
+        if prefetch:
+            # Packs and batches while the accelerator (or XLA:CPU) runs the step. grain keeps
+            # the state of the last *consumed* batch, so save/restore stays exact.
+            ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+        return ds
+
+    iterator = DataIterator(make_dataset, examples, chat, stats, config, kind, rows)
     if annotate is not None:
-        annotate(examples, chat)
-    if config.packing and kind != "conversation":
-        raise DataError("packing applies to conversation (SFT/IFT) data only")
-    ds = grain.MapDataset.source(examples)
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs)
-    length, pad = config.max_length, chat.pad_id
-    if kind == "conversation" and config.packing:
-        ds = ds.map(lambda e: {"input_ids": e["input_ids"], "loss_mask": e["loss_mask"]})
-        ds = FirstFitPackIterDataset(
-            ds.to_iter_dataset(), length_struct={"input_ids": length, "loss_mask": length},
-            num_packing_bins=rows, shuffle_bins=False)
-        ds = ds.map(lambda r: packing.from_grain_packed(r, pad))
-    elif kind == "conversation":
-        ds = ds.map(lambda e: packing.pad_example(e, length, pad)).to_iter_dataset()
-    elif kind == "preference":
-        ds = ds.map(lambda e: packing.pad_pair(e, length, pad)).to_iter_dataset()
-    else:
-        prompt_len = config.max_prompt_length or length - 1
-        ds = ds.map(lambda e: packing.left_pad_prompt(e, prompt_len, pad)).to_iter_dataset()
-    ds = ds.batch(rows, drop_remainder=True)
-    if config.prefetch:
-        # Packs and batches while the accelerator (or XLA:CPU) runs the step. grain keeps
-        # the state of the last *consumed* batch, so save/restore stays exact.
-        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
-    return DataIterator(ds, stats, config, kind, rows)
+        iterator.annotate(annotate)
+    return iterator

@@ -20,11 +20,28 @@ class Algorithm:
     # jitted step), "precomputed" (one pass before training, stored with the data) or None.
     reference: str | None = None
     reference_scores: Callable | None = None  # (model, batch) -> {field: [pairs]}
+    config: object | None = None  # the algorithm's config dataclass (compared on resume)
 
     @property
     def rows_per_example(self) -> int:
         """Sequences per batch entry (a preference pair is two)."""
         return 2 if self.data_kind == "preference" else 1
+
+    @property
+    def frozen_models(self) -> tuple[str, ...]:
+        """Names of the frozen models the train state carries (copies of the initial model)."""
+        return (dpo.REFERENCE_NAME,) if self.reference == "in_step" else ()
+
+    @property
+    def weight_name(self) -> str:
+        """What the loss weight counts (the metrics' name for it)."""
+        return "target_tokens" if self.data_kind == "conversation" else "pairs"
+
+    def flops_per_token(self, model_config, seq_len: int) -> float:
+        """Training FLOPs per row token, for MFU: forward + backward of the trained model,
+        plus a forward (a third of that) per frozen model run in the step."""
+        from jalign.train.metrics import train_flops_per_token
+        return train_flops_per_token(model_config, seq_len) * (1 + len(self.frozen_models) / 3)
 
 
 def custom(loss_fn: Callable) -> Algorithm:
@@ -38,7 +55,7 @@ def sft_algorithm() -> Algorithm:
 
 def rm_algorithm(config: rm.RMConfig) -> Algorithm:
     return Algorithm("rm", functools.partial(rm.rm_loss, center_coef=config.center_coef),
-                     model_kind="scalar_head", data_kind="preference")
+                     model_kind="scalar_head", data_kind="preference", config=config)
 
 
 def dpo_algorithm(config: dpo.DPOConfig) -> Algorithm:
@@ -48,8 +65,8 @@ def dpo_algorithm(config: dpo.DPOConfig) -> Algorithm:
               if reference == "precomputed" else None)
     # The name keys the precomputed-reference cache, so it names the span scored.
     name = f"dpo/{config.loss_type}" + ("" if config.span == "response" else f"/{config.span}")
-    return Algorithm(name, dpo.make_dpo_loss(config),
-                     data_kind="preference", reference=reference, reference_scores=scores)
+    return Algorithm(name, dpo.make_dpo_loss(config), data_kind="preference",
+                     reference=reference, reference_scores=scores, config=config)
 
 
 NAMES = ("sft", "rm", "dpo")

@@ -22,16 +22,19 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jalign.checkpoint import TrainCheckpointer, resolve_run_dir
-from jalign.data.pipeline import DataConfig, build_iterator
-from jalign.losses.dpo import REFERENCE_NAME
+from jalign.data.pipeline import DataConfig
+from jalign.errors import ConfigError
 from jalign.models.config import LlamaConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import metrics as M
+from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithms import Algorithm, custom
-from jalign.train.optimizer import OptimizerConfig
-from jalign.train.setup import (ModelInit, abstract_train_state, build_optimizer, fresh_state,
-                                frozen_graphdefs, initial_model_config, load_initial_model)
+from jalign.train.optimizer import OptimizerConfig, trainable_mask
+from jalign.train.resume import check_resume, config_record
+from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
+                                build_optimizer, fresh_state, frozen_graphdefs,
+                                initial_model_config, load_initial_model)
 from jalign.train.state import params_of
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
 
@@ -70,7 +73,7 @@ class TrainConfig:
     keep: int = 3
     async_save: bool = True
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 16
+    eval_batches: int = 16  # at most; 0: no evaluation
     log_every: int = 10
     nan_policy: str = "abort"
     algorithm: str = "sft"
@@ -83,6 +86,9 @@ class TrainConfig:
         for name in ("steps", "accum_steps", "save_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.eval_batches < 0 or self.eval_every < 0:
+            raise ValueError("TrainConfig.eval_batches and eval_every must be >= 0 "
+                             "(eval_batches=0: no evaluation)")
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -109,51 +115,104 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_data_kind(algo: Algorithm, config: DataConfig, what: str) -> None:
-    from jalign.data.formats import adapter
-    kind, _ = adapter(config.format)
-    if kind != algo.data_kind:
-        raise ValueError(f"algorithm {algo.name!r} trains on {algo.data_kind} data but "
-                         f"{what}.format={config.format!r} gives {kind} data")
+def fetch_metrics(metrics: dict) -> dict:
+    """A step's metrics on the host: the loop's only per-step wait for the device (a
+    function of its own so that tests can see when it happens)."""
+    return jax.device_get(metrics)
+
+
+def _agree_min(value: int) -> int:
+    """The smallest ``value`` over all processes (every process must call this)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def _open_model_config(model_init: ModelInit, model_config: LlamaConfig) -> LlamaConfig:
+    from jalign.checkpoint import CheckpointError
+    from jalign.convert.safetensors_io import ConversionError
+    try:
+        return initial_model_config(model_init, model_config)
+    except (CheckpointError, ConversionError, OSError) as e:
+        raise ConfigError(f"ModelInit.source={model_init.source!r}: {e}") from None
 
 
 def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
           optimizer_config: OptimizerConfig, data_config: DataConfig,
           eval_data_config: DataConfig | None, model_config: LlamaConfig,
           model_init: ModelInit, mesh_config: MeshConfig, operative_config: str = "",
-          rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError.
+          rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None,
+          allow_config_change: bool = False) -> dict:
+    """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError,
+    and ConfigError (before anything is loaded or compiled) for a problem in the config.
 
     ``algorithm``: an Algorithm (loss, model kind, reference model) or a plain loss
     function on conversation data."""
     algo = algorithm if isinstance(algorithm, Algorithm) else custom(algorithm)
     tc = train_config
-    _check_data_kind(algo, data_config, "DataConfig")
-    if eval_data_config is not None:
-        _check_data_kind(algo, eval_data_config, "eval/DataConfig")
-    run_dir = resolve_run_dir(tc.output_root, tc.run_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main and operative_config:
-        (run_dir / "operative_config.gin").write_text(operative_config)
-    mesh = make_mesh(mesh_config)
-    global_batch = data_config.batch_size
 
-    ckpt = TrainCheckpointer(run_dir, keep=tc.keep,
-                             async_save=tc.async_save)
+    def log(text: str) -> None:
+        if is_main:
+            print(text, flush=True)
+
+    if tc.eval_batches == 0:
+        eval_data_config = None
+    if eval_data_config is not None:  # one pass over the eval split, in order, every time
+        eval_data_config = dataclasses.replace(eval_data_config, shuffle=False, num_epochs=1)
+    # ---- start-time checks: nothing is loaded or compiled before they pass
+    P.check_data_kind(algo, data_config, "DataConfig")
+    if eval_data_config is not None:
+        P.check_data_kind(algo, eval_data_config, "eval/DataConfig")
+    run_dir = resolve_run_dir(tc.output_root, tc.run_name)
+    try:
+        mesh = make_mesh(mesh_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    processes = jax.process_count()
+    P.check_batch_divides(mesh, data_config.batch_size, "DataConfig.batch_size",
+                          accum_steps=tc.accum_steps, rules=rules, processes=processes)
+    if eval_data_config is not None:
+        P.check_batch_divides(mesh, eval_data_config.batch_size, "eval/DataConfig.batch_size",
+                              rules=rules, processes=processes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
     resume_step = ckpt.latest_step()
+    record = config_record({"TrainConfig": tc, "OptimizerConfig": optimizer_config,
+                            "DataConfig": data_config, "eval/DataConfig": eval_data_config,
+                            "ModelInit": model_init, "MeshConfig": mesh_config,
+                            type(algo.config).__name__: algo.config})
+    record.update(_model_record(model_config, model_init))
     if resume_step is not None:
         from jalign.checkpoint import read_metadata, read_model_config
-        model_config = read_model_config(run_dir, resume_step)
         meta = read_metadata(run_dir, resume_step)
         stored = (meta.get("model_kind", "causal_lm"), meta.get("reference"))
         if stored != (algo.model_kind, algo.reference):
-            raise ValueError(
+            raise ConfigError(
                 f"{run_dir} holds a {stored[0]} run (reference model: {stored[1]}); "
                 f"algorithm {algo.name!r} trains a {algo.model_kind} (reference: "
                 f"{algo.reference}): the train states differ, use another TrainConfig.run_name")
+        check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
+                     allow=allow_config_change, log=log)
+        model_config = read_model_config(run_dir, resume_step)
     else:
-        model_config = initial_model_config(model_init, model_config)
+        model_config = _open_model_config(model_init, model_config)
+    if is_main and operative_config:
+        (run_dir / "operative_config.gin").write_text(operative_config)
+    # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
+    shard = {"process_index": jax.process_index(), "process_count": processes}
+    data = P.open_data(data_config, "DataConfig", progress=tc.progress and is_main, **shard)
+    P.check_vocab(data, model_config.vocab_size, "DataConfig")
+    eval_iter = None
+    if eval_data_config is not None:
+        eval_iter = P.open_data(eval_data_config, "eval/DataConfig", **shard)
+        P.check_vocab(eval_iter, model_config.vocab_size, "eval/DataConfig")
+        if _agree_min(eval_iter.total_batches()) == 0:
+            raise ConfigError(
+                f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
+                f"make no full batch of eval/DataConfig.batch_size={eval_data_config.batch_size}")
+    global_batch = data_config.batch_size
 
     loaded = {}
     # What the precomputed reference scores depend on besides the data.
@@ -168,84 +227,75 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
             loaded["model"] = model
         return loaded["model"]
 
-    def annotator(config: DataConfig, name: str):
-        if algo.reference != "precomputed":
-            return None
-
-        def annotate(examples, chat):
+    if algo.reference == "precomputed":
+        for it, name in ((data, "train"), (eval_iter, "eval")):
+            if it is None:
+                continue
+            # Scored now, while only one model is in memory (not next to the state).
             info = R.annotate(
-                examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
+                it._examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
                 load_model=initial_model, score_fn=algo.reference_scores,
-                rows=config.batch_size // jax.process_count(), length=config.max_length,
-                pad_id=chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
+                rows=it.config.batch_size // processes, length=it.config.max_length,
+                pad_id=it.chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
                 progress=tc.progress and is_main)
-            if is_main:
-                print(f"reference log-probs for {info['examples']} {name} pairs "
-                      f"{'read from cache' if info['cached'] else 'computed'}", flush=True)
-        return annotate
-
-    data = build_iterator(data_config, process_index=jax.process_index(),
-                          process_count=jax.process_count(), progress=tc.progress and is_main,
-                          annotate=annotator(data_config, "train"))
-    eval_iter = eval_start = None
-    if eval_data_config is not None and algo.reference == "precomputed":
-        # Score the eval split now, while only one model is in memory (not next to the state).
-        eval_iter = build_iterator(eval_data_config, process_index=jax.process_index(),
-                                   process_count=jax.process_count(),
-                                   annotate=annotator(eval_data_config, "eval"))
-        eval_start = eval_iter.get_state()
+            log(f"reference log-probs for {info['examples']} {name} pairs "
+                f"{'read from cache' if info['cached'] else 'computed'}")
+    eval_start = eval_iter.get_state() if eval_iter is not None else None
 
     optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps, algo.model_kind)
-    frozen_configs = {REFERENCE_NAME: model_config} if algo.reference == "in_step" else None
+    frozen_configs = ({name: model_config for name in algo.frozen_models}
+                      if algo.frozen_models else None)
     graphdef, abstract_state, shardings = abstract_train_state(
         model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind)
     if resume_step is not None:
-        state, data_state, _ = ckpt.restore(abstract_state, resume_step)
+        state, data_state, _, restored_step = ckpt.restore_intact(abstract_state, log=log)
         data.set_state(data_state)
-        print(f"resumed {run_dir} at step {resume_step}", flush=True)
+        log(f"resumed {run_dir} at step {restored_step}")
     else:
         model = initial_model()
-        frozen = {REFERENCE_NAME: params_of(model)} if frozen_configs else None
+        frozen = ({name: params_of(model) for name in algo.frozen_models}
+                  if frozen_configs else None)
         state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
         del model, frozen
     loaded.clear()
     start = int(jax.device_get(state.step))
 
+    # With a finite number of epochs the data ends: every process stops at the same step.
+    total = data.total_batches()
+    end = tc.steps
+    if total is not None:
+        end = min(tc.steps, start + _agree_min(total - data.batches))
+        if end < tc.steps:
+            log(f"note: DataConfig.num_epochs={data_config.num_epochs} gives {total} batches: "
+                f"training ends at step {end}, before TrainConfig.steps={tc.steps}")
+
     fdefs = frozen_graphdefs(frozen_configs)
+    trainable = trainable_mask(state.params, optimizer_config)
     step_fn = make_train_step(algo.loss_fn, optimizer, graphdef, mesh=mesh,
                               state_sharding=shardings, global_batch=global_batch,
                               accum_steps=tc.accum_steps, rules=rules,
-                              frozen_graphdefs=fdefs, schedule=schedule)
-    eval_fn = None
+                              frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable)
+    eval_fn = eval_sh = None
     if eval_data_config is not None:
         eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
                                  global_batch=eval_data_config.batch_size, rules=rules,
                                  frozen_graphdefs=fdefs)
+        eval_sh = batch_sharding(mesh, eval_data_config.batch_size, rules)
     data_sh = batch_sharding(mesh, global_batch, rules)
-    eval_sh = (batch_sharding(mesh, eval_data_config.batch_size, rules)
-               if eval_data_config is not None else None)
     seq_len = data_config.max_length
     rows_per_step = global_batch * algo.rows_per_example
-    flops_per_step = M.train_flops_per_token(model_config, seq_len) * rows_per_step * seq_len
-    if algo.reference == "in_step":  # plus the reference's forward (a third of fwd+bwd)
-        flops_per_step *= 4 / 3
-    weight_name = "target_tokens" if algo.data_kind == "conversation" else "pairs"
+    flops_per_step = algo.flops_per_token(model_config, seq_len) * rows_per_step * seq_len
+    weight_name = algo.weight_name
     peak, peak_source = M.peak_flops_per_device(tc.peak_flops)
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
+    eval_batches = min(tc.eval_batches, _agree_min(eval_iter.total_batches())) if eval_iter else 0
 
     def evaluate(step: int) -> dict:
-        nonlocal eval_iter, eval_start
-        if eval_iter is None:  # tokenize the eval split once; rewind it for every eval
-            eval_iter = build_iterator(eval_data_config, process_index=jax.process_index(),
-                                       process_count=jax.process_count(),
-                                       annotate=annotator(eval_data_config, "eval"))
-            eval_start = eval_iter.get_state()
-        it = eval_iter
-        it.set_state(eval_start)
+        eval_iter.set_state(eval_start)
         total = weight = 0.0
         aux: dict[str, list[float]] = {}
-        for _, batch in zip(range(tc.eval_batches), it):
+        for _, batch in zip(range(eval_batches), eval_iter):
             out = eval_fn(state, _global_batch(batch, eval_sh))
             total += float(out.total)
             weight += float(out.weight)
@@ -257,17 +307,17 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
             raise ValueError(f"eval data {eval_data_config.path} ({eval_data_config.split}) "
                              f"gave no {weight_name.replace('_', ' ')}")
         loss = total / weight
-        result = {"step": step, "eval_loss": loss}
+        result = {"step": step, "eval_loss": loss, "eval_" + weight_name: weight}
         if algo.data_kind == "conversation":  # per-token losses: perplexity means something
             result["eval_perplexity"] = float(np.exp(min(loss, 50)))
         result.update({f"eval_{name}": s / c for name, (s, c) in aux.items() if c})
         return result
 
-    def save(reason: str):
-        step = ckpt.save(state, data_state=data.get_state(), model_config=model_config,
-                         operative=operative_config,
-                         extra_metadata={"reason": reason, "model_kind": algo.model_kind,
-                                         "algorithm": algo.name, "reference": algo.reference})
+    def save(reason: str, step: int):
+        ckpt.save(state, data_state=data.get_state(), model_config=model_config,
+                  operative=operative_config, config_record=record,
+                  extra_metadata={"reason": reason, "model_kind": algo.model_kind,
+                                  "algorithm": algo.name, "reference": algo.reference})
         if _fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fault("sigkill_after_save", step):
@@ -278,73 +328,118 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     if tc.progress and is_main:
         from tqdm.auto import tqdm
         # Redraw often on a terminal; in a log file (no terminal) only every 30 s.
-        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
     summary = {"run_dir": str(run_dir), "start_step": start, "skipped": 0}
     last_eval = None
-    t_last = time.perf_counter()
+    # Metrics are read one step behind: step N+1 is dispatched before step N's metrics
+    # come to the host, so the device never waits for the host. No non-finite update can
+    # reach a checkpoint: the step itself never applies one, and every save, eval and exit
+    # first reads (and checks) the metrics of all steps dispatched so far.
+    pending: list[tuple[int, dict, float]] = []  # (step, metrics on device, dispatch time)
+    last_ready = time.perf_counter()
+
+    def drain(keep_last: bool = False):
+        nonlocal last_ready
+        while len(pending) > (1 if keep_last else 0):
+            done, metrics, t0 = pending.pop(0)
+            m = {k: float(v) for k, v in fetch_metrics(metrics).items()}
+            # A step's time: from when the device could start it (its dispatch, or the end
+            # of the step before) to when its result is here.
+            now = time.perf_counter()
+            dt, last_ready = now - max(t0, last_ready), now
+            record_ = {"step": done, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                       "learning_rate": m.get("learning_rate", 0.0), "step_seconds": dt,
+                       "tokens_per_second_per_device": rows_per_step * seq_len / dt / n_dev,
+                       weight_name: m["loss_weight"]}
+            if peak:
+                record_["mfu"] = flops_per_step / dt / (peak * n_dev)
+            record_.update({k: v for k, v in m.items()
+                            if k not in ("loss", "grad_norm", "learning_rate", "finite",
+                                         "loss_weight")})
+            if not m["finite"]:
+                record_["skipped_nonfinite"] = 1
+                summary["skipped"] += 1
+                if tc.nan_policy == "abort":
+                    writer.write(record_)
+                    raise NonFiniteError(
+                        f"step {done}: non-finite loss ({m['loss']}) or gradient norm "
+                        f"({m['grad_norm']}); the update was not applied and nothing was "
+                        f"saved past step {ckpt.latest_step()}. Set "
+                        "TrainConfig.nan_policy='skip' to skip such steps instead.")
+            writer.write(record_)
+            if on_log is not None and (done % tc.log_every == 0 or done == end):
+                on_log(record_)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}",
+                                tok_s=f"{record_['tokens_per_second_per_device'] * n_dev:,.0f}")
+
+    ended = None
     with _SigtermFlag() as sigterm:
         try:
-            for step in range(start, tc.steps):
-                batch = _global_batch(next(data), data_sh)
-                state, metrics = step_fn(state, batch)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
+            for step in range(start, end):
+                try:
+                    batch = next(data)
+                except StopIteration:  # the count above is exact; this is a safety net
+                    ended = step
+                    break
+                t_dispatch = time.perf_counter()
+                state, metrics = step_fn(state, _global_batch(batch, data_sh))
                 done = step + 1
-                record = {"step": done, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                          "learning_rate": m.get("learning_rate", 0.0), "step_seconds": dt,
-                          "tokens_per_second_per_device": rows_per_step * seq_len / dt / n_dev,
-                          weight_name: m["loss_weight"]}
-                if peak:
-                    record["mfu"] = flops_per_step / dt / (peak * n_dev)
-                record.update({k: v for k, v in m.items()
-                               if k not in ("loss", "grad_norm", "learning_rate", "finite",
-                                            "loss_weight")})
-                if not m["finite"]:
-                    record["skipped_nonfinite"] = 1
-                    summary["skipped"] += 1
-                    if tc.nan_policy == "abort":
-                        writer.write(record)
-                        raise NonFiniteError(
-                            f"step {done}: non-finite loss ({m['loss']}) or gradient norm "
-                            f"({m['grad_norm']}); the update was not applied and nothing was "
-                            f"saved past step {ckpt.latest_step()}. Set "
-                            "TrainConfig.nan_policy='skip' to skip such steps instead.")
-                if eval_fn is not None and tc.eval_every and done % tc.eval_every == 0:
-                    last_eval = evaluate(done)
-                    record.update(last_eval)
-                writer.write(record)
-                if on_log is not None and (done % tc.log_every == 0 or done == tc.steps):
-                    on_log(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}",
-                                    tok_s=f"{record['tokens_per_second_per_device'] * n_dev:,.0f}")
+                pending.append((done, metrics, t_dispatch))
+                drain(keep_last=True)
                 if _fault("sigterm_at_step", done):
                     os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
                 if sigterm.raised:
-                    save("sigterm")
+                    drain()
+                    save("sigterm", done)
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved step {done} to {run_dir}; restart to continue")
-                if done % tc.save_every == 0 and done != tc.steps:
-                    save("interval")
-            if ckpt.latest_step() != tc.steps:
-                save("final")
-            if eval_fn is not None and (last_eval is None or last_eval["step"] != tc.steps):
-                last_eval = evaluate(tc.steps)
+                if eval_fn is not None and tc.eval_every and done % tc.eval_every == 0:
+                    drain()
+                    last_eval = evaluate(done)
+                    writer.write(last_eval)
+                if done % tc.save_every == 0 and done != end:
+                    drain()
+                    save("interval", done)
+            drain()
+            final = int(jax.device_get(state.step))
+            if final < tc.steps:
+                ended = final
+            if ckpt.latest_step() != final:
+                save("end_of_data" if ended is not None else "final", final)
+            if eval_fn is not None and (last_eval is None or last_eval["step"] != final):
+                last_eval = evaluate(final)
                 writer.write(last_eval)
         finally:
             if bar is not None:
                 bar.close()
             ckpt.close()
             writer.close()
+    if ended is not None:
+        epochs = data_config.num_epochs
+        log(f"data ended at step {ended} of TrainConfig.steps={tc.steps}: {epochs} epoch"
+            f"{'s' if epochs != 1 else ''} of {data.stats['examples']} examples per process "
+            f"({data.batches} batches of {data.rows} rows) seen; saved"
+            + (" and evaluated" if last_eval else ""))
     if is_main:
         M.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    summary.update(final_step=tc.steps, eval=last_eval, data_stats=data.stats,
-                   peak_flops_source=peak_source, state=state, model_config=model_config,
-                   graphdef=graphdef)
+    summary.update(final_step=int(jax.device_get(state.step)), ended_early=ended is not None,
+                   eval=last_eval, data_stats=data.stats, peak_flops_source=peak_source,
+                   state=state, model_config=model_config, graphdef=graphdef)
     return summary
+
+
+def _model_record(model_config: LlamaConfig, model_init: ModelInit) -> dict:
+    """The LlamaConfig fields that decide the run: all of them for a random init; only the
+    execution fields for a model read from a checkpoint (its architecture comes from there,
+    and the checkpoint's own config is what a resumed run restores)."""
+    record = config_record({"LlamaConfig": model_config})
+    if model_init.source == "random":
+        return record
+    keep = EXECUTION_FIELDS if model_init.use_execution_config else ()
+    return {k: v for k, v in record.items() if k.split(".", 1)[1] in keep}
 
 
 def exit_code_for(exc: BaseException) -> int:

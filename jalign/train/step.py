@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jalign.losses.types import LossOutput
@@ -70,23 +70,50 @@ def _frozen_models(frozen_defs: dict, frozen_params) -> dict:
             for name in frozen_defs}
 
 
+def _split_trainable(params, trainable):
+    """(trained, frozen) flat dicts {path: leaf} of ``params`` by the boolean ``trainable``
+    tree (None: everything is trained)."""
+    flat = traverse_util.flatten_dict(params)
+    if trainable is None:
+        return flat, {}
+    mask = traverse_util.flatten_dict(trainable)
+    return ({k: v for k, v in flat.items() if mask[k]},
+            {k: v for k, v in flat.items() if not mask[k]})
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps: int, *,
                mesh: Mesh, rules: Rules = DEFAULT_RULES, frozen: dict | None = None,
-               step=0, micro_sharding=None) -> tuple[LossOutput, Any]:
+               step=0, micro_sharding=None, trainable=None) -> tuple[LossOutput, Any]:
     """Summed LossOutput and gradient of the summed ``total`` over ``accum_steps``
-    micro-batches (not yet divided by the weight)."""
-    frozen = frozen or {}
+    micro-batches (not yet divided by the weight).
 
-    def loss_of(p, micro_batch, micro_rng):
+    Gradients are taken only for the trained parameters (``trainable``, a boolean tree
+    like ``params``; None: all), and in float32 whatever the parameter dtype: each is
+    differentiated through a float32 view of the parameter, so the sum over micro-batches
+    never rounds to bf16. Returns the gradients as a tree like ``params`` holding only the
+    trained parameters (float32)."""
+    frozen = frozen or {}
+    trained, fixed = _split_trainable(params, trainable)
+    dtypes = {k: v.dtype for k, v in trained.items()}
+
+    def loss_of(p32, micro_batch, micro_rng):
+        p = {k: v.astype(dtypes[k]) for k, v in p32.items()}
+        p.update(fixed)
         with use_mesh(mesh, rules):
-            model = nnx.merge(graphdef, p)
+            model = nnx.merge(graphdef, traverse_util.unflatten_dict(p))
             out = loss_fn(model, micro_batch, StepContext(micro_rng, frozen, step))
         return out.total, out
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    trained32 = _to_f32(trained)
     if accum_steps == 1:
-        (_, out), grads = grad_fn(params, batch, rng)
-        return out, grads
+        (_, out), grads = grad_fn(trained32, batch, rng)
+        return out, traverse_util.unflatten_dict(grads)
     micro = _split_micro(batch, accum_steps)
     rngs = jax.random.split(rng, accum_steps)
 
@@ -94,26 +121,39 @@ def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps:
         mb, r = xs
         if micro_sharding is not None:
             mb = jax.lax.with_sharding_constraint(mb, micro_sharding)
-        (_, out), g = grad_fn(params, mb, r)
+        (_, out), g = grad_fn(trained32, mb, r)
         acc_out, acc_g = carry
         return (_sum_outputs(acc_out, out), jax.tree.map(jnp.add, acc_g, g)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zero_out = jax.eval_shape(lambda: grad_fn(params, first, rngs[0])[0][1])
+    zero_out = jax.eval_shape(lambda: grad_fn(trained32, first, rngs[0])[0][1])
     zero_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_out)
-    zero_g = jax.tree.map(jnp.zeros_like, params)
+    zero_g = jax.tree.map(jnp.zeros_like, trained32)
     (out, grads), _ = jax.lax.scan(body, (zero_out, zero_g), (micro, rngs))
-    return out, grads
+    return out, traverse_util.unflatten_dict(grads)
+
+
+def full_gradient_tree(grads, params):
+    """The trained-parameter gradients as a full tree like ``params``; parameters that are
+    not trained get zeros of their shape (the optimizer masks them out; XLA folds them)."""
+    grads = traverse_util.flatten_dict(grads)
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: grads[k] if k in grads else jnp.zeros(v.shape, jnp.float32) for k, v in flat.items()})
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, graphdef, *,
                     mesh: Mesh, state_sharding: TrainState, global_batch: int,
                     accum_steps: int = 1, rules: Rules = DEFAULT_RULES,
-                    frozen_graphdefs: dict | None = None, schedule=None, donate: bool = True):
+                    frozen_graphdefs: dict | None = None, schedule=None, donate: bool = True,
+                    trainable=None):
     """``step(state, batch) -> (state, metrics)``, jitted once with explicit shardings.
 
     A non-finite loss or gradient norm leaves params and optimizer state bit-unchanged
     (``metrics["finite"]`` is False); the loop decides whether to abort or go on.
+    ``trainable`` (boolean tree like the params, None: all) limits the gradient
+    computation to the trained parameters. Gradients, their division by the loss weight
+    and their norm are float32; the optimizer's state keeps the dtype it was created with.
     """
     if global_batch % accum_steps:
         raise ValueError(f"global batch {global_batch} is not divisible by accum_steps={accum_steps}")
@@ -126,12 +166,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
         frozen = _frozen_models(frozen_graphdefs, state.frozen)
         out, grads = accumulate(loss_fn, graphdef, state.params, batch, step_rng, accum_steps,
                                 mesh=mesh, rules=rules, frozen=frozen, step=state.step,
-                                micro_sharding=micro_sharding)
-        weight = jnp.maximum(out.weight, 1e-9)
-        grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+                                micro_sharding=micro_sharding, trainable=trainable)
+        weight = jnp.maximum(out.weight, 1e-9).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / weight, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        updates, new_opt = optimizer.update(full_gradient_tree(grads, state.params),
+                                            state.opt_state, state.params)
+        new_opt = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt, state.opt_state)
+        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
         finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
 
         def keep(new, old):

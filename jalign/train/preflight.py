@@ -1,0 +1,86 @@
+"""Checks a run makes before it loads a model or compiles anything.
+
+Every problem knowable at start (a batch the mesh cannot split, a data format the
+algorithm cannot train on, a missing split or file, a tokenizer the model's vocabulary
+cannot hold) is a one-line ``ConfigError`` naming the binding to change, instead of a
+traceback after the first eval or a silently replicated batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jax.sharding import Mesh
+
+from jalign.errors import ConfigError
+from jalign.data.formats import DataError
+from jalign.data.pipeline import DataConfig, FieldError, build_iterator
+from jalign.sharding import DEFAULT_RULES, Rules, _lookup
+
+
+def batch_axes_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[int, str]:
+    """(devices the batch dimension is split over, e.g. 'data=1 x fsdp=8')."""
+    axes = _lookup(rules, "batch")
+    size = math.prod(mesh.shape[a] for a in axes)
+    return size, " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
+
+
+def _multiples(n: int, near: int) -> str:
+    below = (near // n) * n
+    options = [m for m in (below, below + n) if m > 0]
+    return " or ".join(str(m) for m in dict.fromkeys(options))
+
+
+def check_batch_divides(mesh: Mesh, batch: int, binding: str, *, accum_steps: int = 1,
+                        rules: Rules = DEFAULT_RULES, processes: int = 1) -> None:
+    """The batch (and each of its ``accum_steps`` micro-batches) splits evenly over the
+    mesh axes that hold the batch; otherwise XLA would replicate it (every device doing
+    all the work) or, across hosts, assemble wrong global arrays."""
+    n, axes = batch_axes_size(mesh, rules)
+    if batch % processes:
+        raise ConfigError(f"{binding}={batch} is not divisible by the {processes} processes; "
+                          f"use {_multiples(processes, batch)}")
+    if batch % n:
+        raise ConfigError(
+            f"{binding}={batch} does not split over the {n} devices that hold the batch "
+            f"({axes}); use a multiple of {n} (e.g. {_multiples(n, batch)}) or change "
+            "MeshConfig")
+    if accum_steps > 1:
+        if batch % accum_steps:
+            raise ConfigError(f"{binding}={batch} is not divisible by "
+                              f"TrainConfig.accum_steps={accum_steps}")
+        micro = batch // accum_steps
+        if micro % n:
+            raise ConfigError(
+                f"{binding}={batch} with TrainConfig.accum_steps={accum_steps} gives "
+                f"micro-batches of {micro}, which do not split over the {n} devices that "
+                f"hold the batch ({axes}); use a batch of {_multiples(n * accum_steps, batch)} "
+                "or fewer accum_steps")
+
+
+def check_data_kind(algorithm, config: DataConfig, binding: str) -> None:
+    from jalign.data.formats import adapter
+    kind, _ = adapter(config.format)
+    if kind != algorithm.data_kind:
+        raise ConfigError(f"{binding}.format={config.format!r} gives {kind} data, but "
+                          f"TrainConfig.algorithm={algorithm.name.split('/')[0]!r} trains on "
+                          f"{algorithm.data_kind} data")
+
+
+def open_data(config: DataConfig, binding: str, **kwargs):
+    """build_iterator with its errors named after the binding (``eval/DataConfig`` ...)."""
+    try:
+        return build_iterator(config, **kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{binding}.{e.field}={e.value!r}: {e.message}") from None
+    except DataError as e:
+        raise ConfigError(f"{binding} (path={config.path!r}): {e}") from None
+
+
+def check_vocab(iterator, vocab_size: int, binding: str) -> None:
+    """Token ids the model's embedding cannot hold would be clamped silently by XLA."""
+    top = iterator.stats.get("max_token_id", -1)
+    if top >= vocab_size:
+        raise ConfigError(
+            f"{binding}.tokenizer={iterator.config.tokenizer!r} produces token id {top}, but "
+            f"the model has LlamaConfig.vocab_size={vocab_size}: use the model's tokenizer")

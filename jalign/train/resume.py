@@ -1,0 +1,81 @@
+"""What a resumed run may change: the operative config compared with the checkpoint's.
+
+A run resumed with another learning rate, model, data or loss would continue as if
+nothing changed and produce a model nobody asked for. The loop records every config
+field of the run (``config_record``) in each checkpoint and compares it on resume:
+changes that are safe by nature (extending ``TrainConfig.steps``, logging, eval and save
+cadence, progress bars, the mesh, math-preserving execution choices) are allowed and
+logged; any other change is refused with the list of old -> new values, unless the user
+passes ``--allow-config-change`` (``allow_config_change=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from jalign.errors import ConfigError
+
+# Fields whose change cannot alter what is trained (or only its float summation order).
+SAFE = {
+    "TrainConfig": {"steps", "save_every", "keep", "async_save", "eval_every", "eval_batches",
+                    "log_every", "progress", "peak_flops", "run_name", "output_root"},
+    "DataConfig": {"prefetch"},
+    "eval/DataConfig": {"prefetch"},
+    "MeshConfig": {"data", "fsdp", "tensor"},  # checkpoints restore onto any mesh
+    "LlamaConfig": {"scan_layers", "remat_policy", "attention_impl"},
+}
+NOTES = {"TrainConfig.steps": "the learning-rate schedule spans the new total"}
+
+
+def _plain(value):
+    """JSON-comparable form of a config value (tuples -> lists, dataclasses -> dicts)."""
+    return json.loads(json.dumps(value, default=lambda o: dataclasses.asdict(o)
+                                 if dataclasses.is_dataclass(o) else str(o)))
+
+
+def config_record(configs: dict) -> dict:
+    """{"Class.field": value} for every field of every config (``{binding: dataclass}``;
+    None entries are left out)."""
+    out = {}
+    for binding, config in configs.items():
+        if config is None:
+            continue
+        for field in dataclasses.fields(config):
+            out[f"{binding}.{field.name}"] = _plain(getattr(config, field.name))
+    return out
+
+
+def changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(safe, unsafe) changes between two config records, each 'binding: old -> new'."""
+    safe, unsafe = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a == b:
+            continue
+        binding, field = key.rsplit(".", 1)
+        line = f"{key}: {a!r} -> {b!r}"
+        if field in SAFE.get(binding, ()):
+            note = NOTES.get(key)
+            safe.append(line + (f" ({note})" if note else ""))
+        else:
+            unsafe.append(line)
+    return safe, unsafe
+
+
+def check_resume(old: dict | None, new: dict, *, step: int, allow: bool, log) -> None:
+    """Refuse (ConfigError) or log what changed since the checkpoint at ``step``."""
+    if old is None:
+        log(f"note: the checkpoint at step {step} predates config records; the config was "
+            "not compared")
+        return
+    safe, unsafe = changes(old, new)
+    for line in safe:
+        log(f"resume: changed {line}")
+    if unsafe and not allow:
+        raise ConfigError(
+            f"resuming step {step} with a changed config: " + "; ".join(unsafe)
+            + ". Restore the old values, use another TrainConfig.run_name, or pass "
+            "--allow-config-change to continue with the new ones")
+    for line in unsafe:
+        log(f"resume: changed {line} (allowed by --allow-config-change)")
