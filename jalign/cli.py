@@ -38,7 +38,8 @@ def cmd_convert(args) -> int:
     t0 = time.time()
     if args.direction == "hf-to-jalign":
         config, model = hf.load_hf(args.src, head=args.head, seed=args.seed,
-                                   mesh=_mesh_arg(args.mesh), dtype=args.dtype)
+                                   mesh=_mesh_arg(args.mesh), dtype=args.dtype,
+                                   allow_nonfinite=args.allow_nonfinite)
         print(f"loaded {args.src} as {kind_of(model)}: {config.num_params() / 1e6:.1f}M "
               f"parameters, {config.num_layers} layers, param dtype {config.param_dtype}")
         # save_model records kind_of(model) as model_kind, which load_model rebuilds.
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hf-to-jalign: model to build; 'scalar' is a reward/value model, read "
                            "from a LlamaForSequenceClassification checkpoint or started from a "
                            "causal LM (LM head dropped, score head freshly initialised)")
+    conv.add_argument("--allow-nonfinite", action="store_true",
+                      help="hf-to-jalign: import tensors holding NaN/Inf (refused by default)")
     conv.add_argument("--seed", type=int, default=0,
                       help="hf-to-jalign --head scalar from a causal LM: score head init seed")
     conv.add_argument("--pad-token-id", type=int, default=None,

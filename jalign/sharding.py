@@ -155,11 +155,35 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, x.shape, rules))
 
 
+# Parameters already reported as (partly) replicated because a dim did not divide.
+_REPORTED: set = set()
+
+
+def _report_replicated(where: str, names, shape, mesh: Mesh, rules: Rules) -> None:
+    """Say once per parameter and mesh which of its mesh axes were dropped (a dim they do
+    not divide, e.g. 2 KV heads on a 4-way tensor axis): it stays correct, but replicated."""
+    dropped = []
+    for name, size in zip(names, shape):
+        kept = logical_to_spec((name,), (size,), mesh, rules)[0]
+        kept = () if kept is None else (kept,) if isinstance(kept, str) else tuple(kept)
+        wanted = [a for a in _lookup(rules, name) if mesh.shape[a] > 1]
+        lost = [a for a in wanted if a not in kept]
+        if lost:
+            dropped.append(f"{name}={size} over {'x'.join(f'{a}={mesh.shape[a]}' for a in lost)}")
+    key = (where, tuple(shape), tuple(mesh.shape.items()))
+    if dropped and key not in _REPORTED and jax.process_index() == 0:
+        _REPORTED.add(key)
+        import sys
+        print(f"jalign: note: parameter {where} is replicated along what does not divide "
+              f"({', '.join(dropped)})", file=sys.stderr, flush=True)
+
+
 def param_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for an nnx State of abstract or concrete Variables.
 
     Every parameter must carry ``logical_axes`` metadata; one that does not is an error
-    naming it, so that nothing silently ends up replicated.
+    naming it, so that nothing silently ends up replicated. A dim that a mesh axis does
+    not divide is replicated along that axis, and said once.
     """
     from flax import nnx
 
@@ -170,6 +194,7 @@ def param_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
             raise ValueError(f"parameter {where} has no logical_axes")
         if len(names) != len(var.shape):
             raise ValueError(f"parameter {where}: logical_axes {names} do not match shape {var.shape}")
+        _report_replicated(where, names, var.shape, mesh, rules)
         return var.replace(named_sharding(mesh, names, var.shape, rules))
 
     return jax.tree_util.tree_map_with_path(

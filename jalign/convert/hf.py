@@ -247,7 +247,12 @@ def _resolve_directory(path: str | os.PathLike) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         # A hub repo id: fetch only configs and safetensors (never pickle files).
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+        try:
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # offline, unknown or gated repo: hub-specific error classes
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ConversionError(f"{text}: not a local directory, and downloading it from the "
+                                  f"Hugging Face hub failed ({type(e).__name__}: {first})") from None
     raise ConversionError(f"{p}: no such checkpoint directory")
 
 
@@ -273,7 +278,8 @@ def _model_kind_for(kind: str, file_kind: str, directory: Path) -> str:
 
 
 def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, dtype=None,
-            compute_dtype=None, rules: Rules = DEFAULT_RULES, **config_overrides):
+            compute_dtype=None, rules: Rules = DEFAULT_RULES, allow_nonfinite: bool = False,
+            **config_overrides):
     """Load a Hugging Face Llama checkpoint (directory or hub id) as a jalign model.
 
     Returns ``(config, model)``. ``head="lm"`` builds a ``Llama`` from a
@@ -286,11 +292,13 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     round trip is exact). ``compute_dtype`` defaults to the parameter dtype. Other
     LlamaConfig execution fields (scan_layers, remat_policy, attention_impl) may be
     overridden by keyword. With ``mesh``, parameters are sharded per ``rules`` as read.
+    A truncated file or a tensor holding NaN/Inf is a ConversionError naming the file and
+    the tensor (``allow_nonfinite=True`` imports non-finite values anyway).
     """
     if head not in HEADS:
         raise ValueError(f"load_hf: head={head!r}; one of {sorted(HEADS)}")
     directory = _resolve_directory(path)
-    ckpt = SafetensorsCheckpoint(directory)
+    ckpt = SafetensorsCheckpoint(directory, allow_nonfinite=allow_nonfinite)
     file_kind = checkpoint_kind(_read_config_json(directory))
     kind = _model_kind_for(HEADS[head], file_kind, directory)
     param_dtype = str(jnp.dtype(dtype).name) if dtype is not None else _stored_dtype(ckpt)

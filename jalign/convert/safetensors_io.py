@@ -32,18 +32,46 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+# Bytes per element of each safetensors dtype.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _read_header(path: Path) -> dict:
+    """The header of a safetensors file, checked against the file's size: a truncated or
+    damaged file is named here, before any tensor is read."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         size_bytes = f.read(8)
         if len(size_bytes) != 8:
-            raise ConversionError(f"{path.name}: not a safetensors file (too short)")
+            raise ConversionError(f"{path}: not a safetensors file (too short)")
         n = int.from_bytes(size_bytes, "little")
-        if n > 100_000_000:
-            raise ConversionError(f"{path.name}: safetensors header of {n} bytes is implausible")
+        if n > 100_000_000 or 8 + n > file_size:
+            raise ConversionError(f"{path}: not a safetensors file or truncated (header of {n} "
+                                  f"bytes in a file of {file_size})")
         try:
-            return json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{path.name}: corrupt safetensors header ({e})") from None
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    data_size = file_size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            need = int(np.prod(info["shape"], dtype=np.int64)) * _ITEMSIZE[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: corrupt safetensors header entry for tensor "
+                                  f"{key!r}") from None
+        if end - begin != need or begin < 0:
+            raise ConversionError(f"{path}: corrupt safetensors header: tensor {key!r} "
+                                  f"({info['dtype']} {info['shape']}) spans {end - begin} "
+                                  f"bytes, needs {need}")
+        if end > data_size:
+            raise ConversionError(f"{path}: truncated: tensor {key!r} ends at byte {end} of "
+                                  f"the data section, which has only {data_size} bytes "
+                                  f"(file of {file_size} bytes)")
+    return header
 
 
 def refuse_pickle_only(directory: Path) -> None:
@@ -57,10 +85,14 @@ def refuse_pickle_only(directory: Path) -> None:
 
 
 class SafetensorsCheckpoint:
-    """All tensors of a checkpoint directory, indexed by name from the file headers."""
+    """All tensors of a checkpoint directory, indexed by name from the file headers.
 
-    def __init__(self, directory: str | os.PathLike):
+    ``read`` refuses a floating-point tensor holding NaN or Inf (damaged weights would
+    train or serve garbage) unless ``allow_nonfinite``."""
+
+    def __init__(self, directory: str | os.PathLike, *, allow_nonfinite: bool = False):
         self.directory = Path(directory)
+        self.allow_nonfinite = allow_nonfinite
         index_path = self.directory / INDEX_NAME
         if index_path.exists():
             try:
@@ -97,11 +129,25 @@ class SafetensorsCheckpoint:
 
     def read(self, key: str) -> np.ndarray:
         info = self.tensors[key]
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = safe_open(str(self.directory / info.file), framework="numpy")
-            self._open[info.file] = handle
-        return handle.get_tensor(key)
+        path = self.directory / info.file
+        try:
+            handle = self._open.get(info.file)
+            if handle is None:
+                handle = safe_open(str(path), framework="numpy")
+                self._open[info.file] = handle
+            array = handle.get_tensor(key)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ConversionError(f"{path}: cannot read tensor {key!r} "
+                                  f"({type(e).__name__}: {e})") from None
+        if not self.allow_nonfinite and info.dtype.startswith(("F", "BF")):
+            finite = np.isfinite(array.astype(np.float32, copy=False))
+            if not finite.all():
+                bad = int(finite.size - finite.sum())
+                raise ConversionError(
+                    f"{path}: tensor {key!r} holds {bad} non-finite value(s) (NaN/Inf) of "
+                    f"{finite.size}: damaged weights; pass allow_nonfinite=True "
+                    "(CLI: --allow-nonfinite) to import them anyway")
+        return array
 
     def close(self) -> None:
         self._open.clear()

@@ -53,17 +53,20 @@ def unpack_row(row: dict) -> list[dict]:
 def pad_pair(example: dict, length: int, pad_id: int) -> dict:
     """A preference pair as two right-padded rows sharing the prompt tokens.
 
-    Loss masks cover each response (targets only); segment ids mark real tokens.
-    Per-pair scalars attached before batching (``ref_*``: precomputed reference
+    Loss masks cover each response (targets only; the first ``{side}_context`` tokens of a
+    response are prompt tokens that only one side has, not targets); segment ids mark real
+    tokens. Per-pair scalars attached before batching (``ref_*``: precomputed reference
     log-probs) travel with the pair.
     """
     prompt = example["prompt_ids"]
     out = {k: np.float32(v) for k, v in example.items() if k.startswith("ref_")}
     for side in ("chosen", "rejected"):
         response = example[f"{side}_ids"]
+        context = int(example.get(f"{side}_context", 0))
+        mask = np.ones(len(response), np.int32)
+        mask[:context] = 0
         row = pad_example({"input_ids": np.concatenate([prompt, response]),
-                           "loss_mask": np.concatenate([np.zeros(len(prompt), np.int32),
-                                                        np.ones(len(response), np.int32)])},
+                           "loss_mask": np.concatenate([np.zeros(len(prompt), np.int32), mask])},
                           length, pad_id)
         out.update({f"{side}_{k}": v for k, v in row.items()})
     return out

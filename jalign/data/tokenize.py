@@ -150,19 +150,48 @@ class ChatTokenizer:
         mask[:1] = 0  # the first token is never a target: nothing precedes it
         return ids, mask
 
-    def encode_prompt(self, messages: Sequence[dict]) -> np.ndarray:
-        ids, _ = self._encode(self.render(messages, add_generation_prompt=True))
-        return self._dedupe_bos(ids)[0]
+    # The reply a generation prompt is split from (see encode_prompt): a plain word, so
+    # that the first reply token starts where an ordinary answer's would.
+    PROBE_REPLY = "It"
 
-    def encode_response(self, prompt: Sequence[dict], response: Sequence[dict]) -> np.ndarray:
-        """Tokens of the response turn(s) alone, as they follow the rendered prompt."""
+    def encode_prompt(self, messages: Sequence[dict]) -> np.ndarray:
+        """The prompt tokens generation starts from: the prompt part of prompt + a reply
+        encoded once (encode_reply), i.e. what SFT and the pairs have before a reply. It
+        equals the rendered prompt encoded alone unless the template's prompt ends in text
+        the tokenizer merges into the reply's first token (e.g. 'Assistant: ' before a
+        SentencePiece '▁It'); that text is then left for the model to produce, as in
+        training. Where the split depends on the reply (a digit after that space may be
+        its own token), this is the split of a reply that starts with a word."""
+        prompt_ids, reply_ids = self.encode_reply(
+            messages, [{"role": "assistant", "content": self.PROBE_REPLY}])
+        if not len(reply_ids):
+            raise DataError("the chat template renders no reply after the prompt")
+        return prompt_ids
+
+    def encode_reply(self, prompt: Sequence[dict], response: Sequence[dict]):
+        """(prompt_ids, response_ids) of prompt + response encoded once, as SFT encodes
+        them, split at the end of the rendered prompt.
+
+        The response tokens are those overlapping the reply's characters (its content
+        through the end-of-turn token, trailing whitespace excluded): exactly the tokens
+        SFT trains on. A token that straddles the prompt's end belongs to the response
+        (it is a target in SFT too); the prompt is every token before the first response
+        token. Encoding the response alone would differ wherever the tokenizer treats the
+        start of a text specially (SentencePiece's '▁' prefix: '▁It' instead of 'It')."""
         before = self.render(prompt, add_generation_prompt=True)
         full = self.render(list(prompt) + list(response))
         if not full.startswith(before):
             raise DataError("the chat template does not render the prompt as a prefix of the "
                             "prompt + response")
-        tail = full[len(before):].rstrip()
-        return self._encode(tail)[0]
+        start, end = len(before), len(full.rstrip())
+        ids, offsets = self._encode(full)
+        in_reply = np.asarray([a < end and b > start for a, b in offsets], bool)
+        ids, in_reply = self._dedupe_bos(ids, in_reply)
+        where = np.flatnonzero(in_reply)
+        if not len(where):
+            return ids[:0], ids[:0]
+        first, last = where[0], where[-1]
+        return ids[:first], ids[first:last + 1]
 
 
 def _truncate_prompt(prompt_ids: np.ndarray, limit: int | None, bos_id) -> np.ndarray:
@@ -200,17 +229,33 @@ def tokenize_conversation(chat: ChatTokenizer, record: dict, cfg: TokenizeConfig
 
 
 def tokenize_preference(chat: ChatTokenizer, record: dict, cfg: TokenizeConfig) -> dict:
-    """Prompt and both responses; the two share the prompt tokens exactly."""
-    prompt_ids = _truncate_prompt(chat.encode_prompt(record["prompt"]), cfg.max_prompt_length,
-                                  chat.bos_id)
+    """Prompt and both responses, each side exactly the tokens and targets of prompt +
+    response encoded once (ChatTokenizer.encode_reply), so DPO and RM score what SFT
+    trains and generation produces.
+
+    The sides share ``prompt_ids``. Where the tokenizer splits the prompt's end differently
+    for the two replies (a template ending in a space: ' 7' vs ' Seventy'), the shared
+    prompt is their common prefix; each side's remaining prompt tokens start its
+    ``{side}_ids`` and are counted in ``{side}_context``: they are part of the sequence but
+    not scored, as in SFT."""
+    sides = {side: chat.encode_reply(record["prompt"], record[side])
+             for side in ("chosen", "rejected")}
+    (p_c, _), (p_r, _) = sides["chosen"], sides["rejected"]
+    shared = 0
+    while shared < min(len(p_c), len(p_r)) and p_c[shared] == p_r[shared]:
+        shared += 1
+    prompt_ids = _truncate_prompt(p_c[:shared], cfg.max_prompt_length, chat.bos_id)
     room = cfg.max_length - len(prompt_ids)
     out = {"prompt_ids": prompt_ids}
-    for side in ("chosen", "rejected"):
-        response = chat.encode_response(record["prompt"], record[side])[: max(room, 0)]
-        if not len(response):
+    for side, (prompt, reply) in sides.items():
+        context = prompt[shared:]
+        response = np.concatenate([context, reply])[: max(room, 0)].astype(np.int32)
+        if len(response) <= len(context):
             raise BadRecord(f"{side} response is empty after truncation to max_length="
                             f"{cfg.max_length} (prompt has {len(prompt_ids)} tokens)")
         out[f"{side}_ids"] = response
+        if len(context):
+            out[f"{side}_context"] = np.int32(len(context))
     return out
 
 

@@ -133,3 +133,84 @@ def test_bad_run_name_and_binding_are_clear_errors(tmp_path):
     r = subprocess.run(_cmd(tmp_path, "x", "TrainConfig.stepz=3"), capture_output=True,
                        text=True, env=_env(), cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "stepz" in r.stderr
+
+
+def _copy_run(reference, tmp_path, name):
+    import shutil
+    _, run_dir = reference
+    shutil.copytree(run_dir, tmp_path / name)
+    return tmp_path / name
+
+
+def test_resume_refuses_a_changed_config_and_allows_safe_changes(tmp_path, reference):
+    from tests.cli import assert_clean_error
+    ref_losses, _ = reference
+    run_dir = _copy_run(reference, tmp_path, "changed")
+    r = subprocess.run(_cmd(tmp_path, "changed", "OptimizerConfig.learning_rate=1e-3",
+                            "DataConfig.max_length=48", "TrainConfig.steps=9"),
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    line = assert_clean_error(r, "resuming step 8 with a changed config",
+                              "OptimizerConfig.learning_rate: 0.003 -> 0.001",
+                              "DataConfig.max_length: 64 -> 48", "--allow-config-change")
+    assert "TrainConfig.steps" not in line  # extending a run is not a change it refuses
+    assert _committed(run_dir) == [4, 8]  # nothing was touched
+    # Safe by nature: more steps and another logging cadence; said, not refused.
+    r = _run(tmp_path, "changed", "TrainConfig.steps=9", "TrainConfig.log_every=3")
+    assert "resume: changed TrainConfig.steps: 8 -> 9" in r.stdout
+    assert "resume: changed TrainConfig.log_every: 1 -> 3" in r.stdout
+    assert sorted(_losses(run_dir)) == list(range(1, 10))
+    # An explicit override continues with the new value and says what changed.
+    r = subprocess.run(_cmd(tmp_path, "changed", "TrainConfig.steps=10",
+                            "OptimizerConfig.learning_rate=1e-3") + ["--allow-config-change"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OptimizerConfig.learning_rate: 0.003 -> 0.001 (allowed by --allow-config-change)" in r.stdout
+    assert _committed(run_dir)[-1] == 10
+
+
+def _flip_bytes(step_dir: Path, item: str) -> Path:
+    """Flip bytes in the middle of the largest array file of ``item`` (what a bad disk or
+    a partial copy does); the array decodes, with different values."""
+    files = [p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_corrupted_checkpoint_resumes_from_the_newest_intact_step(tmp_path, reference):
+    from tests.cli import assert_clean_error
+    ref_losses, _ = reference
+    run_dir = _copy_run(reference, tmp_path, "flipped")
+    _flip_bytes(run_dir / "checkpoints" / "8", "params")
+    r = _run(tmp_path, "flipped")
+    assert "checkpoint step 8 skipped" in r.stdout and "'params'" in r.stdout
+    assert "resumed" in r.stdout and "at step 4" in r.stdout
+    assert _losses(run_dir) == ref_losses  # steps 5-8 retrained, bit-identical
+    assert _committed(run_dir) == [4, 8]
+    assert list((run_dir / "damaged_checkpoints").iterdir())  # kept, not deleted
+    # When no step is intact, resume is refused with the item named.
+    for step in (4, 8):
+        _flip_bytes(run_dir / "checkpoints" / str(step), "train_state")
+    r = subprocess.run(_cmd(tmp_path, "flipped"), capture_output=True, text=True, env=_env(),
+                       cwd=ROOT, timeout=600)
+    assert_clean_error(r, "no intact checkpoint", "'train_state'")
+
+
+def test_end_of_data_saves_evaluates_and_says_so(tmp_path):
+    r = _run(tmp_path, "epochs", "DataConfig.num_epochs=2", "TrainConfig.steps=1000",
+             "TrainConfig.save_every=1000")
+    run_dir = tmp_path / "epochs"
+    losses = _losses(run_dir)
+    last = max(losses)
+    assert 2 < last < 1000 and sorted(losses) == list(range(1, last + 1))
+    assert f"data ended at step {last} of TrainConfig.steps=1000: 2 epochs of 48 examples" in r.stdout
+    assert _committed(run_dir) == [last]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == last and "eval_loss" in records[-1]
+    # Run again: nothing left to train; it resumes, trains nothing, and ends the same way.
+    r = _run(tmp_path, "epochs", "DataConfig.num_epochs=2", "TrainConfig.steps=1000",
+             "TrainConfig.save_every=1000")
+    assert f"data ended at step {last}" in r.stdout and max(_losses(run_dir)) == last

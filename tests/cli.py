@@ -1,0 +1,39 @@
+"""Running `jalign` as a user does (a subprocess), and checking how it fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env(devices: int | None = None, **extra) -> dict:
+    """The test environment for a `jalign` subprocess: CPU, the suite's compilation cache
+    (conftest.py puts it in os.environ), ``devices`` simulated host devices (None: one)."""
+    e = dict(os.environ, JAX_PLATFORMS="cpu", **{k: str(v) for k, v in extra.items()})
+    e.pop("XLA_FLAGS", None)
+    if devices:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return e
+
+
+def run_jalign(*args, devices: int | None = None, cwd=ROOT, timeout: int = 600,
+               **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jalign.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env(devices, **extra_env),
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """The command failed with ``code`` and one `jalign ...: error: ...` line naming every
+    needle, and no traceback. Returns that line."""
+    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1, r.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
