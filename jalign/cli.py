@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
         from jalign.demo_convert import run_round_trip
         return run_round_trip(Path(args.out))
     from jalign.demo import run_demo
-    return run_demo(args.gin, fresh=args.fresh, stages=tuple(args.stages.split(",")))
+    return run_demo(args.gin, fresh=args.fresh, stages=tuple(args.stages.split(",")),
+                    eval_n=args.eval_n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", default="sft,rm,dpo",
                       help="comma-separated stages: sft (from scratch), rm and dpo (from the "
                            "SFT run)")
+    demo.add_argument("--eval-n", type=int, default=512,
+                      help="held-out problems each accuracy is measured on")
     demo.add_argument("--convert-only", action="store_true",
                       help="only run the HF conversion round trip (into --out)")
     demo.add_argument("--out", default="runs/demo_convert", help="--convert-only output directory")

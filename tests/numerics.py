@@ -24,13 +24,16 @@ import numpy as np
 U32 = 2.0 ** -24  # float32 unit roundoff
 
 
-def f32_tolerance(terms: int, scale: float, depth: int = 1) -> float:
+def f32_tolerance(terms: int, scale, depth: int = 1):
     """Absolute bound on the difference of two float32 evaluations of a quantity that is
-    ``depth`` chained sums of ``terms`` terms each, the terms' magnitudes adding to ``scale``."""
+    ``depth`` chained sums of ``terms`` terms each, the terms' magnitudes adding to ``scale``
+    (a float, or an array of them for one bound per element)."""
     if terms < 1 or depth < 1:
         raise ValueError(f"terms and depth must be >= 1, got {terms}, {depth}")
     n = terms * depth
     gamma = n * U32 / (1 - n * U32)
+    if np.ndim(scale):
+        return 2 * gamma * np.asarray(scale, np.float64)
     return 2 * gamma * float(scale)
 
 
@@ -87,7 +90,8 @@ def llama_logits_bound(model, length: int) -> dict:
     and weights, so equally valid for a transformers model holding the same weights.
 
     terms: the longest reduction: hidden size (projections, RMSNorm), intermediate size
-    (down projection), q_heads*head_dim (output projection) or the keys attended (length).
+    (down projection), q_heads*head_dim (output projection) or the keys attended (length),
+    plus one for a bias.
     depth: LLAMA_LAYER_REDUCTIONS per layer, then the final RMSNorm and the head.
     scale: a logit is sum_d h_d W_dv with h the final RMSNorm output, whose 2-norm is at most
     sqrt(d) max|norm weight|; so sum_d |h_d W_dv| <= sqrt(d) max|g| max_v ||W_:v||_2
@@ -97,6 +101,7 @@ def llama_logits_bound(model, length: int) -> dict:
     cfg, norm, head = _llama_parts(model)
     d = cfg.hidden_size
     terms = max(d, cfg.intermediate_size, cfg.num_heads * cfg.resolved_head_dim, length)
+    terms += int(cfg.attention_bias or cfg.mlp_bias)  # a bias adds one term
     depth = cfg.num_layers * LLAMA_LAYER_REDUCTIONS + 2
     scale = np.sqrt(d) * np.abs(norm).max() * np.linalg.norm(head, axis=0).max()
     return {"terms": int(terms), "depth": int(depth), "scale": float(scale)}

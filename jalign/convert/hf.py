@@ -237,7 +237,9 @@ def _assemble(shape, dtype, sharding, read_layer, num_layers: int | None) -> jax
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def _resolve_directory(path: str | os.PathLike) -> Path:
+def _resolve_directory(path: str | os.PathLike, *, config_only: bool = False) -> Path:
+    """A local checkpoint directory, or a hub repo id downloaded into the HF cache
+    (``config_only``: just its JSON files, for checks before the weights are needed)."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -248,7 +250,8 @@ def _resolve_directory(path: str | os.PathLike) -> Path:
         # A hub repo id: fetch only configs and safetensors (never pickle files).
         from huggingface_hub import snapshot_download
         try:
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+            patterns = ["*.json"] + ([] if config_only else ["*.safetensors"])
+            return Path(snapshot_download(text, allow_patterns=patterns))
         except Exception as e:  # offline, unknown or gated repo: hub-specific error classes
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise ConversionError(f"{text}: not a local directory, and downloading it from the "

@@ -176,9 +176,11 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     if eval_data_config is not None:
         P.check_batch_divides(mesh, eval_data_config.batch_size, "eval/DataConfig.batch_size",
                               rules=rules, processes=processes)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
-    resume_step = ckpt.latest_step()
+    # Nothing is written before the data checks pass: no run directory for a failed start.
+    ckpt = None
+    if (run_dir / "checkpoints").is_dir():
+        ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
+    resume_step = ckpt.latest_step() if ckpt is not None else None
     record = config_record({"TrainConfig": tc, "OptimizerConfig": optimizer_config,
                             "DataConfig": data_config, "eval/DataConfig": eval_data_config,
                             "ModelInit": model_init, "MeshConfig": mesh_config,
@@ -198,8 +200,6 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         model_config = read_model_config(run_dir, resume_step)
     else:
         model_config = _open_model_config(model_init, model_config)
-    if is_main and operative_config:
-        (run_dir / "operative_config.gin").write_text(operative_config)
     # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
     shard = {"process_index": jax.process_index(), "process_count": processes}
     data = P.open_data(data_config, "DataConfig", progress=tc.progress and is_main, **shard)
@@ -213,6 +213,11 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
                 f"make no full batch of eval/DataConfig.batch_size={eval_data_config.batch_size}")
     global_batch = data_config.batch_size
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main and operative_config:
+        (run_dir / "operative_config.gin").write_text(operative_config)
+    if ckpt is None:
+        ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
 
     loaded = {}
     # What the precomputed reference scores depend on besides the data.

@@ -46,7 +46,7 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
         return gin_config
     if init.source.startswith("hf:"):
         from jalign.convert.hf import _resolve_directory, read_hf_config
-        return read_hf_config(_resolve_directory(init.source[3:]), **overrides)
+        return read_hf_config(_resolve_directory(init.source[3:], config_only=True), **overrides)
     from jalign.checkpoint import read_model_config
     return read_model_config(init.source[7:]).replace(**overrides)
 

@@ -11,9 +11,10 @@ from flax import nnx
 from jalign.data.packing import pad_example, unpack_row
 from jalign.data.pipeline import DataConfig, build_iterator, tokenize_records
 from jalign.data.tokenize import ChatTokenizer, load_tokenizer
-from jalign.losses.sft import sft_loss
+from jalign.losses.sft import sft_loss, target_log_probs
 from jalign.models.build import create_model
 from jalign.models.config import preset
+from tests.numerics import assert_f32_close, f32_tolerance, llama_logp_bound
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_packed_rows_unpack_to_the_examples(chat):
     assert all(keys[k] <= wanted[k] for k in keys), "an example came back twice or altered"
     assert keys.total() >= len(examples) - 4 * 3  # only the dropped partial last batch is missing
     for got in unpacked:
-        np.testing.assert_array_equal(got["positions"], np.arange(len(got["input_ids"])))
+        np.testing.assert_array_equal(got["positions"], np.arange(len(got["input_ids"])))  # ints
     # Padding is pad_id with no segment, no target.
     assert (batch["input_ids"][batch["segment_ids"] == 0] == chat.pad_id).all()
     assert (batch["loss_mask"][batch["segment_ids"] == 0] == 0).all()
@@ -70,13 +71,39 @@ def test_packed_sft_loss_equals_unpacked(chat):
 
     packed_total, packed_weight = loss(model, {k: jnp.asarray(v) for k, v in batch.items()})
     total, weight = loss(model, {k: jnp.asarray(v) for k, v in unpacked.items()})
+    # exact by construction: float32 sums of 0/1 mask entries, integers below 2**24
     assert float(packed_weight) == float(weight) == sum(e["loss_mask"].sum() for e in examples)
-    np.testing.assert_allclose(float(packed_total), float(total), rtol=1e-5)
-    # Sanity: the same tokens without segment ids attend across examples and differ.
+    # Other rows, other row shapes: the summed log-probs of every target over the 512-entry
+    # vocabulary, after the small model's logits chain over 64 tokens.
+    assert_f32_close(float(packed_total), float(total),
+                     **llama_logp_bound(model, 64, tokens=int(weight)))
+
+    # Token by token, which that sum's bound is too coarse to see (it grows with the
+    # tokens): each target's log p in its packed row and in its own row, one log-prob's bound.
+    @nnx.jit
+    def token_logps(m, b):
+        return target_log_probs(m, b["input_ids"], b["loss_mask"], b["segment_ids"],
+                                b["positions"])[0]
+
+    def packed_targets(b):  # log p of each example's targets, in unpack_row's order
+        logp = np.asarray(token_logps(model, {k: jnp.asarray(v) for k, v in b.items()}))
+        out = []
+        for r in range(2):
+            seg = batch["segment_ids"][r]
+            for s in dict.fromkeys(seg[seg > 0].tolist()):
+                idx = np.flatnonzero(seg == s)  # token idx[j + 1] is predicted at idx[j]
+                out.append(logp[r, idx[:-1]][batch["loss_mask"][r, idx[1:]] > 0])
+        return np.concatenate(out)
+
+    alone = np.asarray(token_logps(model, {k: jnp.asarray(v) for k, v in unpacked.items()}))
+    alone = alone[unpacked["loss_mask"][:, 1:] > 0]  # the same targets, the same order
+    per_token = llama_logp_bound(model, 64)
+    assert_f32_close(packed_targets(batch), alone, **per_token)
+    # Sanity: the same tokens without segment ids attend across examples and differ, by
+    # more than that bound.
     crossed = dict(batch, segment_ids=np.ones_like(batch["segment_ids"]),
                    positions=np.broadcast_to(np.arange(64), (2, 64)))
-    crossed_total, _ = loss(model, {k: jnp.asarray(v) for k, v in crossed.items()})
-    assert abs(float(crossed_total) - float(total)) > 1e-3
+    assert np.abs(packed_targets(crossed) - alone).max() > 2 * f32_tolerance(**per_token)
 
 
 def _take(it, n):
@@ -88,7 +115,7 @@ def _assert_same(a, b):
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+            np.testing.assert_array_equal(x[k], y[k])  # integer batches, exact
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -156,7 +183,7 @@ def test_preference_and_prompt_batches(chat):
     assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape == (2, 64)
     for r in range(2):
         n_prompt = int(np.flatnonzero(b["chosen_loss_mask"][r])[0])
-        np.testing.assert_array_equal(b["chosen_input_ids"][r, :n_prompt],
+        np.testing.assert_array_equal(b["chosen_input_ids"][r, :n_prompt],  # token ids
                                       b["rejected_input_ids"][r, :n_prompt])
     it = build_iterator(_config(format="prompt", batch_size=2, max_prompt_length=32), chat=chat)
     b = next(it)

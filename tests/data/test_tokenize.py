@@ -93,7 +93,7 @@ def test_truncation_cuts_prompt_left_and_response_right(bundled):
     cfg = TokenizeConfig(max_length=30, max_prompt_length=20)
     out = tokenize_conversation(bundled, record, cfg)
     assert len(out["input_ids"]) == 30
-    # Prompt: BOS kept, then the *last* 19 prompt tokens.
+    # Prompt: BOS kept, then the *last* 19 prompt tokens (token ids: integers, exact).
     assert out["input_ids"][0] == bundled.bos_id
     np.testing.assert_array_equal(out["input_ids"][1:20], full["input_ids"][n_prompt - 19:n_prompt])
     # Response: its *first* 10 tokens.
@@ -117,7 +117,7 @@ def test_preference_pair_shares_prompt_tokens(bundled):
     assert tok.decode(out["prompt_ids"]) == "<s><|user|>\nWhat is 3 + 4?<|end|>\n<|assistant|>\n"
     assert tok.decode(out["chosen_ids"]) == "7</s>"
     assert tok.decode(out["rejected_ids"]) == "8</s>"
-    # Concatenated prompt + response tokens equal tokenizing the whole conversation.
+    # Concatenated prompt + response tokens equal tokenizing the whole conversation (ids).
     ids, _ = bundled.encode_conversation(record["prompt"] + record["chosen"])
     np.testing.assert_array_equal(np.concatenate([out["prompt_ids"], out["chosen_ids"]]),
                                   ids[: len(out["prompt_ids"]) + len(out["chosen_ids"])])

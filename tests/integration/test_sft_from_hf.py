@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import transformers
 
-from tests.hf_models import save_hf_model
+from tests.hf_models import IMPORT_MAX_DLOGIT, save_hf_model
+from tests.numerics import assert_f32_close, llama_logits_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "tests" / "train" / "tiny_sft.gin")
@@ -52,7 +53,11 @@ def test_sft_from_hf_then_export_generate_eval(tmp_path):
     ids = np.random.default_rng(0).integers(0, 512, (1, 20)).astype(np.int32)
     with torch.no_grad():
         ref = trained(torch.as_tensor(ids)).logits.numpy()
-    assert np.abs(np.asarray(forward(model, ids)) - ref).max() <= 1e-4
+    out = np.asarray(forward(model, ids))
+    # Two float32 programs for one forward: the logits chain's bound, then README's parity
+    # requirement (tighter than that bound; see tests.hf_models).
+    assert_f32_close(out, ref, **llama_logits_bound(model, 20))
+    assert np.abs(out - ref).max() <= IMPORT_MAX_DLOGIT
 
     r = _jalign("generate", run_dir, "--prompt", "What is 2 + 2?", "--max-new-tokens", "4")
     assert "> What is 2 + 2?" in r.stdout

@@ -1,0 +1,134 @@
+"""Every `jalign ...` command the README shows runs, so the README cannot rot.
+
+Commands are read from the README itself (code blocks, continuation lines joined, and
+inline `jalign ...` commands in the prose), in order, in one working directory, so a
+command may use what an earlier one made (runs/demo/... from `jalign demo`). Local
+commands must succeed, with tiny overrides appended (fewer steps, smaller data); a command
+that needs the network (a hub model or dataset) runs offline and must stop where it would
+download, with a one-line error naming what it could not fetch. A command the README adds
+is covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jalign.cli import main
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SUBCOMMANDS = ("train", "convert", "generate", "eval", "pairs", "demo")
+# First path components that are local (the repository's folders, what commands write).
+LOCAL_ROOTS = {"configs", "runs", "out", "ckpt", "tests", "launch", "jalign", "benchmarks"}
+
+# Bindings that make any `jalign train` / `jalign demo` run take seconds (later bindings win).
+TINY_TRAIN = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_every=0",
+              "TrainConfig.eval_batches=1", "TrainConfig.progress=False",
+              "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32",
+              "DataConfig.batch_size=8", "eval/DataConfig.batch_size=8",
+              "DataConfig.max_length=48", "DataConfig.max_prompt_length=32",
+              "MeshConfig.fsdp=-1"]
+TINY_MODEL = ["LlamaConfig.hidden_size=64", "LlamaConfig.intermediate_size=128",
+              "LlamaConfig.num_layers=1", "LlamaConfig.num_heads=4", "LlamaConfig.num_kv_heads=2"]
+TINY_DEMO = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_every=0",
+             "TrainConfig.eval_batches=1", "TrainConfig.progress=False",
+             "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32"] + TINY_MODEL
+TINY_ARGS = {"eval": ["--n", "16", "--max-batches", "1", "--batch-size", "8"],
+             "pairs": ["--n", "16"], "generate": ["--max-new-tokens", "4"],
+             "demo": ["--eval-n", "16"]}
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a trailing shell comment (a '#' outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def readme_commands(text: str) -> list[str]:
+    """The `jalign ...` commands of the README, in order of appearance."""
+    commands = []
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            for part in _strip_comment(line).split("&&"):
+                part = part.strip()
+                m = re.match(r"(?:\S*/)?jalign\s+(\S+)", part)
+                if m and m.group(1) in SUBCOMMANDS:
+                    commands.append(re.sub(r"^\S*/jalign", "jalign", part))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for inline in re.findall(r"`(jalign [^`]+)`", prose):
+        words = inline.split()
+        if len(words) > 1 and words[1] in SUBCOMMANDS and "..." not in inline \
+                and (len(words) > 2 or words[1] == "demo") \
+                and " / " not in inline and "|" not in inline \
+                and not re.search(r"[A-Z]{2,}", inline):  # not a list or a placeholder (RUN)
+            commands.append(inline)
+    return commands
+
+
+def _hub_names(argv: list[str]) -> list[str]:
+    """Hub ids (owner/name) a command would download."""
+    names = []
+    for arg in argv:
+        value = arg.split("=", 1)[1].strip("'\"") if "=" in arg else arg
+        value = value[3:] if value.startswith("hf:") else value
+        m = re.fullmatch(r"([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)", value)
+        if m and m.group(1) not in LOCAL_ROOTS and not m.group(2).endswith((".gin", ".jsonl")):
+            names.append(value)
+    return names
+
+
+def _with_tiny_overrides(argv: list[str]) -> list[str]:
+    sub = argv[0]
+    extra = list(TINY_ARGS.get(sub, []))
+    if sub == "train":
+        bindings = TINY_TRAIN + (TINY_MODEL if not any("ModelInit.source" in a for a in argv)
+                                 else [])
+        extra += sum((["--gin", b] for b in bindings), [])
+    if sub == "demo":
+        extra += sum((["--gin", b] for b in TINY_DEMO), [])
+    return argv + extra
+
+
+COMMANDS = readme_commands(README.read_text())
+
+
+def test_readme_shows_the_commands_this_test_runs():
+    """The parser finds the README's commands (a change that hid them would pass vacuously)."""
+    assert COMMANDS[0] == "jalign demo"
+    assert {shlex.split(c)[1] for c in COMMANDS} == set(SUBCOMMANDS)
+    assert any(_hub_names(shlex.split(c)) for c in COMMANDS)  # the network ones are here too
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("readme")
+
+
+@pytest.mark.xdist_group("readme")
+@pytest.mark.parametrize("index", range(len(COMMANDS)),
+                         ids=[f"{i}:{' '.join(c.split()[:2])}" for i, c in enumerate(COMMANDS)])
+def test_readme_command(workdir, monkeypatch, capsys, index):
+    command = COMMANDS[index]
+    argv = shlex.split(command)[1:]
+    monkeypatch.chdir(workdir)
+    hub = _hub_names(argv)
+    code = main(_with_tiny_overrides(argv))
+    out = capsys.readouterr()
+    if hub:  # offline (HF_HUB_OFFLINE=1, conftest.py): stops at the download, says what
+        errors = [line for line in out.err.splitlines() if ": error: " in line]
+        assert code == 2 and len(errors) == 1, (command, out.err[-3000:])
+        assert any(name in errors[0] for name in hub), (command, errors[0])
+    else:
+        assert code == 0, (command, out.out[-3000:], out.err[-3000:])

@@ -1,0 +1,59 @@
+"""Problems knowable before training are one-line errors naming the binding, raised
+before any model is loaded or anything compiled (so no checkpoint directory appears)."""
+
+from pathlib import Path
+
+import pytest
+
+from jalign.cli import main
+from tests.cli import assert_clean_error, run_jalign
+
+CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
+RM = str(Path(__file__).with_name("tiny_rm.gin"))
+SAMPLES = Path(__file__).resolve().parents[2] / "jalign" / "assets" / "samples"
+
+
+def test_batch_the_mesh_cannot_split_is_refused_by_the_cli(tmp_path):
+    r = run_jalign("train", CONFIG, "--gin", f"TrainConfig.output_root='{tmp_path}'",
+                   "--gin", "MeshConfig.fsdp=-1", "--gin", "DataConfig.batch_size=6",
+                   devices=8)
+    assert_clean_error(r, "DataConfig.batch_size=6", "8 devices", "data=1 x fsdp=8",
+                       "multiple of 8")
+    assert not list(tmp_path.rglob("checkpoints"))
+
+
+CASES = {
+    "micro-batches": (["TrainConfig.accum_steps=2"],
+                      ["TrainConfig.accum_steps=2", "micro-batches of 4", "8 devices"]),
+    "eval batch": (["eval/DataConfig.batch_size=12"], ["eval/DataConfig.batch_size=12"]),
+    "eval split": (["eval/DataConfig.split='validation'"],
+                   ["eval/DataConfig.split='validation'", "'train' and 'eval'"]),
+    "missing file": (["DataConfig.path='no/such/train.jsonl'"],
+                     ["DataConfig.path='no/such/train.jsonl'", "no such file"]),
+    "file has no splits": ([f"DataConfig.path='{SAMPLES / 'messages.jsonl'}'",
+                            "eval/DataConfig.split='test'"],
+                           ["eval/DataConfig.split='test'", "single file without splits"]),
+    "format for the algorithm": (["TrainConfig.algorithm='rm'"],
+                                 ["DataConfig.format='messages'", "'rm'", "preference"]),
+    "tokenizer": (["DataConfig.tokenizer='/no/such/tokenizer'"],
+                  ["DataConfig.tokenizer='/no/such/tokenizer'"]),
+    "vocabulary": (["LlamaConfig.vocab_size=64"],
+                   ["DataConfig.tokenizer=None", "LlamaConfig.vocab_size=64"]),
+    "model source": (["ModelInit.source='jalign:/no/such/run'"],
+                     ["ModelInit.source='jalign:/no/such/run'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_start_problem_is_a_one_line_error(tmp_path, capsys, case):
+    bindings, needles = CASES[case]
+    base = [f"TrainConfig.output_root='{tmp_path}'", "TrainConfig.progress=False",
+            "MeshConfig.fsdp=-1", "DataConfig.batch_size=8"]  # in-process: 8 devices
+    argv = ["train", CONFIG] + sum((["--gin", b] for b in base + bindings), [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not list(tmp_path.rglob("checkpoints"))
