@@ -8,16 +8,27 @@ from jalign.checkpoint import CheckpointError, TrainCheckpointer, load_model, re
 from jalign.models.config import preset
 from jalign.sharding import MeshConfig, make_mesh
 from jalign.train.optimizer import OptimizerConfig
+from jalign.losses.sft import sft_loss
 from jalign.train.setup import ModelInit, abstract_train_state, build_optimizer, fresh_state, load_initial_model
+from jalign.train.step import make_train_step
 
 CONFIG = preset("tiny", num_kv_heads=4)
 
 
 def _state(mesh):
-    tx, _ = build_optimizer(OptimizerConfig(), CONFIG, 10)
-    _, abstract, shardings = abstract_train_state(CONFIG, tx, mesh)
+    """A state two optimizer steps in: every Adam moment is non-zero and differs from every
+    other, so a leaf restored into the wrong place cannot go unnoticed."""
+    tx, lr = build_optimizer(OptimizerConfig(), CONFIG, 10)
+    graphdef, abstract, shardings = abstract_train_state(CONFIG, tx, mesh)
     _, model = load_initial_model(ModelInit(seed=5), CONFIG, mesh)
-    return fresh_state(model, tx, 0, shardings), abstract
+    state = fresh_state(model, tx, 0, shardings)
+    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=shardings,
+                           global_batch=8, schedule=lr)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        ids = rng.integers(3, CONFIG.vocab_size, (8, 16)).astype(np.int32)
+        state, _ = step(state, {"input_ids": ids, "loss_mask": np.ones_like(ids)})
+    return state, abstract
 
 
 def test_restore_onto_another_mesh(tmp_path):
@@ -33,12 +44,22 @@ def test_restore_onto_another_mesh(tmp_path):
     _, abstract_b, _ = abstract_train_state(CONFIG, tx, mesh_b)
     restored, data_state, metadata = TrainCheckpointer(
         tmp_path / "run", keep=2).restore(abstract_b)
-    assert data_state["version"] == 1 and metadata["step"] == 0 and metadata["config_hash"]
+    assert data_state["version"] == 1 and metadata["step"] == 2 and metadata["config_hash"]
     wq = restored.params["layers"]["wq"]
     assert wq.sharding.mesh.devices.shape == (2, 1, 4) and wq.sharding.spec[2] == "tensor"
     mu = restored.opt_state[1][0].mu["layers"]["wq"]  # chain(clip, adamw=chain(adam, ...))
     assert mu.sharding.spec == wq.sharding.spec
-    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+    # What this test exists to catch: moments restored into another parameter's slot. Two
+    # same-shaped moments swapped are told apart (with zero moments they would not be).
+    mu_saved = state.opt_state[1][0].mu["layers"]
+    assert mu_saved["wq"].shape == mu_saved["wk"].shape
+    assert not np.array_equal(np.asarray(mu_saved["wq"]), np.asarray(mu_saved["wk"]))
+    saved_leaves = jax.tree.leaves(jax.device_get(state))
+    opt_leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.opt_state))
+                  if np.asarray(x).ndim > 0]
+    assert all(np.abs(x).max() > 0 for x in opt_leaves)  # the moments carry information
+    # exact by construction: restore returns the saved bytes, onto another mesh
+    for a, b in zip(saved_leaves, jax.tree.leaves(jax.device_get(restored))):
         np.testing.assert_array_equal(a, b)
     # The model part of a training checkpoint loads on its own (for export).
     config, model = load_model(tmp_path / "run")
