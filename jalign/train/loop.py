@@ -236,15 +236,18 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         for it, name in ((data, "train"), (eval_iter, "eval")):
             if it is None:
                 continue
-            # Scored now, while only one model is in memory (not next to the state).
-            info = R.annotate(
-                it._examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
-                load_model=initial_model, score_fn=algo.reference_scores,
-                rows=it.config.batch_size // processes, length=it.config.max_length,
-                pad_id=it.chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
-                progress=tc.progress and is_main)
-            log(f"reference log-probs for {info['examples']} {name} pairs "
-                f"{'read from cache' if info['cached'] else 'computed'}")
+
+            def score(examples, chat, it=it, name=name):
+                # Scored now, while only one model is in memory (not next to the state).
+                info = R.annotate(
+                    examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
+                    load_model=initial_model, score_fn=algo.reference_scores,
+                    rows=it.config.batch_size // processes, length=it.config.max_length,
+                    pad_id=chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
+                    progress=tc.progress and is_main)
+                log(f"reference log-probs for {info['examples']} {name} pairs "
+                    f"{'read from cache' if info['cached'] else 'computed'}")
+            it.annotate(score)
     eval_start = eval_iter.get_state() if eval_iter is not None else None
 
     optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps, algo.model_kind)

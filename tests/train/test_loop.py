@@ -79,7 +79,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference):
     _run(tmp_path, "killed", fault="sigkill_after_save:4", expect=-signal.SIGKILL)
     assert _committed(tmp_path / "killed") == [4]
     _run(tmp_path, "killed")
-    assert _losses(tmp_path / "killed") == ref_losses  # floats compared exactly
+    assert _losses(tmp_path / "killed") == ref_losses  # exact by construction: resumed == uninterrupted
 
 
 def test_sigkill_during_save_resumes_from_previous_commit(tmp_path, reference):
@@ -88,7 +88,7 @@ def test_sigkill_during_save_resumes_from_previous_commit(tmp_path, reference):
     assert _committed(tmp_path / "torn") == [4]  # step 8 never committed
     r = _run(tmp_path, "torn")
     assert "resumed" in r.stdout and "at step 4" in r.stdout
-    assert _losses(tmp_path / "torn") == ref_losses
+    assert _losses(tmp_path / "torn") == ref_losses  # exact by construction
 
 
 def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
@@ -98,7 +98,7 @@ def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
     assert _committed(tmp_path / "term") == [4, 6]  # 6 is not a multiple of save_every=4
     r = _run(tmp_path, "term")
     assert "at step 6" in r.stdout
-    assert _losses(tmp_path / "term") == ref_losses
+    assert _losses(tmp_path / "term") == ref_losses  # exact by construction
 
 
 def test_external_sigterm_is_handled(tmp_path):

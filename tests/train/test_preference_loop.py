@@ -6,6 +6,7 @@ import json
 import signal
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,25 @@ from tests.train.test_loop import _committed, _losses, _run
 HERE = Path(__file__).parent
 DPO = str(HERE / "tiny_dpo.gin")
 RM = str(HERE / "tiny_rm.gin")
+
+
+def _step1_loss_bound() -> float:
+    """How far two float32 evaluations of the first DPO loss may differ (policy == reference
+    there): each of the four summed response log-probs (<= 64 tokens) is off by at most the
+    float32 bound of the tiny model's chain (computed from its initial weights), the loss
+    is softplus(-beta * margin) with |softplus'| <= 1, so beta * 4 such bounds."""
+    from jalign.config import model_config, parse
+    from jalign.sharding import MeshConfig, make_mesh
+    from jalign.train.setup import ModelInit, load_initial_model
+    from tests.numerics import f32_tolerance, llama_logp_bound
+
+    parse([DPO], ["MeshConfig.fsdp=-1"])
+    config = model_config()
+    parse([])
+    _, model = load_initial_model(ModelInit(), config, make_mesh(MeshConfig(1, 1, 1),
+                                                                 jax.devices()[:1]))
+    b = llama_logp_bound(model, 64, tokens=64)
+    return 0.1 * 4 * f32_tolerance(b["terms"], b["scale"], b["depth"])
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +46,7 @@ def dpo_reference(tmp_path_factory):
 def test_dpo_run_logs_pair_metrics(dpo_reference):
     losses, run_dir = dpo_reference
     assert sorted(losses) == list(range(1, 9))
-    assert abs(losses[1] - np.log(2)) < 1e-5  # step 1: policy == reference
+    assert abs(losses[1] - np.log(2)) <= _step1_loss_bound()  # step 1: policy == reference
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert all(r["pairs"] == 4 and "rewards/accuracy" in r and "kl/chosen" in r for r in train)
@@ -39,12 +59,14 @@ def test_dpo_resume_after_sigkill_is_bit_identical(tmp_path, dpo_reference):
     _run(tmp_path, "killed", config=DPO, fault="sigkill_after_save:4", expect=-signal.SIGKILL)
     assert _committed(tmp_path / "killed") == [4]
     _run(tmp_path, "killed", config=DPO)
-    assert _losses(tmp_path / "killed") == ref_losses  # floats compared exactly
+    assert _losses(tmp_path / "killed") == ref_losses  # exact by construction: resumed run
 
 
 def test_precomputed_reference_run_matches_and_resumes_from_cache(tmp_path, dpo_reference):
     ref_losses, _ = dpo_reference
     mode = "DPOConfig.reference='precomputed'"
+    _run(tmp_path, "whole", mode, config=DPO)
+    whole = _losses(tmp_path / "whole")
     _run(tmp_path, "pre", mode, config=DPO, fault="sigkill_after_save:4", expect=-signal.SIGKILL)
     cache = tmp_path / "pre" / "reference_train.p0.npz"
     assert cache.exists()
@@ -52,10 +74,13 @@ def test_precomputed_reference_run_matches_and_resumes_from_cache(tmp_path, dpo_
         assert z["ref_chosen_logps"].shape == (48,) and np.all(z["ref_chosen_logps"] < 0)
     r = _run(tmp_path, "pre", mode, config=DPO)
     assert "48 train pairs read from cache" in r.stdout
-    got = _losses(tmp_path / "pre")
-    assert sorted(got) == sorted(ref_losses)
-    np.testing.assert_allclose([got[k] for k in sorted(got)],
-                               [ref_losses[k] for k in sorted(ref_losses)], rtol=0, atol=1e-6)
+    assert _losses(tmp_path / "pre") == whole  # exact by construction: resumed == uninterrupted
+    # Against the in-step reference: step 1 (before any update) agrees to the float32 bound
+    # of the log-probs; later steps follow Adam, which turns rounding-level differences into
+    # full-size updates, so they are not compared (tests/losses/test_dpo_train.py compares
+    # the losses and gradients of one step).
+    assert sorted(whole) == sorted(ref_losses)
+    assert abs(whole[1] - ref_losses[1]) <= _step1_loss_bound()
 
 
 def test_reward_model_run(tmp_path):
