@@ -1,9 +1,6 @@
 """Loss masks, BOS handling and truncation, with the bundled tokenizer and a real
 SentencePiece tokenizer."""
 
-import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +8,7 @@ import pytest
 from jalign.data.formats import BadRecord
 from jalign.data.tokenize import (ChatTokenizer, TokenizeConfig, load_tokenizer,
                                   tokenize_conversation, tokenize_preference)
+from tests.data.tokenizers import sentencepiece_tokenizer
 
 TWO_TURNS = [
     {"role": "system", "content": "Be brief."},
@@ -29,20 +27,8 @@ def bundled():
 @pytest.fixture(scope="module")
 def sentencepiece(tmp_path_factory):
     """Mistral's SentencePiece model (32k vocab) from the mistral-common package."""
-    try:
-        import mistral_common
-    except ImportError:
-        pytest.fail("mistral-common is not installed: pip install -e '.[test]'")
-    model = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    assert model.exists(), f"{model} missing from mistral-common"
-    d = tmp_path_factory.mktemp("spm")
-    shutil.copy(model, d / "tokenizer.model")
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
-    tok = load_tokenizer(str(d))
-    assert len(tok) == 32000
-    return ChatTokenizer(tok, chat_template="llama2")
+    return ChatTokenizer(sentencepiece_tokenizer(tmp_path_factory.mktemp("spm")),
+                         chat_template="llama2")
 
 
 def _decode_masked(chat, ids, mask):

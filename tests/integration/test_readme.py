@@ -15,8 +15,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from jalign.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -111,24 +109,21 @@ def test_readme_shows_the_commands_this_test_runs():
     assert any(_hub_names(shlex.split(c)) for c in COMMANDS)  # the network ones are here too
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("readme")
-
-
-@pytest.mark.xdist_group("readme")
-@pytest.mark.parametrize("index", range(len(COMMANDS)),
-                         ids=[f"{i}:{' '.join(c.split()[:2])}" for i, c in enumerate(COMMANDS)])
-def test_readme_command(workdir, monkeypatch, capsys, index):
-    command = COMMANDS[index]
-    argv = shlex.split(command)[1:]
-    monkeypatch.chdir(workdir)
-    hub = _hub_names(argv)
-    code = main(_with_tiny_overrides(argv))
-    out = capsys.readouterr()
-    if hub:  # offline (HF_HUB_OFFLINE=1, conftest.py): stops at the download, says what
+def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
+    """One test, so the commands run in order in one directory (each may need what an
+    earlier one made); every failure is collected and reported with its command."""
+    monkeypatch.chdir(tmp_path)
+    failures = []
+    for command in COMMANDS:
+        argv = shlex.split(command)[1:]
+        hub = _hub_names(argv)
+        code = main(_with_tiny_overrides(argv))
+        out = capsys.readouterr()
         errors = [line for line in out.err.splitlines() if ": error: " in line]
-        assert code == 2 and len(errors) == 1, (command, out.err[-3000:])
-        assert any(name in errors[0] for name in hub), (command, errors[0])
-    else:
-        assert code == 0, (command, out.out[-3000:], out.err[-3000:])
+        if hub:  # offline (HF_HUB_OFFLINE=1, conftest.py): stops at the download, says what
+            if code != 2 or len(errors) != 1 or not any(name in errors[0] for name in hub):
+                failures.append(f"{command}\n  expected one error naming {hub}, got exit "
+                                f"{code}: {out.err[-1500:]}")
+        elif code != 0:
+            failures.append(f"{command}\n  exit {code}: {out.err[-1500:]}")
+    assert not failures, "\n\n".join(failures)

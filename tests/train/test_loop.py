@@ -50,7 +50,7 @@ def _committed(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     _run(root, "ref")

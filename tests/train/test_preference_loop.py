@@ -36,7 +36,7 @@ def _step1_loss_bound() -> float:
     return 0.1 * 4 * f32_tolerance(b["terms"], b["scale"], b["depth"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dpo_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     _run(root, "ref", config=DPO)
