@@ -228,9 +228,16 @@ class TrainCheckpointer:
         return sorted(self._mngr.all_steps())
 
     def read_config_record(self, step: int) -> dict | None:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            gin_config=ocp.args.JsonRestore()))
-        return restored["gin_config"].get("record")
+        """The config record saved with ``step``, or with the newest older step whose record
+        reads back (a damaged step is dealt with by restore_intact); None when none has one."""
+        for candidate in [s for s in reversed(self.all_steps()) if s <= step]:
+            try:
+                restored = self._mngr.restore(candidate, args=ocp.args.Composite(
+                    gin_config=ocp.args.JsonRestore()))
+            except Exception:  # unreadable JSON: try the step before
+                continue
+            return restored["gin_config"].get("record")
+        return None
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, metadata) of ``step`` (default latest committed) onto the
@@ -284,6 +291,9 @@ class TrainCheckpointer:
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.run_dir / "checkpoints" / str(step), target)
+        if jax.process_count() > 1:  # every process sees the move before re-listing steps
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"jalign_set_aside_{step}")
         self._mngr.reload()
         return target
 

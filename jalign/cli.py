@@ -159,7 +159,7 @@ def cmd_demo(args) -> int:
         return run_round_trip(Path(args.out))
     from jalign.demo import run_demo
     return run_demo(args.gin, fresh=args.fresh, stages=tuple(args.stages.split(",")),
-                    eval_n=args.eval_n)
+                    eval_n=args.eval_n, full=args.full)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", default="sft,rm,dpo",
                       help="comma-separated stages: sft (from scratch), rm and dpo (from the "
                            "SFT run)")
+    demo.add_argument("--full", action="store_true",
+                      help="the longer schedules of configs/demo/full/ (about 20 minutes on a "
+                           "2-core CPU; runs under runs/demo_full/)")
     demo.add_argument("--eval-n", type=int, default=512,
                       help="held-out problems each accuracy is measured on")
     demo.add_argument("--convert-only", action="store_true",
@@ -272,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConversionError, CheckpointError, FileExistsError, ConfigError, DataError) as e:
         print(f"jalign {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # out of device/host memory: say what to change, not where XLA was
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0][:200]
+        print(f"jalign {args.command}: error: out of memory ({detail}); lower "
+              "DataConfig.batch_size or DataConfig.max_length, raise TrainConfig.accum_steps, "
+              "or set LlamaConfig.remat_policy='full'", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -1,45 +1,62 @@
-"""The bundled default job: SFT, then a reward model and DPO, on 3-digit addition.
+"""The bundled default job: SFT, then a reward model and a DPO-family run, on addition.
 
-Stage ``sft`` trains ``configs/demo/sft_add.gin`` from scratch (CPU, minutes) and
-measures held-out exact-match accuracy before and after; ``rm`` trains a reward model
-from the SFT model (``configs/demo/rm_add.gin``, held-out pairwise accuracy); ``dpo``
-runs DPO from the SFT model (``configs/demo/dpo_add.gin``, exact-match accuracy). Each
-stage's result is exported as a Hugging Face checkpoint. Running it again resumes (or,
-when finished, just re-evaluates) the same runs; ``--fresh`` starts over.
+Stage ``sft`` trains ``configs/demo/sft_add.gin`` from scratch and measures held-out
+exact-match accuracy before and after; ``rm`` trains a reward model from the SFT model
+(``configs/demo/rm_add.gin``; held-out pairwise accuracy of the fresh score head, then of
+the trained one); ``dpo`` runs the DPO-family stage from the SFT model
+(``configs/demo/dpo_add.gin``; exact-match accuracy of the SFT model, then of the result).
+Each stage's model is exported as a Hugging Face checkpoint, and a table at the end says
+what each stage trained, before -> after, how long it took and where the export is.
+``--full`` runs the longer schedules of ``configs/demo/full/`` (separate run directories).
+Running it again resumes (or, when finished, just re-evaluates) the same runs; ``--fresh``
+starts over.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 from flax import nnx
 
-DEMO_CONFIGS = {"sft": "configs/demo/sft_add.gin", "rm": "configs/demo/rm_add.gin",
-                "dpo": "configs/demo/dpo_add.gin"}
+STAGES = ("sft", "rm", "dpo")
+DEMO_CONFIGS = {s: f"configs/demo/{s}_add.gin" for s in STAGES}
+FULL_CONFIGS = {s: f"configs/demo/full/{s}_add.gin" for s in STAGES}
 DEMO_CONFIG = DEMO_CONFIGS["sft"]
-STAGES = tuple(DEMO_CONFIGS)
+
+
+def _chat(exp):
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    return ChatTokenizer(load_tokenizer(exp.data.tokenizer), exp.data.chat_template)
 
 
 def _accuracy(model, exp, eval_n, show=0):
-    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.evaluate import task_accuracy
-
-    chat = ChatTokenizer(load_tokenizer(exp.data.tokenizer), exp.data.chat_template)
-    return task_accuracy(model, chat, exp.data.path.split(":", 1)[1], n=eval_n, show=show)
+    return task_accuracy(model, _chat(exp), exp.data.path.split(":", 1)[1], n=eval_n, show=show)
 
 
-def _train_stage(stage, bindings, fresh):
+def _start_eval(run_dir: Path) -> dict:
+    """The step-0 evaluation a run recorded (TrainConfig.eval_at_start), also when resumed."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else ():
+        record = json.loads(line)
+        if record.get("step") == 0 and "eval_loss" in record:
+            return record
+    return {}
+
+
+def _train_stage(config, bindings, fresh):
     """(experiment, run summary, trained model, seconds) of one stage."""
     from jalign.checkpoint import resolve_run_dir
     from jalign.train.experiment import load_experiment, run
 
-    exp = load_experiment([DEMO_CONFIGS[stage]], bindings)
+    exp = load_experiment([config], bindings)
     run_dir = resolve_run_dir(exp.train.output_root, exp.train.run_name)
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    print(f"\n== demo stage {stage}: {exp.algorithm.name}, {exp.train.steps} steps, batch "
+    print(f"\n== demo stage {exp.algorithm.name}: {exp.train.steps} steps, batch "
           f"{exp.data.batch_size} x {exp.data.max_length} tokens, from {exp.model_init.source}; "
           f"run dir {run_dir}", flush=True)
     t = time.time()
@@ -55,15 +72,33 @@ def _export(summary, model) -> Path:
     return hf_dir
 
 
-def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512,
-             stages=STAGES) -> int:
+def _trained(exp, summary, rows: str) -> str:
+    what = {"sft": "SFT", "rm": "reward model"}.get(exp.algorithm.name.split("/")[0],
+                                                     exp.algorithm.name.upper())
+    if exp.algorithm.name.startswith("dpo/"):
+        what = exp.algorithm.name.split("/")[1].upper() + (
+            " + chosen NLL" if exp.algorithm.config.sft_weight and
+            exp.algorithm.config.loss_type != "orpo" else "")
+    start = ("from scratch" if exp.model_init.source == "random"
+             else "from the SFT model")
+    return (f"{what}, {exp.train.steps} steps x {exp.data.batch_size} {rows}, {start} "
+            f"({summary['model_config'].num_params() / 1e6:.1f}M params)")
+
+
+def _percent(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
+             full: bool = False) -> int:
     """``bindings`` (gin) apply to every stage's config."""
+    from jalign.checkpoint import resolve_run_dir
+    from jalign.errors import ConfigError
     from jalign.sharding import make_mesh
     from jalign.train.experiment import load_experiment
     from jalign.train.setup import load_initial_model
 
-    from jalign.checkpoint import resolve_run_dir
-
+    configs = FULL_CONFIGS if full else DEMO_CONFIGS
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"jalign demo: unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
@@ -72,56 +107,59 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512,
         raise SystemExit("jalign demo: each stage has its own run_name and model source; "
                          "bind them with `jalign train configs/demo/<stage>.gin` instead")
     t0 = time.time()
-    sft_exp = load_experiment([DEMO_CONFIG], bindings)
+    sft_exp = load_experiment([configs["sft"]], bindings)
+    sft_dir = resolve_run_dir(sft_exp.train.output_root, sft_exp.train.run_name)
     # The later stages start from the SFT run wherever bindings (output_root) put it.
-    from_sft = (f"ModelInit.source='jalign:"
-                f"{resolve_run_dir(sft_exp.train.output_root, sft_exp.train.run_name)}'",)
-    rows = []
-    if "sft" in stages:
-        exp = load_experiment([DEMO_CONFIG], bindings)
-        print(f"jalign demo: SFT of a {exp.model.num_params() / 1e6:.1f}M-parameter Llama from "
-              f"scratch on bundled '{exp.data.path}' (packing={exp.data.packing})", flush=True)
-        _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
-        before = _accuracy(initial, exp, eval_n)
-        del initial
-        print(f"accuracy before training: {before['accuracy']:.1%}", flush=True)
-        exp, summary, model, secs = _train_stage("sft", bindings, fresh)
-        after = _accuracy(model, exp, eval_n, show=5)
-        print("\nsample answers (held-out):")
-        for prompt, answer, ok in after["samples"]:
-            print(f"  {prompt!r:>28} -> {answer!r:<8} {'correct' if ok else 'WRONG'}")
-        ev = summary["eval"] or {}
-        rows += [("SFT: exact-match accuracy before", f"{before['accuracy']:.1%}"),
-                 ("SFT: exact-match accuracy after",
-                  f"{after['accuracy']:.1%} ({after['correct']}/{after['total']})"),
-                 ("SFT: eval loss (nats/target token)", f"{ev.get('eval_loss', float('nan')):.4f}"),
-                 ("SFT: training wall time", f"{secs:.0f} s (steps {summary['start_step']}->"
-                                             f"{summary['final_step']})"),
-                 ("SFT: Hugging Face export", str(_export(summary, model)))]
-        sft_accuracy = after["accuracy"]
-    else:
-        sft_accuracy = None
-    if "rm" in stages:
-        exp, summary, model, secs = _train_stage("rm", tuple(bindings) + from_sft, fresh)
-        ev = summary["eval"] or {}
-        rows += [("RM: held-out pairwise accuracy",
-                  f"{ev.get('eval_accuracy', float('nan')):.1%} (chosen reward > rejected)"),
-                 ("RM: training wall time", f"{secs:.0f} s"),
-                 ("RM: Hugging Face export (LlamaForSequenceClassification)",
-                  str(_export(summary, model)))]
-    if "dpo" in stages:
-        exp, summary, model, secs = _train_stage("dpo", tuple(bindings) + from_sft, fresh)
-        after = _accuracy(model, exp, eval_n)
-        start = f" (SFT {sft_accuracy:.1%})" if sft_accuracy is not None else ""
-        ev = summary["eval"] or {}
-        rows += [("DPO: exact-match accuracy after",
-                  f"{after['accuracy']:.1%} ({after['correct']}/{after['total']}){start}"),
-                 ("DPO: held-out reward accuracy",
-                  f"{ev.get('eval_rewards/accuracy', float('nan')):.1%}"),
-                 ("DPO: training wall time", f"{secs:.0f} s"),
-                 ("DPO: Hugging Face export", str(_export(summary, model)))]
-    rows.append(("total wall time", f"{time.time() - t0:.0f} s"))
-    print("\n| metric | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    from_sft = (f"ModelInit.source='jalign:{sft_dir}'",)
+    rows = []  # (stage, what it trained, measured on, before, after, seconds, export)
+    try:
+        if "sft" in stages:
+            exp = sft_exp
+            print(f"jalign demo: SFT of a {exp.model.num_params() / 1e6:.1f}M-parameter Llama "
+                  f"from scratch on bundled '{exp.data.path}' (packing={exp.data.packing})",
+                  flush=True)
+            _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
+            before = _accuracy(initial, exp, eval_n)["accuracy"]
+            del initial
+            print(f"accuracy before training: {before:.1%}", flush=True)
+            exp, summary, model, secs = _train_stage(configs["sft"], bindings, fresh)
+            after = _accuracy(model, exp, eval_n, show=5)
+            print("\nsample answers (held-out):")
+            for prompt, answer, ok in after["samples"]:
+                print(f"  {prompt!r:>28} -> {answer!r:<8} {'correct' if ok else 'WRONG'}")
+            rows.append(("SFT", _trained(exp, summary, "packed rows"),
+                         f"exact-match accuracy, {eval_n} held-out problems", before,
+                         after["accuracy"], secs, _export(summary, model)))
+        if "rm" in stages:
+            exp, summary, model, secs = _train_stage(configs["rm"], tuple(bindings) + from_sft,
+                                                     fresh)
+            start = _start_eval(Path(summary["run_dir"])).get("eval_accuracy")
+            pairs = int((summary["eval"] or {}).get("eval_pairs", 0))
+            rows.append(("RM", _trained(exp, summary, "pairs"),
+                         f"pairwise accuracy (chosen > rejected), {pairs} held-out pairs", start,
+                         (summary["eval"] or {}).get("eval_accuracy"), secs,
+                         _export(summary, model)))
+        if "dpo" in stages:
+            exp = load_experiment([configs["dpo"]], tuple(bindings) + from_sft)
+            _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
+            before = _accuracy(initial, exp, eval_n)["accuracy"]
+            del initial
+            exp, summary, model, secs = _train_stage(configs["dpo"], tuple(bindings) + from_sft,
+                                                     fresh)
+            ev = summary["eval"] or {}
+            rows.append(("DPO", _trained(exp, summary, "pairs"),
+                         f"exact-match accuracy, {eval_n} held-out problems (held-out pair "
+                         f"reward accuracy {_percent(ev.get('eval_rewards/accuracy'))})",
+                         before, _accuracy(model, exp, eval_n)["accuracy"], secs,
+                         _export(summary, model)))
+    except ConfigError as e:
+        if "changed config" in str(e):
+            raise ConfigError(f"{e} (`jalign demo --fresh` starts the demo runs over)") from None
+        raise
+    print(f"\njalign demo: done in {time.time() - t0:.0f} s\n")
+    print("| stage | what it trained | measured on | before | after | time | Hugging Face export |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for stage, what, metric, before, after, secs, export in rows:
+        print(f"| {stage} | {what} | {metric} | {_percent(before)} | {_percent(after)} | "
+              f"{secs:.0f} s | {export} |")
     return 0

@@ -74,6 +74,7 @@ class TrainConfig:
     async_save: bool = True
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 16  # at most; 0: no evaluation
+    eval_at_start: bool = False  # also evaluate the initial model (step 0) of a fresh run
     log_every: int = 10
     nan_policy: str = "abort"
     algorithm: str = "sft"
@@ -187,8 +188,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                             type(algo.config).__name__: algo.config})
     record.update(_model_record(model_config, model_init))
     if resume_step is not None:
-        from jalign.checkpoint import read_metadata, read_model_config
-        meta = read_metadata(run_dir, resume_step)
+        meta, resume_step = _newest_readable(run_dir, ckpt)
         stored = (meta.get("model_kind", "causal_lm"), meta.get("reference"))
         if stored != (algo.model_kind, algo.reference):
             raise ConfigError(
@@ -197,6 +197,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 f"{algo.reference}): the train states differ, use another TrainConfig.run_name")
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
                      allow=allow_config_change, log=log)
+        from jalign.checkpoint import read_model_config
         model_config = read_model_config(run_dir, resume_step)
     else:
         model_config = _open_model_config(model_init, model_config)
@@ -380,12 +381,15 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 on_log(record_)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}",
+                bar.set_postfix(refresh=False, loss=f"{m['loss']:.4f}",
                                 tok_s=f"{record_['tokens_per_second_per_device'] * n_dev:,.0f}")
 
     ended = None
     with _SigtermFlag() as sigterm:
         try:
+            if eval_fn is not None and tc.eval_at_start and start == 0:
+                summary["eval_at_start"] = evaluate(0)  # the baseline the run is judged by
+                writer.write(summary["eval_at_start"])
             for step in range(start, end):
                 try:
                     batch = next(data)
@@ -437,6 +441,22 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                    eval=last_eval, data_stats=data.stats, peak_flops_source=peak_source,
                    state=state, model_config=model_config, graphdef=graphdef)
     return summary
+
+
+def _newest_readable(run_dir, ckpt) -> tuple[dict, int]:
+    """(metadata, step) of the newest step whose metadata and model config read back (a
+    damaged newer step is skipped here and reported when the state is restored)."""
+    from jalign.checkpoint import CorruptCheckpoint, read_metadata, read_model_config
+    problems = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            meta = read_metadata(run_dir, step)
+            read_model_config(run_dir, step)
+            return meta, step
+        except Exception as e:  # unreadable JSON items
+            problems.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    raise CorruptCheckpoint(f"{run_dir}: no checkpoint whose metadata reads back: "
+                            + "; ".join(problems))
 
 
 def _model_record(model_config: LlamaConfig, model_init: ModelInit) -> dict:

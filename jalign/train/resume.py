@@ -19,7 +19,8 @@ from jalign.errors import ConfigError
 # Fields whose change cannot alter what is trained (or only its float summation order).
 SAFE = {
     "TrainConfig": {"steps", "save_every", "keep", "async_save", "eval_every", "eval_batches",
-                    "log_every", "progress", "peak_flops", "run_name", "output_root"},
+                    "eval_at_start", "log_every", "progress", "peak_flops", "run_name",
+                    "output_root"},
     "DataConfig": {"prefetch"},
     "eval/DataConfig": {"prefetch"},
     "MeshConfig": {"data", "fsdp", "tensor"},  # checkpoints restore onto any mesh

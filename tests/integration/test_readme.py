@@ -11,6 +11,7 @@ is covered without editing this file.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -33,7 +34,8 @@ TINY_MODEL = ["LlamaConfig.hidden_size=64", "LlamaConfig.intermediate_size=128",
               "LlamaConfig.num_layers=1", "LlamaConfig.num_heads=4", "LlamaConfig.num_kv_heads=2"]
 TINY_DEMO = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_every=0",
              "TrainConfig.eval_batches=1", "TrainConfig.progress=False",
-             "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32"] + TINY_MODEL
+             "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32",
+             "DataConfig.batch_size=16"] + TINY_MODEL
 TINY_ARGS = {"eval": ["--n", "16", "--max-batches", "1", "--batch-size", "8"],
              "pairs": ["--n", "16"], "generate": ["--max-new-tokens", "4"],
              "demo": ["--eval-n", "16"]}
@@ -109,16 +111,66 @@ def test_readme_shows_the_commands_this_test_runs():
     assert any(_hub_names(shlex.split(c)) for c in COMMANDS)  # the network ones are here too
 
 
+def _demo_table(stdout: str) -> dict[str, dict]:
+    """The rows of the table `jalign demo` prints at the end, by stage."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def _percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+def check_demo_table(stdout: str, workdir: Path, eval_n: int) -> None:
+    """The demo's table says what the runs hold: each number is recomputed from the saved
+    checkpoints and metrics (the same greedy programs on the same parameters: equal)."""
+    from jalign.checkpoint import load_model
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    from jalign.evaluate import task_accuracy
+
+    rows = _demo_table(stdout)
+    assert set(rows) == {"SFT", "RM", "DPO"}, rows
+    chat = ChatTokenizer(load_tokenizer())
+    runs = workdir / "runs" / "demo"
+
+    def accuracy(run):
+        return task_accuracy(load_model(runs / run)[1], chat, "add", n=eval_n)["accuracy"]
+
+    assert _percent(rows["SFT"]["before"]) == 0.0  # a random model adds nothing up
+    assert abs(_percent(rows["SFT"]["after"]) - accuracy("sft_add")) < 5e-4  # 0.1% printed
+    # The DPO stage starts from the SFT model: its "before" is the SFT row's "after".
+    assert rows["DPO"]["before"] == rows["SFT"]["after"]
+    assert abs(_percent(rows["DPO"]["after"]) - accuracy("dpo_add")) < 5e-4
+    records = [json.loads(line) for line in
+               (runs / "rm_add" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == max(r["step"] for r in records)
+    assert abs(_percent(rows["RM"]["before"]) - evals[0]["eval_accuracy"]) < 5e-4
+    assert abs(_percent(rows["RM"]["after"]) - evals[-1]["eval_accuracy"]) < 5e-4
+    for row in rows.values():
+        export = Path(row["Hugging Face export"])
+        assert (export / "config.json").exists(), export
+    rm_config = json.loads((runs / "rm_add" / "hf" / "config.json").read_text())
+    assert rm_config["architectures"] == ["LlamaForSequenceClassification"]
+
+
 def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     """One test, so the commands run in order in one directory (each may need what an
     earlier one made); every failure is collected and reported with its command."""
     monkeypatch.chdir(tmp_path)
     failures = []
-    for command in COMMANDS:
+    for i, command in enumerate(COMMANDS):
         argv = shlex.split(command)[1:]
         hub = _hub_names(argv)
         code = main(_with_tiny_overrides(argv))
         out = capsys.readouterr()
+        if i == 0 and code == 0:  # the README's first command: the demo, from scratch
+            check_demo_table(out.out, tmp_path, int(TINY_ARGS["demo"][1]))
         errors = [line for line in out.err.splitlines() if ": error: " in line]
         if hub:  # offline (HF_HUB_OFFLINE=1, conftest.py): stops at the download, says what
             if code != 2 or len(errors) != 1 or not any(name in errors[0] for name in hub):

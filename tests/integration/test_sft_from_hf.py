@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import transformers
 
+from jalign.cli import main
 from tests.hf_models import IMPORT_MAX_DLOGIT, save_hf_model
 from tests.numerics import assert_f32_close, llama_logits_bound
 
@@ -26,7 +27,7 @@ def _jalign(*args, expect=0):
     return r
 
 
-def test_sft_from_hf_then_export_generate_eval(tmp_path):
+def test_sft_from_hf_then_export_generate_eval(tmp_path, capsys):
     hf_src = tmp_path / "hf_src"
     save_hf_model("llama3_2", hf_src, vocab_size=512, bos_token_id=1, eos_token_id=2)
     _jalign("train", CONFIG, "--gin", f"TrainConfig.output_root='{tmp_path}'",
@@ -37,7 +38,9 @@ def test_sft_from_hf_then_export_generate_eval(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
     # The trained model changed, and exports to a directory transformers loads cleanly.
-    _jalign("convert", "jalign-to-hf", run_dir, tmp_path / "hf_out")
+    # (The commands after `jalign train` run in-process: the same CLI code, without
+    # starting Python and JAX again for each.)
+    assert main(["convert", "jalign-to-hf", str(run_dir), str(tmp_path / "hf_out")]) == 0
     trained, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf_out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
@@ -59,10 +62,13 @@ def test_sft_from_hf_then_export_generate_eval(tmp_path):
     assert_f32_close(out, ref, **llama_logits_bound(model, 20))
     assert np.abs(out - ref).max() <= IMPORT_MAX_DLOGIT
 
-    r = _jalign("generate", run_dir, "--prompt", "What is 2 + 2?", "--max-new-tokens", "4")
-    assert "> What is 2 + 2?" in r.stdout
-    r = _jalign("eval", run_dir, "--task", "add", "--n", "16", "--data", "bundled:add",
-                "--max-length", "64", "--max-batches", "2")
-    out = json.loads(r.stdout[r.stdout.index("{"):])
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "What is 2 + 2?",
+                 "--max-new-tokens", "4"]) == 0
+    assert "> What is 2 + 2?" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), "--task", "add", "--n", "16", "--data", "bundled:add",
+                 "--max-length", "64", "--max-batches", "2"]) == 0
+    stdout = capsys.readouterr().out
+    out = json.loads(stdout[stdout.index("{"):])
     assert out["task"]["total"] == 16 and 0.0 <= out["task"]["accuracy"] <= 1.0
     assert out["data"]["loss"] > 0 and out["data"]["batches"] == 2

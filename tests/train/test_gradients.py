@@ -29,8 +29,9 @@ def _batch(rows=8, length=16, seed=0):
 
 
 def _grads(params, graphdef, batch, accum, mesh, trainable=None):
+    kwargs = {"trainable": trainable} if trainable is not None else {}
     fn = jax.jit(lambda p, b: accumulate(sft_loss, graphdef, p, b, jax.random.key(0), accum,
-                                         mesh=mesh, trainable=trainable))
+                                         mesh=mesh, **kwargs))
     return jax.device_get(fn(params, batch)[1])
 
 

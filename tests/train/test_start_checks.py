@@ -57,3 +57,17 @@ def test_start_problem_is_a_one_line_error(tmp_path, capsys, case):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not list(tmp_path.rglob("checkpoints"))
+
+
+def test_out_of_memory_is_one_line_advice(monkeypatch, capsys):
+    """XLA running out of memory names what to change instead of ending in a traceback."""
+    import jalign.cli as cli
+
+    def oom(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 60929549504 bytes.")
+
+    monkeypatch.setattr(cli, "cmd_train", oom)
+    assert cli.main(["train", CONFIG]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory (Out of memory allocating 60929549504 bytes.)" in err
+    assert "DataConfig.batch_size" in err and "Traceback" not in err
