@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 import jalign
 from jalign import checksum
+from jalign.errors import first_line
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
 from jalign.models.heads import fresh_score, kind_of, model_class, scalar_params_from_lm
@@ -137,14 +138,24 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 abstract)
     target = nnx.to_pure_dict(abstract)
+    # Read in the stored dtypes (what the checksums describe), verify, then cast: a bf16
+    # checkpoint may start a float32 run and the other way round.
+    stored_dtype = jax.numpy.dtype(read_model_config(directory, step).param_dtype)
+    as_stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype,
+                                                            sharding=a.sharding), target)
     mngr = manager(_checkpoint_dir(directory))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))
+            params=ocp.args.StandardRestore(as_stored)))
+    except Exception as e:  # undecodable bytes surface as tensorstore/zstd errors
+        raise CorruptCheckpoint(f"{directory} step {step} cannot be read back "
+                                f"({type(e).__name__}: {first_line(e)})") from None
     finally:
         mngr.close()
     _verify(directory, step, "params", read_metadata(directory, step), restored["params"])
-    nnx.replace_by_pure_dict(abstract, restored["params"])
+    params = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x,
+                          restored["params"], target)
+    nnx.replace_by_pure_dict(abstract, params)
     return config, nnx.merge(graphdef, abstract)
 
 
@@ -227,10 +238,27 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
+    def newest_first(self, until: int | None = None) -> list[int]:
+        return [s for s in reversed(self.all_steps()) if until is None or s <= until]
+
+    def newest_readable(self) -> tuple[dict, int]:
+        """(metadata, step) of the newest step whose metadata and model config read back (a
+        damaged newer step is skipped here and reported by restore_intact)."""
+        problems = []
+        for step in self.newest_first():
+            try:
+                meta = read_metadata(self.run_dir, step)
+                read_model_config(self.run_dir, step)
+                return meta, step
+            except Exception as e:  # unreadable JSON items
+                problems.append(f"step {step}: {type(e).__name__}: {first_line(e, 200)}")
+        raise CorruptCheckpoint(f"{self.run_dir}: no checkpoint whose metadata reads back: "
+                                + "; ".join(problems))
+
     def read_config_record(self, step: int) -> dict | None:
         """The config record saved with ``step``, or with the newest older step whose record
         reads back (a damaged step is dealt with by restore_intact); None when none has one."""
-        for candidate in [s for s in reversed(self.all_steps()) if s <= step]:
+        for candidate in self.newest_first(until=step):
             try:
                 restored = self._mngr.restore(candidate, args=ocp.args.Composite(
                     gin_config=ocp.args.JsonRestore()))
@@ -250,6 +278,7 @@ class TrainCheckpointer:
                 "rng": abstract_state.rng, "skipped": abstract_state.skipped,
                 "frozen": abstract_state.frozen}
         where = self.run_dir / "checkpoints"
+        self._check_structure(step, abstract_state.params, rest)
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
@@ -257,7 +286,7 @@ class TrainCheckpointer:
                 data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
         except Exception as e:  # undecodable bytes surface as tensorstore/JSON/zstd errors
             raise CorruptCheckpoint(f"{where} step {step} cannot be read back "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+                                    f"({type(e).__name__}: {first_line(e)})") from None
         metadata = restored["metadata"]
         _verify(where, step, "params", metadata, restored["params"])
         _verify(where, step, "train_state", metadata, restored["train_state"])
@@ -266,12 +295,31 @@ class TrainCheckpointer:
                                      r["skipped"], r["frozen"])
         return state, restored["data"], metadata
 
+    def _check_structure(self, step: int, params, rest) -> None:
+        """The step holds the arrays this run's state has (by the paths its checksums were
+        recorded under): a changed optimizer or model is a config problem, not damage."""
+        try:
+            recorded = self._mngr.restore(step, args=ocp.args.Composite(
+                metadata=ocp.args.JsonRestore()))["metadata"].get("checksums")
+        except Exception:  # unreadable metadata: restore() reports the step as damaged
+            return
+        if not recorded:
+            return
+        for item, tree in (("params", params), ("train_state", rest)):
+            want, have = set(checksum.leaf_paths(tree)), set(recorded.get(item, {}))
+            if want != have:
+                extra, missing = sorted(have - want)[:3], sorted(want - have)[:3]
+                raise CheckpointError(
+                    f"{self.run_dir} step {step}: item {item!r} holds other arrays than this "
+                    f"run's state (saved only: {extra}; expected but not saved: {missing}); "
+                    "the optimizer or model config differs from the one it was saved with")
+
     def restore_intact(self, abstract_state, log=print):
         """(state, data_state, metadata, step) of the newest step that reads back as saved;
         each damaged newer step is reported through ``log`` and skipped. Raises
         CorruptCheckpoint naming every damaged step when none is intact."""
         problems, damaged = [], []
-        for step in reversed(self.all_steps()):
+        for step in self.newest_first():
             try:
                 state, data_state, metadata = self.restore(abstract_state, step)
             except CorruptCheckpoint as e:

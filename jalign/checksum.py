@@ -47,13 +47,26 @@ def _leaf(x: jax.Array) -> jax.Array:
 _checksums = jax.jit(lambda tree: jax.tree.map(_leaf, tree))
 
 
+def _name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree) -> list[str]:
+    """'a/b/0'-style paths of the array leaves of ``tree`` (stable across JAX versions)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(_name(k) for k in path) for path, _ in flat]
+
+
 def checksums(tree) -> dict[str, str]:
     """{leaf path: 8 hex digits} for every array leaf of ``tree`` (None leaves skipped)."""
     if tree is None:
         return {}
     values = jax.device_get(_checksums(tree))
-    flat, _ = jax.tree_util.tree_flatten_with_path(values)
-    return {jax.tree_util.keystr(path): f"{int(v):08x}" for path, v in flat}
+    return {path: f"{int(v):08x}" for path, v in zip(leaf_paths(values),
+                                                     jax.tree_util.tree_leaves(values))}
 
 
 def mismatches(expected: dict[str, str], tree) -> list[str]:

@@ -63,7 +63,8 @@ def cmd_train(args) -> int:
     print("operative config:\n" + exp.operative, flush=True)
 
     def log(record):
-        keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mfu")
+        keys = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracy", "grad_norm",
+                "learning_rate", "mfu")
         text = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
         print(f"step {record['step']}: {text}", flush=True)
 
@@ -269,17 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     from jalign.checkpoint import CheckpointError
     from jalign.config import ConfigError
     from jalign.convert.safetensors_io import ConversionError
-    from jalign.data.formats import DataError
+    from jalign.data.formats import BadRecord, DataError
 
     try:
         return args.func(args)
-    except (ConversionError, CheckpointError, FileExistsError, ConfigError, DataError) as e:
+    except (ConversionError, CheckpointError, FileExistsError, ConfigError, DataError,
+            BadRecord) as e:
         print(f"jalign {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # out of device/host memory: say what to change, not where XLA was
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0][:200]
+        from jalign.errors import first_line
+        detail = first_line(str(e).split("RESOURCE_EXHAUSTED", 1)[1].lstrip(": "), 200)
         print(f"jalign {args.command}: error: out of memory ({detail}); lower "
               "DataConfig.batch_size or DataConfig.max_length, raise TrainConfig.accum_steps, "
               "or set LlamaConfig.remat_policy='full'", file=sys.stderr)

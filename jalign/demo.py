@@ -37,6 +37,14 @@ def _accuracy(model, exp, eval_n, show=0):
     return task_accuracy(model, _chat(exp), exp.data.path.split(":", 1)[1], n=eval_n, show=show)
 
 
+def _initial_accuracy(exp, eval_n) -> float:
+    """Accuracy of the model a stage starts from (before it trains)."""
+    from jalign.sharding import make_mesh
+    from jalign.train.setup import load_initial_model
+    _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
+    return _accuracy(initial, exp, eval_n)["accuracy"]
+
+
 def _start_eval(run_dir: Path) -> dict:
     """The step-0 evaluation a run recorded (TrainConfig.eval_at_start), also when resumed."""
     path = run_dir / "metrics.jsonl"
@@ -81,7 +89,7 @@ def _trained(exp, summary, rows: str) -> str:
             exp.algorithm.config.loss_type != "orpo" else "")
     start = ("from scratch" if exp.model_init.source == "random"
              else "from the SFT model")
-    return (f"{what}, {exp.train.steps} steps x {exp.data.batch_size} {rows}, {start} "
+    return (f"{what}, {summary['final_step']} steps x {exp.data.batch_size} {rows}, {start} "
             f"({summary['model_config'].num_params() / 1e6:.1f}M params)")
 
 
@@ -94,11 +102,11 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
     """``bindings`` (gin) apply to every stage's config."""
     from jalign.checkpoint import resolve_run_dir
     from jalign.errors import ConfigError
-    from jalign.sharding import make_mesh
     from jalign.train.experiment import load_experiment
-    from jalign.train.setup import load_initial_model
 
     configs = FULL_CONFIGS if full else DEMO_CONFIGS
+    if eval_n < 1:
+        raise SystemExit(f"jalign demo: --eval-n must be at least 1, got {eval_n}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"jalign demo: unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
@@ -118,16 +126,15 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
             print(f"jalign demo: SFT of a {exp.model.num_params() / 1e6:.1f}M-parameter Llama "
                   f"from scratch on bundled '{exp.data.path}' (packing={exp.data.packing})",
                   flush=True)
-            _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
-            before = _accuracy(initial, exp, eval_n)["accuracy"]
-            del initial
+            before = _initial_accuracy(exp, eval_n)
             print(f"accuracy before training: {before:.1%}", flush=True)
             exp, summary, model, secs = _train_stage(configs["sft"], bindings, fresh)
             after = _accuracy(model, exp, eval_n, show=5)
             print("\nsample answers (held-out):")
             for prompt, answer, ok in after["samples"]:
                 print(f"  {prompt!r:>28} -> {answer!r:<8} {'correct' if ok else 'WRONG'}")
-            rows.append(("SFT", _trained(exp, summary, "packed rows"),
+            rows.append(("SFT", _trained(exp, summary,
+                                         "packed rows" if exp.data.packing else "rows"),
                          f"exact-match accuracy, {eval_n} held-out problems", before,
                          after["accuracy"], secs, _export(summary, model)))
         if "rm" in stages:
@@ -140,10 +147,8 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
                          (summary["eval"] or {}).get("eval_accuracy"), secs,
                          _export(summary, model)))
         if "dpo" in stages:
-            exp = load_experiment([configs["dpo"]], tuple(bindings) + from_sft)
-            _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
-            before = _accuracy(initial, exp, eval_n)["accuracy"]
-            del initial
+            before = _initial_accuracy(
+                load_experiment([configs["dpo"]], tuple(bindings) + from_sft), eval_n)
             exp, summary, model, secs = _train_stage(configs["dpo"], tuple(bindings) + from_sft,
                                                      fresh)
             ev = summary["eval"] or {}

@@ -35,3 +35,22 @@ def test_uncommitted_step_is_ignored(tmp_path):
     # What an interrupted Orbax save leaves behind.
     (tmp_path / "ck" / "5.orbax-checkpoint-tmp-123").mkdir()
     assert checkpoint.latest_step(tmp_path / "ck") == 3
+
+
+def test_a_bf16_checkpoint_loads_as_float32_and_verifies(tmp_path):
+    """Checksums describe the stored bytes: a dtype change on load is applied after they are
+    verified (a bf16 checkpoint may start a float32 run)."""
+    import jax.numpy as jnp
+    from jalign.checkpoint import load_model, save_model
+    from jalign.models.build import create_model
+    from jalign.models.config import preset
+
+    config = preset("tiny", param_dtype="bfloat16", dtype="bfloat16")
+    model = create_model(config, seed=0)
+    save_model(tmp_path / "bf16", config, model)
+    loaded_config, loaded = load_model(tmp_path / "bf16", param_dtype="float32", dtype="float32")
+    assert loaded_config.param_dtype == "float32"
+    wq = np.asarray(loaded.layers.wq[...])
+    assert wq.dtype == np.float32
+    # exact by construction: bf16 -> float32 is exact
+    np.testing.assert_array_equal(wq, np.asarray(model.layers.wq[...].astype(jnp.float32)))

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from jalign.convert.hf_config import (checkpoint_kind, config_from_hf, config_to_hf,
                                       generation_config_to_hf)
 from jalign.convert.safetensors_io import ConversionError, SafetensorsCheckpoint, write_sharded
+from jalign.errors import first_line
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
 from jalign.models.heads import fresh_score, kind_of, model_class
@@ -253,7 +254,7 @@ def _resolve_directory(path: str | os.PathLike, *, config_only: bool = False) ->
             patterns = ["*.json"] + ([] if config_only else ["*.safetensors"])
             return Path(snapshot_download(text, allow_patterns=patterns))
         except Exception as e:  # offline, unknown or gated repo: hub-specific error classes
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            first = first_line(e, 200)
             raise ConversionError(f"{text}: not a local directory, and downloading it from the "
                                   f"Hugging Face hub failed ({type(e).__name__}: {first})") from None
     raise ConversionError(f"{p}: no such checkpoint directory")

@@ -53,16 +53,23 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = file_size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            begin, end = info["data_offsets"]
-            need = int(np.prod(info["shape"], dtype=np.int64)) * _ITEMSIZE[info["dtype"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape, dtype = info["shape"], info["dtype"]
+            count = int(np.prod(shape, dtype=np.int64))
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header entry for tensor "
                                   f"{key!r}") from None
+        if dtype not in _ITEMSIZE:
+            raise ConversionError(f"{path}: tensor {key!r} has dtype {dtype!r}, which jalign "
+                                  f"does not read (known: {sorted(_ITEMSIZE)})")
+        need = count * _ITEMSIZE[dtype]
         if end - begin != need or begin < 0:
             raise ConversionError(f"{path}: corrupt safetensors header: tensor {key!r} "
                                   f"({info['dtype']} {info['shape']}) spans {end - begin} "

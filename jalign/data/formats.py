@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from jalign.errors import first_line
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -114,12 +116,12 @@ def _read_hub(name: str, split: str):
         raise DataError(f"hub dataset {name}: {e}") from None
     except (ConnectionError, OSError) as e:
         raise FieldError("path", name, f"cannot download hub dataset {name} (offline or not "
-                         f"found: {type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"found: {type(e).__name__}: {first_line(e, 200)})") from None
     except Exception as e:  # datasets raises its own DatasetNotFoundError etc.
         if type(e).__name__ in ("DatasetNotFoundError", "DataFilesNotFoundError",
                                 "HfHubHTTPError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             raise FieldError("path", name, f"cannot load hub dataset {name} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]})") from None
+                             f"{first_line(e, 200)})") from None
         raise
 
 

@@ -22,7 +22,9 @@ from grain.experimental import FirstFitPackIterDataset, ThreadPrefetchIterDatase
 
 from jalign.data import formats, packing
 from jalign.data.formats import BadRecord, DataError, FieldError
-from jalign.data.tokenize import TOKENIZERS, ChatTokenizer, TokenizeConfig, load_tokenizer
+from jalign.errors import first_line
+from jalign.data.tokenize import (TOKENIZERS, ChatTokenizer, TemplateRefused, TokenizeConfig,
+                                  load_tokenizer)
 
 STATE_VERSION = 1
 
@@ -99,7 +101,7 @@ def open_tokenizer(config: DataConfig) -> ChatTokenizer:
         raise
     except (OSError, ValueError) as e:
         raise FieldError("tokenizer", config.tokenizer, f"cannot load it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+                         f"{first_line(e, 200)})") from None
     try:
         return ChatTokenizer(tokenizer, config.chat_template)
     except DataError as e:
@@ -136,6 +138,9 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
             continue
         try:
             example = fn(chat, record, tok_cfg)
+        except TemplateRefused as e:
+            _bad(stats, config, index, str(e), "skipped_bad_record")
+            continue
         except BadRecord as e:  # truncation left nothing to train on: always dropped
             _drop(stats, index, str(e), "skipped_too_long")
             continue

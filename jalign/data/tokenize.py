@@ -87,6 +87,22 @@ def load_tokenizer(name_or_path: str | None = None):
     return tok
 
 
+class TemplateRefused(BadRecord):
+    """The chat template raised on this conversation (e.g. its own role-order check): a bad
+    record, handled by DataConfig.on_bad_record like any other."""
+
+
+def _check_template_syntax(template: str) -> None:
+    """Compile the template as transformers will (its sandbox and extensions, such as the
+    {% generation %} tag), so a syntax error is named here, not at the first record."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"the chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
 class ChatTokenizer:
     """A tokenizer plus the chat template to render conversations with."""
 
@@ -99,15 +115,20 @@ class ChatTokenizer:
             raise DataError(
                 "the tokenizer has no chat_template and none is configured: set "
                 f"chat_template to one of {sorted(NAMED_TEMPLATES)} or a Jinja template")
+        _check_template_syntax(template)
         self.template = template
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.template, tokenize=False,
-            add_generation_prompt=add_generation_prompt)
+        import jinja2
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), chat_template=self.template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise TemplateRefused(f"the chat template raised on this conversation: {e}") from None
 
     def _encode(self, text: str):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -162,10 +183,14 @@ class ChatTokenizer:
         SentencePiece '▁It'); that text is then left for the model to produce, as in
         training. Where the split depends on the reply (a digit after that space may be
         its own token), this is the split of a reply that starts with a word."""
-        prompt_ids, reply_ids = self.encode_reply(
-            messages, [{"role": "assistant", "content": self.PROBE_REPLY}])
+        try:
+            prompt_ids, reply_ids = self.encode_reply(
+                messages, [{"role": "assistant", "content": self.PROBE_REPLY}])
+        except DataError:  # a template whose generation prompt is not how it renders a
+            reply_ids = ()  # past reply (e.g. one that opens a thinking block): encode alone
         if not len(reply_ids):
-            raise DataError("the chat template renders no reply after the prompt")
+            ids, _ = self._encode(self.render(messages, add_generation_prompt=True))
+            return self._dedupe_bos(ids)[0]
         return prompt_ids
 
     def encode_reply(self, prompt: Sequence[dict], response: Sequence[dict]):

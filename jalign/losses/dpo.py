@@ -185,12 +185,16 @@ def to_first_difference(batch: dict) -> dict:
     """The pair batch with both loss masks cut after the first response token where the
     chosen and rejected rows differ (token or mask), that token included. The two rows
     share the prompt and are right-padded, so response token t sits at index t in both.
-    Identical responses keep their whole masks (h = 0 either way)."""
+    Identical responses keep their whole masks (h = 0 either way). A side whose response
+    starts with unscored context tokens (a prompt end tokenized differently for the two
+    replies, see tokenize_preference) forks only once both sides score."""
     c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
     c_m, r_m = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
     t = c_ids.shape[1]
     idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), c_ids.shape)
-    fork_bt = ((c_ids != r_ids) | (c_m != r_m)) & ((c_m > 0) | (r_m > 0))
+    started_bt = (jnp.cumsum(c_m, axis=1) > 0) & (jnp.cumsum(r_m, axis=1) > 0)
+    fork_bt = (((c_ids != r_ids) & (c_m > 0) & (r_m > 0))
+               | ((c_m != r_m) & started_bt))
     first_b = jnp.min(jnp.where(fork_bt, idx_bt, t), axis=1)
     keep_bt = (idx_bt <= first_b[:, None]).astype(c_m.dtype)
     return {**batch, "chosen_loss_mask": c_m * keep_bt, "rejected_loss_mask": r_m * keep_bt}

@@ -31,7 +31,7 @@ from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithms import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig, trainable_mask
-from jalign.train.resume import check_resume, config_record
+from jalign.train.resume import check_resume, config_record, model_record
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
                                 build_optimizer, fresh_state, frozen_graphdefs,
                                 initial_model_config, load_initial_model)
@@ -186,9 +186,9 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                             "DataConfig": data_config, "eval/DataConfig": eval_data_config,
                             "ModelInit": model_init, "MeshConfig": mesh_config,
                             type(algo.config).__name__: algo.config})
-    record.update(_model_record(model_config, model_init))
+    record.update(model_record(model_config, model_init, EXECUTION_FIELDS))
     if resume_step is not None:
-        meta, resume_step = _newest_readable(run_dir, ckpt)
+        meta, resume_step = ckpt.newest_readable()
         stored = (meta.get("model_kind", "causal_lm"), meta.get("reference"))
         if stored != (algo.model_kind, algo.reference):
             raise ConfigError(
@@ -197,10 +197,10 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 f"{algo.reference}): the train states differ, use another TrainConfig.run_name")
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
                      allow=allow_config_change, log=log)
-        from jalign.checkpoint import read_model_config
-        model_config = read_model_config(run_dir, resume_step)
+        model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
     else:
         model_config = _open_model_config(model_init, model_config)
+    P.check_trainable(optimizer_config, model_config, algo.model_kind)
     # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
     shard = {"process_index": jax.process_index(), "process_count": processes}
     data = P.open_data(data_config, "DataConfig", progress=tc.progress and is_main, **shard)
@@ -251,7 +251,12 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
             it.annotate(score)
     eval_start = eval_iter.get_state() if eval_iter is not None else None
 
-    optimizer, schedule = build_optimizer(optimizer_config, model_config, tc.steps, algo.model_kind)
+    # The schedule spans the steps the run will take: TrainConfig.steps, or fewer when the
+    # data ends first (counted from the data's start, so the same on resume).
+    total = data.total_batches()
+    schedule_steps = tc.steps if total is None else max(1, min(tc.steps, _agree_min(total)))
+    optimizer, schedule = build_optimizer(optimizer_config, model_config, schedule_steps,
+                                          algo.model_kind)
     frozen_configs = ({name: model_config for name in algo.frozen_models}
                       if algo.frozen_models else None)
     graphdef, abstract_state, shardings = abstract_train_state(
@@ -270,7 +275,6 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     start = int(jax.device_get(state.step))
 
     # With a finite number of epochs the data ends: every process stops at the same step.
-    total = data.total_batches()
     end = tc.steps
     if total is not None:
         end = min(tc.steps, start + _agree_min(total - data.batches))
@@ -412,6 +416,8 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                     drain()
                     last_eval = evaluate(done)
                     writer.write(last_eval)
+                    if on_log is not None:
+                        on_log(last_eval)
                 if done % tc.save_every == 0 and done != end:
                     drain()
                     save("interval", done)
@@ -419,11 +425,14 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
             final = int(jax.device_get(state.step))
             if final < tc.steps:
                 ended = final
-            if ckpt.latest_step() != final:
+            saved = ckpt.latest_step() != final
+            if saved:
                 save("end_of_data" if ended is not None else "final", final)
             if eval_fn is not None and (last_eval is None or last_eval["step"] != final):
                 last_eval = evaluate(final)
                 writer.write(last_eval)
+                if on_log is not None:
+                    on_log(last_eval)
         finally:
             if bar is not None:
                 bar.close()
@@ -433,8 +442,9 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         epochs = data_config.num_epochs
         log(f"data ended at step {ended} of TrainConfig.steps={tc.steps}: {epochs} epoch"
             f"{'s' if epochs != 1 else ''} of {data.stats['examples']} examples per process "
-            f"({data.batches} batches of {data.rows} rows) seen; saved"
-            + (" and evaluated" if last_eval else ""))
+            f"({data.batches} batches of {data.rows} rows) seen"
+            + ("; saved" if saved else "; its checkpoint was already saved")
+            + (", evaluated" if last_eval else ""))
     if is_main:
         M.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     summary.update(final_step=int(jax.device_get(state.step)), ended_early=ended is not None,
@@ -443,31 +453,21 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     return summary
 
 
-def _newest_readable(run_dir, ckpt) -> tuple[dict, int]:
-    """(metadata, step) of the newest step whose metadata and model config read back (a
-    damaged newer step is skipped here and reported when the state is restored)."""
-    from jalign.checkpoint import CorruptCheckpoint, read_metadata, read_model_config
-    problems = []
-    for step in reversed(ckpt.all_steps()):
-        try:
-            meta = read_metadata(run_dir, step)
-            read_model_config(run_dir, step)
-            return meta, step
-        except Exception as e:  # unreadable JSON items
-            problems.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    raise CorruptCheckpoint(f"{run_dir}: no checkpoint whose metadata reads back: "
-                            + "; ".join(problems))
-
-
-def _model_record(model_config: LlamaConfig, model_init: ModelInit) -> dict:
-    """The LlamaConfig fields that decide the run: all of them for a random init; only the
-    execution fields for a model read from a checkpoint (its architecture comes from there,
-    and the checkpoint's own config is what a resumed run restores)."""
-    record = config_record({"LlamaConfig": model_config})
-    if model_init.source == "random":
-        return record
-    keep = EXECUTION_FIELDS if model_init.use_execution_config else ()
-    return {k: v for k, v in record.items() if k.split(".", 1)[1] in keep}
+def _resumed_model_config(run_dir, step: int, gin_config: LlamaConfig,
+                          model_init: ModelInit) -> LlamaConfig:
+    """The checkpoint's architecture with this run's execution fields (remat, scan, attention
+    backend, compute dtype), as a fresh run from the same source would have them; the
+    parameter dtype is the stored state's and cannot change on resume."""
+    from jalign.checkpoint import read_model_config
+    stored = read_model_config(run_dir, step)
+    if model_init.source != "random" and not model_init.use_execution_config:
+        return stored
+    if gin_config.param_dtype != stored.param_dtype:
+        raise ConfigError(f"LlamaConfig.param_dtype={gin_config.param_dtype!r}: the train state "
+                          f"at step {step} is stored as {stored.param_dtype!r} and a resumed run "
+                          "keeps it; convert the checkpoint or start another TrainConfig.run_name")
+    return stored.replace(**{f: getattr(gin_config, f) for f in EXECUTION_FIELDS
+                             if f != "param_dtype"})
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -44,6 +44,12 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.learning_rate must be positive, got {self.learning_rate}")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name, pattern in [("trainable", self.trainable)] + [("no_decay", p) for p in
+                                                                 self.no_decay]:
+            try:
+                re.compile(pattern or "")
+            except re.error as e:
+                raise ValueError(f"OptimizerConfig.{name}={pattern!r} is not a regex: {e}") from None
 
 
 def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -37,6 +37,10 @@ def check_batch_divides(mesh: Mesh, batch: int, binding: str, *, accum_steps: in
     mesh axes that hold the batch; otherwise XLA would replicate it (every device doing
     all the work) or, across hosts, assemble wrong global arrays."""
     n, axes = batch_axes_size(mesh, rules)
+    if processes > 1 and n % processes:
+        raise ConfigError(f"the mesh's batch axes ({axes}) span {n} devices, fewer than the "
+                          f"{processes} processes that each read their own rows: make "
+                          "MeshConfig.data * MeshConfig.fsdp a multiple of the process count")
     if batch % processes:
         raise ConfigError(f"{binding}={batch} is not divisible by the {processes} processes; "
                           f"use {_multiples(processes, batch)}")
@@ -84,3 +88,18 @@ def check_vocab(iterator, vocab_size: int, binding: str) -> None:
         raise ConfigError(
             f"{binding}.tokenizer={iterator.config.tokenizer!r} produces token id {top}, but "
             f"the model has LlamaConfig.vocab_size={vocab_size}: use the model's tokenizer")
+
+
+def check_trainable(optimizer_config, model_config, model_kind: str) -> None:
+    """OptimizerConfig.trainable must select some parameter of this model."""
+    from jalign.models.build import abstract_model
+    from jalign.models.heads import model_class
+    from jalign.train.optimizer import trainable_mask
+    if optimizer_config.trainable is None:
+        return
+    _, abstract = abstract_model(model_config, model_cls=model_class(model_kind))
+    from flax import nnx
+    try:
+        trainable_mask(nnx.to_pure_dict(abstract), optimizer_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

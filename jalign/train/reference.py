@@ -24,7 +24,7 @@ from jalign.data import packing
 from jalign.sharding import DEFAULT_RULES, use_mesh
 from jalign.train.step import batch_sharding
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pairs encoded as one sequence, with {side}_context
 
 
 def fingerprint(examples: list[dict], model_key: str = "") -> str:
@@ -33,7 +33,7 @@ def fingerprint(examples: list[dict], model_key: str = "") -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{model_key}".encode())
     for ex in examples:
         h.update(str(ex.get("record_index", -1)).encode())
-        for key in sorted(k for k in ex if k.endswith("_ids")):
+        for key in sorted(k for k in ex if k.endswith(("_ids", "_context"))):
             h.update(key.encode())
             h.update(np.ascontiguousarray(ex[key], np.int32).tobytes())
     return h.hexdigest()

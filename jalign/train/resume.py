@@ -22,7 +22,7 @@ SAFE = {
                     "eval_at_start", "log_every", "progress", "peak_flops", "run_name",
                     "output_root"},
     "DataConfig": {"prefetch"},
-    "eval/DataConfig": {"prefetch"},
+    "eval/DataConfig": "*",  # what is evaluated, never what is trained
     "MeshConfig": {"data", "fsdp", "tensor"},  # checkpoints restore onto any mesh
     "LlamaConfig": {"scan_layers", "remat_policy", "attention_impl"},
 }
@@ -56,7 +56,7 @@ def changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
             continue
         binding, field = key.rsplit(".", 1)
         line = f"{key}: {a!r} -> {b!r}"
-        if field in SAFE.get(binding, ()):
+        if SAFE.get(binding) == "*" or field in SAFE.get(binding, ()):
             note = NOTES.get(key)
             safe.append(line + (f" ({note})" if note else ""))
         else:
@@ -80,3 +80,14 @@ def check_resume(old: dict | None, new: dict, *, step: int, allow: bool, log) ->
             "--allow-config-change to continue with the new ones")
     for line in unsafe:
         log(f"resume: changed {line} (allowed by --allow-config-change)")
+
+
+def model_record(model_config, model_init, execution_fields) -> dict:
+    """The LlamaConfig fields that decide the run: all of them for a random init; only the
+    execution fields for a model read from a checkpoint (its architecture comes from there,
+    and the checkpoint's own config is what a resumed run restores)."""
+    record = config_record({"LlamaConfig": model_config})
+    if model_init.source == "random":
+        return record
+    keep = execution_fields if model_init.use_execution_config else ()
+    return {k: v for k, v in record.items() if k.split(".", 1)[1] in keep}

@@ -154,11 +154,23 @@ def test_resume_refuses_a_changed_config_and_allows_safe_changes(tmp_path, refer
                               "DataConfig.max_length: 64 -> 48", "--allow-config-change")
     assert "TrainConfig.steps" not in line  # extending a run is not a change it refuses
     assert _committed(run_dir) == [4, 8]  # nothing was touched
-    # Safe by nature: more steps and another logging cadence; said, not refused.
-    r = _run(tmp_path, "changed", "TrainConfig.steps=9", "TrainConfig.log_every=3")
+    # Safe by nature: more steps, another logging cadence, no evaluation, full remat; said,
+    # not refused, and applied (the step-9 checkpoint's model config has the new remat).
+    r = _run(tmp_path, "changed", "TrainConfig.steps=9", "TrainConfig.log_every=3",
+             "TrainConfig.eval_batches=0", "LlamaConfig.remat_policy='full'")
     assert "resume: changed TrainConfig.steps: 8 -> 9" in r.stdout
     assert "resume: changed TrainConfig.log_every: 1 -> 3" in r.stdout
+    assert "resume: changed LlamaConfig.remat_policy: 'none' -> 'full'" in r.stdout
     assert sorted(_losses(run_dir)) == list(range(1, 10))
+    from jalign.checkpoint import read_model_config
+    assert read_model_config(run_dir, 9).remat_policy == "full"
+    # A change the state cannot follow (another optimizer chain) is named as such, even
+    # when allowed, instead of calling every checkpoint damaged.
+    r = subprocess.run(_cmd(tmp_path, "changed", "TrainConfig.steps=9",
+                            "OptimizerConfig.clip_norm=None") + ["--allow-config-change"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert_clean_error(r, "holds other arrays than this run's state")
+    assert not (run_dir / "damaged_checkpoints").exists()
     # An explicit override continues with the new value and says what changed.
     r = subprocess.run(_cmd(tmp_path, "changed", "TrainConfig.steps=10",
                             "OptimizerConfig.learning_rate=1e-3") + ["--allow-config-change"],
@@ -207,6 +219,11 @@ def test_end_of_data_saves_evaluates_and_says_so(tmp_path):
     last = max(losses)
     assert 2 < last < 1000 and sorted(losses) == list(range(1, last + 1))
     assert f"data ended at step {last} of TrainConfig.steps=1000: 2 epochs of 48 examples" in r.stdout
+    # The learning-rate schedule spans the steps the data allows, not 1000: by the last
+    # step the cosine has decayed to its end (lr 3e-3 * end_lr_ratio 0.1).
+    train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["learning_rate"] for r in train if "loss" in r}
+    assert lrs[last] < 3e-3 * 0.2
     assert _committed(run_dir) == [last]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == last and "eval_loss" in records[-1]

@@ -41,6 +41,12 @@ CASES = {
                    ["DataConfig.tokenizer=None", "LlamaConfig.vocab_size=64"]),
     "model source": (["ModelInit.source='jalign:/no/such/run'"],
                      ["ModelInit.source='jalign:/no/such/run'"]),
+    "trainable matches nothing": (["OptimizerConfig.trainable='^no_such_param$'"],
+                                  ["OptimizerConfig.trainable='^no_such_param$'", "matches no"]),
+    "trainable not a regex": (["OptimizerConfig.trainable='(layers'"],
+                              ["OptimizerConfig.trainable='(layers'", "not a regex"]),
+    "chat template syntax": (["DataConfig.chat_template='{% for m in messages %}'"],
+                             ["DataConfig.chat_template=", "does not parse"]),
 }
 
 
