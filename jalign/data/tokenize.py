@@ -77,9 +77,14 @@ class TokenizeConfig:
 def load_tokenizer(name_or_path: str | None = None):
     """A fast tokenizer from a local directory, a hub name, or the bundled one (None).
     Never runs repository code."""
+    if name_or_path in (None, "bundled"):
+        # jalign's own tokenizer.json needs no model-specific class; loading it directly
+        # skips AutoTokenizer's imports (transformers' configs, and torch where installed).
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(str(BUNDLED_TOKENIZER))
     from transformers import AutoTokenizer
 
-    path = str(BUNDLED_TOKENIZER if name_or_path in (None, "bundled") else name_or_path)
+    path = str(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if not tok.is_fast:
         raise DataError(f"tokenizer {path} is not a fast tokenizer; jalign needs character "

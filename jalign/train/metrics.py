@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,6 +29,7 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * nq * h * seq_len
 
 
+@functools.lru_cache(maxsize=None)  # once per process: it takes about a second on CPU
 def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 n x n matmul on the default device (for CPU MFU)."""
     a = jnp.ones((n, n), jnp.float32)
