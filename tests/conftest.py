@@ -7,8 +7,10 @@ cache makes repeated runs (and pytest-xdist workers) reuse compiled programs.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+from tests.cli import TEST_XLA_FLAGS  # noqa: E402 (no jax import there)
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

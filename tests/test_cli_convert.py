@@ -1,6 +1,5 @@
 """`jalign convert` round trips through the real command line."""
 
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import torch
 
 from jalign.cli import main
 from jalign.convert.safetensors_io import SafetensorsCheckpoint
+from tests.cli import env
 from tests.hf_models import save_hf_model
 
 
@@ -19,9 +19,8 @@ def _tensors(path):
 
 
 def _jalign(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "jalign.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env(), timeout=300)
 
 
 @pytest.mark.parametrize("name,dtype", [("llama3_1", None), ("llama3_2", torch.bfloat16)])

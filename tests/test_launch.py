@@ -1,10 +1,11 @@
 """launch/local.sh restarts a preempted run, which then resumes and finishes."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.cli import env as cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_local_launcher_restarts_after_preemption(tmp_path):
     jalign = Path(sys.executable).parent / "jalign"
     assert jalign.exists(), f"{jalign} missing: pip install -e '.[test]'"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JALIGN=str(jalign),
-               JALIGN_FAULT="sigterm_at_step:3")
-    env.pop("XLA_FLAGS", None)
+    env = cli_env(JALIGN=str(jalign), JALIGN_FAULT="sigterm_at_step:3")
     r = subprocess.run([str(ROOT / "launch" / "local.sh"), "tests/train/tiny_sft.gin",
                         "--gin", f"TrainConfig.output_root='{tmp_path}'",
                         "--gin", "TrainConfig.run_name='launched'", "--gin", "TrainConfig.steps=5"],

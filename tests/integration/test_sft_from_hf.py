@@ -1,7 +1,6 @@
 """SFT from a Hugging Face checkpoint, then export, reload in transformers, generate, eval."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 import transformers
 
 from jalign.cli import main
+from tests.cli import env
 from tests.hf_models import IMPORT_MAX_DLOGIT, save_hf_model
 from tests.numerics import assert_f32_close, llama_logits_bound
 
@@ -19,10 +19,8 @@ CONFIG = str(ROOT / "tests" / "train" / "tiny_sft.gin")
 
 
 def _jalign(*args, expect=0):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, "-m", "jalign.cli", *map(str, args)], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=600)
+                       text=True, env=env(), cwd=ROOT, timeout=600)
     assert r.returncode == expect, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r
 

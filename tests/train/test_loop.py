@@ -2,7 +2,6 @@
 interrupted saves, SIGTERM, non-finite losses, metrics and artifacts."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.cli import env
 
 from jalign.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -24,9 +25,7 @@ def _cmd(tmp_path, name, *bindings, config=CONFIG):
 
 
 def _env(fault=""):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JALIGN_FAULT=fault)
-    env.pop("XLA_FLAGS", None)  # one device, as a user's single-host run
-    return env
+    return env(JALIGN_FAULT=fault)  # one device, as a user's single-host run
 
 
 def _run(tmp_path, name, *bindings, fault="", expect=0, config=CONFIG):
