@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_TORCH = Path(__file__).resolve().parent / "no_torch"  # its sitecustomize hides torch
 
 # XLA flags of every test process. The suite's programs are tiny and run a few steps, so
 # compiling dominates: LLVM's backend at -O0 compiles them ~30% faster (their results are
@@ -20,6 +21,8 @@ def env(devices: int | None = None, **extra) -> dict:
     (conftest.py puts it in os.environ), ``devices`` simulated host devices (None: one, as
     a user's single-host run)."""
     e = dict(os.environ, JAX_PLATFORMS="cpu", **{k: str(v) for k, v in extra.items()})
+    e["PYTHONPATH"] = os.pathsep.join([str(NO_TORCH), str(ROOT)] + (
+        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     e["XLA_FLAGS"] = TEST_XLA_FLAGS + (
         f" --xla_force_host_platform_device_count={devices}" if devices else "")
     return e
