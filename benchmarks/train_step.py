@@ -52,18 +52,19 @@ forward). Every DPO timed interval includes the reference forward (details in
 train_step_impls/*_dpo_worker.py).
 
 Virtual environments (outside the repo; TRL and Tunix would change jalign's packages,
-e.g. ``pip install google-tunix`` downgrades transformers). Exact commands used:
+e.g. ``pip install google-tunix`` downgrades transformers), under $JALIGN_BENCH_VENVS
+(default ~/.cache/jalign/bench-venvs). Exact commands used:
 
-    python3.11 -m venv /work/bench-venvs/trl
-    /work/bench-venvs/trl/bin/pip install --upgrade pip
-    /work/bench-venvs/trl/bin/pip install trl torch==2.13.0   # pin torch: else a CUDA build
+    python3.11 -m venv $JALIGN_BENCH_VENVS/trl
+    $JALIGN_BENCH_VENVS/trl/bin/pip install --upgrade pip
+    $JALIGN_BENCH_VENVS/trl/bin/pip install trl torch==2.13.0   # pin torch: else a CUDA build
 
-    python3.11 -m venv /work/bench-venvs/tunix
-    /work/bench-venvs/tunix/bin/pip install --upgrade pip
-    /work/bench-venvs/tunix/bin/pip install jax==0.10.2 flax==0.12.8 optax==0.2.8
-    /work/bench-venvs/tunix/bin/pip install --no-deps google-tunix
-    printf 'jax==0.10.2\\njaxlib==0.10.2\\nflax==0.12.8\\noptax==0.2.8\\n' > /tmp/tunix-constraints.txt
-    /work/bench-venvs/tunix/bin/pip install -c /tmp/tunix-constraints.txt google-metrax \\
+    python3.11 -m venv $JALIGN_BENCH_VENVS/tunix
+    $JALIGN_BENCH_VENVS/tunix/bin/pip install --upgrade pip
+    $JALIGN_BENCH_VENVS/tunix/bin/pip install jax==0.10.2 flax==0.12.8 optax==0.2.8
+    $JALIGN_BENCH_VENVS/tunix/bin/pip install --no-deps google-tunix
+    printf 'jax==0.10.2\\njaxlib==0.10.2\\nflax==0.12.8\\noptax==0.2.8\\n' > tunix-constraints.txt
+    $JALIGN_BENCH_VENVS/tunix/bin/pip install -c tunix-constraints.txt google-metrax \\
         jaxtyping tqdm huggingface_hub sentencepiece pillow perfetto pandas 'safetensors<0.8'
 
     apt-get update && apt-get install -y libjemalloc2          # the jemalloc row
@@ -92,6 +93,7 @@ import queue
 import shlex
 import statistics
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -106,7 +108,10 @@ sys.path.insert(0, str(IMPLS_DIR))
 from common import (DPO_BETA, DPO_PROMPT, HZ, SHAPE, cpu_busy, dpo_flops_per_step,  # noqa: E402
                     flops_per_step, proc_cpu, wait_quiet)
 
-VENVS = Path("/work/bench-venvs")
+# Where the peers' virtual environments live (outside the repo): $JALIGN_BENCH_VENVS, or
+# a cache directory.
+VENVS = Path(os.environ.get("JALIGN_BENCH_VENVS",
+                            Path.home() / ".cache" / "jalign" / "bench-venvs"))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
@@ -312,7 +317,9 @@ def main():
                     help="before each timed run, wait until other processes use fewer cores")
     ap.add_argument("--quiet-wait", type=float, default=5,
                     help="...but at most this many seconds (0: never wait)")
-    ap.add_argument("--logs", default="/tmp/jalign_train_step_bench")
+    ap.add_argument("--logs", default=os.environ.get(
+        "JALIGN_BENCH_LOGS", str(Path(tempfile.gettempdir()) / "jalign_train_step_bench")),
+                    help="worker logs (default $JALIGN_BENCH_LOGS or the temp dir)")
     ap.add_argument("--json", default="", help="write raw per-step times here")
     ap.add_argument("--breakdown", action="store_true",
                     help="afterwards, run benchmarks/train_step_impls/jalign_breakdown.py "
