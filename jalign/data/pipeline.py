@@ -250,13 +250,10 @@ class DataIterator:
 
 def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = None,
                    chat: ChatTokenizer | None = None, process_index: int = 0,
-                   process_count: int = 1, progress: bool = False,
-                   annotate=None) -> DataIterator:
+                   process_count: int = 1, progress: bool = False) -> DataIterator:
     """The batch iterator for this process (``process_index`` of ``process_count``).
-
-    ``annotate(examples, chat)``, if given, runs once on the tokenized examples before
-    any batching and may add per-example fields (e.g. precomputed reference log-probs).
-    """
+    Records are tokenized now; batches are made on first use, so ``annotate`` can still
+    add per-example fields (e.g. precomputed reference log-probs)."""
     if config.batch_size % process_count:
         raise FieldError("batch_size", config.batch_size,
                          f"not divisible by the {process_count} processes")
@@ -298,7 +295,4 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
             ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
         return ds
 
-    iterator = DataIterator(make_dataset, examples, chat, stats, config, kind, rows)
-    if annotate is not None:
-        iterator.annotate(annotate)
-    return iterator
+    return DataIterator(make_dataset, examples, chat, stats, config, kind, rows)

@@ -392,8 +392,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     with _SigtermFlag() as sigterm:
         try:
             if eval_fn is not None and tc.eval_at_start and start == 0:
-                summary["eval_at_start"] = evaluate(0)  # the baseline the run is judged by
-                writer.write(summary["eval_at_start"])
+                writer.write(evaluate(0))  # the baseline the run is judged by
             for step in range(start, end):
                 try:
                     batch = next(data)
