@@ -106,6 +106,15 @@ def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> st
     return read_metadata(directory, step).get("model_kind", "causal_lm")
 
 
+def stored_frozen_models(metadata: dict) -> tuple[str, ...]:
+    """Names of the frozen models a train checkpoint's state holds. Checkpoints written
+    before the metadata listed them recorded only a DPO reference mode: 'in_step' put one
+    frozen model, named 'reference', in the state."""
+    if "frozen" in metadata:
+        return tuple(metadata["frozen"])
+    return ("reference",) if metadata.get("reference") == "in_step" else ()
+
+
 def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,
                rules: Rules = DEFAULT_RULES, model_kind: str | None = None, seed: int = 0,
                **config_overrides) -> tuple[LlamaConfig, Llama]:

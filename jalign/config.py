@@ -16,21 +16,22 @@ import gin
 
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
-from jalign.losses.dpo import DPOConfig
-from jalign.losses.rm import RMConfig
 from jalign.models.config import LlamaConfig, RopeScaling
 from jalign.sharding import MeshConfig
-from jalign.train.loop import TrainConfig
+from jalign.train import algorithms
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.setup import ModelInit
+from jalign.train.train_config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
+# The run's configs, then each algorithm's (from the registry: a new algorithm's config
+# class is bindable without an edit here).
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
-                                          OptimizerConfig, DataConfig, ModelInit, DPOConfig,
-                                          RMConfig)}
+                                          OptimizerConfig, DataConfig, ModelInit,
+                                          *algorithms.config_classes())}
 _REGISTERED: dict[str, object] = {}
 
 
@@ -60,6 +61,13 @@ def build(name: str, scope: str | None = None):
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
     return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(cls)})
+
+
+def algorithm(name: str):
+    """The algorithm ``name`` with its config class built from the current bindings."""
+    s = algorithms.spec(name)
+    config = build(s.config_class.__name__) if s.config_class is not None else None
+    return s.build(config)
 
 
 def model_config() -> LlamaConfig:

@@ -7,12 +7,35 @@ logits (2 GB in fp32 for 4 x 1024 tokens of a 128k vocabulary) never exist at on
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from jalign.losses import sequences
 from jalign.losses.types import LossOutput
 
 DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """SFT loss settings (gin: ``SFTConfig.normalize = 'sequences'``).
+
+    ``normalize``: ``tokens`` (default): the mean over every trainable token of the batch,
+    so long responses weigh more; ``sequences``: the mean over sequences of each one's mean
+    token loss (the IFT paper's SFT baseline; IFT's default), packed segments counted as
+    sequences."""
+
+    normalize: str = "tokens"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __post_init__(self):
+        if self.normalize not in sequences.NORMALIZATIONS:
+            raise ValueError(f"SFTConfig.normalize={self.normalize!r}; one of "
+                             f"{sequences.NORMALIZATIONS}")
+        if self.chunk_tokens <= 0:
+            raise ValueError(f"SFTConfig.chunk_tokens must be positive, got {self.chunk_tokens}")
 
 
 def token_log_probs(logits_btv, targets_bt):
@@ -44,6 +67,15 @@ def chunked_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOK
     return jax.lax.map(one, (hidden, targets)).reshape(-1)[:n]
 
 
+def next_token_log_probs(model, hidden_btd, ids_bt, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """log p(token t+1 | hidden state t) [B, T-1] from the backbone's hidden states."""
+    b, t, d = hidden_btd.shape
+    w_dv = model.lm_head_weight().astype(hidden_btd.dtype)
+    logp = chunked_log_probs(hidden_btd[:, :-1].reshape(-1, d), w_dv,
+                             ids_bt[:, 1:].reshape(-1), chunk_tokens)
+    return logp.reshape(b, t - 1)
+
+
 def target_log_probs(model, ids_bt, mask_bt, segment_ids_bt=None, positions_bt=None,
                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """(log p of each next token [B, T-1], its target mask [B, T-1] in float32).
@@ -51,22 +83,25 @@ def target_log_probs(model, ids_bt, mask_bt, segment_ids_bt=None, positions_bt=N
     Position t predicts token t+1; the mask of token t+1 says whether it is a target.
     """
     hidden_btd = model.backbone(ids_bt, positions_bt, segment_ids_bt)
-    b, t, d = hidden_btd.shape
-    w_dv = model.lm_head_weight().astype(hidden_btd.dtype)
-    logp = chunked_log_probs(hidden_btd[:, :-1].reshape(-1, d), w_dv,
-                             ids_bt[:, 1:].reshape(-1), chunk_tokens)
-    return logp.reshape(b, t - 1), mask_bt[:, 1:].astype(jnp.float32)
+    return (next_token_log_probs(model, hidden_btd, ids_bt, chunk_tokens),
+            mask_bt[:, 1:].astype(jnp.float32))
 
 
-def sft_loss(model, batch, ctx=None, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> LossOutput:
-    """Sum of -log p over targets where ``loss_mask`` is 1; weight = number of targets.
+def sft_loss(model, batch, ctx=None, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+             normalize: str = "tokens") -> LossOutput:
+    """Sum of -log p over targets where ``loss_mask`` is 1; weight = number of targets
+    (``normalize='sequences'``: each sequence's mean, weight = number of sequences).
 
     Position t predicts token t+1; the mask of token t+1 says whether it is a target.
     Packed rows are safe: the first token of every segment has mask 0, so no target is
-    predicted from the previous segment.
+    predicted from the previous segment. ``aux["nll"]`` is always the per-token mean.
     """
+    seg = batch.get("segment_ids")
     logp, mask = target_log_probs(model, batch["input_ids"], batch["loss_mask"],
-                                  batch.get("segment_ids"), batch.get("positions"), chunk_tokens)
-    total = -jnp.sum(logp * mask)
-    weight = jnp.sum(mask)
-    return LossOutput(total, weight, {"nll": (total, weight)})
+                                  seg, batch.get("positions"), chunk_tokens)
+    nll = (-jnp.sum(logp * mask), jnp.sum(mask))
+    if normalize == "tokens":
+        return LossOutput(*nll, {"nll": nll})
+    total, weight = sequences.reduce(-logp, mask, None if seg is None else seg[:, 1:],
+                                     normalize=normalize)
+    return LossOutput(total, weight, {"nll": nll})

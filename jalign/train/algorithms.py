@@ -1,5 +1,10 @@
-"""What each ``TrainConfig.algorithm`` trains: its loss, its model, its data and its
-reference model. The loop reads these fields and never imports a loss itself."""
+"""The algorithms ``TrainConfig.algorithm`` names: one table from name to its config class
+and the function building its ``Algorithm`` (loss, model, data, frozen models, FLOPs).
+
+A new algorithm is one loss file, one config dataclass, one entry here and one gin file
+(``configs/algo/NAME.gin``); the gin-registered config classes are derived from this
+table, and the loop reads only ``Algorithm`` fields.
+"""
 
 from __future__ import annotations
 
@@ -7,80 +12,73 @@ import dataclasses
 import functools
 from typing import Callable
 
-from jalign.losses import dpo, rm, sft
+from jalign.errors import ConfigError
+from jalign.losses import dpo, ift, rm, sft
+from jalign.train.algorithm import Algorithm, FrozenModel
 
 
 @dataclasses.dataclass(frozen=True)
-class Algorithm:
-    name: str
-    loss_fn: Callable                  # (model, batch, ctx) -> LossOutput
-    model_kind: str = "causal_lm"      # the trained model: causal_lm or scalar_head
-    data_kind: str = "conversation"    # what DataConfig.format must produce
-    # A frozen copy of the initial policy: "in_step" (in the train state, run inside the
-    # jitted step), "precomputed" (one pass before training, stored with the data) or None.
-    reference: str | None = None
-    reference_scores: Callable | None = None  # (model, batch) -> {field: [pairs]}
-    config: object | None = None  # the algorithm's config dataclass (compared on resume)
-
-    @property
-    def rows_per_example(self) -> int:
-        """Sequences per batch entry (a preference pair is two)."""
-        return 2 if self.data_kind == "preference" else 1
-
-    @property
-    def frozen_models(self) -> tuple[str, ...]:
-        """Names of the frozen models the train state carries (copies of the initial model)."""
-        return (dpo.REFERENCE_NAME,) if self.reference == "in_step" else ()
-
-    @property
-    def weight_name(self) -> str:
-        """What the loss weight counts (the metrics' name for it)."""
-        return "target_tokens" if self.data_kind == "conversation" else "pairs"
-
-    def flops_per_token(self, model_config, seq_len: int) -> float:
-        """Training FLOPs per row token, for MFU: forward + backward of the trained model,
-        plus a forward (a third of that) per frozen model run in the step."""
-        from jalign.train.metrics import train_flops_per_token
-        return train_flops_per_token(model_config, seq_len) * (1 + len(self.frozen_models) / 3)
+class AlgorithmSpec:
+    config_class: type | None            # gin-bindable settings, or None
+    build: Callable[[object], Algorithm]  # config instance (or None) -> Algorithm
+    summary: str
 
 
-def custom(loss_fn: Callable) -> Algorithm:
-    """A plain loss function on conversation data (tests, user code)."""
-    return Algorithm(getattr(loss_fn, "__name__", "custom"), loss_fn)
+def _sft(config: sft.SFTConfig) -> Algorithm:
+    return Algorithm("sft", functools.partial(sft.sft_loss, chunk_tokens=config.chunk_tokens,
+                                              normalize=config.normalize),
+                     weight_name="sequences" if config.normalize == "sequences"
+                     else "target_tokens", config=config)
 
 
-def sft_algorithm() -> Algorithm:
-    return Algorithm("sft", sft.sft_loss)
-
-
-def rm_algorithm(config: rm.RMConfig) -> Algorithm:
+def _rm(config: rm.RMConfig) -> Algorithm:
     return Algorithm("rm", functools.partial(rm.rm_loss, center_coef=config.center_coef),
-                     model_kind="scalar_head", data_kind="preference", config=config)
+                     model_kind="scalar_head", data_kind="preference", weight_name="pairs",
+                     config=config)
 
 
-def dpo_algorithm(config: dpo.DPOConfig) -> Algorithm:
+def _dpo(config: dpo.DPOConfig) -> Algorithm:
     reference = config.reference if config.needs_reference else None
     scores = (functools.partial(dpo.reference_scores, chunk_tokens=config.chunk_tokens,
                                 span=config.span)
               if reference == "precomputed" else None)
+    frozen = (FrozenModel(dpo.REFERENCE_NAME),) if reference == "in_step" else ()
     # The name keys the precomputed-reference cache, so it names the span scored.
     name = f"dpo/{config.loss_type}" + ("" if config.span == "response" else f"/{config.span}")
-    return Algorithm(name, dpo.make_dpo_loss(config), data_kind="preference",
-                     reference=reference, reference_scores=scores, config=config)
+    return Algorithm(name, dpo.make_dpo_loss(config), data_kind="preference", frozen=frozen,
+                     precompute=scores, weight_name="pairs", config=config)
 
 
-NAMES = ("sft", "rm", "dpo")
+def _ift(config: ift.IFTConfig) -> Algorithm:
+    return Algorithm("ift", ift.make_ift_loss(config), weight_name=config.weight_name,
+                     extra_forwards=1, config=config)
 
 
-def from_gin(name: str) -> Algorithm:
-    """The algorithm ``name`` with its loss settings read from the parsed gin config."""
-    from jalign import config as jconfig
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "sft": AlgorithmSpec(sft.SFTConfig, _sft, "supervised fine-tuning on conversations"),
+    "rm": AlgorithmSpec(rm.RMConfig, _rm, "Bradley-Terry reward model on preference pairs"),
+    "dpo": AlgorithmSpec(dpo.DPOConfig, _dpo,
+                         "DPO family on preference pairs (IPO, SimPO, ORPO, ... are "
+                         "DPOConfig.loss_type values)"),
+    "ift": AlgorithmSpec(ift.IFTConfig, _ift, "Intuitive Fine-Tuning on conversations"),
+}
 
-    if name == "sft":
-        return sft_algorithm()
-    if name == "rm":
-        return rm_algorithm(jconfig.build("RMConfig"))
-    if name == "dpo":
-        return dpo_algorithm(jconfig.build("DPOConfig"))
-    raise jconfig.ConfigError(f"TrainConfig.algorithm={name!r}; one of {NAMES} "
-                              "(SimPO and ORPO are DPOConfig.loss_type values)")
+
+def config_classes() -> tuple[type, ...]:
+    """The algorithms' config dataclasses, for gin registration."""
+    return tuple(s.config_class for s in ALGORITHMS.values() if s.config_class is not None)
+
+
+def spec(name: str) -> AlgorithmSpec:
+    if name not in ALGORITHMS:
+        known = ", ".join(f"{n!r} ({s.summary})" for n, s in ALGORITHMS.items())
+        raise ConfigError(f"TrainConfig.algorithm={name!r}; one of {known}")
+    return ALGORITHMS[name]
+
+
+def build(name: str, config=None) -> Algorithm:
+    """The algorithm ``name`` with ``config`` (its config class's defaults when None)."""
+    s = spec(name)
+    if config is None and s.config_class is not None:
+        config = s.config_class()
+    return s.build(config)

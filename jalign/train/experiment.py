@@ -6,7 +6,6 @@ import dataclasses
 from typing import Sequence
 
 from jalign import config as jconfig
-from jalign.train import algorithms
 from jalign.train.loop import train
 
 
@@ -26,7 +25,7 @@ class Experiment:
 def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -> Experiment:
     jconfig.parse(config_files, bindings)
     tc = jconfig.build("TrainConfig")
-    algorithm = algorithms.from_gin(tc.algorithm)
+    algorithm = jconfig.algorithm(tc.algorithm)
     data = jconfig.build("DataConfig")
     # Eval reads the same source's eval split once, in order, unless eval/ bindings differ.
     eval_data = dataclasses.replace(jconfig.build("DataConfig", scope="eval"), shuffle=False)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jalign.checkpoint import TrainCheckpointer, resolve_run_dir
+from jalign.checkpoint import TrainCheckpointer, resolve_run_dir, stored_frozen_models
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError
 from jalign.models.config import LlamaConfig
@@ -29,7 +29,7 @@ from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import metrics as M
 from jalign.train import preflight as P
 from jalign.train import reference as R
-from jalign.train.algorithms import Algorithm, custom
+from jalign.train.algorithm import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig, trainable_mask
 from jalign.train.resume import check_resume, config_record, model_record
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
@@ -37,6 +37,7 @@ from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_stat
                                 initial_model_config, load_initial_model)
 from jalign.train.state import params_of
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
+from jalign.train.train_config import TrainConfig
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved on SIGTERM, restart to continue
 EXIT_NONFINITE = 3    # aborted on a non-finite loss or gradient
@@ -60,36 +61,6 @@ class NonFiniteError(RuntimeError):
 
 class Preempted(Exception):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    run_name: str = "run"
-    output_root: str = "runs"
-    steps: int = 1000
-    accum_steps: int = 1
-    seed: int = 0
-    save_every: int = 500
-    keep: int = 3
-    async_save: bool = True
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 16  # at most; 0: no evaluation
-    eval_at_start: bool = False  # also evaluate the initial model (step 0) of a fresh run
-    log_every: int = 10
-    nan_policy: str = "abort"
-    algorithm: str = "sft"
-    peak_flops: float | None = None  # per device; None: spec sheet, or measured on CPU
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.nan_policy not in ("abort", "skip"):
-            raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r}; 'abort' or 'skip'")
-        for name in ("steps", "accum_steps", "save_every", "keep", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.eval_batches < 0 or self.eval_every < 0:
-            raise ValueError("TrainConfig.eval_batches and eval_every must be >= 0 "
-                             "(eval_batches=0: no evaluation)")
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -189,12 +160,13 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     record.update(model_record(model_config, model_init, EXECUTION_FIELDS))
     if resume_step is not None:
         meta, resume_step = ckpt.newest_readable()
-        stored = (meta.get("model_kind", "causal_lm"), meta.get("reference"))
-        if stored != (algo.model_kind, algo.reference):
+        stored = (meta.get("model_kind", "causal_lm"), stored_frozen_models(meta))
+        if stored != (algo.model_kind, algo.frozen_models):
             raise ConfigError(
-                f"{run_dir} holds a {stored[0]} run (reference model: {stored[1]}); "
-                f"algorithm {algo.name!r} trains a {algo.model_kind} (reference: "
-                f"{algo.reference}): the train states differ, use another TrainConfig.run_name")
+                f"{run_dir} holds a {stored[0]} run (frozen models: {list(stored[1])}); "
+                f"algorithm {algo.name!r} trains a {algo.model_kind} (frozen models: "
+                f"{list(algo.frozen_models)}): the train states differ, use another "
+                "TrainConfig.run_name")
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
                      allow=allow_config_change, log=log)
         model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
@@ -233,7 +205,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
             loaded["model"] = model
         return loaded["model"]
 
-    if algo.reference == "precomputed":
+    if algo.precompute is not None:
         for it, name in ((data, "train"), (eval_iter, "eval")):
             if it is None:
                 continue
@@ -242,7 +214,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 # Scored now, while only one model is in memory (not next to the state).
                 info = R.annotate(
                     examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
-                    load_model=initial_model, score_fn=algo.reference_scores,
+                    load_model=initial_model, score_fn=algo.precompute,
                     rows=it.config.batch_size // processes, length=it.config.max_length,
                     pad_id=chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
                     progress=tc.progress and is_main)
@@ -267,6 +239,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         log(f"resumed {run_dir} at step {restored_step}")
     else:
         model = initial_model()
+        # Every FrozenModel.init is 'initial_policy' (FROZEN_INITS): the initial model.
         frozen = ({name: params_of(model) for name in algo.frozen_models}
                   if frozen_configs else None)
         state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
@@ -321,8 +294,8 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                              f"gave no {weight_name.replace('_', ' ')}")
         loss = total / weight
         result = {"step": step, "eval_loss": loss, "eval_" + weight_name: weight}
-        if algo.data_kind == "conversation":  # per-token losses: perplexity means something
-            result["eval_perplexity"] = float(np.exp(min(loss, 50)))
+        if aux.get("nll", (0, 0))[1]:  # a loss's per-token NLL, whatever its normalisation
+            result["eval_perplexity"] = float(np.exp(min(aux["nll"][0] / aux["nll"][1], 50)))
         result.update({f"eval_{name}": s / c for name, (s, c) in aux.items() if c})
         return result
 
@@ -330,7 +303,8 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         ckpt.save(state, data_state=data.get_state(), model_config=model_config,
                   operative=operative_config, config_record=record,
                   extra_metadata={"reason": reason, "model_kind": algo.model_kind,
-                                  "algorithm": algo.name, "reference": algo.reference})
+                                  "algorithm": algo.name,
+                                  "frozen": list(algo.frozen_models)})
         if _fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fault("sigkill_after_save", step):

@@ -31,7 +31,8 @@ NAN_POLICIES = ("abort", "skip")
 class StepContext:
     rng: jax.Array
     frozen: dict  # name -> merged NNX model (read-only)
-    step: jax.Array
+    step: jax.Array  # optimizer steps taken before this one
+    train: bool = True  # False in the eval step (losses drop training-only noise)
 
 
 LossFn = Callable[[Any, dict, StepContext], LossOutput]
@@ -205,7 +206,8 @@ def make_eval_step(loss_fn: LossFn, graphdef, *, mesh: Mesh, state_sharding: Tra
         with use_mesh(mesh, rules):
             model = nnx.merge(graphdef, state.params)
             ctx = StepContext(jax.random.wrap_key_data(state.rng),
-                              _frozen_models(frozen_graphdefs, state.frozen), state.step)
+                              _frozen_models(frozen_graphdefs, state.frozen), state.step,
+                              train=False)
             return loss_fn(model, batch, ctx)
 
     replicated = NamedSharding(mesh, PartitionSpec())
