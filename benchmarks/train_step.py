@@ -82,6 +82,12 @@ Run from the repo root (about 9 minutes with the defaults on a quiet 2-core mach
     .venv/bin/python benchmarks/train_step.py --only jalign,trl --rounds 2
     .venv/bin/python benchmarks/train_step.py --breakdown   # + where jalign's step goes
     .venv/bin/python benchmarks/train_step.py --algo dpo    # the DPO step
+    .venv/bin/python benchmarks/train_step.py --algo ift    # IFT next to SFT (jalign)
+
+``--algo ift`` times jalign's IFT step (benchmarks/train_step_impls/jalign_ift_worker.py:
+the SFT worker's model and batch, ``make_ift_loss(IFTConfig())``) next to its SFT step,
+unrolled and scanned, and prints IFT / SFT step-time ratios; its FLOPs count pass 1 as a
+third of the SFT step.
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=429496729
 ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "jalign-glibc",
         "torch", "trl", "tunix")
 DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix")
+IFT_ROWS = ("sft", "ift", "sft-scan", "ift-scan")
 HOWTO = {
     "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
     "tunix": ("python3.11 -m venv {venv} && {venv}/bin/pip install jax==0.10.2 flax==0.12.8 "
@@ -223,6 +230,12 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     if args.algo == "dpo":
         rows = plan_dpo(args, common + [f"--prompt={args.prompt}"], py_ok, jalign_env)
         return select(rows, args.only, DPO_ROWS), {"peak": peak_cmd(args)}
+    if args.algo == "ift":
+        sft_w, ift_w = str(IMPLS_DIR / "jalign_worker.py"), str(IMPLS_DIR / "jalign_ift_worker.py")
+        rows = [(f"{name}{suffix}", f"jalign {name.upper()} ({'scan' if suffix else 'unrolled'})",
+                 [jpy, w] + (["--scan"] if suffix else []) + common, jalign_env, py_ok(jpy, ""))
+                for suffix in ("", "-scan") for name, w in (("sft", sft_w), ("ift", ift_w))]
+        return select(rows, args.only, IFT_ROWS), {"peak": peak_cmd(args)}
     w = str(IMPLS_DIR / "jalign_worker.py")
     rows.append(("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")))
     rows.append(("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
@@ -294,8 +307,9 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
-    ap.add_argument("--algo", choices=("sft", "dpo"), default="sft",
-                    help="which train step: SFT (default) or DPO (batch = pairs)")
+    ap.add_argument("--algo", choices=("sft", "dpo", "ift"), default="sft",
+                    help="which train step: SFT (default), DPO (batch = pairs), or IFT "
+                    "next to SFT (jalign only)")
     ap.add_argument("--prompt", type=int, default=DPO_PROMPT,
                     help="DPO: prompt tokens of each sequence (response = seq - prompt)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker (compile incl.)")
@@ -442,8 +456,14 @@ def main():
                               len(w.times), faults, others)
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
-    trl = results.get("trl")
-    if dpo:
+    ift = args.algo == "ift"
+    base_key, base_name = ("sft", "jalign SFT") if ift else ("trl", "TRL")
+    base = results.get(base_key)
+    if ift:
+        print(f"\nIFT and SFT train steps, {tokens} tokens/step; SFT {fl['total'] / 1e9:.1f} "
+              f"GFLOP/step, IFT 4/3 of that (+ pass 1, a forward without gradient); "
+              f"{args.rounds} rounds x {args.steps} steps per row\n")
+    elif dpo:
         print(f"\nDPO train step, {args.batch} pairs ({tokens} tokens) per step, "
               f"{fl['total'] / 1e9:.1f} GFLOP/step; {args.rounds} rounds x {args.steps} steps "
               "per implementation\n")
@@ -452,21 +472,28 @@ def main():
               f"{args.rounds} rounds x {args.steps} steps per implementation\n")
     unit, per_step = ("pairs/s", args.batch) if dpo else ("tokens/s", tokens)
     print(f"| implementation | median s/step | min s/step | max s/step | {unit} | "
-          "GFLOP/s | MFU | speed vs TRL | page faults/step | others' CPU (cores) |")
+          f"GFLOP/s | MFU | speed vs {base_name} | page faults/step | others' CPU (cores) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in [r[0] for r in rows]:
         if key in results:
             label, med, lo, hi, n, faults, others = results[key]
-            gf = fl["total"] / med / 1e9
+            row_flops = next((w.info.get("flops", fl) for w in workers if w.key == key), fl)
+            gf = row_flops["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
-            vs = f"{trl[1] / med:.2f}x" if trl else "n/a"
+            vs = f"{base[1] / med:.2f}x" if base else "n/a"
             rate = f"{per_step / med:.3f}" if dpo else f"{tokens / med:.0f}"
             print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {rate} | "
                   f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {others:.2f} |")
         elif key in skipped:
             label, reason = skipped[key]
             print(f"| {label} | not run: {reason} | | | | | | | | |")
-    print("\nspeed vs TRL = TRL median s/step / this row's median (>1: faster than TRL). "
+    if ift:
+        for suffix in ("", "-scan"):
+            if f"sft{suffix}" in results and f"ift{suffix}" in results:
+                r = results[f"ift{suffix}"][1] / results[f"sft{suffix}"][1]
+                print(f"\nIFT / SFT step time{' (scan)' if suffix else ''}: {r:.2f}x "
+                      f"(medians; counted FLOPs 1.33x)")
+    print(f"\nspeed vs {base_name} = {base_name} median s/step / this row's median (>1: faster). "
           "MFU = (GFLOP/step / median s/step) / fp32 matmul peak (best round). page faults/step: median minor "
           "page faults of the worker process during one timed step (getrusage). others' CPU: "
           "median CPU use of all other processes on the machine while this row's steps ran "
@@ -484,7 +511,8 @@ def main():
                                   "threads", "n_params", "input_shape", "labels_trainable",
                                   "ld_preload", "lora", "gradient_checkpointing",
                                   "policy_gradient_checkpointing", "ref_model_separate",
-                                  "ref_logps_in_step", "response_tokens", "dpo_config")
+                                  "ref_logps_in_step", "response_tokens", "dpo_config",
+                                  "ift_config")
                 if k in i}
         if w.key == "jalign-glibc":
             keep["GLIBC_TUNABLES"] = GLIBC_TUNABLES

@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a binding of every stage's configs/demo/*.gin (repeatable)")
     demo.add_argument("--fresh", action="store_true", help="delete the demo runs and start over")
     demo.add_argument("--stages", default="sft,rm,dpo",
-                      help="comma-separated stages: sft (from scratch), rm and dpo (from the "
-                           "SFT run)")
+                      help="comma-separated stages: sft (from scratch), rm, dpo and ift (from "
+                           "the SFT run; ift is not in the default)")
     demo.add_argument("--full", action="store_true",
                       help="the longer schedules of configs/demo/full/ (about 20 minutes on a "
                            "2-core CPU; runs under runs/demo_full/)")

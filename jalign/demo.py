@@ -4,7 +4,9 @@ Stage ``sft`` trains ``configs/demo/sft_add.gin`` from scratch and measures held
 exact-match accuracy before and after; ``rm`` trains a reward model from the SFT model
 (``configs/demo/rm_add.gin``; held-out pairwise accuracy of the fresh score head, then of
 the trained one); ``dpo`` runs the DPO-family stage from the SFT model
-(``configs/demo/dpo_add.gin``; exact-match accuracy of the SFT model, then of the result).
+(``configs/demo/dpo_add.gin``; exact-match accuracy of the SFT model, then of the result);
+``ift`` (opt-in, not in the default stages) runs IFT from the SFT model
+(``configs/demo/ift_add.gin``, judged like ``dpo``).
 Each stage's model is exported as a Hugging Face checkpoint, and a table at the end says
 what each stage trained, before -> after, how long it took and where the export is.
 ``--full`` runs the longer schedules of ``configs/demo/full/`` (separate run directories).
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from flax import nnx
 
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ift")
+DEFAULT_STAGES = ("sft", "rm", "dpo")  # ift is opt-in: the default demo stays ~4 minutes
 DEMO_CONFIGS = {s: f"configs/demo/{s}_add.gin" for s in STAGES}
 FULL_CONFIGS = {s: f"configs/demo/full/{s}_add.gin" for s in STAGES}
 DEMO_CONFIG = DEMO_CONFIGS["sft"]
@@ -97,7 +100,7 @@ def _percent(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
+def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=DEFAULT_STAGES,
              full: bool = False) -> int:
     """``bindings`` (gin) apply to every stage's config."""
     from jalign.checkpoint import resolve_run_dir
@@ -156,6 +159,15 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=STAGES,
                          f"exact-match accuracy, {eval_n} held-out problems (held-out pair "
                          f"reward accuracy {_percent(ev.get('eval_rewards/accuracy'))})",
                          before, _accuracy(model, exp, eval_n)["accuracy"], secs,
+                         _export(summary, model)))
+        if "ift" in stages:
+            before = _initial_accuracy(
+                load_experiment([configs["ift"]], tuple(bindings) + from_sft), eval_n)
+            exp, summary, model, secs = _train_stage(configs["ift"], tuple(bindings) + from_sft,
+                                                     fresh)
+            rows.append(("IFT", _trained(exp, summary, "rows"),
+                         f"exact-match accuracy, {eval_n} held-out problems", before,
+                         _accuracy(model, exp, eval_n)["accuracy"], secs,
                          _export(summary, model)))
     except ConfigError as e:
         if "changed config" in str(e):

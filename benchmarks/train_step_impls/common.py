@@ -230,6 +230,13 @@ def flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, batch, 
                 total=dense + attn)
 
 
+def ift_flops_per_step(sft: dict) -> dict:
+    """Matmul FLOPs of one IFT step: the SFT step's (``flops_per_step``) plus pass 1, a
+    forward over the same tokens without gradient (a third of the SFT step)."""
+    return dict(sft, sft=sft["total"], extra_forward=sft["total"] / 3,
+                total=sft["total"] * 4 / 3)
+
+
 def dpo_flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, pairs, seq,
                        head_dim=None) -> dict:
     """Matmul FLOPs of one DPO step with an in-step reference: the policy's forward +

@@ -152,48 +152,57 @@ def ift_reduce(token_losses, mask, *, gamma: float, segment_ids=None,
     return sequences.reduce(w * losses, mask, segment_ids, normalize=normalize)
 
 
-def greedy_next_tokens(hidden_nd, w_dv, chunk: int = DEFAULT_CHUNK_TOKENS) -> jax.Array:
-    """argmax of the float32 logits of N hidden states [N], ``chunk`` tokens at a time
-    (the [N, vocab] logits never exist at once)."""
+def greedy_and_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOKENS):
+    """(argmax [N], log p(target) [N]) of the float32 logits of N hidden states, ``chunk``
+    tokens at a time (the [N, vocab] logits never exist at once). No gradient."""
+    def one(h_cd, t_c):
+        z = _logits(h_cd, w_dv)
+        logp = jnp.take_along_axis(z, t_c[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, -1)
+        return jnp.argmax(z, axis=-1).astype(jnp.int32), logp
+
     n, d = hidden_nd.shape
     if n <= chunk:
-        return jnp.argmax(_logits(hidden_nd, w_dv), axis=-1).astype(jnp.int32)
+        return one(hidden_nd, targets_n)
     pad = (-n) % chunk
     hidden = jnp.pad(hidden_nd, ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    out = jax.lax.map(lambda h: jnp.argmax(_logits(h, w_dv), axis=-1).astype(jnp.int32), hidden)
-    return out.reshape(-1)[:n]
+    targets = jnp.pad(targets_n, (0, pad)).reshape(-1, chunk)
+    pred, logp = jax.lax.map(lambda a: one(*a), (hidden, targets))
+    return pred.reshape(-1)[:n], logp.reshape(-1)[:n]
 
 
 def mixed_inputs(model, ids_bt, mask_bt, lam, *, positions_bt=None, segment_ids_bt=None,
                  embedding_gradient: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
-    """Steps 1-3: the residual-mixed input embeddings [B, T, D] (float32) and the greedy
-    tokens x' [B, T] they mix in."""
+    """Steps 1-3: (the residual-mixed input embeddings [B, T, D] in float32, the tokens x'
+    [B, T] they mix in, pass 1's log p of the true next tokens [B, T-1])."""
     sg = jax.lax.stop_gradient
     hidden = sg(model.backbone(ids_bt, positions_bt, segment_ids_bt))
     b, t, d = hidden.shape
     w_dv = sg(model.lm_head_weight()).astype(hidden.dtype)
-    pred = greedy_next_tokens(hidden[:, :-1].reshape(-1, d), w_dv, chunk_tokens).reshape(b, t - 1)
-    x_hat = jnp.concatenate([ids_bt[:, :1], pred], axis=1)
+    pred, logp_true = greedy_and_log_probs(hidden[:, :-1].reshape(-1, d), w_dv,
+                                           ids_bt[:, 1:].reshape(-1), chunk_tokens)
+    x_hat = jnp.concatenate([ids_bt[:, :1], pred.reshape(b, t - 1)], axis=1)
     x_mix = jnp.where(mask_bt > 0, x_hat, ids_bt)
     table = model.embedding_table()
     table = table if embedding_gradient else sg(table)
     embed = jnp.take(table, ids_bt, axis=0).astype(jnp.float32)
     embed_mix = jnp.take(table, x_mix, axis=0).astype(jnp.float32)
-    return (1.0 - lam) * embed + lam * embed_mix, x_mix
+    return (1.0 - lam) * embed + lam * embed_mix, x_mix, logp_true.reshape(b, t - 1)
 
 
 def make_ift_loss(config: IFTConfig):
     """``loss_fn(model, batch, ctx) -> LossOutput`` on conversation batches.
 
-    aux: ``nll`` the per-token NLL of pass 2 (on the mixed inputs), ``lambda`` the λ
-    used, ``replaced`` the fraction of targets whose greedy token differs from x."""
+    aux: ``nll`` the per-token NLL of the true next tokens given the true inputs (pass 1:
+    what SFT's ``nll`` measures, so eval perplexities compare), ``nll_mixed`` that of
+    pass 2 (on the mixed inputs), ``lambda`` the λ used, ``replaced`` the fraction of
+    targets whose greedy token differs from x."""
 
     def loss_fn(model, batch, ctx=None) -> LossOutput:
         ids, mask_tok = batch["input_ids"], batch["loss_mask"]
         seg, pos = batch.get("segment_ids"), batch.get("positions")
         step = 0 if ctx is None else ctx.step
         lam = residual_lambda(config, step, train=ctx is None or ctx.train)
-        embeds, x_mix = mixed_inputs(model, ids, mask_tok, lam, positions_bt=pos,
+        embeds, x_mix, logp_true = mixed_inputs(model, ids, mask_tok, lam, positions_bt=pos,
                                      segment_ids_bt=seg,
                                      embedding_gradient=config.embedding_gradient,
                                      chunk_tokens=config.chunk_tokens)
@@ -206,7 +215,8 @@ def make_ift_loss(config: IFTConfig):
                                    normalize=config.normalize)
         n_targets = jnp.sum(mask)
         replaced = jnp.sum((x_mix[:, 1:] != ids[:, 1:]) * mask)
-        aux = {"nll": (-jnp.sum(logp * mask), n_targets),
+        aux = {"nll": (-jnp.sum(logp_true * mask), n_targets),
+               "nll_mixed": (-jnp.sum(logp * mask), n_targets),
                "lambda": (lam, jnp.float32(1.0)),
                "replaced": (replaced.astype(jnp.float32), n_targets)}
         return LossOutput(total, weight, aux)

@@ -31,7 +31,7 @@ from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithm import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig, trainable_mask
-from jalign.train.resume import check_resume, config_record, model_record
+from jalign.train.resume import check_resume, config_record, default_record, model_record
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
                                 build_optimizer, fresh_state, frozen_graphdefs,
                                 initial_model_config, load_initial_model)
@@ -153,10 +153,11 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
     if (run_dir / "checkpoints").is_dir():
         ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
     resume_step = ckpt.latest_step() if ckpt is not None else None
-    record = config_record({"TrainConfig": tc, "OptimizerConfig": optimizer_config,
-                            "DataConfig": data_config, "eval/DataConfig": eval_data_config,
-                            "ModelInit": model_init, "MeshConfig": mesh_config,
-                            type(algo.config).__name__: algo.config})
+    configs = {"TrainConfig": tc, "OptimizerConfig": optimizer_config,
+               "DataConfig": data_config, "eval/DataConfig": eval_data_config,
+               "ModelInit": model_init, "MeshConfig": mesh_config,
+               type(algo.config).__name__: algo.config}
+    record = config_record(configs)
     record.update(model_record(model_config, model_init, EXECUTION_FIELDS))
     if resume_step is not None:
         meta, resume_step = ckpt.newest_readable()
@@ -168,7 +169,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                 f"{list(algo.frozen_models)}): the train states differ, use another "
                 "TrainConfig.run_name")
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
-                     allow=allow_config_change, log=log)
+                     allow=allow_config_change, log=log, defaults=default_record(configs))
         model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
     else:
         model_config = _open_model_config(model_init, model_config)

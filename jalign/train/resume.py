@@ -47,12 +47,30 @@ def config_record(configs: dict) -> dict:
     return out
 
 
-def changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(safe, unsafe) changes between two config records, each 'binding: old -> new'."""
+def default_record(configs: dict) -> dict:
+    """config_record of each config class's defaults (classes that have them for every
+    field): a field missing from an older checkpoint's record and at its default now is a
+    setting added since, with the behaviour the run had, not a change."""
+    out = {}
+    for binding, config in configs.items():
+        if config is None:
+            continue
+        try:
+            out.update(config_record({binding: type(config)()}))
+        except TypeError:  # a field without a default
+            pass
+    return out
+
+
+def changes(old: dict, new: dict, defaults: dict | None = None) -> tuple[list[str], list[str]]:
+    """(safe, unsafe) changes between two config records, each 'binding: old -> new'.
+    ``defaults``: default_record of the new configs (fields an older record lacks and that
+    are at their default are not changes)."""
     safe, unsafe = [], []
+    defaults = defaults or {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b:
+        if a == b or (key not in old and key in defaults and defaults[key] == b):
             continue
         binding, field = key.rsplit(".", 1)
         line = f"{key}: {a!r} -> {b!r}"
@@ -64,13 +82,15 @@ def changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return safe, unsafe
 
 
-def check_resume(old: dict | None, new: dict, *, step: int, allow: bool, log) -> None:
-    """Refuse (ConfigError) or log what changed since the checkpoint at ``step``."""
+def check_resume(old: dict | None, new: dict, *, step: int, allow: bool, log,
+                 defaults: dict | None = None) -> None:
+    """Refuse (ConfigError) or log what changed since the checkpoint at ``step``
+    (``defaults``: see ``changes``)."""
     if old is None:
         log(f"note: the checkpoint at step {step} predates config records; the config was "
             "not compared")
         return
-    safe, unsafe = changes(old, new)
+    safe, unsafe = changes(old, new, defaults)
     for line in safe:
         log(f"resume: changed {line}")
     if unsafe and not allow:

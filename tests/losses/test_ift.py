@@ -240,9 +240,13 @@ def test_ift_loss_matches_an_independent_float64_computation():
     # with the weights' sums (8 terms) and normalisations on top.
     bound = llama_logp_bound(model, 8, tokens=int(m.sum()), mean=True)
     assert_f32_close(float(out.total / out.weight), want, **dict(bound, depth=bound["depth"] + 3))
-    nll, count = (float(v) for v in out.aux["nll"])
+    nll, count = (float(v) for v in out.aux["nll_mixed"])
     assert count == m.sum()
     assert_f32_close(nll / count, -np.sum(logp * m) / m.sum(), **bound)
+    # aux nll: pass 1's, the true next tokens given the true inputs (SFT's nll).
+    logp1 = np.take_along_axis(_log_softmax64(logits1)[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    nll1, count1 = (float(v) for v in out.aux["nll"])
+    assert_f32_close(nll1 / count1, -np.sum(logp1 * m) / m.sum(), **bound)
     replaced = float(out.aux["replaced"][0]) / float(out.aux["replaced"][1])
     assert replaced == ((x_mix != ids)[:, 1:] * m).sum() / m.sum()  # exact: counts
 

@@ -93,3 +93,43 @@ def test_sft_loss_chunking_does_not_change_the_model_loss():
     tokens = int(np.asarray(batch["loss_mask"])[:, 1:].sum())
     assert_f32_close(float(chunked.total), float(full.total),
                      **llama_logp_bound(model, 24, tokens=tokens))
+
+
+def test_sequence_normalisation_by_hand():
+    """normalize='sequences': the mean over sequences (packed segments count) of each
+    one's mean token loss; 'tokens': the mean over all targets."""
+    from jalign.losses import sequences
+    losses = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 1.5, 9.0, 9.0, 9.0, 9.0]])
+    mask = jnp.array([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 0, 0]])
+    seg = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]])  # row 0: two segments
+    total, weight = sequences.reduce(losses, mask, seg, normalize="sequences")
+    # Sequences: (2+3)/2, (5+6)/2, (0.5+1.5)/2 -> sum 2.5 + 5.5 + 1 = 9, three of them;
+    # the padding segment of row 1 has no targets and is not counted.
+    assert float(weight) == 3.0  # exact: a count
+    assert_f32_close(float(total), 9.0, terms=6)
+    total, weight = sequences.reduce(losses, mask, seg, normalize="tokens")
+    assert float(weight) == 6.0 and float(total) == 18.0  # exact: small integers and halves
+    # Unpacked rows (segment_ids None) are one sequence each.
+    total, weight = sequences.reduce(losses, mask, None, normalize="sequences")
+    assert float(weight) == 2.0
+    assert_f32_close(float(total), (2 + 3 + 5 + 6) / 4 + 1.0, terms=6)
+
+
+def test_sft_loss_sequence_normalisation_matches_per_sequence_means():
+    model = create_model(preset("tiny", vocab_size=64), seed=1)
+    ids = jnp.array([[5, 9, 3, 7, 2], [4, 4, 8, 1, 0]], jnp.int32)
+    mask = jnp.array([[0, 0, 1, 1, 1], [0, 1, 0, 1, 0]], jnp.int32)
+    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": jnp.ones_like(ids)}
+    tokens = sft_loss(model, batch)
+    seqs = sft_loss(model, batch, normalize="sequences")
+    logits = np.asarray(model(ids), np.float64)
+    per_seq = []
+    for b in range(2):
+        lp = [logits[b, t - 1, ids[b, t]] - np.log(np.exp(logits[b, t - 1]).sum())
+              for t in range(1, 5) if mask[b, t]]
+        per_seq.append(-np.mean(lp))
+    assert float(seqs.weight) == 2  # exact: two sequences
+    assert_f32_close(float(seqs.total), sum(per_seq), **llama_logp_bound(model, 5, tokens=5))
+    # aux nll stays the per-token sum, the same in both normalisations (same program)
+    np.testing.assert_array_equal(np.asarray(seqs.aux["nll"]), np.asarray(tokens.aux["nll"]))
+    assert float(tokens.weight) == 5
