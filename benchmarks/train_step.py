@@ -317,7 +317,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1, help="timed steps per worker per round")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ROWS)} "
-                    f"(--algo dpo: of {','.join(DPO_ROWS)})")
+                    f"(--algo dpo: of {','.join(DPO_ROWS)}; --algo ift: of {','.join(IFT_ROWS)})")
     ap.add_argument("--jalign-python", default=os.environ.get("JALIGN_BENCH_PYTHON", sys.executable))
     ap.add_argument("--trl-python", default=os.environ.get("JALIGN_BENCH_TRL_PYTHON",
                                                           str(VENVS / "trl/bin/python")))
@@ -457,7 +457,7 @@ def main():
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
     ift = args.algo == "ift"
-    base_key, base_name = ("sft", "jalign SFT") if ift else ("trl", "TRL")
+    base_key, base_name = ("sft", "jalign SFT (same layer mode)") if ift else ("trl", "TRL")
     base = results.get(base_key)
     if ift:
         print(f"\nIFT and SFT train steps, {tokens} tokens/step; SFT {fl['total'] / 1e9:.1f} "
@@ -480,7 +480,9 @@ def main():
             row_flops = next((w.info.get("flops", fl) for w in workers if w.key == key), fl)
             gf = row_flops["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
-            vs = f"{base[1] / med:.2f}x" if base else "n/a"
+            # IFT rows against the SFT row of the same layer mode (scan vs scan).
+            ref = results.get(f"sft{key[3:]}") if ift else base
+            vs = f"{ref[1] / med:.2f}x" if ref else "n/a"
             rate = f"{per_step / med:.3f}" if dpo else f"{tokens / med:.0f}"
             print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {rate} | "
                   f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {others:.2f} |")

@@ -16,7 +16,18 @@ Per batch:
    γ = 0 gives w ≡ 1. Gradients flow through w unless ``stop_gradient_weights``.
 6. Loss = mean over sequences of Σ_t w_t ℓ_t / N (``normalize='sequences'``, the paper's),
    or Σ w ℓ over all targets of the batch / their number (``normalize='tokens'``, jalign's
-   SFT default). λ = 0 and γ = 0 give the SFT loss with the same normalisation exactly.
+   SFT default). λ = 0 and γ = 0 give the SFT loss with the same normalisation exactly,
+   and SFT's gradients with ``embedding_gradient=True`` (by default the input table gets
+   none through the lookup; an untied table then gets none at all).
+
+Where jalign departs from the reference implementation, on purpose:
+- with gradient accumulation the reference averages the micro-batches' means; jalign sums
+  over all sequences of the step and divides once (accumulated == full batch exactly,
+  also when packed micro-batches hold different numbers of sequences);
+- λ's linear warmup has its own length (``lam_warmup_steps``; the reference reuses the
+  learning rate's warmup), and evaluation uses λ without jitter (the reference jitters
+  evaluation too);
+- the weights of a sequence whose losses are all 0 are 0, not 0/0.
 
 Worked example (tests/losses/test_ift.py checks it independently): ℓ = [1, 2, 0.5, 3],
 m = [1, 1, 1, 0], γ = 0.95: N = 3, c = [1/3, 2/3, 1/6, 0], W = [1.1170833, 0.825,
@@ -48,7 +59,9 @@ class IFTConfig:
     goes from ``lam_min`` to ``lam`` over ``lam_warmup_steps`` optimizer steps, then stays.
     ``lam_jitter`` > 0: each step's λ is multiplied by (1 + lam_jitter z), z ~ N(0, 1)
     drawn per optimizer step from ``lam_jitter_seed`` (the reference's lambda_disturb with
-    disturb_std), then clipped to [0, 1]; evaluation uses λ without jitter."""
+    disturb_std), then clipped to [0, 1]; evaluation uses λ without jitter. The jitter
+    depends only on the step and ``lam_jitter_seed`` (not on TrainConfig.seed): runs that
+    differ in their seed share the λ sequence unless this differs too."""
 
     lam: float = 0.2
     gamma: float = 0.95

@@ -297,6 +297,8 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
         result = {"step": step, "eval_loss": loss, "eval_" + weight_name: weight}
         if aux.get("nll", (0, 0))[1]:  # a loss's per-token NLL, whatever its normalisation
             result["eval_perplexity"] = float(np.exp(min(aux["nll"][0] / aux["nll"][1], 50)))
+        elif weight_name == "target_tokens":  # a per-token loss without an nll metric
+            result["eval_perplexity"] = float(np.exp(min(loss, 50)))
         result.update({f"eval_{name}": s / c for name, (s, c) in aux.items() if c})
         return result
 
