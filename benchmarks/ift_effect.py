@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START = "configs/experiments/sft_add_weak.gin"
 SFT = "configs/experiments/sftseq_add_weak.gin"
 IFT = "configs/experiments/ift_add_weak.gin"
+TOKEN_SFT = "configs/experiments/sftctl_add_weak.gin"
 IFT_COST = 4 / 3  # forward + backward (3 units) + one forward (1 unit), in SFT steps
 
 
@@ -61,14 +62,14 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 def _curves(run_dir: Path) -> tuple[list[tuple[int, float]], float]:
     """(held-out NLL per eval step, median train step seconds)."""
-    evals, times = [], []
+    evals, times = {}, []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "eval_nll" in r:
-            evals.append((r["step"], r["eval_nll"]))
+            evals[r["step"]] = r["eval_nll"]  # a re-run re-evaluates the last step
         if "step_seconds" in r and r["step"] > 2:
             times.append(r["step_seconds"])
-    return evals, statistics.median(times) if times else float("nan")
+    return sorted(evals.items()), statistics.median(times) if times else float("nan")
 
 
 def main(argv=None) -> None:
@@ -78,6 +79,10 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=512, help="held-out problems per accuracy")
     ap.add_argument("--runs", default="runs", help="TrainConfig.output_root")
     ap.add_argument("--plot", default=None, help="write the NLL curves (png) here")
+    ap.add_argument("--token-sft", action="store_true",
+                    help="also SFT with per-token normalisation (jalign's default)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also IFT with lam=0 (weights only) and with gamma=0 (mixing only)")
     ap.add_argument("--json", default=None, help="write all results (json) here")
     args = ap.parse_args(argv)
     runs = Path(args.runs) if os.path.isabs(args.runs) else ROOT / args.runs
@@ -91,20 +96,33 @@ def main(argv=None) -> None:
     start_acc = _accuracy(start_dir, args.n, logs / "start_eval.log")
     print(f"start: {start_dir}: accuracy {start_acc:.1%}", flush=True)
 
-    methods = [("SFT", SFT, args.steps, 1.0), ("IFT", IFT, args.steps, IFT_COST),
-               ("SFT (=FLOPs)", SFT, round(args.steps * IFT_COST), 1.0)]
+    # (label, run-name slug, config, steps, cost per step in SFT steps, extra bindings)
+    methods = [("SFT", "sft", SFT, args.steps, 1.0, []),
+               ("IFT", "ift", IFT, args.steps, IFT_COST, []),
+               ("SFT (=FLOPs)", "sft", SFT, round(args.steps * IFT_COST), 1.0, [])]
+    if args.token_sft:  # jalign's default normalisation, for reference
+        methods.append(("SFT (per token)", "sfttok", TOKEN_SFT, args.steps, 1.0,
+                        ["TrainConfig.eval_every=50", "TrainConfig.eval_batches=4"]))
+    if args.ablations:  # each half of IFT alone
+        methods += [("IFT, λ=0 (weights only)", "iftlam0", IFT, args.steps, IFT_COST,
+                     ["IFTConfig.lam=0.0"]),
+                    ("IFT, γ=0 (mixed inputs only)", "iftgam0", IFT, args.steps, IFT_COST,
+                     ["IFTConfig.gamma=0.0"])]
     results = []
     for seed in args.seeds:
-        for label, config, steps, cost in methods:
-            name = f"experiments/ift_effect/{label.split()[0].lower()}{steps}_s{seed}"
+        for label, slug, config, steps, cost, extra in methods:
+            name = f"experiments/ift_effect/{slug}{steps}_s{seed}"
             run_dir = runs / name
             bindings = root + [f"TrainConfig.run_name='{name}'", f"TrainConfig.steps={steps}",
                                f"TrainConfig.save_every={steps}", f"DataConfig.seed={seed}",
                                f"TrainConfig.seed={seed}",
-                               f"ModelInit.source='jalign:{start_dir}'"]
+                               f"ModelInit.source='jalign:{start_dir}'", *extra]
             print(f"{label}, {steps} steps, seed {seed}", flush=True)
             t0 = time.time()
-            _jalign("train", config, *gins(bindings), log=logs / f"{run_dir.name}.log")
+            if (run_dir / "checkpoints" / str(steps)).is_dir():
+                print("  finished before: not trained again", flush=True)
+            else:
+                _jalign("train", config, *gins(bindings), log=logs / f"{run_dir.name}.log")
             wall = time.time() - t0
             acc = _accuracy(run_dir, args.n, logs / f"{run_dir.name}_eval.log")
             evals, step_s = _curves(run_dir)
@@ -117,7 +135,7 @@ def main(argv=None) -> None:
     print("| method | steps | compute (SFT steps) | accuracy per seed | mean | sd | "
           "final held-out NLL (mean) | median step |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
-    for label, _, steps, cost in methods:
+    for label, _, _, steps, cost, _ in methods:
         rows = [r for r in results if r["method"] == label]
         accs = [r["accuracy"] for r in rows]
         nll = statistics.mean(r["evals"][-1][1] for r in rows)
@@ -134,23 +152,33 @@ def main(argv=None) -> None:
 
 
 def _plot(results, path):
+    """Left: held-out NLL against compute (SFT-step units) for the runs that compare at
+    equal compute; right: against steps, with the ablations. One line per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {"SFT": "tab:blue", "IFT": "tab:red", "SFT (=FLOPs)": "tab:cyan"}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    seen = set()
-    for r in results:
-        xs = [s * r["cost"] for s, _ in r["evals"]]
-        ys = [v for _, v in r["evals"]]
-        ax.plot(xs, ys, color=colors[r["method"]], alpha=0.8, marker=".",
-                label=None if r["method"] in seen else r["method"])
-        seen.add(r["method"])
-    ax.set_xlabel("compute (SFT train steps; an IFT step counts 4/3)")
-    ax.set_ylabel("held-out NLL per answer token")
-    ax.set_title("IFT vs SFT from the under-trained SFT model (one line per seed)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    colors = {"SFT": "tab:blue", "IFT": "tab:red", "SFT (=FLOPs)": "tab:cyan",
+              "SFT (per token)": "tab:gray", "IFT, λ=0 (weights only)": "tab:orange",
+              "IFT, γ=0 (mixed inputs only)": "tab:purple"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = ((axes[0], ("SFT", "IFT", "SFT (=FLOPs)", "SFT (per token)"), True),
+              (axes[1], ("SFT", "IFT", "IFT, λ=0 (weights only)",
+                         "IFT, γ=0 (mixed inputs only)"), False))
+    for ax, methods, by_compute in panels:
+        seen = set()
+        for r in results:
+            if r["method"] not in methods:
+                continue
+            xs = [s * (r["cost"] if by_compute else 1) for s, _ in r["evals"]]
+            ax.plot(xs, [v for _, v in r["evals"]], color=colors.get(r["method"], "k"),
+                    alpha=0.8, marker=".", label=None if r["method"] in seen else r["method"])
+            seen.add(r["method"])
+        ax.set_xlabel("compute (SFT train steps; an IFT step counts 4/3)" if by_compute
+                      else "optimizer steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("held-out NLL per answer token (true inputs)")
+    fig.suptitle("IFT vs SFT from the under-trained SFT model (one line per seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")

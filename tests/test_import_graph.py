@@ -89,3 +89,15 @@ def test_the_loop_imports_no_loss():
                     todo.append(dep)
         losses = sorted(m for m in reach if m.startswith("jalign.losses.") and m != "jalign.losses.types")
         assert losses == [], f"{module} imports {losses}"
+
+
+def test_gin_registration_does_not_import_the_loop():
+    graph = import_graph()
+    reach, todo = set(), ["jalign.config"]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in reach:
+                reach.add(dep)
+                todo.append(dep)
+    assert "jalign.train.loop" not in reach
+    assert {"jalign.train.algorithms", "jalign.train.train_config"} <= reach
