@@ -1,0 +1,106 @@
+"""PPO losses as pure functions of per-token arrays [batch, length] (Schulman et al. 2017,
+"Proximal Policy Optimization Algorithms"), each returning ``(total, weight, metrics)``
+sums so that micro-batches accumulate exactly (``LossOutput``'s contract).
+
+Policy loss, per token, with ratio ρ = exp(log π − log π_old) and advantage A:
+    ℓ = max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high))
+and with dual clip c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+Deep Reinforcement Learning"), for A < 0 only: ℓ = min(ℓ, −c A), which bounds the loss
+of a token whose ratio has grown far beyond 1 + ε_high.
+
+Value loss, per token, with returns R and the rollout's values v_old:
+    ℓ_v = ½ max((v − R)², (v_old + clip(v − v_old, −ε_v, ε_v) − R)²)
+
+Entropy bonus: −coef · H(π(· | context)) per token, H from the logits.
+
+Aggregation (``aggregate``), over tokens where ``mask`` is 1:
+- ``token_mean``: Σ ℓ / number of tokens in the batch (long responses weigh more);
+- ``seq_mean_token_mean``: the mean over sequences of each one's token mean;
+- ``seq_mean_token_sum``: the mean over sequences of each one's token sum.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jalign.losses import sequences
+from jalign.rl.advantages import masked_var
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def aggregate(per_token, mask, how: str = "token_mean"):
+    """(total, weight) of masked per-token losses; total / weight is the loss."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregation {how!r}; one of {AGGREGATIONS}")
+    x = jnp.asarray(per_token, jnp.float32)
+    m = jnp.asarray(mask).astype(jnp.float32)
+    if how == "token_mean":
+        return sequences.reduce(x, m, normalize="tokens")
+    if how == "seq_mean_token_mean":
+        return sequences.reduce(x, m, normalize="sequences")
+    has = (jnp.sum(m, axis=1) > 0).astype(jnp.float32)
+    return jnp.sum(x * m), jnp.sum(has)
+
+
+def _mean(x, m):
+    return jnp.sum(x * m), jnp.sum(m)
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None,
+                how: str = "token_mean"):
+    """(total, weight, metrics): the clipped policy loss; metrics are (sum, count) pairs:
+    ``clip_fraction`` (tokens where the clipped term is the one taken), ``approx_kl``
+    (½ (log π − log π_old)², per token), ``ratio``."""
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    m = jnp.asarray(mask).astype(jnp.float32)
+    a = jnp.asarray(advantages, jnp.float32)
+    log_ratio = jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -a * ratio
+    clipped = -a * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = jnp.where(a < 0, jnp.minimum(loss, -dual_clip * a), loss)
+    total, weight = aggregate(loss, m, how)
+    metrics = {"clip_fraction": _mean((clipped > unclipped).astype(jnp.float32), m),
+               "approx_kl": _mean(0.5 * log_ratio ** 2, m),
+               "ratio": _mean(ratio, m)}
+    return total, weight, metrics
+
+
+def value_loss(values, old_values, returns, mask, *, clip: float | None = 0.2,
+               how: str = "token_mean"):
+    """(total, weight, metrics): ½ max((v − R)², (v_old + clip(v − v_old, ±clip) − R)²)
+    (without ``clip``: ½ (v − R)²); metric ``value_clip_fraction``."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    v = jnp.asarray(values, jnp.float32)
+    r = jnp.asarray(returns, jnp.float32)
+    plain = (v - r) ** 2
+    if clip is None:
+        loss, frac = plain, jnp.zeros_like(plain)
+    else:
+        v_old = jnp.asarray(old_values, jnp.float32)
+        clipped = (v_old + jnp.clip(v - v_old, -clip, clip) - r) ** 2
+        loss, frac = jnp.maximum(plain, clipped), (clipped > plain).astype(jnp.float32)
+    total, weight = aggregate(0.5 * loss, m, how)
+    return total, weight, {"value_clip_fraction": _mean(frac, m)}
+
+
+def entropy_from_logits(logits):
+    """H(softmax(logits)) over the last axis, in float32."""
+    z = jnp.asarray(logits, jnp.float32)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var(R − v) / Var(R) over the unmasked tokens (1: perfect, ≤ 0: no better than
+    the mean); NaN-free: 0 when the returns do not vary."""
+    m = jnp.asarray(mask) > 0
+    var_r = masked_var(jnp.asarray(returns, jnp.float32), m)
+    var_e = masked_var(jnp.asarray(returns, jnp.float32) - jnp.asarray(values, jnp.float32), m)
+    return jnp.where(var_r > 0, 1.0 - var_e / jnp.where(var_r > 0, var_r, 1.0), 0.0)

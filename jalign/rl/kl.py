@@ -1,0 +1,82 @@
+"""KL to the reference policy: per-token estimators, controllers for its coefficient, and
+the KL as a per-token reward penalty.
+
+Estimators of KL(π ‖ π_ref) from a sampled token, with x = log π(y) − log π_ref(y)
+(Schulman 2020, "Approximating KL Divergence"):
+- ``k1`` = x (unbiased, high variance, can be negative),
+- ``k2`` = ½ x² (biased, low variance, ≥ 0),
+- ``k3`` = exp(−x) − 1 + x (unbiased, low variance, ≥ 0).
+
+Controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
+``FixedKLController(coef)`` keeps its value; ``AdaptiveKLController(init_coef, target,
+horizon)`` moves it toward a target KL: e = clip(current_kl / target − 1, −0.2, 0.2),
+coef ← coef · (1 + e · n_steps / horizon). Both are plain Python state with
+``get_state``/``set_state`` so that a run's checkpoint restores them exactly.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_per_token(logp, ref_logp, kind: str = "k1"):
+    """The per-token KL estimate ``kind`` from the sampled tokens' log-probs."""
+    if kind not in ESTIMATORS:
+        raise ValueError(f"KL estimator {kind!r}; one of {ESTIMATORS}")
+    x = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
+    if kind == "k1":
+        return x
+    if kind == "k2":
+        return 0.5 * x * x
+    return jnp.expm1(-x) + x
+
+
+def penalized_rewards(scores, logp, ref_logp, mask, *, coef, kind: str = "k1"):
+    """Per-token rewards [batch, length]: −coef · KL_t on every unmasked token, plus each
+    row's score [batch] on its last unmasked token (0 at masked positions)."""
+    m = jnp.asarray(mask) > 0
+    kl = jnp.where(m, kl_per_token(logp, ref_logp, kind), 0.0)
+    length = m.shape[1]
+    idx = jnp.arange(length)
+    last = jnp.max(jnp.where(m, idx, -1), axis=1)  # -1: no response token
+    at_last = (idx[None, :] == last[:, None]) & m
+    return jnp.where(at_last, jnp.asarray(scores, jnp.float32)[:, None], 0.0) - coef * kl
+
+
+class FixedKLController:
+    def __init__(self, coef: float):
+        if coef < 0:
+            raise ValueError(f"KL coefficient must be >= 0, got {coef}")
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def get_state(self) -> dict:
+        return {"value": self.value}
+
+    def set_state(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    def __init__(self, init_coef: float, target: float, horizon: int):
+        if init_coef < 0 or target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController(init_coef={init_coef}, target={target}, "
+                             f"horizon={horizon}): need init_coef >= 0, target > 0, horizon > 0")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def get_state(self) -> dict:
+        return {"value": self.value}
+
+    def set_state(self, state: dict) -> None:
+        self.value = float(state["value"])

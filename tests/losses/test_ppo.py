@@ -1,0 +1,92 @@
+"""PPO losses by hand on small tensors: ratio clipping on both sides, dual clip, value
+clipping, entropy, aggregation."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jalign.losses.ppo import (aggregate, entropy_from_logits, explained_variance,
+                               policy_loss, value_loss)
+
+LOG = math.log
+
+
+def test_policy_loss_clips_both_sides():
+    # Four tokens: ratios 1.5, 0.5, 1.1, 0.6 with advantages +1, +1, -2, -2; eps 0.2.
+    ratio = np.array([[1.5, 0.5, 1.1, 0.6]])
+    old = np.zeros((1, 4))
+    adv = np.array([[1.0, 1.0, -2.0, -2.0]])
+    mask = np.ones((1, 4))
+    total, weight, m = policy_loss(jnp.log(ratio), old, adv, mask, clip_low=0.2, clip_high=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped high, A > 0: no gain past 1 + eps)
+    # token 2: max(-0.5, -0.8) = -0.5 (unclipped: the loss keeps the worse, lower ratio)
+    # token 3: ratio 1.1 is inside [0.8, 1.2]: both terms are 2 * 1.1 = 2.2
+    # token 4: max(1.2, 1.6) = 1.6 (clipped low, A < 0: no gain below 1 - eps)
+    want = [-1.2, -0.5, 2.2, 1.6]
+    assert float(weight) == 4
+    assert float(total) == pytest.approx(sum(want), abs=1e-6)
+    assert float(m["clip_fraction"][0]) == 2  # tokens 1 and 4
+    assert float(m["approx_kl"][0]) == pytest.approx(sum(0.5 * LOG(r) ** 2 for r in ratio[0]), abs=1e-6)
+    # Asymmetric clipping (clip-higher): eps_high 0.6 lets token 1 keep its ratio 1.5.
+    total, _, _ = policy_loss(jnp.log(ratio), old, adv, mask, clip_low=0.2, clip_high=0.6)
+    assert float(total) == pytest.approx(-1.5 - 0.5 + 2.2 + 1.6, abs=1e-6)
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    ratio = np.array([[5.0, 5.0, 0.5]])
+    adv = np.array([[-1.0, 1.0, -1.0]])
+    mask = np.ones((1, 3))
+    plain, _, _ = policy_loss(jnp.log(ratio), np.zeros((1, 3)), adv, mask)
+    dual, _, _ = policy_loss(jnp.log(ratio), np.zeros((1, 3)), adv, mask, dual_clip=3.0)
+    # token 1 (A < 0, ratio 5): max(5, 1.2) = 5, dual clip min(5, 3) = 3; token 2 (A > 0):
+    # max(-5, -1.2) = -1.2 untouched; token 3: max(0.5, 0.8) = 0.8 < 3 untouched.
+    assert float(plain) == pytest.approx(5 - 1.2 + 0.8, abs=1e-6)
+    assert float(dual) == pytest.approx(3 - 1.2 + 0.8, abs=1e-6)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(jnp.log(ratio), np.zeros((1, 3)), adv, mask, dual_clip=0.5)
+
+
+def test_value_loss_clipping_by_hand():
+    v = np.array([[1.0, 0.0, 2.0]])
+    v_old = np.array([[0.5, 0.5, 0.0]])
+    r = np.array([[2.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1]])
+    total, weight, m = value_loss(v, v_old, r, mask, clip=0.2)
+    # token 1: plain (1-2)^2 = 1; clipped v = 0.5 + 0.2 = 0.7: (0.7-2)^2 = 1.69 -> 1.69
+    # token 2: plain 0; clipped 0.5 - 0.2 = 0.3: 0.09 -> 0.09
+    # token 3: plain 4; clipped 0.2: 0.04 -> 4
+    assert float(total) == pytest.approx(0.5 * (1.69 + 0.09 + 4.0), abs=1e-6)
+    assert float(weight) == 3 and float(m["value_clip_fraction"][0]) == 2
+    total, _, _ = value_loss(v, v_old, r, mask, clip=None)
+    assert float(total) == pytest.approx(0.5 * (1 + 0 + 4), abs=1e-6)
+
+
+def test_entropy_by_hand():
+    logits = jnp.array([[0.0, 0.0], [0.0, LOG(3.0)]])  # p = (1/2, 1/2), (1/4, 3/4)
+    h = np.asarray(entropy_from_logits(logits))
+    want = [LOG(2.0), -(0.25 * LOG(0.25) + 0.75 * LOG(0.75))]
+    np.testing.assert_allclose(h, want, atol=1e-6)
+
+
+def test_aggregations_by_hand():
+    x = np.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    t, w = aggregate(x, mask, "token_mean")
+    assert (float(t), float(w)) == (10.0, 4.0)  # exact: small integers
+    t, w = aggregate(x, mask, "seq_mean_token_mean")
+    assert float(w) == 2.0 and float(t) == pytest.approx(2.0 + 4.0, abs=1e-6)
+    t, w = aggregate(x, mask, "seq_mean_token_sum")
+    assert (float(t), float(w)) == (10.0, 2.0)  # (6 + 4) / 2 sequences
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(x, mask, "mean")
+
+
+def test_explained_variance():
+    r = jnp.array([[1.0, 2.0, 3.0, 99.0]])
+    mask = jnp.array([[1, 1, 1, 0]])
+    assert float(explained_variance(r, r, mask)) == pytest.approx(1.0)
+    # predicting the mean explains nothing
+    assert float(explained_variance(jnp.full((1, 4), 2.0), r, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(explained_variance(r, jnp.ones((1, 4)), mask)) == 0.0  # constant returns
