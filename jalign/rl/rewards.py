@@ -1,0 +1,121 @@
+"""Rewards for RL: a registry of reward functions chosen by name, a reward-model scorer,
+and their weighted combination.
+
+A text reward is ``fn(prompts, completions, lengths, config) -> scores [batch]``:
+``prompts`` the user messages, ``completions`` the decoded responses, ``lengths`` their
+token counts. Registered (``REWARDS``):
+- ``task``: 1 if the completion is the bundled task's exact answer (``jalign.data.tasks``;
+  recomputed from the prompt), else 0;
+- ``length``: −``length_coef`` per token beyond ``length_target``;
+- ``format``: 1 if the completion (its first line, stripped) matches ``format_regex``.
+``reward_model``: the score a reward model (a jalign ``ScalarHeadModel`` checkpoint, or an
+HF ``LlamaForSequenceClassification``: ``RewardConfig.reward_model='jalign:DIR'|'hf:PATH'``)
+gives the token sequence prompt + response at its last response token.
+The scores are combined as Σ weight_i · score_i; each component is also reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jalign.data import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Which rewards, with which weights (gin: ``RewardConfig.names = ('task', 'length')``)."""
+
+    names: tuple[str, ...] = ("task",)
+    weights: tuple[float, ...] = (1.0,)
+    task: str = "add"
+    length_coef: float = 0.0
+    length_target: int = 0
+    format_regex: str = r"\d+"
+    reward_model: str = ""  # 'jalign:DIR' or 'hf:PATH' for the 'reward_model' reward
+
+    def __post_init__(self):
+        if len(self.names) != len(self.weights):
+            raise ValueError(f"RewardConfig.names has {len(self.names)} entries, "
+                             f"RewardConfig.weights {len(self.weights)}: give one weight each")
+        known = tuple(REWARDS) + ("reward_model",)
+        for name in self.names:
+            if name not in known:
+                raise ValueError(f"RewardConfig.names: unknown reward {name!r}; one of {known}")
+        if "reward_model" in self.names and not self.reward_model.startswith(("jalign:", "hf:")):
+            raise ValueError("RewardConfig.reward_model must be 'jalign:DIR' or 'hf:PATH' when "
+                             f"'reward_model' is in RewardConfig.names, got {self.reward_model!r}")
+        try:
+            re.compile(self.format_regex)
+        except re.error as e:
+            raise ValueError(f"RewardConfig.format_regex={self.format_regex!r}: {e}") from None
+
+
+def task_reward(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
+    return np.array([float(tasks.check(config.task, p, c)) for p, c in zip(prompts, completions)],
+                    np.float32)
+
+
+def length_penalty(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
+    over = np.maximum(np.asarray(lengths, np.float32) - config.length_target, 0.0)
+    return (-config.length_coef * over).astype(np.float32)
+
+
+def format_reward(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
+    pattern = re.compile(config.format_regex)
+    return np.array([float(bool(pattern.fullmatch(tasks.normalize_completion(c))))
+                     for c in completions], np.float32)
+
+
+REWARDS: dict[str, Callable] = {"task": task_reward, "length": length_penalty,
+                                "format": format_reward}
+
+
+class RewardModelScorer:
+    """Scores of a reward model at the last real token of each right-padded row."""
+
+    def __init__(self, model):
+        from flax import nnx
+        self.model = model
+        self._score = nnx.jit(lambda m, ids, seg: m.sequence_scores(ids, seg))
+
+    @classmethod
+    def load(cls, source: str, mesh=None) -> "RewardModelScorer":
+        if source.startswith("jalign:"):
+            from jalign.checkpoint import load_model
+            _, model = load_model(source[len("jalign:"):], mesh=mesh, model_kind="scalar_head")
+        elif source.startswith("hf:"):
+            from jalign.convert.hf import load_hf
+            _, model = load_hf(source[len("hf:"):], head="scalar", mesh=mesh)
+        else:
+            raise ValueError(f"reward model source {source!r}: use 'jalign:DIR' or 'hf:PATH'")
+        return cls(model)
+
+    def __call__(self, input_ids, segment_ids) -> np.ndarray:
+        out = self._score(self.model, jnp.asarray(input_ids), jnp.asarray(segment_ids))
+        return np.asarray(jax.device_get(out), np.float32)
+
+
+def combined_rewards(config: RewardConfig, prompts: Sequence, completions: Sequence[str],
+                     lengths, *, tokens=None, scorer: RewardModelScorer | None = None):
+    """(scores [batch], {name: component scores}) = Σ weight · component.
+
+    ``tokens``: (input_ids, segment_ids) of prompt + response rows, right-padded, for the
+    ``reward_model`` component (scored by ``scorer``)."""
+    parts = {}
+    for name in config.names:
+        if name == "reward_model":
+            if scorer is None or tokens is None:
+                raise ValueError("the 'reward_model' reward needs a scorer and the token rows")
+            parts[name] = scorer(*tokens)
+        else:
+            parts[name] = REWARDS[name](prompts, completions, lengths, config)
+    total = np.zeros(len(completions), np.float32)
+    for name, weight in zip(config.names, config.weights):
+        total += np.float32(weight) * parts[name]
+    return total, parts
