@@ -181,6 +181,21 @@ def _verify(directory, step: int, item: str, metadata: dict, tree) -> None:
                                 f"saved checksums: {shown}")
 
 
+def verify_frozen(metadata: dict, frozen: dict, source: str) -> None:
+    """Raise CheckpointError if frozen models rebuilt from ``source`` differ from those the
+    checkpoint's run trained with (by the checksums saved with it; older checkpoints have
+    none and are not checked)."""
+    expected = metadata.get("checksums", {}).get("frozen")
+    if not expected:
+        return
+    bad = checksum.mismatches(expected, frozen)
+    if bad:
+        raise CheckpointError(
+            f"the frozen models rebuilt from ModelInit.source={source!r} differ from the ones "
+            f"this run trained with ({len(bad)} arrays, e.g. {bad[:2]}): the source changed "
+            "since; restore it, or start another TrainConfig.run_name")
+
+
 # ---------------------------------------------------------------------------- training
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -227,13 +242,18 @@ class TrainCheckpointer:
     def save(self, state, *, data_state: dict, model_config: LlamaConfig, operative: str,
              extra_metadata: dict | None = None, config_record: dict | None = None) -> int:
         step = int(jax.device_get(state.step))
+        # Frozen models (a DPO reference) are not written: the run rebuilds them from their
+        # source on restore (half a DPO checkpoint's size); their checksums are kept so that
+        # a source that changed since is caught (verify_frozen).
         rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-                "skipped": state.skipped, "frozen": state.frozen}
+                "skipped": state.skipped, "frozen": None}
         metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "train",
                     "config_hash": config_hash(operative), "time": time.time(),
+                    "frozen_rebuilt": True,
                     # Computed where the arrays live, before the async save copies them.
                     "checksums": {"params": checksum.checksums(state.params),
-                                  "train_state": checksum.checksums(rest)}}
+                                  "train_state": checksum.checksums(rest),
+                                  "frozen": checksum.checksums(state.frozen or {})}}
         metadata.update(extra_metadata or {})
         self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
@@ -279,13 +299,18 @@ class TrainCheckpointer:
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, metadata) of ``step`` (default latest committed) onto the
         shardings carried by ``abstract_state`` (ShapeDtypeStructs). Raises
-        CorruptCheckpoint when what is read back differs from what was saved."""
+        CorruptCheckpoint when what is read back differs from what was saved.
+
+        ``state.frozen`` is None when the step did not store its frozen models (every step
+        written since they are rebuilt from their source: ``metadata['frozen_rebuilt']``);
+        steps written before hold them, and they are restored as they were."""
         step = self._mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.run_dir}: no committed checkpoint")
+        rebuilt = self._frozen_rebuilt(step)
         rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                 "rng": abstract_state.rng, "skipped": abstract_state.skipped,
-                "frozen": abstract_state.frozen}
+                "frozen": None if rebuilt else abstract_state.frozen}
         where = self.run_dir / "checkpoints"
         self._check_structure(step, abstract_state.params, rest)
         try:
@@ -303,6 +328,14 @@ class TrainCheckpointer:
         state = type(abstract_state)(r["step"], restored["params"], r["opt_state"], r["rng"],
                                      r["skipped"], r["frozen"])
         return state, restored["data"], metadata
+
+    def _frozen_rebuilt(self, step: int) -> bool:
+        try:
+            meta = self._mngr.restore(step, args=ocp.args.Composite(
+                metadata=ocp.args.JsonRestore()))["metadata"]
+        except Exception:  # unreadable metadata: restore() reports the step as damaged
+            return True
+        return bool(meta.get("frozen_rebuilt"))
 
     def _check_structure(self, step: int, params, rest) -> None:
         """The step holds the arrays this run's state has (by the paths its checksums were

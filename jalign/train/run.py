@@ -16,7 +16,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jalign.checkpoint import TrainCheckpointer, resolve_run_dir, stored_frozen_models
+from jalign.checkpoint import (CheckpointError, TrainCheckpointer, resolve_run_dir,
+                               stored_frozen_models, verify_frozen)
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError
 from jalign.models.config import LlamaConfig
@@ -195,7 +196,15 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     graphdef, abstract_state, shardings = abstract_train_state(
         model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind)
     if resume_step is not None:
-        state, data_state, _, restored_step = ckpt.restore_intact(abstract_state, log=log)
+        state, data_state, meta, restored_step = ckpt.restore_intact(abstract_state, log=log)
+        if state.frozen is None and frozen_configs:  # rebuilt from the source, as at the start
+            frozen = {name: params_of(initial_model()) for name in algo.frozen_models}
+            try:
+                verify_frozen(meta, frozen, model_init.source)
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
+            state = state._replace(frozen=jax.device_put(frozen, shardings.frozen))
+            del frozen
         source.set_state(data_state)
         log(f"resumed {run_dir} at step {restored_step}")
     else:

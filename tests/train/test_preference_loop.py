@@ -100,3 +100,25 @@ def test_reward_model_run(tmp_path):
     # An RM run directory cannot be resumed as a DPO run (a different model kind).
     r = _run(tmp_path, "rm", config=DPO, expect=2)  # a config error, before any compile
     assert "scalar_head" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_path):
+    """The in-step reference is rebuilt from ModelInit on restore (the resume test above
+    shows it bit-identical), not written: the checkpoint records only its checksums, and
+    a source that changed since (here another random seed, waved through the config
+    check) is refused by them."""
+    import subprocess
+
+    from jalign.checkpoint import read_metadata
+    from tests.train.test_loop import ROOT, _cmd, _env
+    _run(tmp_path, "noref", "TrainConfig.steps=4", config=DPO)
+    meta = read_metadata(tmp_path / "noref", 4)
+    assert meta["frozen_rebuilt"] and meta["frozen"] == ["reference"]
+    assert meta["checksums"]["frozen"]  # what the rebuilt reference must equal
+    assert not [k for k in meta["checksums"]["train_state"] if "reference" in k]
+    assert not list((tmp_path / "noref" / "checkpoints" / "4" / "train_state").glob("*frozen*"))
+    r = subprocess.run(_cmd(tmp_path, "noref", "TrainConfig.steps=6", "ModelInit.seed=1",
+                            config=DPO) + ["--allow-config-change"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode != 0
+    assert "frozen models rebuilt from ModelInit.source='random' differ" in r.stderr, r.stderr[-2000:]
