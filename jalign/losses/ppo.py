@@ -34,8 +34,10 @@ def aggregate(per_token, mask, how: str = "token_mean"):
     """(total, weight) of masked per-token losses; total / weight is the loss."""
     if how not in AGGREGATIONS:
         raise ValueError(f"aggregation {how!r}; one of {AGGREGATIONS}")
-    x = jnp.asarray(per_token, jnp.float32)
     m = jnp.asarray(mask).astype(jnp.float32)
+    # where, not a product: a NaN or inf at a masked position (a sentinel, padding) must
+    # not reach the sum.
+    x = jnp.where(m > 0, jnp.asarray(per_token, jnp.float32), 0.0)
     if how == "token_mean":
         return sequences.reduce(x, m, normalize="tokens")
     if how == "seq_mean_token_mean":
@@ -45,7 +47,7 @@ def aggregate(per_token, mask, how: str = "token_mean"):
 
 
 def _mean(x, m):
-    return jnp.sum(x * m), jnp.sum(m)
+    return jnp.sum(jnp.where(m > 0, x, 0.0)), jnp.sum(m)
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
@@ -57,8 +59,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     m = jnp.asarray(mask).astype(jnp.float32)
-    a = jnp.asarray(advantages, jnp.float32)
-    log_ratio = jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32)
+    on = m > 0
+    a = jnp.where(on, jnp.asarray(advantages, jnp.float32), 0.0)
+    log_ratio = jnp.where(on, jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32),
+                          0.0)
     ratio = jnp.exp(log_ratio)
     unclipped = -a * ratio
     clipped = -a * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -77,13 +81,13 @@ def value_loss(values, old_values, returns, mask, *, clip: float | None = 0.2,
     """(total, weight, metrics): ½ max((v − R)², (v_old + clip(v − v_old, ±clip) − R)²)
     (without ``clip``: ½ (v − R)²); metric ``value_clip_fraction``."""
     m = jnp.asarray(mask).astype(jnp.float32)
-    v = jnp.asarray(values, jnp.float32)
-    r = jnp.asarray(returns, jnp.float32)
+    v = jnp.where(m > 0, jnp.asarray(values, jnp.float32), 0.0)
+    r = jnp.where(m > 0, jnp.asarray(returns, jnp.float32), 0.0)
     plain = (v - r) ** 2
     if clip is None:
         loss, frac = plain, jnp.zeros_like(plain)
     else:
-        v_old = jnp.asarray(old_values, jnp.float32)
+        v_old = jnp.where(m > 0, jnp.asarray(old_values, jnp.float32), 0.0)
         clipped = (v_old + jnp.clip(v - v_old, -clip, clip) - r) ** 2
         loss, frac = jnp.maximum(plain, clipped), (clipped > plain).astype(jnp.float32)
     total, weight = aggregate(0.5 * loss, m, how)
@@ -94,7 +98,8 @@ def entropy_from_logits(logits):
     """H(softmax(logits)) over the last axis, in float32."""
     z = jnp.asarray(logits, jnp.float32)
     logp = jax.nn.log_softmax(z, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    # A -inf logit (a filtered token) has p log p = 0, not 0 * -inf.
+    return -jnp.sum(jnp.where(jnp.isneginf(logp), 0.0, jnp.exp(logp) * logp), axis=-1)
 
 
 def explained_variance(values, returns, mask):

@@ -49,14 +49,14 @@ def gae(rewards, values, mask, *, gamma: float, lam: float):
 
 def masked_mean(x, mask):
     m = jnp.asarray(mask).astype(jnp.float32)
-    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def masked_var(x, mask, unbiased: bool = True):
     """Variance over the unmasked entries (Bessel-corrected when ``unbiased``)."""
     m = jnp.asarray(mask).astype(jnp.float32)
     n = jnp.sum(m)
-    centred = (x - masked_mean(x, m)) * m
+    centred = jnp.where(m > 0, x - masked_mean(x, m), 0.0)
     return jnp.sum(centred ** 2) / jnp.maximum(n - (1.0 if unbiased else 0.0), 1.0)
 
 
@@ -66,7 +66,7 @@ def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
     x = jnp.asarray(x, jnp.float32)
     m = jnp.asarray(mask) > 0
     mean = masked_mean(x, m)
-    out = (x - mean) * jax.lax.rsqrt(masked_var(x, m) + eps)
+    out = (jnp.where(m, x, mean) - mean) * jax.lax.rsqrt(masked_var(x, m) + eps)
     if not shift_mean:
         out = out + mean
     return jnp.where(m, out, 0.0)

@@ -16,6 +16,8 @@ coef ← coef · (1 + e · n_steps / horizon). Both are plain Python state with
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -63,14 +65,18 @@ class FixedKLController:
 
 class AdaptiveKLController:
     def __init__(self, init_coef: float, target: float, horizon: int):
-        if init_coef < 0 or target <= 0 or horizon <= 0:
+        if init_coef <= 0 or target <= 0 or horizon <= 0:
+            # (a coefficient of 0 could never move: the update multiplies it)
             raise ValueError(f"AdaptiveKLController(init_coef={init_coef}, target={target}, "
-                             f"horizon={horizon}): need init_coef >= 0, target > 0, horizon > 0")
+                             f"horizon={horizon}): need init_coef > 0, target > 0, horizon > 0")
         self.value = float(init_coef)
         self.target = float(target)
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        if not math.isfinite(current_kl):
+            raise ValueError(f"AdaptiveKLController.update: the KL is {current_kl}; the "
+                             "coefficient is left at its value")
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value

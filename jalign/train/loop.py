@@ -169,7 +169,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                   operative=operative_config, config_record=record,
                   extra_metadata={"reason": reason, "model_kind": algo.model_kind,
                                   "algorithm": algo.name,
-                                  "frozen": list(algo.frozen_models)})
+                                  "frozen": list(algo.frozen_models), **run.extra_metadata})
         if _fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fault("sigkill_after_save", step):
@@ -283,8 +283,9 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     if is_main:
         M.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     summary.update(final_step=int(jax.device_get(state.step)), ended_early=ended is not None,
-                   eval=last_eval, data_stats=source.stats, peak_flops_source=peak_source,
+                   eval=last_eval, data_stats=getattr(source, "stats", {}), peak_flops_source=peak_source,
                    state=state, model_config=model_config, graphdef=graphdef)
+    run.state = state  # the donated input buffers are gone; the Run holds the live state
     return summary
 
 

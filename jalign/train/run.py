@@ -14,12 +14,13 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jalign.checkpoint import (CheckpointError, TrainCheckpointer, resolve_run_dir,
                                stored_frozen_models, verify_frozen)
 from jalign.data.pipeline import DataConfig
-from jalign.errors import ConfigError
+from jalign.errors import ConfigError, first_line
 from jalign.models.config import LlamaConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
@@ -64,6 +65,7 @@ class Run:
     end: int
     is_main: bool
     log: Callable[[str], None]
+    extra_metadata: dict = dataclasses.field(default_factory=dict)  # saved with each step
 
     @property
     def global_batch(self) -> int:
@@ -132,7 +134,12 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
                      allow=allow_config_change, log=log, defaults=default_record(configs))
         model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
+        # The step of a jalign: source the run started from (frozen models are rebuilt from
+        # it, even when that run has trained on since).
+        if meta.get("initial_model_step") is not None and model_init.step is None:
+            model_init = dataclasses.replace(model_init, step=meta["initial_model_step"])
     else:
+        model_init = _pin_source_step(model_init)
         model_config = _open_model_config(model_init, model_config)
     P.check_trainable(optimizer_config, model_config, algo.model_kind)
     # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
@@ -198,11 +205,20 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     if resume_step is not None:
         state, data_state, meta, restored_step = ckpt.restore_intact(abstract_state, log=log)
         if state.frozen is None and frozen_configs:  # rebuilt from the source, as at the start
-            frozen = {name: params_of(initial_model()) for name in algo.frozen_models}
+            try:
+                # One copy per frozen model: the step donates the state, and one buffer
+                # cannot be donated twice.
+                frozen = {name: jax.tree.map(jnp.copy, params_of(initial_model()))
+                          for name in algo.frozen_models}
+            except (CheckpointError, OSError) as e:
+                raise ConfigError(f"resuming {run_dir}: the frozen models "
+                                  f"{list(algo.frozen_models)} are rebuilt from "
+                                  f"ModelInit.source={model_init.source!r}, which fails to "
+                                  f"load: {first_line(e)}") from None
             try:
                 verify_frozen(meta, frozen, model_init.source)
             except CheckpointError as e:
-                raise ConfigError(str(e)) from None
+                raise ConfigError(f"resuming {run_dir}: {e}") from None
             state = state._replace(frozen=jax.device_put(frozen, shardings.frozen))
             del frozen
         source.set_state(data_state)
@@ -225,13 +241,29 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
             log(f"note: DataConfig.num_epochs={data_config.num_epochs} gives {total} batches: "
                 f"training ends at step {end}, before TrainConfig.steps={tc.steps}")
 
+    pinned = ({"initial_model_step": model_init.step}
+              if model_init.source.startswith("jalign:") else {})
     return Run(algo=algo, tc=tc, optimizer_config=optimizer_config, data_config=data_config,
                eval_data_config=eval_data_config, model_config=model_config,
                operative=operative_config, rules=rules, run_dir=run_dir, mesh=mesh, ckpt=ckpt,
                record=record, source=source, eval_iter=eval_iter,
                eval_start=eval_start, optimizer=optimizer, schedule=schedule,
                frozen_configs=frozen_configs, graphdef=graphdef, shardings=shardings,
-               state=state, start=start, end=end, is_main=is_main, log=log)
+               state=state, start=start, end=end, is_main=is_main, log=log,
+               extra_metadata=pinned)
+
+
+def _pin_source_step(model_init: ModelInit) -> ModelInit:
+    """A jalign: source with its latest step made explicit (recorded with every checkpoint,
+    so a resumed run rebuilds its frozen models from the same step)."""
+    if not model_init.source.startswith("jalign:") or model_init.step is not None:
+        return model_init
+    from jalign.checkpoint import latest_step
+    try:
+        step = latest_step(model_init.source[len("jalign:"):])
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"ModelInit.source={model_init.source!r}: {e}") from None
+    return dataclasses.replace(model_init, step=step)
 
 
 def agree_min(value: int) -> int:

@@ -28,8 +28,12 @@ class ModelInit:
     source: str = "random"
     seed: int = 0
     use_execution_config: bool = True
+    step: int | None = None  # jalign: sources: which checkpoint step (None: the latest)
 
     def __post_init__(self):
+        if self.step is not None and (not self.source.startswith("jalign:") or self.step < 0):
+            raise ValueError(f"ModelInit.step={self.step} needs a 'jalign:DIR' source and a "
+                             f"step >= 0 (source: {self.source!r})")
         if self.source != "random" and not self.source.startswith(("hf:", "jalign:")):
             raise ValueError(f"ModelInit.source={self.source!r}: use 'random', 'hf:PATH' or "
                              "'jalign:DIR'")
@@ -48,7 +52,7 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
         from jalign.convert.hf import _resolve_directory, read_hf_config
         return read_hf_config(_resolve_directory(init.source[3:], config_only=True), **overrides)
     from jalign.checkpoint import read_model_config
-    return read_model_config(init.source[7:]).replace(**overrides)
+    return read_model_config(init.source[7:], init.step).replace(**overrides)
 
 
 def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES,
@@ -69,8 +73,8 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
                                 rules=rules, head=head, seed=init.seed, **overrides)
         return config, model
     from jalign.checkpoint import load_model
-    return load_model(init.source[7:], mesh=mesh, rules=rules, model_kind=model_kind,
-                      seed=init.seed, **overrides)
+    return load_model(init.source[7:], step=init.step, mesh=mesh, rules=rules,
+                      model_kind=model_kind, seed=init.seed, **overrides)
 
 
 def frozen_graphdefs(frozen_configs: dict | None) -> dict:

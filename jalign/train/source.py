@@ -20,6 +20,9 @@ class BatchSource(Protocol):
     def remaining(self) -> int | None: ...      # batches left; None: unbounded
     def describe(self) -> str: ...              # what was consumed, for the end-of-data note
 
+    @property
+    def stats(self) -> dict: ...                # counts for the run summary (may be {})
+
 
 class DatasetSource:
     """A ``DataIterator`` (jalign.data.pipeline) as a batch source."""

@@ -90,3 +90,27 @@ def test_explained_variance():
     # predicting the mean explains nothing
     assert float(explained_variance(jnp.full((1, 4), 2.0), r, mask)) == pytest.approx(0.0, abs=1e-6)
     assert float(explained_variance(r, jnp.ones((1, 4)), mask)) == 0.0  # constant returns
+
+
+def test_masked_positions_cannot_poison_the_losses():
+    """NaN or inf at masked positions (sentinels, padding) stay out of values and gradients."""
+    import jax
+    mask = np.array([[1, 1, 0]])
+    old = np.array([[-1.0, -2.0, -1e4]])
+    adv = np.array([[0.5, -1.0, np.nan]])
+
+    def loss(logp):
+        t, w, _ = policy_loss(logp, old, adv, mask, dual_clip=3.0)
+        return t / w
+
+    logp = jnp.array([[-1.1, -1.9, 0.0]])
+    value, grad = jax.value_and_grad(loss)(logp)
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+    assert float(np.asarray(grad)[0, 2]) == 0.0
+    t, w, _ = value_loss(np.array([[1.0, 2.0, np.inf]]), np.array([[1.0, 2.0, np.nan]]),
+                         np.array([[0.0, 0.0, np.nan]]), mask)
+    assert float(t) == pytest.approx(0.5 * (1 + 4)) and float(w) == 2
+    assert np.isfinite(float(explained_variance(np.array([[1.0, 2.0, np.nan]]),
+                                                np.array([[1.5, 2.5, np.nan]]), mask)))
+    h = np.asarray(entropy_from_logits(jnp.array([[0.0, 0.0, -jnp.inf]])))
+    np.testing.assert_allclose(h, [LOG(2.0)], atol=1e-6)  # a filtered token adds nothing

@@ -87,3 +87,14 @@ def test_whitening_ignores_masked_tokens():
 def test_clip_scores():
     np.testing.assert_array_equal(np.asarray(clip_scores([-5.0, 0.5, 7.0], 2.0)), [-2.0, 0.5, 2.0])
     np.testing.assert_array_equal(np.asarray(clip_scores([-5.0, 7.0], None)), [-5.0, 7.0])
+
+
+def test_nan_at_masked_positions_stays_out():
+    x = jnp.array([[1.0, jnp.nan, 3.0, jnp.inf]])
+    mask = jnp.array([[1, 0, 1, 0]])
+    w = np.asarray(whiten(x, mask))
+    assert np.isfinite(w).all() and w[0, 1] == 0 and w[0, 3] == 0
+    assert float(masked_mean(x, mask)) == 2.0
+    adv, ret = gae(jnp.array([[0.0, jnp.nan, 1.0]]), jnp.array([[0.5, jnp.nan, 0.25]]),
+                   jnp.array([[1, 0, 1]]), gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(np.asarray(adv), [[0.5, 0.0, 0.75]], atol=1e-7)

@@ -49,4 +49,10 @@ def test_adaptive_controller_follows_the_formula():
     assert f.update(100.0, 10) == 0.05 and f.value == 0.05
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, 0.0, 100)
+    with pytest.raises(ValueError, match="init_coef > 0"):
+        AdaptiveKLController(0.0, 6.0, 100)  # could never move
+    before = c.value
+    with pytest.raises(ValueError, match="KL is nan"):
+        c.update(float("nan"), 10)
+    assert c.value == before  # a NaN KL does not poison the coefficient
     assert math.isfinite(c.value)

@@ -70,3 +70,25 @@ def test_the_loop_asks_the_source_with_the_current_state_and_saves_its_state(tmp
     assert run.start == 2 and run.source.drawn == 2
     run_loop(run)
     assert calls == [0, 1, 2, 3] and run.source.drawn == 4
+
+
+def test_resume_rebuilds_several_frozen_models(tmp_path):
+    """Two frozen copies of the initial model, rebuilt on resume: each gets its own buffers
+    (the step donates the state; one buffer given twice would fail to donate)."""
+    from jalign.train.algorithm import Algorithm, FrozenModel
+    algo = Algorithm("two_frozen", sft_loss, frozen=(FrozenModel("a"), FrozenModel("b")))
+
+    def open_(steps):
+        exp = load_experiment(["tests/train/tiny_sft.gin"],
+                              TINY + [f"TrainConfig.output_root='{tmp_path}'",
+                                      f"TrainConfig.steps={steps}"])
+        parse([])
+        return open_run(algo, train_config=exp.train, optimizer_config=exp.optimizer,
+                        data_config=exp.data, eval_data_config=None, model_config=exp.model,
+                        model_init=exp.model_init, mesh_config=exp.mesh)
+
+    run_loop(open_(2))
+    run = open_(4)
+    assert run.start == 2 and set(run.state.frozen) == {"a", "b"}
+    summary = run_loop(run)
+    assert summary["final_step"] == 4 and run.state is summary["state"]

@@ -122,3 +122,19 @@ def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_p
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert r.returncode != 0
     assert "frozen models rebuilt from ModelInit.source='random' differ" in r.stderr, r.stderr[-2000:]
+
+
+def test_dpo_from_a_run_that_trains_on_still_resumes(tmp_path):
+    """A DPO run from 'jalign:DIR' records the step it started from; when that SFT run
+    has trained on since (a newer latest step), the resumed DPO run rebuilds its reference
+    from the recorded step, not the latest."""
+    from jalign.checkpoint import read_metadata
+    _run(tmp_path, "sft_src", "TrainConfig.steps=2", "TrainConfig.save_every=2")
+    src = f"ModelInit.source='jalign:{tmp_path / 'sft_src'}'"
+    _run(tmp_path, "dpo", src, "TrainConfig.steps=2", "TrainConfig.save_every=2", config=DPO)
+    assert read_metadata(tmp_path / "dpo", 2)["initial_model_step"] == 2
+    _run(tmp_path, "sft_src", "TrainConfig.steps=4", "TrainConfig.save_every=2")  # trains on
+    r = _run(tmp_path, "dpo", src, "TrainConfig.steps=4", "TrainConfig.save_every=2",
+             config=DPO)
+    assert "resumed" in r.stdout and _committed(tmp_path / "dpo") == [2, 4]
+    assert read_metadata(tmp_path / "dpo", 4)["initial_model_step"] == 2
