@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jalign.losses import sequences
 from jalign.rl.advantages import masked_var
+from jalign.rl.kl import kl_per_token
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -92,6 +93,17 @@ def value_loss(values, old_values, returns, mask, *, clip: float | None = 0.2,
         loss, frac = jnp.maximum(plain, clipped), (clipped > plain).astype(jnp.float32)
     total, weight = aggregate(0.5 * loss, m, how)
     return total, weight, {"value_clip_fraction": _mean(frac, m)}
+
+
+def kl_loss(logp, ref_logp, mask, *, kind: str = "k3", how: str = "token_mean"):
+    """(total, weight): the KL to the reference as a loss term (the alternative to the
+    per-token reward penalty of ``jalign.rl.kl.penalized_rewards``), the per-token estimate
+    ``kind`` aggregated like the policy loss; differentiable in ``logp``. k3 is the usual
+    choice here (unbiased, >= 0, low variance)."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    on = m > 0
+    per_token = kl_per_token(jnp.where(on, logp, 0.0), jnp.where(on, ref_logp, 0.0), kind)
+    return aggregate(per_token, m, how)
 
 
 def entropy_from_logits(logits):

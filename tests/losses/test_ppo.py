@@ -114,3 +114,20 @@ def test_masked_positions_cannot_poison_the_losses():
                                                 np.array([[1.5, 2.5, np.nan]]), mask)))
     h = np.asarray(entropy_from_logits(jnp.array([[0.0, 0.0, -jnp.inf]])))
     np.testing.assert_allclose(h, [LOG(2.0)], atol=1e-6)  # a filtered token adds nothing
+
+
+def test_kl_loss_term_by_hand_and_its_gradient():
+    import jax
+
+    from jalign.losses.ppo import kl_loss
+    logp = jnp.array([[-1.0, -2.0, 0.0]])
+    ref = jnp.array([[-1.5, -1.0, jnp.nan]])  # masked position: a NaN stays out
+    mask = jnp.array([[1, 1, 0]])
+    x = np.array([0.5, -1.0])
+    t, w = kl_loss(logp, ref, mask, kind="k3")
+    assert float(w) == 2
+    assert float(t) == pytest.approx(float(np.sum(np.exp(-x) - 1 + x)), abs=1e-6)
+    # d k3 / d logp = 1 - exp(-x): pushes the policy back toward the reference
+    g = np.asarray(jax.grad(lambda lp: kl_loss(lp, ref, mask, kind="k3")[0])(logp))
+    np.testing.assert_allclose(g[0, :2], 1 - np.exp(-x), atol=1e-6)
+    assert g[0, 2] == 0
