@@ -307,20 +307,23 @@ class TrainCheckpointer:
         step = self._mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.run_dir}: no committed checkpoint")
-        rebuilt = self._frozen_rebuilt(step)
+        stored = self._stored_metadata(step)
+        # Unreadable metadata: restore below reports the step as damaged.
+        rebuilt = stored is None or bool(stored.get("frozen_rebuilt"))
         rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                 "rng": abstract_state.rng, "skipped": abstract_state.skipped,
                 "frozen": None if rebuilt else abstract_state.frozen}
         where = self.run_dir / "checkpoints"
-        self._check_structure(step, abstract_state.params, rest)
+        self._check_structure(step, (stored or {}).get("checksums"), abstract_state.params, rest)
+        items = {"params": ocp.args.StandardRestore(abstract_state.params),
+                 "train_state": ocp.args.StandardRestore(rest),
+                 "data": ocp.args.JsonRestore(), "metadata": ocp.args.JsonRestore()}
         try:
-            restored = self._mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                train_state=ocp.args.StandardRestore(rest),
-                data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # undecodable bytes surface as tensorstore/JSON/zstd errors
-            raise CorruptCheckpoint(f"{where} step {step} cannot be read back "
-                                    f"({type(e).__name__}: {first_line(e)})") from None
+            raise CorruptCheckpoint(f"{where} step {step}: item(s) {self._unreadable(step, items)} "
+                                    f"cannot be read back ({type(e).__name__}: "
+                                    f"{first_line(e)})") from None
         metadata = restored["metadata"]
         _verify(where, step, "params", metadata, restored["params"])
         _verify(where, step, "train_state", metadata, restored["train_state"])
@@ -329,22 +332,28 @@ class TrainCheckpointer:
                                      r["skipped"], r["frozen"])
         return state, restored["data"], metadata
 
-    def _frozen_rebuilt(self, step: int) -> bool:
-        try:
-            meta = self._mngr.restore(step, args=ocp.args.Composite(
-                metadata=ocp.args.JsonRestore()))["metadata"]
-        except Exception:  # unreadable metadata: restore() reports the step as damaged
-            return True
-        return bool(meta.get("frozen_rebuilt"))
+    def _unreadable(self, step: int, items: dict) -> list[str]:
+        """Which of ``items`` fail to restore on their own (named in the error: a damaged
+        step says where it is damaged)."""
+        bad = []
+        for name, arg in items.items():
+            try:
+                self._mngr.restore(step, args=ocp.args.Composite(**{name: arg}))
+            except Exception:
+                bad.append(name)
+        return bad
 
-    def _check_structure(self, step: int, params, rest) -> None:
-        """The step holds the arrays this run's state has (by the paths its checksums were
-        recorded under): a changed optimizer or model is a config problem, not damage."""
+    def _stored_metadata(self, step: int) -> dict | None:
+        """The step's metadata item, or None when it does not read back."""
         try:
-            recorded = self._mngr.restore(step, args=ocp.args.Composite(
-                metadata=ocp.args.JsonRestore()))["metadata"].get("checksums")
-        except Exception:  # unreadable metadata: restore() reports the step as damaged
-            return
+            return self._mngr.restore(step, args=ocp.args.Composite(
+                metadata=ocp.args.JsonRestore()))["metadata"]
+        except Exception:  # unreadable JSON: restore() reports the step as damaged
+            return None
+
+    def _check_structure(self, step: int, recorded: dict | None, params, rest) -> None:
+        """The step holds the arrays this run's state has (by the paths its checksums were
+        ``recorded`` under): a changed optimizer or model is a config problem, not damage."""
         if not recorded:
             return
         for item, tree in (("params", params), ("train_state", rest)):

@@ -100,6 +100,23 @@ def _percent(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
+def _accuracy_stage(stage: str, config: str, bindings, fresh: bool, eval_n: int) -> tuple:
+    """A stage trained from the SFT model and judged by held-out exact-match accuracy
+    before and after: its table row."""
+    from jalign.train.experiment import load_experiment
+    before = _initial_accuracy(load_experiment([config], bindings), eval_n)
+    exp, summary, model, secs = _train_stage(config, bindings, fresh)
+    metric = f"exact-match accuracy, {eval_n} held-out problems"
+    if exp.data.format == "preference":
+        ev = summary["eval"] or {}
+        metric += (f" (held-out pair reward accuracy "
+                   f"{_percent(ev.get('eval_rewards/accuracy'))})")
+    return (stage.upper(), _trained(exp, summary, "pairs" if exp.data.format == "preference"
+                                    else "rows"),
+            metric, before, _accuracy(model, exp, eval_n)["accuracy"], secs,
+            _export(summary, model))
+
+
 def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=DEFAULT_STAGES,
              full: bool = False) -> int:
     """``bindings`` (gin) apply to every stage's config."""
@@ -149,26 +166,10 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=DEFAULT
                          f"pairwise accuracy (chosen > rejected), {pairs} held-out pairs", start,
                          (summary["eval"] or {}).get("eval_accuracy"), secs,
                          _export(summary, model)))
-        if "dpo" in stages:
-            before = _initial_accuracy(
-                load_experiment([configs["dpo"]], tuple(bindings) + from_sft), eval_n)
-            exp, summary, model, secs = _train_stage(configs["dpo"], tuple(bindings) + from_sft,
-                                                     fresh)
-            ev = summary["eval"] or {}
-            rows.append(("DPO", _trained(exp, summary, "pairs"),
-                         f"exact-match accuracy, {eval_n} held-out problems (held-out pair "
-                         f"reward accuracy {_percent(ev.get('eval_rewards/accuracy'))})",
-                         before, _accuracy(model, exp, eval_n)["accuracy"], secs,
-                         _export(summary, model)))
-        if "ift" in stages:
-            before = _initial_accuracy(
-                load_experiment([configs["ift"]], tuple(bindings) + from_sft), eval_n)
-            exp, summary, model, secs = _train_stage(configs["ift"], tuple(bindings) + from_sft,
-                                                     fresh)
-            rows.append(("IFT", _trained(exp, summary, "rows"),
-                         f"exact-match accuracy, {eval_n} held-out problems", before,
-                         _accuracy(model, exp, eval_n)["accuracy"], secs,
-                         _export(summary, model)))
+        for stage in ("dpo", "ift"):  # from the SFT model, judged by exact-match accuracy
+            if stage in stages:
+                rows.append(_accuracy_stage(stage, configs[stage], tuple(bindings) + from_sft,
+                                            fresh, eval_n))
     except ConfigError as e:
         if "changed config" in str(e):
             raise ConfigError(f"{e} (`jalign demo --fresh` starts the demo runs over)") from None

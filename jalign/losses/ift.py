@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from jalign.losses import sequences
-from jalign.losses.sft import DEFAULT_CHUNK_TOKENS, _logits, next_token_log_probs
+from jalign.losses.sft import (DEFAULT_CHUNK_TOKENS, _logits, map_token_chunks,
+                                next_token_log_probs, token_log_probs)
 from jalign.losses.types import LossOutput
 
 LAMBDA_SCHEDULES = ("constant", "linear")
@@ -170,17 +171,9 @@ def greedy_and_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_
     tokens at a time (the [N, vocab] logits never exist at once). No gradient."""
     def one(h_cd, t_c):
         z = _logits(h_cd, w_dv)
-        logp = jnp.take_along_axis(z, t_c[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, -1)
-        return jnp.argmax(z, axis=-1).astype(jnp.int32), logp
+        return jnp.argmax(z, axis=-1).astype(jnp.int32), token_log_probs(z[None], t_c[None])[0]
 
-    n, d = hidden_nd.shape
-    if n <= chunk:
-        return one(hidden_nd, targets_n)
-    pad = (-n) % chunk
-    hidden = jnp.pad(hidden_nd, ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    targets = jnp.pad(targets_n, (0, pad)).reshape(-1, chunk)
-    pred, logp = jax.lax.map(lambda a: one(*a), (hidden, targets))
-    return pred.reshape(-1)[:n], logp.reshape(-1)[:n]
+    return map_token_chunks(one, hidden_nd, targets_n, chunk)
 
 
 def mixed_inputs(model, ids_bt, mask_bt, lam, *, positions_bt=None, segment_ids_bt=None,

@@ -50,21 +50,28 @@ def _logits(h_nd, w_dv):
     return jnp.dot(h_nd, w_dv, preferred_element_type=jnp.float32)
 
 
-def chunked_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOKENS):
-    """log p(target) for N tokens of hidden states, ``chunk`` tokens of logits at a time."""
+def map_token_chunks(fn, hidden_nd, targets_n, chunk: int, *, remat: bool = False):
+    """``fn(hidden [c, D], targets [c]) -> pytree of [c]`` applied ``chunk`` tokens at a
+    time over N tokens (the last chunk padded), results [N]: a vocabulary projection per
+    chunk, so the [N, vocab] logits never exist at once. ``remat``: recompute each chunk in
+    the backward pass instead of storing its logits."""
     n, d = hidden_nd.shape
     if n <= chunk:
-        return token_log_probs(_logits(hidden_nd, w_dv)[None], targets_n[None])[0]
+        return fn(hidden_nd, targets_n)
     pad = (-n) % chunk
     hidden = jnp.pad(hidden_nd, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(targets_n, (0, pad)).reshape(-1, chunk)
+    one = lambda args: fn(*args)  # noqa: E731
+    out = jax.lax.map(jax.checkpoint(one) if remat else one, (hidden, targets))
+    return jax.tree.map(lambda x: x.reshape(-1)[:n], out)
 
-    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing
-    def one(args):
-        h_cd, t_c = args
+
+def chunked_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOKENS):
+    """log p(target) for N tokens of hidden states, ``chunk`` tokens of logits at a time."""
+    def one(h_cd, t_c):
         return token_log_probs(_logits(h_cd, w_dv)[None], t_c[None])[0]
 
-    return jax.lax.map(one, (hidden, targets)).reshape(-1)[:n]
+    return map_token_chunks(one, hidden_nd, targets_n, chunk, remat=True)
 
 
 def next_token_log_probs(model, hidden_btd, ids_bt, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.numerics import assert_f32_close
+
 from jalign.models.config import preset
 from jalign.rl.rewards import (REWARDS, RewardConfig, RewardModelScorer, combined_rewards,
                                format_reward, length_penalty, task_reward)
@@ -30,7 +32,8 @@ def test_weighted_combination_reports_each_part():
     cfg = RewardConfig(names=("task", "format", "length"), weights=(1.0, 0.5, 2.0),
                        length_coef=0.1, length_target=2)
     total, parts = combined_rewards(cfg, PROMPTS, COMPLETIONS, [2, 3, 4])
-    np.testing.assert_allclose(total, [1.0 + 0.5, 0.5 - 0.2, -0.4], atol=1e-6)
+    # three weighted terms of magnitude <= 1 per row
+    assert_f32_close(total, [1.0 + 0.5, 0.5 - 0.2, -0.4], terms=6, scale=2.0)
     assert set(parts) == {"task", "format", "length"}
 
 
@@ -59,7 +62,8 @@ def test_reward_model_scores_at_the_last_real_token():
                        reward_model="jalign:unused")
     total, parts = combined_rewards(cfg, PROMPTS[:2], COMPLETIONS[:2], [2, 2], tokens=(ids, seg),
                                     scorer=RewardModelScorer(model))
-    np.testing.assert_allclose(total, 0.5 * scores + np.array([1.0, 0.0]), atol=1e-6)
+    assert_f32_close(total, 0.5 * scores + np.array([1.0, 0.0]), terms=4,
+                     scale=float(np.abs(scores).max()) + 1.0)
     with pytest.raises(ValueError, match="scorer"):
         combined_rewards(cfg, PROMPTS[:2], COMPLETIONS[:2], [2, 2])
 

@@ -75,3 +75,24 @@ def test_run_names_cannot_escape(tmp_path, name):
 
 def test_good_run_names(tmp_path):
     assert resolve_run_dir(tmp_path, "sweep/lr_1e-3.seed0") == (tmp_path / "sweep" / "lr_1e-3.seed0").resolve()
+
+
+def test_an_undecodable_item_is_named(tmp_path):
+    """Bytes that no longer decode (a truncated array file) are reported as damage of the
+    item that holds them, not of the step in general."""
+    from jalign.checkpoint import CorruptCheckpoint
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    state, abstract = _state(mesh)
+    ckpt = TrainCheckpointer(tmp_path / "run", keep=2)
+    ckpt.save(state, data_state={"version": 1, "batches": 0, "grain": {}}, model_config=CONFIG,
+              operative="")
+    ckpt.close()
+    tx, _ = build_optimizer(OptimizerConfig(), CONFIG, 10)
+    _, abstract, _ = abstract_train_state(CONFIG, tx, mesh)
+    files = [p for p in (tmp_path / "run" / "checkpoints" / "2" / "train_state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+    for f in files:  # every data file cut in half: nothing of the item decodes
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpoint) as e:
+        TrainCheckpointer(tmp_path / "run", keep=2).restore(abstract)
+    assert "['train_state']" in str(e.value) and "'params'" not in str(e.value)
