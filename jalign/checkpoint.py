@@ -30,7 +30,8 @@ from jalign import checksum
 from jalign.errors import first_line
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
-from jalign.models.heads import fresh_score, kind_of, model_class, scalar_params_from_lm
+from jalign.models.heads import (PARTS, fresh_score, kind_of, model_class,
+                                 scalar_params_from_lm)
 from jalign.models.llama import Llama
 from jalign.sharding import DEFAULT_RULES, Rules
 
@@ -102,7 +103,8 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
 
 
 def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> str:
-    """``causal_lm`` or ``scalar_head`` (checkpoints written before kinds existed: causal_lm)."""
+    """``causal_lm``, ``scalar_head`` or ``policy_value`` (checkpoints written before kinds
+    existed: causal_lm)."""
     return read_metadata(directory, step).get("model_kind", "causal_lm")
 
 
@@ -138,6 +140,9 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
         nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(
             nnx.to_pure_dict(nnx.state(lm, nnx.Param)), score))
         return config, nnx.merge(graphdef, abstract)
+    if stored == "policy_value" and wanted in PARTS:  # a PPO run's policy or value model
+        _, both = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
+        return config, getattr(both, PARTS[wanted])
     if stored != wanted:
         raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
                               f"it as {wanted}")

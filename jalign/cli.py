@@ -63,8 +63,8 @@ def cmd_train(args) -> int:
     print("operative config:\n" + exp.operative, flush=True)
 
     def log(record):
-        keys = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracy", "grad_norm",
-                "learning_rate", "mfu")
+        keys = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracy", "reward", "kl",
+                "kl_coef", "eval_reward", "grad_norm", "learning_rate", "mfu")
         text = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
         print(f"step {record['step']}: {text}", flush=True)
 
@@ -74,8 +74,11 @@ def cmd_train(args) -> int:
     except (loop.Preempted, loop.NonFiniteError) as e:
         print(f"jalign train: {e}", file=sys.stderr, flush=True)
         return loop.exit_code_for(e)
+    ev = summary["eval"] or {}
+    shown = ", ".join(f"{k.replace('_', ' ')} {ev[k]:.4f}"
+                      for k in ("eval_loss", "eval_reward") if k in ev)
     print(f"done: {summary['run_dir']} (final step {summary['final_step']}"
-          + (f", eval loss {summary['eval']['eval_loss']:.4f}" if summary["eval"] else "") + ")")
+          + (f", {shown}" if shown else "") + ")")
     return 0
 
 

@@ -17,6 +17,7 @@ import gin
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
 from jalign.models.config import LlamaConfig, RopeScaling
+from jalign.rl.rewards import RewardConfig
 from jalign.sharding import MeshConfig
 from jalign.train import algorithms
 from jalign.train.optimizer import OptimizerConfig
@@ -30,7 +31,7 @@ CONFIGS_DIR = REPO_ROOT / "configs"
 # The run's configs, then each algorithm's (from the registry: a new algorithm's config
 # class is bindable without an edit here).
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
-                                          OptimizerConfig, DataConfig, ModelInit,
+                                          OptimizerConfig, DataConfig, ModelInit, RewardConfig,
                                           *algorithms.config_classes())}
 _REGISTERED: dict[str, object] = {}
 
@@ -60,7 +61,13 @@ def build(name: str, scope: str | None = None):
             made = _REGISTERED[name]()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
-    return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(cls)})
+    values = {f.name: getattr(made, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        # A nested config (PPOConfig.rewards) comes from its own class's bindings
+        # (RewardConfig.names = ...), so that it is bound like every other config.
+        if dataclasses.is_dataclass(f.default) and type(f.default).__name__ in CLASSES:
+            values[f.name] = build(type(f.default).__name__, scope)
+    return cls(**values)
 
 
 def algorithm(name: str):

@@ -47,10 +47,26 @@ class ScalarHeadModel(nnx.Module):
         return jnp.take_along_axis(scores_bt, last[:, None], axis=1)[:, 0]
 
 
+class PolicyValueModel(nnx.Module):
+    """A policy and a separate value model trained together (PPO): one parameter tree
+    ``{"policy": <causal LM>, "value": <scalar head>}``, so the generic train step updates
+    both with one optimizer. The value model has the policy's architecture and its own
+    backbone (initialised from the policy or from a reward model, by config)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.policy = Llama(config, rngs=rngs)
+        self.value = ScalarHeadModel(config, rngs=rngs)
+
+
 # ------------------------------------------------------------------ model kinds
 
 # What a checkpoint holds, recorded in its metadata so loaders build the right class.
-MODEL_KINDS = {"causal_lm": Llama, "scalar_head": ScalarHeadModel}
+MODEL_KINDS = {"causal_lm": Llama, "scalar_head": ScalarHeadModel,
+               "policy_value": PolicyValueModel}
+# The part of a policy_value model each single-model kind is read from (loading a PPO
+# run's checkpoint as a causal LM gives its policy).
+PARTS = {"causal_lm": "policy", "scalar_head": "value"}
 
 
 def model_class(kind: str):

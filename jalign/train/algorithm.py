@@ -12,14 +12,15 @@ from typing import Callable
 from jalign.train.metrics import train_flops_per_token
 
 FROZEN_INITS = ("initial_policy",)
+MODEL_KINDS = ("causal_lm", "scalar_head", "policy_value")  # jalign.models.heads.MODEL_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class FrozenModel:
     """A model the train state carries next to the trained one and never updates.
 
-    ``init``: how it is initialised. ``initial_policy``: a copy of the initial model (the
-    DPO reference). Frozen models are rebuilt from that source, not saved, on restore."""
+    ``init``: how it is initialised. ``initial_policy``: a copy of the initial model (its
+    policy, for a policy-and-value model): the DPO and PPO reference. Frozen models are rebuilt from that source, not saved, on restore."""
 
     name: str
     init: str = "initial_policy"
@@ -33,7 +34,7 @@ class FrozenModel:
 class Algorithm:
     name: str
     loss_fn: Callable                  # (model, batch, ctx) -> LossOutput
-    model_kind: str = "causal_lm"      # the trained model: causal_lm or scalar_head
+    model_kind: str = "causal_lm"      # the trained model: causal_lm, scalar_head, policy_value
     data_kind: str = "conversation"    # what DataConfig.format must produce
     frozen: tuple[FrozenModel, ...] = ()  # models run inside the step, never trained
     # Scores computed once before training by the initial model and stored with the data
@@ -44,6 +45,21 @@ class Algorithm:
     # forward + backward (IFT's greedy pass): counted in the FLOPs for MFU.
     extra_forwards: int = 0
     config: object | None = None  # the algorithm's config dataclass (compared on resume)
+    # Where the loop's batches come from: (data iterator) -> BatchSource (None: the data
+    # itself). PPO's samples rollouts with the policy being trained.
+    make_source: Callable | None = None
+    # Problems knowable from the configs alone: (TrainConfig, DataConfig) -> None, raising
+    # ConfigError; called before anything is loaded.
+    check: Callable | None = None
+    # A policy_value model's value model: 'policy' or a reward-model source.
+    value_init: str = "policy"
+    trained_models: int = 1        # backbones trained per step (policy + value: 2)
+    frozen_in_step: bool = True    # frozen models run a forward inside each step
+
+    def __post_init__(self):
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"Algorithm {self.name!r}: model_kind={self.model_kind!r}; one of "
+                             f"{MODEL_KINDS}")
 
     @property
     def rows_per_example(self) -> int:
@@ -56,10 +72,11 @@ class Algorithm:
         return tuple(m.name for m in self.frozen)
 
     def flops_per_token(self, model_config, seq_len: int) -> float:
-        """Training FLOPs per row token, for MFU: forward + backward of the trained model,
-        plus a forward (a third of that) per frozen model and per extra no-gradient pass."""
-        passes = len(self.frozen) + self.extra_forwards
-        return train_flops_per_token(model_config, seq_len) * (1 + passes / 3)
+        """Training FLOPs per row token, for MFU: forward + backward of each trained
+        backbone, plus a forward (a third of that) per frozen model run in the step and per
+        extra no-gradient pass. (A rollout source's sampling and scoring are not counted.)"""
+        passes = len(self.frozen) * self.frozen_in_step + self.extra_forwards
+        return train_flops_per_token(model_config, seq_len) * (self.trained_models + passes / 3)
 
 
 def custom(loss_fn: Callable) -> Algorithm:

@@ -13,7 +13,7 @@ import functools
 from typing import Callable
 
 from jalign.errors import ConfigError
-from jalign.losses import dpo, ift, rm, sft
+from jalign.losses import dpo, ift, ppo, rm, sft
 from jalign.train.algorithm import Algorithm, FrozenModel
 
 
@@ -54,6 +54,17 @@ def _ift(config: ift.IFTConfig) -> Algorithm:
                      extra_forwards=1, config=config)
 
 
+def _ppo(config: ppo.PPOConfig) -> Algorithm:
+    from jalign.rl import rollout
+    return Algorithm("ppo", ppo.make_ppo_loss(config), model_kind="policy_value",
+                     data_kind="prompt", frozen=(FrozenModel("reference"),),
+                     weight_name="response_tokens" if config.aggregation == "token_mean"
+                     else "sequences", config=config,
+                     make_source=lambda data: rollout.RolloutSource(data, config),
+                     check=lambda tc, dc: rollout.check_config(config, tc, dc),
+                     value_init=config.value_init, trained_models=2, frozen_in_step=False)
+
+
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "sft": AlgorithmSpec(sft.SFTConfig, _sft, "supervised fine-tuning on conversations"),
     "rm": AlgorithmSpec(rm.RMConfig, _rm, "Bradley-Terry reward model on preference pairs"),
@@ -61,6 +72,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                          "DPO family on preference pairs (IPO, SimPO, ORPO, ... are "
                          "DPOConfig.loss_type values)"),
     "ift": AlgorithmSpec(ift.IFTConfig, _ift, "Intuitive Fine-Tuning on conversations"),
+    "ppo": AlgorithmSpec(ppo.PPOConfig, _ppo, "PPO (RLHF) on prompts: sampled responses, "
+                         "rewards, a value model and a KL penalty to the reference"),
 }
 
 

@@ -59,7 +59,10 @@ class Preempted(Exception):
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    """Global arrays of a batch: host-local rows are assembled; arrays a source already
+    made on the devices (a rollout's minibatch) are placed as the step expects."""
+    return {k: jax.device_put(v, sharding) if isinstance(v, jax.Array)
+            else jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
 
@@ -124,14 +127,16 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                               state_sharding=shardings, global_batch=global_batch,
                               accum_steps=tc.accum_steps, rules=rules,
                               frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable)
+    source.bind(run)
     eval_fn = eval_sh = None
-    if eval_data_config is not None:
+    source_eval = getattr(source, "evaluate", None)
+    if eval_data_config is not None and source_eval is None:
         eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
                                  global_batch=eval_data_config.batch_size, rules=rules,
                                  frozen_graphdefs=fdefs)
         eval_sh = batch_sharding(mesh, eval_data_config.batch_size, rules)
     data_sh = batch_sharding(mesh, global_batch, rules)
-    seq_len = data_config.max_length
+    seq_len = run.row_length
     rows_per_step = global_batch * algo.rows_per_example
     flops_per_step = algo.flops_per_token(model_config, seq_len) * rows_per_step * seq_len
     weight_name = algo.weight_name
@@ -139,8 +144,13 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
     eval_batches = min(tc.eval_batches, agree_min(eval_iter.total_batches())) if eval_iter else 0
+    if eval_data_config is None:
+        source_eval = None
+    can_eval = eval_fn is not None or source_eval is not None
 
     def evaluate(step: int) -> dict:
+        if source_eval is not None:  # e.g. a rollout source: rewards of greedy responses
+            return source_eval(state, step)
         eval_iter.set_state(eval_start)
         total = weight = 0.0
         aux: dict[str, list[float]] = {}
@@ -188,13 +198,14 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     # come to the host, so the device never waits for the host. No non-finite update can
     # reach a checkpoint: the step itself never applies one, and every save, eval and exit
     # first reads (and checks) the metrics of all steps dispatched so far.
-    pending: list[tuple[int, dict, float]] = []  # (step, metrics on device, dispatch time)
+    pending: list[tuple[int, dict, float, dict]] = []  # (step, device metrics, dispatch time,
+    #                                                   the source's host metrics)
     last_ready = time.perf_counter()
 
     def drain(keep_last: bool = False):
         nonlocal last_ready
         while len(pending) > (1 if keep_last else 0):
-            done, metrics, t0 = pending.pop(0)
+            done, metrics, t0, source_metrics = pending.pop(0)
             m = {k: float(v) for k, v in fetch_metrics(metrics).items()}
             # A step's time: from when the device could start it (its dispatch, or the end
             # of the step before) to when its result is here.
@@ -209,6 +220,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
             record_.update({k: v for k, v in m.items()
                             if k not in ("loss", "grad_norm", "learning_rate", "finite",
                                          "loss_weight")})
+            record_.update(source_metrics)
             if not m["finite"]:
                 record_["skipped_nonfinite"] = 1
                 summary["skipped"] += 1
@@ -230,7 +242,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     ended = None
     with _SigtermFlag() as sigterm:
         try:
-            if eval_fn is not None and tc.eval_at_start and start == 0:
+            if can_eval and tc.eval_at_start and start == 0:
                 writer.write(evaluate(0))  # the baseline the run is judged by
             for step in range(start, end):
                 try:
@@ -241,22 +253,24 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                 t_dispatch = time.perf_counter()
                 state, metrics = step_fn(state, _global_batch(batch, data_sh))
                 done = step + 1
-                pending.append((done, metrics, t_dispatch))
+                pending.append((done, metrics, t_dispatch, source.step_metrics()))
                 drain(keep_last=True)
                 if _fault("sigterm_at_step", done):
                     os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
-                if sigterm.raised:
+                # A source whose state is complete only between some steps (rollouts)
+                # is saved there: preemption waits for its next boundary.
+                if sigterm.raised and source.at_boundary():
                     drain()
                     save("sigterm", done)
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved step {done} to {run_dir}; restart to continue")
-                if eval_fn is not None and tc.eval_every and done % tc.eval_every == 0:
+                if can_eval and tc.eval_every and done % tc.eval_every == 0:
                     drain()
                     last_eval = evaluate(done)
                     writer.write(last_eval)
                     if on_log is not None:
                         on_log(last_eval)
-                if done % tc.save_every == 0 and done != end:
+                if done % tc.save_every == 0 and done != end and source.at_boundary():
                     drain()
                     save("interval", done)
             drain()
@@ -266,7 +280,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
             saved = ckpt.latest_step() != final
             if saved:
                 save("end_of_data" if ended is not None else "final", final)
-            if eval_fn is not None and (last_eval is None or last_eval["step"] != final):
+            if can_eval and (last_eval is None or last_eval["step"] != final):
                 last_eval = evaluate(final)
                 writer.write(last_eval)
                 if on_log is not None:

@@ -30,7 +30,7 @@ from jalign.train.optimizer import OptimizerConfig
 from jalign.train.resume import check_resume, config_record, default_record, model_record
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
                                 build_optimizer, fresh_state, initial_model_config,
-                                load_initial_model)
+                                initial_policy, load_initial_model)
 from jalign.train.source import BatchSource, DatasetSource
 from jalign.train.state import params_of
 from jalign.train.train_config import TrainConfig
@@ -69,7 +69,12 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.data_config.batch_size
+        """Rows of one train step (a rollout source's minibatch, or a data batch)."""
+        return self.source.batch_rows()
+
+    @property
+    def row_length(self) -> int:
+        return self.source.row_length()
 
 
 def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: OptimizerConfig,
@@ -97,6 +102,8 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     if eval_data_config is not None:  # one pass over the eval split, in order, every time
         eval_data_config = dataclasses.replace(eval_data_config, shuffle=False, num_epochs=1)
     # ---- start-time checks: nothing is loaded or compiled before they pass
+    if algo.check is not None:
+        algo.check(tc, data_config)
     P.check_data_kind(algo, data_config, "DataConfig")
     if eval_data_config is not None:
         P.check_data_kind(algo, eval_data_config, "eval/DataConfig")
@@ -167,7 +174,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     def initial_model():  # loaded at most once: for the reference pass and/or a fresh state
         if "model" not in loaded:
             config, model = load_initial_model(model_init, model_config, mesh, rules,
-                                               algo.model_kind)
+                                               algo.model_kind, value_source=algo.value_init)
             if config != model_config:  # both read from the same source: a bug if not
                 raise RuntimeError(f"model config changed while loading: {config} vs {model_config}")
             loaded["model"] = model
@@ -193,7 +200,12 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     # The schedule spans the steps the run will take: TrainConfig.steps, or fewer when the
     # data ends first (counted from the data's start, so the same on resume).
-    source = (make_source or DatasetSource)(data)
+    source = (make_source or algo.make_source or DatasetSource)(data)
+    if source.batch_rows() != data_config.batch_size:  # a step is part of a data batch
+        P.check_batch_divides(mesh, source.batch_rows(),
+                              f"the train step's batch (DataConfig.batch_size={data_config.batch_size} "
+                              "split by the algorithm)", accum_steps=tc.accum_steps, rules=rules,
+                              processes=processes)
     total = source.total()
     schedule_steps = tc.steps if total is None else max(1, min(tc.steps, agree_min(total)))
     optimizer, schedule = build_optimizer(optimizer_config, model_config, schedule_steps,
@@ -208,7 +220,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
             try:
                 # One copy per frozen model: the step donates the state, and one buffer
                 # cannot be donated twice.
-                frozen = {name: jax.tree.map(jnp.copy, params_of(initial_model()))
+                frozen = {name: jax.tree.map(jnp.copy, params_of(initial_policy(initial_model())))
                           for name in algo.frozen_models}
             except (CheckpointError, OSError) as e:
                 raise ConfigError(f"resuming {run_dir}: the frozen models "
@@ -226,7 +238,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     else:
         model = initial_model()
         # Every FrozenModel.init is 'initial_policy' (FROZEN_INITS): the initial model.
-        frozen = ({name: params_of(model) for name in algo.frozen_models}
+        frozen = ({name: params_of(initial_policy(model)) for name in algo.frozen_models}
                   if frozen_configs else None)
         state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
         del model, frozen

@@ -56,10 +56,14 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
 
 
 def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES,
-                       model_kind: str = "causal_lm"):
+                       model_kind: str = "causal_lm", value_source: str = "policy"):
     """(config, model) placed on ``mesh``. ``model_kind="scalar_head"`` (a reward model)
     from a causal-LM source keeps its backbone and starts a fresh score head (seeded by
-    ``init.seed``)."""
+    ``init.seed``). ``policy_value`` (PPO): the policy from ``init``, the value model from
+    ``value_source``: ``policy`` (its backbone, a fresh score head) or a ``jalign:DIR`` /
+    ``hf:PATH`` reward model, which must have the policy's architecture."""
+    if model_kind == "policy_value":
+        return _policy_value(init, gin_config, mesh, rules, value_source)
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
     if init.source == "random":
         return gin_config, create_model(gin_config, seed=init.seed, mesh=mesh, rules=rules,
@@ -75,6 +79,36 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
     from jalign.checkpoint import load_model
     return load_model(init.source[7:], step=init.step, mesh=mesh, rules=rules,
                       model_kind=model_kind, seed=init.seed, **overrides)
+
+
+def _policy_value(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules,
+                  value_source: str):
+    from jalign.errors import ConfigError
+    from jalign.models.heads import PolicyValueModel
+    config, policy = load_initial_model(init, gin_config, mesh, rules, "causal_lm")
+    if value_source == "policy":
+        _, value = load_initial_model(init, gin_config, mesh, rules, "scalar_head")
+    else:
+        value_init = ModelInit(source=value_source, seed=init.seed,
+                               use_execution_config=init.use_execution_config)
+        value_config, value = load_initial_model(value_init, gin_config, mesh, rules,
+                                                 "scalar_head")
+        fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "vocab_size", "head_dim")
+        differ = [f"{f}: {getattr(value_config, f)} vs {getattr(config, f)}" for f in fields
+                  if getattr(value_config, f) != getattr(config, f)]
+        if differ:
+            raise ConfigError(f"PPOConfig.value_init={value_source!r}: the value model must "
+                              f"have the policy's architecture ({'; '.join(differ)})")
+    graphdef, abstract = abstract_model(config, mesh, rules, PolicyValueModel)
+    nnx.replace_by_pure_dict(abstract, {"policy": params_of(policy), "value": params_of(value)})
+    return config, nnx.merge(graphdef, abstract)
+
+
+def initial_policy(model):
+    """The causal LM of an initial model (the policy of a policy-and-value model): what a
+    frozen reference copies."""
+    return getattr(model, "policy", model)
 
 
 def frozen_graphdefs(frozen_configs: dict | None) -> dict:

@@ -5,6 +5,13 @@ train state, which a rollout source samples with; a dataset ignores it) and save
 ``source.get_state()`` with every checkpoint, so a resumed run continues from exactly
 where the source was. ``remaining()`` is the number of batches left when the source is
 finite (None: unbounded), so that every process can agree on the last step up front.
+
+A batch is host-local rows (numpy) or global ``jax.Array``s already laid out for the
+step. A source whose state is complete only at some steps (a rollout source, between
+rollouts) says so with ``at_boundary()``: the loop saves only there. ``bind(run)`` is
+called once before the first ``next`` (to compile what the source runs);
+``step_metrics()`` adds host metrics to the step just drawn; a source with an
+``evaluate(state, step) -> record`` method replaces the loss evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ class BatchSource(Protocol):
     def total(self) -> int | None: ...          # batches from the start; None: unbounded
     def remaining(self) -> int | None: ...      # batches left; None: unbounded
     def describe(self) -> str: ...              # what was consumed, for the end-of-data note
+    def batch_rows(self) -> int: ...            # global rows of one train step
+    def row_length(self) -> int: ...            # tokens per row
+    def bind(self, run) -> None: ...
+    def at_boundary(self) -> bool: ...          # may a checkpoint be written now?
+    def step_metrics(self) -> dict: ...         # host metrics of the batch just drawn
 
     @property
     def stats(self) -> dict: ...                # counts for the run summary (may be {})
@@ -45,6 +57,21 @@ class DatasetSource:
     def remaining(self) -> int | None:
         total = self.total()
         return None if total is None else total - self.iterator.batches
+
+    def batch_rows(self) -> int:
+        return self.iterator.config.batch_size
+
+    def row_length(self) -> int:
+        return self.iterator.config.max_length
+
+    def bind(self, run) -> None:
+        pass
+
+    def at_boundary(self) -> bool:
+        return True
+
+    def step_metrics(self) -> dict:
+        return {}
 
     @property
     def stats(self) -> dict:

@@ -1,0 +1,343 @@
+"""Rollouts as a batch source: what turns the generic training loop into PPO.
+
+At each rollout boundary the source draws a batch of left-padded prompts, samples one
+response per prompt with the current policy (``jalign.rl.generate``), scores the
+responses (``jalign.rl.rewards``: reward functions on the decoded text and/or a reward
+model on the tokens), and then runs one jitted pass over prompt + response that computes
+the policy's log-probs (the "old" ones, by the same code as the training forward), the
+reference's log-probs, the values, the KL-penalised per-token rewards, GAE advantages
+and returns. The rollout stays on the devices; the loop then draws ``epochs`` ×
+``minibatches`` minibatches from it (rows shuffled per epoch by a key of the rollout),
+each one ordinary step of the generic train step.
+
+Rows: ``[prompt (left-padded, P) | response (N = max_new_tokens, pad after EOS)]``;
+``segment_ids`` 1 on real tokens, 0 on padding; per-token arrays are aligned with the
+targets (index t is token t+1), so ``response_mask`` marks the response tokens.
+
+The state saved with a checkpoint (prompt position, steps drawn, KL coefficient) is
+complete only at a rollout boundary, where the next rollout is a pure function of it
+and the policy: the loop saves only there (``at_boundary``), and PPO's steps and save
+interval are multiples of epochs × minibatches. Keys come from ``TrainConfig.seed`` and
+the rollout's index, so a resumed run samples exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jalign.errors import ConfigError
+from jalign.losses.ppo import PPOConfig, explained_variance, response_log_probs
+from jalign.rl.advantages import clip_scores, gae, masked_mean, whiten
+from jalign.rl.generate import decode_text, make_generate_fn, sampling_params
+from jalign.rl.kl import AdaptiveKLController, FixedKLController, penalized_rewards
+from jalign.rl.rewards import RewardModelScorer, combined_rewards
+
+STATE_VERSION = 1
+_SAMPLE, _SHUFFLE = 0, 1  # fold_in tags under a rollout's key
+
+
+def kl_controller(config: PPOConfig):
+    if config.kl_target is None:
+        return FixedKLController(config.kl_coef)
+    return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+
+
+def check_config(config: PPOConfig, train_config, data_config) -> None:
+    """Problems knowable before anything is loaded (ConfigError naming the binding)."""
+    per = config.steps_per_rollout
+    what = f"PPOConfig.epochs × PPOConfig.minibatches = {per}"
+    if train_config.steps % per:
+        raise ConfigError(f"TrainConfig.steps={train_config.steps} must be a multiple of {what} "
+                          "(a run ends at a rollout boundary)")
+    if train_config.save_every % per:
+        raise ConfigError(f"TrainConfig.save_every={train_config.save_every} must be a multiple "
+                          f"of {what}: a checkpoint is exact only at a rollout boundary")
+    if data_config.batch_size % (config.minibatches * train_config.accum_steps):
+        raise ConfigError(f"DataConfig.batch_size={data_config.batch_size} (prompts per rollout) "
+                          f"must divide into PPOConfig.minibatches={config.minibatches} × "
+                          f"TrainConfig.accum_steps={train_config.accum_steps}")
+
+
+def _host(x) -> np.ndarray:
+    """The whole of a (possibly multi-process) array on this host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+class RolloutSource:
+    """``BatchSource`` of PPO minibatches (see the module docstring)."""
+
+    def __init__(self, prompts, config: PPOConfig):
+        self.prompts = prompts  # DataIterator of left-padded prompts
+        self.config = config
+        self.kl = kl_controller(config)
+        self.drawn = 0           # minibatches drawn so far (= optimizer steps)
+        self._buffer = None      # the current rollout, on the devices
+        self._order: list = []   # row indices of each of its minibatches
+        self._pending_metrics: dict = {}
+        self._bound = False
+
+    # ------------------------------------------------------------ geometry
+
+    @property
+    def rows(self) -> int:
+        return self.prompts.config.batch_size
+
+    @property
+    def prompt_length(self) -> int:
+        c = self.prompts.config
+        return c.max_prompt_length or c.max_length - 1
+
+    def batch_rows(self) -> int:
+        return self.rows // self.config.minibatches
+
+    def row_length(self) -> int:
+        return self.prompt_length + self.config.max_new_tokens
+
+    def total(self) -> int | None:
+        prompts = self.prompts.total_batches()
+        return None if prompts is None else prompts * self.config.steps_per_rollout
+
+    def remaining(self) -> int | None:
+        total = self.total()
+        return None if total is None else total - self.drawn
+
+    def at_boundary(self) -> bool:
+        return self.drawn % self.config.steps_per_rollout == 0
+
+    @property
+    def stats(self) -> dict:
+        return self.prompts.stats
+
+    def describe(self) -> str:
+        return (f"{self.prompts.batches} rollouts of {self.rows} prompts "
+                f"({self.prompts.stats['examples']} prompts per process, "
+                f"{self.prompts.config.num_epochs} epoch(s))")
+
+    # ------------------------------------------------------------ state
+
+    def get_state(self) -> dict:
+        return {"version": STATE_VERSION, "prompts": self.prompts.get_state(),
+                "drawn": self.drawn, "kl": self.kl.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or "prompts" not in state:
+            raise ConfigError(f"the checkpoint's data state is not a rollout state (version "
+                              f"{state.get('version')}, keys {sorted(state)}): it was written "
+                              "by another algorithm")
+        if state["drawn"] % self.config.steps_per_rollout:
+            raise ConfigError(f"the checkpoint was saved {state['drawn']} steps in, inside a "
+                              f"rollout of {self.config.steps_per_rollout} steps: PPOConfig."
+                              "epochs or minibatches changed since")
+        self.prompts.set_state(state["prompts"])
+        self.drawn = int(state["drawn"])
+        self.kl.set_state(state["kl"])
+        self._buffer, self._order = None, []
+
+    # ------------------------------------------------------------ compiled parts
+
+    def bind(self, run) -> None:
+        """Build the compiled sampler, scoring pass and minibatch gather for ``run``."""
+        from jalign.models.build import abstract_model
+        from jalign.models.heads import ScalarHeadModel
+        from jalign.train.step import batch_sharding
+
+        cfg = self.config
+        self.mesh, self.rules = run.mesh, run.rules
+        self.chat = self.prompts.chat
+        self.policy_def = abstract_model(run.model_config)[0]
+        self.value_def = abstract_model(run.model_config, model_cls=ScalarHeadModel)[0]
+        self.key = jax.random.fold_in(jax.random.key(run.tc.seed), 0x9E0)
+        self.prompt_sh = batch_sharding(run.mesh, self.rows, run.rules)
+        self.minibatch_sh = batch_sharding(run.mesh, self.batch_rows(), run.rules)
+        self.replicated = NamedSharding(run.mesh, PartitionSpec())
+        if cfg.rollout_sharding == "replicated":
+            self.sample_sh = jax.tree.map(lambda _: self.replicated,
+                                          run.shardings.params["policy"])
+        self.sampling = sampling_params(temperature=cfg.temperature, top_p=cfg.top_p,
+                                        eos_id=self.chat.eos_id, pad_id=self.chat.pad_id)
+        self.eos_ids = np.atleast_1d(self.chat.eos_id)
+        self.sample = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
+                                       top_k=cfg.top_k, use_top_p=cfg.top_p is not None,
+                                       mesh=run.mesh, rules=run.rules)
+        self.greedy = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
+                                       greedy=True, mesh=run.mesh, rules=run.rules)
+        self.score = jax.jit(self._score_pass, out_shardings=(self.prompt_sh, self.replicated))
+        self.gather = jax.jit(lambda buf, idx: jax.tree.map(lambda x: x[idx], buf),
+                              out_shardings=self.minibatch_sh)
+        self.scorer = None
+        if "reward_model" in cfg.rewards.names:
+            self.scorer = RewardModelScorer.load(cfg.rewards.reward_model, mesh=run.mesh)
+        self.eval_prompts = run.eval_iter
+        self.eval_start = run.eval_start
+        self.eval_batches = run.tc.eval_batches
+        self._bound = True
+
+    def _score_pass(self, params, ref_params, prompt_ids, prompt_mask, tokens, lengths, scores,
+                    kl_coef):
+        """The rollout's per-token training inputs and its metrics, in one program."""
+        from flax import nnx
+
+        from jalign.sharding import use_mesh
+        cfg = self.config
+        b, p = prompt_ids.shape
+        n = tokens.shape[1]
+        valid = jnp.arange(n)[None, :] < lengths[:, None]
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        seg = jnp.concatenate([prompt_mask.astype(jnp.int32), valid.astype(jnp.int32)], axis=1)
+        pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+        mask = jnp.concatenate([jnp.zeros((b, p - 1), jnp.float32), valid.astype(jnp.float32)],
+                               axis=1)
+        kwargs = dict(temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        with use_mesh(self.mesh, self.rules):
+            policy = nnx.merge(self.policy_def, params["policy"])
+            reference = nnx.merge(self.policy_def, ref_params)
+            value = nnx.merge(self.value_def, params["value"])
+            logp, ent = response_log_probs(policy, ids, seg, pos, entropy=True, **kwargs)
+            ref_logp, _ = response_log_probs(reference, ids, seg, pos, **kwargs)
+            values = value(ids, pos, seg)[:, :-1]
+        scores = clip_scores(scores, cfg.score_clip)
+        coef = kl_coef if cfg.kl_in == "reward" else 0.0
+        rewards = penalized_rewards(scores, logp, ref_logp, mask, coef=coef, kind=cfg.kl_estimator)
+        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        on = mask > 0
+        log_ratio = jnp.where(on, logp - ref_logp, 0.0)
+        metrics = {
+            # Per-sequence sums of the sampled log-ratio: the KL the controller targets.
+            "kl": jnp.mean(jnp.sum(log_ratio, axis=1)),
+            "non_score_reward": jnp.mean(jnp.sum(jnp.where(on, rewards, 0.0), axis=1) - scores),
+            "rollout_entropy": masked_mean(ent, mask),
+            "value_mean": masked_mean(values, mask),
+            "value_explained_variance": explained_variance(values, returns, mask),
+            "advantage_mean": masked_mean(advantages, mask),
+            "advantage_std": jnp.sqrt(masked_mean((advantages - masked_mean(advantages, mask)) ** 2,
+                                                  mask)),
+            "returns_mean": masked_mean(returns, mask),
+        }
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        buffer = {"input_ids": ids, "segment_ids": seg, "positions": pos, "response_mask": mask,
+                  "old_logp": logp, "ref_logp": ref_logp, "old_values": values,
+                  "advantages": advantages, "returns": returns,
+                  "kl_coef": jnp.full((b,), kl_coef, jnp.float32)}
+        return buffer, metrics
+
+    # ------------------------------------------------------------ drawing
+
+    def _global(self, x, sharding=None):
+        return jax.make_array_from_process_local_data(sharding or self.prompt_sh, np.asarray(x))
+
+    def _rewards(self, prompt_ids, prompt_mask, out):
+        """(scores [rows] on this host, components, response lengths, ended-with-EOS)."""
+        ids, mask = _host(prompt_ids), _host(prompt_mask)
+        tokens, lengths = _host(out["tokens"]), _host(out["lengths"])
+        prompts = [self.chat.tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
+                   for row, m in zip(ids, mask)]
+        completions = decode_text(self.chat, tokens, lengths, self.eos_ids)
+        last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+        ended = (lengths > 0) & np.isin(last, self.eos_ids)
+        reward_tokens = None
+        if self.scorer is not None:
+            valid = (np.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+            reward_tokens = (np.concatenate([ids, tokens], 1), np.concatenate([mask, valid], 1))
+        scores, parts = combined_rewards(self.config.rewards, prompts, completions, lengths,
+                                         tokens=reward_tokens, scorer=self.scorer)
+        return scores, parts, lengths, ended
+
+    def _rollout(self, state) -> None:
+        cfg = self.config
+        index = self.drawn // cfg.steps_per_rollout
+        key = jax.random.fold_in(self.key, index)
+        t0 = time.perf_counter()
+        batch = next(self.prompts)  # StopIteration at the end of the prompts
+        prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
+        policy = state.params["policy"]
+        if cfg.rollout_sharding == "replicated":
+            policy = jax.device_put(policy, self.sample_sh)
+        out = self.sample(policy, prompt_ids, prompt_mask, jax.random.fold_in(key, _SAMPLE),
+                          self.sampling)
+        jax.block_until_ready(out["tokens"])
+        t1 = time.perf_counter()
+        scores, parts, lengths, ended = self._rewards(prompt_ids, prompt_mask, out)
+        raw = scores.copy()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - np.float32(cfg.missing_eos_penalty) * (~ended)
+        t2 = time.perf_counter()
+        device_scores = jax.make_array_from_callback(
+            scores.shape, self.prompt_sh, lambda i: scores[i])
+        coef = self.kl.value
+        self._buffer, metrics = self.score(state.params, state.frozen["reference"], prompt_ids,
+                                           prompt_mask, out["tokens"], out["lengths"],
+                                           device_scores, jnp.float32(coef))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t3 = time.perf_counter()
+        self.kl.update(metrics["kl"], self.rows)
+        shuffle = jax.random.fold_in(key, _SHUFFLE)
+        mb = self.batch_rows()
+        self._order = []
+        for epoch in range(cfg.epochs):
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle, epoch), self.rows))
+            self._order += [perm[i * mb:(i + 1) * mb] for i in range(cfg.minibatches)]
+        metrics.update({"reward": float(np.mean(raw)), "score": float(np.mean(scores)),
+                        "kl_coef": coef, "response_length": float(np.mean(lengths)),
+                        "ended_with_eos": float(np.mean(ended)), "rollout": index + 1,
+                        "sample_seconds": t1 - t0, "reward_seconds": t2 - t1,
+                        "score_seconds": t3 - t2})
+        metrics.update({f"reward_{name}": float(np.mean(v)) for name, v in parts.items()})
+        self._pending_metrics = metrics
+
+    def next(self, state) -> dict:
+        if not self._bound:
+            raise RuntimeError("RolloutSource.bind(run) must be called before next()")
+        if self.at_boundary() or self._buffer is None:
+            if not self.at_boundary():
+                raise RuntimeError("a rollout source resumed inside a rollout")
+            self._rollout(state)
+        idx = self._order[self.drawn % self.config.steps_per_rollout]
+        self.drawn += 1
+        batch = self.gather(self._buffer, jnp.asarray(idx))
+        if self.at_boundary():
+            self._buffer = None  # the next draw samples a new rollout
+        return batch
+
+    def step_metrics(self) -> dict:
+        """The rollout's metrics, with the first step trained on it (then nothing)."""
+        out, self._pending_metrics = self._pending_metrics, {}
+        return out
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, state, step: int) -> dict:
+        """Greedy responses to the eval prompts, scored like rollouts: ``eval_reward``
+        (and ``eval_reward_<name>`` per component: the task checker's is exact-match
+        accuracy), ``eval_response_length``."""
+        if self.eval_prompts is None:
+            raise ConfigError("PPO evaluation needs eval/DataConfig (prompt data)")
+        self.eval_prompts.set_state(self.eval_start)
+        eval_sh = None
+        totals: dict[str, float] = {}
+        count = 0
+        batches = min(self.eval_batches, self.eval_prompts.total_batches() or self.eval_batches)
+        for _, batch in zip(range(batches), self.eval_prompts):
+            if eval_sh is None:
+                from jalign.train.step import batch_sharding
+                eval_sh = batch_sharding(self.mesh, self.eval_prompts.config.batch_size, self.rules)
+            ids = self._global(batch["prompt_ids"], eval_sh)
+            mask = self._global(batch["prompt_mask"], eval_sh)
+            out = self.greedy(state.params["policy"], ids, mask, self.key, self.sampling)
+            scores, parts, lengths, _ = self._rewards(ids, mask, out)
+            count += len(scores)
+            for name, values in [("reward", scores), ("response_length", lengths),
+                                 *[(f"reward_{k}", v) for k, v in parts.items()]]:
+                totals[name] = totals.get(name, 0.0) + float(np.sum(values))
+        if not count:
+            raise ConfigError("eval/DataConfig gave no full batch of prompts")
+        return {"step": step, **{f"eval_{k}": v / count for k, v in totals.items()},
+                "eval_prompts": count}
