@@ -46,8 +46,14 @@ def cmd_convert(args) -> int:
         checkpoint.save_model(args.dst, config, model, step=args.step or 0,
                               extra_metadata={"source": str(args.src)})
     else:
-        # The checkpoint's model_kind decides the class; save_hf exports either kind.
-        config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh))
+        # The checkpoint's model_kind decides the class; save_hf exports either kind. A
+        # PPO run (policy and value model) exports its policy.
+        kind = checkpoint.read_model_kind(args.src, args.step)
+        if kind == "policy_value":
+            print(f"{args.src} holds a policy and a value model (PPO): exporting the policy")
+        config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
+                                              model_kind="causal_lm" if kind == "policy_value"
+                                              else None)
         hf.save_hf(config, model, args.dst, dtype=args.dtype,
                    max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite,
                    pad_token_id=args.pad_token_id)

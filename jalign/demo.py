@@ -6,7 +6,9 @@ exact-match accuracy before and after; ``rm`` trains a reward model from the SFT
 the trained one); ``dpo`` runs the DPO-family stage from the SFT model
 (``configs/demo/dpo_add.gin``; exact-match accuracy of the SFT model, then of the result);
 ``ift`` (opt-in, not in the default stages) runs IFT from the SFT model
-(``configs/demo/ift_add.gin``, judged like ``dpo``).
+(``configs/demo/ift_add.gin``, judged like ``dpo``); ``ppo`` (opt-in) runs PPO with the
+task checker's reward from the SFT run's half-way checkpoint (``configs/demo/ppo_add.gin``;
+exact-match accuracy of that checkpoint, then of the PPO policy).
 Each stage's model is exported as a Hugging Face checkpoint, and a table at the end says
 what each stage trained, before -> after, how long it took and where the export is.
 ``--full`` runs the longer schedules of ``configs/demo/full/`` (separate run directories).
@@ -23,8 +25,8 @@ from pathlib import Path
 
 from flax import nnx
 
-STAGES = ("sft", "rm", "dpo", "ift")
-DEFAULT_STAGES = ("sft", "rm", "dpo")  # ift is opt-in: the default demo stays ~4 minutes
+STAGES = ("sft", "rm", "dpo", "ift", "ppo")
+DEFAULT_STAGES = ("sft", "rm", "dpo")  # ift and ppo are opt-in: the default stays ~4 minutes
 DEMO_CONFIGS = {s: f"configs/demo/{s}_add.gin" for s in STAGES}
 FULL_CONFIGS = {s: f"configs/demo/full/{s}_add.gin" for s in STAGES}
 DEMO_CONFIG = DEMO_CONFIGS["sft"]
@@ -62,6 +64,7 @@ def _train_stage(config, bindings, fresh):
     """(experiment, run summary, trained model, seconds) of one stage."""
     from jalign.checkpoint import resolve_run_dir
     from jalign.train.experiment import load_experiment, run
+    from jalign.train.setup import initial_policy
 
     exp = load_experiment([config], bindings)
     run_dir = resolve_run_dir(exp.train.output_root, exp.train.run_name)
@@ -72,7 +75,8 @@ def _train_stage(config, bindings, fresh):
           f"run dir {run_dir}", flush=True)
     t = time.time()
     summary = run(exp)
-    model = nnx.merge(summary["graphdef"], summary["state"].params)
+    # A policy-and-value model (PPO) is judged and exported by its policy.
+    model = initial_policy(nnx.merge(summary["graphdef"], summary["state"].params))
     return exp, summary, model, time.time() - t
 
 
@@ -91,7 +95,10 @@ def _trained(exp, summary, rows: str) -> str:
             " + chosen NLL" if exp.algorithm.config.sft_weight and
             exp.algorithm.config.loss_type != "orpo" else "")
     start = ("from scratch" if exp.model_init.source == "random"
-             else "from the SFT model")
+             else "from the SFT model" if exp.model_init.step is None
+             else f"from the SFT model's step {exp.model_init.step}")
+    if exp.data.format == "prompt":  # a rollout per batch of prompts
+        rows = "prompts"
     return (f"{what}, {summary['final_step']} steps x {exp.data.batch_size} {rows}, {start} "
             f"({summary['model_config'].num_params() / 1e6:.1f}M params)")
 
@@ -166,7 +173,7 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=DEFAULT
                          f"pairwise accuracy (chosen > rejected), {pairs} held-out pairs", start,
                          (summary["eval"] or {}).get("eval_accuracy"), secs,
                          _export(summary, model)))
-        for stage in ("dpo", "ift"):  # from the SFT model, judged by exact-match accuracy
+        for stage in ("dpo", "ift", "ppo"):  # from the SFT run, judged by exact match
             if stage in stages:
                 rows.append(_accuracy_stage(stage, configs[stage], tuple(bindings) + from_sft,
                                             fresh, eval_n))

@@ -38,6 +38,9 @@ class RewardConfig:
     length_target: int = 0
     format_regex: str = r"\d+"
     reward_model: str = ""  # 'jalign:DIR' or 'hf:PATH' for the 'reward_model' reward
+    # Reward functions reported in evaluation only, never trained on (e.g. the task
+    # checker's accuracy of a policy trained on a reward model's scores).
+    eval_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if len(self.names) != len(self.weights):
@@ -47,6 +50,10 @@ class RewardConfig:
         for name in self.names:
             if name not in known:
                 raise ValueError(f"RewardConfig.names: unknown reward {name!r}; one of {known}")
+        for name in self.eval_names:
+            if name not in REWARDS:
+                raise ValueError(f"RewardConfig.eval_names: unknown reward {name!r}; one of "
+                                 f"{tuple(REWARDS)}")
         if "reward_model" in self.names and not self.reward_model.startswith(("jalign:", "hf:")):
             raise ValueError("RewardConfig.reward_model must be 'jalign:DIR' or 'hf:PATH' when "
                              f"'reward_model' is in RewardConfig.names, got {self.reward_model!r}")

@@ -35,7 +35,7 @@ from jalign.losses.ppo import PPOConfig, explained_variance, response_log_probs
 from jalign.rl.advantages import clip_scores, gae, masked_mean, whiten
 from jalign.rl.generate import decode_text, make_generate_fn, sampling_params
 from jalign.rl.kl import AdaptiveKLController, FixedKLController, penalized_rewards
-from jalign.rl.rewards import RewardModelScorer, combined_rewards
+from jalign.rl.rewards import REWARDS, RewardModelScorer, combined_rewards
 
 STATE_VERSION = 1
 _SAMPLE, _SHUFFLE = 0, 1  # fold_in tags under a rollout's key
@@ -234,8 +234,9 @@ class RolloutSource:
     def _global(self, x, sharding=None):
         return jax.make_array_from_process_local_data(sharding or self.prompt_sh, np.asarray(x))
 
-    def _rewards(self, prompt_ids, prompt_mask, out):
-        """(scores [rows] on this host, components, response lengths, ended-with-EOS)."""
+    def _rewards(self, prompt_ids, prompt_mask, out, evaluation: bool = False):
+        """(scores [rows] on this host, components, response lengths, ended-with-EOS);
+        in ``evaluation`` also the components of ``RewardConfig.eval_names``."""
         ids, mask = _host(prompt_ids), _host(prompt_mask)
         tokens, lengths = _host(out["tokens"]), _host(out["lengths"])
         prompts = [self.chat.tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
@@ -247,8 +248,11 @@ class RolloutSource:
         if self.scorer is not None:
             valid = (np.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
             reward_tokens = (np.concatenate([ids, tokens], 1), np.concatenate([mask, valid], 1))
-        scores, parts = combined_rewards(self.config.rewards, prompts, completions, lengths,
+        rc = self.config.rewards
+        scores, parts = combined_rewards(rc, prompts, completions, lengths,
                                          tokens=reward_tokens, scorer=self.scorer)
+        for name in rc.eval_names if evaluation else ():
+            parts.setdefault(name, REWARDS[name](prompts, completions, lengths, rc))
         return scores, parts, lengths, ended
 
     def _rollout(self, state) -> None:
@@ -332,7 +336,7 @@ class RolloutSource:
             ids = self._global(batch["prompt_ids"], eval_sh)
             mask = self._global(batch["prompt_mask"], eval_sh)
             out = self.greedy(state.params["policy"], ids, mask, self.key, self.sampling)
-            scores, parts, lengths, _ = self._rewards(ids, mask, out)
+            scores, parts, lengths, _ = self._rewards(ids, mask, out, evaluation=True)
             count += len(scores)
             for name, values in [("reward", scores), ("response_length", lengths),
                                  *[(f"reward_{k}", v) for k, v in parts.items()]]:

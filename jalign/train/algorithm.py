@@ -53,6 +53,7 @@ class Algorithm:
     check: Callable | None = None
     # A policy_value model's value model: 'policy' or a reward-model source.
     value_init: str = "policy"
+    batch_splits: int = 1          # train steps per data batch (PPO: its minibatches)
     trained_models: int = 1        # backbones trained per step (policy + value: 2)
     frozen_in_step: bool = True    # frozen models run a forward inside each step
 

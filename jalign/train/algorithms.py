@@ -62,7 +62,8 @@ def _ppo(config: ppo.PPOConfig) -> Algorithm:
                      else "sequences", config=config,
                      make_source=lambda data: rollout.RolloutSource(data, config),
                      check=lambda tc, dc: rollout.check_config(config, tc, dc),
-                     value_init=config.value_init, trained_models=2, frozen_in_step=False)
+                     value_init=config.value_init, batch_splits=config.minibatches,
+                     trained_models=2, frozen_in_step=False)
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {

@@ -115,6 +115,11 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     processes = jax.process_count()
     P.check_batch_divides(mesh, data_config.batch_size, "DataConfig.batch_size",
                           accum_steps=tc.accum_steps, rules=rules, processes=processes)
+    step_rows = data_config.batch_size // algo.batch_splits
+    if algo.batch_splits > 1:  # a train step is a part of a data batch (PPO's minibatches)
+        P.check_batch_divides(mesh, step_rows, f"the train step's batch (DataConfig.batch_size="
+                              f"{data_config.batch_size} in {algo.batch_splits} parts)",
+                              accum_steps=tc.accum_steps, rules=rules, processes=processes)
     if eval_data_config is not None:
         P.check_batch_divides(mesh, eval_data_config.batch_size, "eval/DataConfig.batch_size",
                               rules=rules, processes=processes)
@@ -201,11 +206,9 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     # The schedule spans the steps the run will take: TrainConfig.steps, or fewer when the
     # data ends first (counted from the data's start, so the same on resume).
     source = (make_source or algo.make_source or DatasetSource)(data)
-    if source.batch_rows() != data_config.batch_size:  # a step is part of a data batch
-        P.check_batch_divides(mesh, source.batch_rows(),
-                              f"the train step's batch (DataConfig.batch_size={data_config.batch_size} "
-                              "split by the algorithm)", accum_steps=tc.accum_steps, rules=rules,
-                              processes=processes)
+    if source.batch_rows() != step_rows:  # a bug in the source, not a config problem
+        raise RuntimeError(f"{type(source).__name__} makes steps of {source.batch_rows()} rows; "
+                           f"the algorithm said {step_rows}")
     total = source.total()
     schedule_steps = tc.steps if total is None else max(1, min(tc.steps, agree_min(total)))
     optimizer, schedule = build_optimizer(optimizer_config, model_config, schedule_steps,

@@ -10,6 +10,7 @@ from tests.cli import assert_clean_error, run_jalign
 
 CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
 RM = str(Path(__file__).with_name("tiny_rm.gin"))
+PPO = str(Path(__file__).with_name("tiny_ppo.gin"))
 SAMPLES = Path(__file__).resolve().parents[2] / "jalign" / "assets" / "samples"
 
 
@@ -77,3 +78,37 @@ def test_out_of_memory_is_one_line_advice(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "out of memory (Out of memory allocating 60929549504 bytes.)" in err
     assert "DataConfig.batch_size" in err and "Traceback" not in err
+
+
+PPO_CASES = {
+    "steps inside a rollout": (["TrainConfig.steps=10"],
+                               ["TrainConfig.steps=10", "multiple of", "epochs", "= 4"]),
+    "save inside a rollout": (["TrainConfig.save_every=6"],
+                              ["TrainConfig.save_every=6", "rollout boundary"]),
+    "minibatches": (["PPOConfig.minibatches=3", "TrainConfig.save_every=12"],
+                    ["DataConfig.batch_size=8", "PPOConfig.minibatches=3"]),
+    "conversation data": (["DataConfig.format='messages'"],
+                          ["DataConfig.format='messages'", "'ppo'", "prompt data"]),
+    "minibatch over the mesh": (["DataConfig.batch_size=8", "PPOConfig.minibatches=4",
+                                 "TrainConfig.steps=16", "TrainConfig.save_every=8"],
+                                ["train step's batch", "=2", "8 devices"]),
+    "unknown reward": (["RewardConfig.names=('task', 'nope')", "RewardConfig.weights=(1., 1.)"],
+                       ["RewardConfig", "'nope'"]),
+    "reward model source": (["RewardConfig.names=('reward_model',)", "RewardConfig.weights=(1.,)"],
+                            ["RewardConfig.reward_model", "'jalign:DIR'"]),
+    "value model source": (["PPOConfig.value_init='critic'"], ["PPOConfig.value_init='critic'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PPO_CASES))
+def test_ppo_start_problem_is_a_one_line_error(tmp_path, capsys, case):
+    bindings, needles = PPO_CASES[case]
+    base = [f"TrainConfig.output_root='{tmp_path}'", "MeshConfig.fsdp=-1"]  # 8 devices
+    argv = ["train", PPO] + sum((["--gin", b] for b in base + bindings), [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not list(tmp_path.rglob("checkpoints"))
