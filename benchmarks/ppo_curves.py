@@ -4,9 +4,9 @@ coefficient, and held-out exact-match accuracy (greedy), one line per run.
     python benchmarks/ppo_curves.py runs/experiments/ppo_add runs/experiments/ppo_add_rm \
         --out docs/ppo_curves.png
 
-Prints a table of each run's start and end (and its wall time from the log's timestamps
-is not available: pass the times you measured with --label NAME=TEXT if you want them on
-the legend).
+Prints each run's held-out accuracy at the start, end and best, its rollout reward
+(first and last 10 rollouts), its KL over the last 10 rollouts and its final KL
+coefficient, as a markdown table.
 """
 
 from __future__ import annotations

@@ -112,6 +112,10 @@ class RolloutSource:
     def at_boundary(self) -> bool:
         return self.drawn % self.config.steps_per_rollout == 0
 
+    def waits_for_state(self) -> bool:
+        """The next draw samples a rollout with the current policy."""
+        return self.at_boundary()
+
     @property
     def stats(self) -> dict:
         return self.prompts.stats
@@ -259,6 +263,9 @@ class RolloutSource:
         cfg = self.config
         index = self.drawn // cfg.steps_per_rollout
         key = jax.random.fold_in(self.key, index)
+        # Timed from when the policy exists (the last update done), so that
+        # sample_seconds is sampling only.
+        jax.block_until_ready(state.params)
         t0 = time.perf_counter()
         batch = next(self.prompts)  # StopIteration at the end of the prompts
         prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])

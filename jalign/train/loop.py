@@ -245,6 +245,11 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
             if can_eval and tc.eval_at_start and start == 0:
                 writer.write(evaluate(0))  # the baseline the run is judged by
             for step in range(start, end):
+                if source.waits_for_state():
+                    # The source is about to run the current state (a rollout): the steps
+                    # dispatched so far finish first anyway, so read their metrics now and
+                    # their times do not include the source's work.
+                    drain()
                 try:
                     batch = source.next(state)
                 except StopIteration:  # the count above is exact; this is a safety net

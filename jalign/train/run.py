@@ -31,7 +31,7 @@ from jalign.train.resume import check_resume, config_record, default_record, mod
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
                                 build_optimizer, fresh_state, initial_model_config,
                                 initial_policy, load_initial_model)
-from jalign.train.source import BatchSource, DatasetSource
+from jalign.train.source import BatchSource, DatasetSource, complete
 from jalign.train.state import params_of
 from jalign.train.train_config import TrainConfig
 
@@ -205,7 +205,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     # The schedule spans the steps the run will take: TrainConfig.steps, or fewer when the
     # data ends first (counted from the data's start, so the same on resume).
-    source = (make_source or algo.make_source or DatasetSource)(data)
+    source = complete((make_source or algo.make_source or DatasetSource)(data), data)
     if source.batch_rows() != step_rows:  # a bug in the source, not a config problem
         raise RuntimeError(f"{type(source).__name__} makes steps of {source.batch_rows()} rows; "
                            f"the algorithm said {step_rows}")

@@ -30,6 +30,7 @@ class BatchSource(Protocol):
     def row_length(self) -> int: ...            # tokens per row
     def bind(self, run) -> None: ...
     def at_boundary(self) -> bool: ...          # may a checkpoint be written now?
+    def waits_for_state(self) -> bool: ...      # will next() compute with the state?
     def step_metrics(self) -> dict: ...         # host metrics of the batch just drawn
 
     @property
@@ -70,6 +71,9 @@ class DatasetSource:
     def at_boundary(self) -> bool:
         return True
 
+    def waits_for_state(self) -> bool:
+        return False
+
     def step_metrics(self) -> dict:
         return {}
 
@@ -82,3 +86,31 @@ class DatasetSource:
         epochs = it.config.num_epochs
         return (f"{epochs} epoch{'s' if epochs != 1 else ''} of {it.stats['examples']} examples "
                 f"per process ({it.batches} batches of {it.rows} rows) seen")
+
+
+OPTIONAL = ("batch_rows", "row_length", "bind", "at_boundary", "waits_for_state",
+            "step_metrics")
+
+
+class _WithDefaults:
+    """A source with the optional methods it lacks answered as a dataset source would."""
+
+    def __init__(self, source, iterator):
+        self._source = source
+        self._defaults = DatasetSource(iterator)
+
+    def __getattr__(self, name):
+        if hasattr(self._source, name):
+            return getattr(self._source, name)
+        if name in OPTIONAL:
+            return getattr(self._defaults, name)
+        raise AttributeError(name)
+
+
+def complete(source, iterator):
+    """``source`` itself when it has every BatchSource method, else a view giving the
+    optional ones (OPTIONAL) their dataset defaults: a source written for the first
+    protocol (next, state, counts) keeps working."""
+    if all(hasattr(source, name) for name in OPTIONAL):
+        return source
+    return _WithDefaults(source, iterator)

@@ -29,13 +29,13 @@ TINY_TRAIN = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.ev
               "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32",
               "DataConfig.batch_size=8", "eval/DataConfig.batch_size=8",
               "DataConfig.max_length=48", "DataConfig.max_prompt_length=32",
-              "MeshConfig.fsdp=-1"]
+              "MeshConfig.fsdp=-1", "ModelInit.step=None"]  # a tiny run has no step 500
 TINY_MODEL = ["LlamaConfig.hidden_size=64", "LlamaConfig.intermediate_size=128",
               "LlamaConfig.num_layers=1", "LlamaConfig.num_heads=4", "LlamaConfig.num_kv_heads=2"]
 TINY_DEMO = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_every=0",
              "TrainConfig.eval_batches=1", "TrainConfig.progress=False",
              "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32",
-             "DataConfig.batch_size=16"] + TINY_MODEL
+             "DataConfig.batch_size=16", "ModelInit.step=None"] + TINY_MODEL
 TINY_ARGS = {"eval": ["--n", "16", "--max-batches", "1", "--batch-size", "8"],
              "pairs": ["--n", "16"], "generate": ["--max-new-tokens", "4"],
              "demo": ["--eval-n", "16"]}
