@@ -162,9 +162,6 @@ class RolloutSource:
         self.prompt_sh = batch_sharding(run.mesh, self.rows, run.rules)
         self.minibatch_sh = batch_sharding(run.mesh, self.batch_rows(), run.rules)
         self.replicated = NamedSharding(run.mesh, PartitionSpec())
-        if cfg.rollout_sharding == "replicated":
-            self.sample_sh = jax.tree.map(lambda _: self.replicated,
-                                          run.shardings.params["policy"])
         self.sampling = sampling_params(temperature=cfg.temperature, top_p=cfg.top_p,
                                         eos_id=self.chat.eos_id, pad_id=self.chat.pad_id)
         self.eos_ids = np.atleast_1d(self.chat.eos_id)
@@ -271,7 +268,8 @@ class RolloutSource:
         prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
         policy = state.params["policy"]
         if cfg.rollout_sharding == "replicated":
-            policy = jax.device_put(policy, self.sample_sh)
+            # One gather of every weight per rollout, instead of FSDP's per decoded token.
+            policy = jax.device_put(policy, self.replicated)
         out = self.sample(policy, prompt_ids, prompt_mask, jax.random.fold_in(key, _SAMPLE),
                           self.sampling)
         jax.block_until_ready(out["tokens"])

@@ -40,17 +40,17 @@ def _gae64(rewards, values, mask, gamma, lam):
     return adv
 
 
-@pytest.fixture(scope="module")
-def source():
+def _source(rollout_sharding="train"):
     config = preset("tiny").replace(vocab_size=512, scan_layers=False)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))  # the 8 test devices
-    model = create_model(config, seed=3, model_cls=PolicyValueModel)
-    reference = create_model(config, seed=4)  # not the policy: the KL is not 0
+    # FSDP-sharded over the 8 test devices, as a train state's parameters are.
+    model = create_model(config, seed=3, model_cls=PolicyValueModel, mesh=mesh)
+    reference = create_model(config, seed=4, mesh=mesh)  # not the policy: the KL is not 0
     prompts = build_iterator(DataConfig(path="bundled:add", format="prompt", batch_size=ROWS,
                                         max_length=P + 1, max_prompt_length=P, bundled_size=32,
                                         prefetch=0))
     ppo = PPOConfig(epochs=2, minibatches=2, max_new_tokens=N, gamma=GAMMA, lam=LAM,
-                    kl_coef=COEF, whiten_advantages=False,
+                    kl_coef=COEF, whiten_advantages=False, rollout_sharding=rollout_sharding,
                     rewards=RewardConfig(names=("length",), weights=(1.0,), length_coef=0.5,
                                          length_target=1))
     src = RolloutSource(prompts, ppo)
@@ -61,6 +61,29 @@ def source():
     state = types.SimpleNamespace(params=params_of(model),
                                   frozen={"reference": params_of(reference)})
     return src, state, model, reference
+
+
+@pytest.fixture(scope="module")
+def source():
+    return _source()
+
+
+def test_replicated_rollouts_equal_sharded_ones(source):
+    """PPOConfig.rollout_sharding='replicated' samples from a gathered copy of the policy:
+    the same tokens, and log-probs equal within the float32 bound."""
+    src, state, model, _ = source
+    rep, rep_state, *_ = _source("replicated")
+    for s in (src, rep):
+        while not s.at_boundary():
+            s.next(state if s is src else rep_state)
+    saved = src.get_state()
+    rep.set_state(saved)
+    a = jax.device_get(src.next(state))
+    b = jax.device_get(rep.next(rep_state))
+    src.set_state(saved)  # the other tests' source continues as if this one never ran
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    on = a["response_mask"] > 0
+    assert_f32_close(b["old_logp"][on], a["old_logp"][on], **llama_logp_bound(model.policy, P + N))
 
 
 def test_minibatches_cover_each_epoch_and_stop_at_the_boundary(source):

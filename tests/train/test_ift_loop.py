@@ -2,21 +2,19 @@
 metrics, and resumes after SIGKILL bit-identically, its step-dependent λ (schedule and
 per-step jitter) included."""
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 
-from tests.train.test_loop import _committed, _run
+from tests.train.test_loop import _committed, _records as records, _run
 
 CONFIG = str(Path(__file__).with_name("tiny_ift.gin"))
 TIMING = ("step_seconds", "tokens_per_second_per_device", "mfu")
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records(run_dir, drop=TIMING)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def _records(run_dir: Path, drop=()) -> list[dict]:
+    """Every metrics record of a run, without the fields ``drop`` (wall-clock timings)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _committed(run_dir: Path) -> list[int]:
     d = run_dir / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []

@@ -2,14 +2,13 @@
 logs the rollout and update metrics, evaluates by greedy responses, and resumes after
 SIGKILL, and after a SIGTERM inside a rollout, with every rollout and loss bit-identical."""
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 
 from jalign.train.loop import EXIT_PREEMPTED
-from tests.train.test_loop import _committed, _run
+from tests.train.test_loop import _committed, _records as records, _run
 
 CONFIG = str(Path(__file__).with_name("tiny_ppo.gin"))
 # Wall-clock measurements: the only fields a resumed run may change.
@@ -23,8 +22,7 @@ UPDATE = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", 
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records(run_dir, drop=TIMING)
 
 
 @pytest.fixture(scope="module")
