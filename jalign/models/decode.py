@@ -64,20 +64,35 @@ def _write(cache_all, layer, new_btgh, start):
     return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, start, 0, 0))
 
 
-def _run_layers(model, x_btd, layer_fn, cache: KVCache):
+def split_layers(model) -> list[dict]:
+    """Each layer's weights as arrays of their own (compute dtype), for a decode loop.
+
+    Take them once, outside the token loop, and pass them to ``decode_step``: sliced from
+    the stacked weights inside a ``while_loop`` body, every layer's weights are copied at
+    every generated token (XLA does not hoist the slices out of the loop), which tripled
+    the memory traffic of a decode step on CPU (docs/benchmarks.md)."""
+    params = model.layers.stacked()
+    return [{k: v[i] for k, v in params.items()} for i in range(model.config.num_layers)]
+
+
+def _run_layers(model, x_btd, layer_fn, cache: KVCache, layers: list[dict] | None = None):
     """Runs ``layer_fn(p, x, k_all, v_all, i) -> (x, k_all, v_all)`` over every layer.
 
     The whole cache rides in the carry; scanned or unrolled per ``config.scan_layers``,
-    like ``DecoderLayers``.
+    like ``DecoderLayers``; with ``layers`` (``split_layers``), unrolled over those.
     """
     cfg = model.config
+    carry = (x_btd, cache.k, cache.v)
+    if layers is not None:
+        for i, p in enumerate(layers):
+            carry = layer_fn(p, *carry, i)
+        return carry
     params = model.layers.stacked()
 
     def body(carry, xs):
         p, i = xs
         return layer_fn(p, *carry, i), None
 
-    carry = (x_btd, cache.k, cache.v)
     if cfg.scan_layers:
         carry, _ = jax.lax.scan(body, carry, (params, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     else:
@@ -121,8 +136,10 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
     return logits, KVCache(k_all, v_all, valid), state
 
 
-def decode_step(model, token_ids, cache: KVCache, state: DecodeState):
+def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
+                layers: list[dict] | None = None):
     """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
+    ``layers``: ``split_layers(model)``, taken once outside a token loop.
 
     The token attends to every valid slot up to and including its own: the real prompt
     tokens and the tokens fed since (slots after ``index`` are empty and invalid). The
@@ -145,7 +162,8 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState):
                       attn_mask, impl=cfg.attention_impl)
         return finish_layer(p, x, o, eps), k_all, v_all
 
-    x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache)
+    x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache,
+                                  layers)
     logits = _final_logits(model, x)[:, 0]
     state = DecodeState(index=idx + 1, positions=state.positions + 1)
     return logits, KVCache(k_all, v_all, valid), state

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.decode import decode_step, init_cache, prefill
+from jalign.models.decode import decode_step, init_cache, prefill, split_layers
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
 
 
@@ -100,6 +100,7 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
         done = done | jnp.any(token[:, None] == params.eos_ids[None, :], axis=-1)
         return tokens, logprobs, done, lengths
 
+    layers = split_layers(model)  # once: slicing inside the loop copies every weight per token
     done = jnp.zeros((b,), bool)
     # Keys come from the step index, so a row's draws do not depend on when others stop.
     token, logprob = pick(logits, jax.random.fold_in(rng, 0), done)
@@ -113,7 +114,7 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     def body(carry):
         i, cache, dstate, tokens, logprobs, done, lengths = carry
         # Finished rows keep feeding pad: harmless, their outputs are discarded.
-        logits, cache, dstate = decode_step(model, tokens[:, i - 1], cache, dstate)
+        logits, cache, dstate = decode_step(model, tokens[:, i - 1], cache, dstate, layers)
         token, logprob = pick(logits, jax.random.fold_in(rng, i), done)
         return (i + 1, cache, dstate, *record(i, token, logprob, tokens, logprobs, done, lengths))
 
