@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 # A large finite negative instead of -inf: a fully masked row then gives a uniform
 # (finite) distribution rather than NaN, which would poison gradients through the sum.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
@@ -36,7 +36,7 @@ def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale):
     q_btgrh = q_btnh.reshape(b, t, g, n // g, h)
     scores = jnp.einsum("btgrh,bsgh->bgrts", q_btgrh, k_bsgh,
                         preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgh.dtype)
     out = jnp.einsum("bgrts,bsgh->btgrh", probs, v_bsgh)
     return out.reshape(b, t, n, h)

@@ -19,17 +19,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jalign.models.attention import attention, make_mask
+from jalign.models.attention import MASK_VALUE, attention, make_mask
 from jalign.models.config import LlamaConfig
 from jalign.models.llama import finish_layer, project_qkv, rms_norm
 from jalign.models.rope import rope_angles
 from jalign.sharding import constrain
 
-_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+# Head-major: each layer's keys are [batch, kv_heads, slots, head_dim], the layout the
+# attention matmuls read without a transpose (slot-major cost a transpose of every layer's
+# cache at every token: a third of a decode step on CPU, docs/benchmarks.md).
+_CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)
 
 
 class KVCache(NamedTuple):
-    k: jax.Array      # [layers, batch, max_len, kv_heads, head_dim], compute dtype
+    k: jax.Array      # [layers, batch, kv_heads, max_len, head_dim], compute dtype
     v: jax.Array      # same as k
     valid: jax.Array  # [batch, max_len] bool: slot holds a real (prompt or generated) token
 
@@ -41,7 +44,7 @@ class DecodeState(NamedTuple):
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache for ``max_len`` slots (prompt length + tokens to generate)."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.resolved_head_dim)
     zeros = jnp.zeros(shape, config.compute_dtype)
     return KVCache(k=constrain(zeros, _CACHE_AXES), v=constrain(zeros, _CACHE_AXES),
                    valid=jnp.zeros((batch, max_len), bool))
@@ -60,8 +63,8 @@ def _write(cache_all, layer, new_btgh, start):
     Only the new tokens are written: inside scan and while_loop XLA updates the carried
     buffer in place, so a decode step moves [B, 1, G, H] per layer, not the whole cache.
     """
-    new = new_btgh.astype(cache_all.dtype)[None]
-    return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, start, 0, 0))
+    new = new_btgh.astype(cache_all.dtype).transpose(0, 2, 1, 3)[None]  # [1, B, G, T, H]
+    return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, 0, start, 0))
 
 
 def split_layers(model) -> list[dict]:
@@ -111,8 +114,8 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
     cfg = model.config
     eps = cfg.rms_norm_eps
     b, p_len = prompt_ids.shape
-    if cache.k.shape[2] < p_len:
-        raise ValueError(f"cache has {cache.k.shape[2]} slots, prompt needs {p_len}")
+    if cache.k.shape[3] < p_len:
+        raise ValueError(f"cache has {cache.k.shape[3]} slots, prompt needs {p_len}")
     mask_bt = prompt_mask.astype(jnp.int32)
     positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0)
     index_bt = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
@@ -136,6 +139,20 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
     return logits, KVCache(k_all, v_all, valid), state
 
 
+def _cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts):
+    """attention() for head-major cached keys/values [B, G, S, H] (the same softmax
+    attention as ``jalign.models.attention``'s xla path, computed in that layout)."""
+    b, t, n, h = q_btnh.shape
+    g = k_bgsh.shape[1]
+    q_bgrth = q_btnh.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bgrth,bgsh->bgrts", q_bgrth, k_bgsh,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsh.dtype)
+    out_bgrth = jnp.einsum("bgrts,bgsh->bgrth", probs, v_bgsh)
+    return out_bgrth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
                 layers: list[dict] | None = None):
     """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
@@ -157,9 +174,9 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
     def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
         k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
-        o = attention(q, jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False),
-                      jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False),
-                      attn_mask, impl=cfg.attention_impl)
+        o = _cached_attention(q, jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False),
+                              jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False),
+                              attn_mask)
         return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache,

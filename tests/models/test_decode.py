@@ -154,7 +154,7 @@ def test_cache_layout_and_dtype():
     config = preset("tiny", dtype="bfloat16")
     cache = init_cache(config, batch=3, max_len=10)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == cache.v.shape == (2, 3, 10, 2, 16)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 10, 16)  # [layers, B, kv heads, slots, H]
     assert cache.k.dtype == jnp.bfloat16
     assert cache.valid.shape == (3, 10) and not bool(cache.valid.any())
     assert DecodeState._fields == ("index", "positions")
