@@ -178,6 +178,8 @@ class RolloutSource:
             self.scorer = RewardModelScorer.load(cfg.rewards.reward_model, mesh=run.mesh)
         self.eval_prompts = run.eval_iter
         self.eval_start = run.eval_start
+        self.eval_sh = (batch_sharding(run.mesh, run.eval_iter.config.batch_size, run.rules)
+                        if run.eval_iter is not None else None)
         self.eval_batches = run.tc.eval_batches
         self._bound = True
 
@@ -330,16 +332,12 @@ class RolloutSource:
         if self.eval_prompts is None:
             raise ConfigError("PPO evaluation needs eval/DataConfig (prompt data)")
         self.eval_prompts.set_state(self.eval_start)
-        eval_sh = None
         totals: dict[str, float] = {}
         count = 0
         batches = min(self.eval_batches, self.eval_prompts.total_batches() or self.eval_batches)
         for _, batch in zip(range(batches), self.eval_prompts):
-            if eval_sh is None:
-                from jalign.train.step import batch_sharding
-                eval_sh = batch_sharding(self.mesh, self.eval_prompts.config.batch_size, self.rules)
-            ids = self._global(batch["prompt_ids"], eval_sh)
-            mask = self._global(batch["prompt_mask"], eval_sh)
+            ids = self._global(batch["prompt_ids"], self.eval_sh)
+            mask = self._global(batch["prompt_mask"], self.eval_sh)
             out = self.greedy(state.params["policy"], ids, mask, self.key, self.sampling)
             scores, parts, lengths, _ = self._rewards(ids, mask, out, evaluation=True)
             count += len(scores)

@@ -12,7 +12,9 @@ from typing import Callable
 from jalign.train.metrics import train_flops_per_token
 
 FROZEN_INITS = ("initial_policy",)
-MODEL_KINDS = ("causal_lm", "scalar_head", "policy_value")  # jalign.models.heads.MODEL_KINDS
+# The keys of jalign.models.heads.MODEL_KINDS, named here so that the loop's import of this
+# module does not import the models (tests/train/test_algorithms.py checks they agree).
+MODEL_KINDS = ("causal_lm", "scalar_head", "policy_value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +22,8 @@ class FrozenModel:
     """A model the train state carries next to the trained one and never updates.
 
     ``init``: how it is initialised. ``initial_policy``: a copy of the initial model (its
-    policy, for a policy-and-value model): the DPO and PPO reference. Frozen models are rebuilt from that source, not saved, on restore."""
+    policy, for a policy-and-value model): the DPO and PPO reference. Frozen models are
+    rebuilt from that source, not saved, on restore."""
 
     name: str
     init: str = "initial_policy"

@@ -129,7 +129,9 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                               frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable)
     source.bind(run)
     eval_fn = eval_sh = None
-    source_eval = getattr(source, "evaluate", None)
+    # A source with its own evaluation (a rollout source: rewards of greedy responses)
+    # replaces the loss evaluation; either needs eval data.
+    source_eval = getattr(source, "evaluate", None) if eval_data_config is not None else None
     if eval_data_config is not None and source_eval is None:
         eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
                                  global_batch=eval_data_config.batch_size, rules=rules,
@@ -144,12 +146,10 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     n_dev = mesh.devices.size
     writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
     eval_batches = min(tc.eval_batches, agree_min(eval_iter.total_batches())) if eval_iter else 0
-    if eval_data_config is None:
-        source_eval = None
     can_eval = eval_fn is not None or source_eval is not None
 
     def evaluate(step: int) -> dict:
-        if source_eval is not None:  # e.g. a rollout source: rewards of greedy responses
+        if source_eval is not None:
             return source_eval(state, step)
         eval_iter.set_state(eval_start)
         total = weight = 0.0

@@ -108,7 +108,8 @@ def _policy_value(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules,
 def initial_policy(model):
     """The causal LM of an initial model (the policy of a policy-and-value model): what a
     frozen reference copies."""
-    return getattr(model, "policy", model)
+    from jalign.models.heads import PARTS, kind_of
+    return getattr(model, PARTS["causal_lm"]) if kind_of(model) == "policy_value" else model
 
 
 def frozen_graphdefs(frozen_configs: dict | None) -> dict:

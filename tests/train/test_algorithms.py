@@ -71,3 +71,9 @@ def test_flops_count_extra_passes():
     base = algorithms.build("sft").flops_per_token(cfg, 64)
     assert algorithms.build("ift").flops_per_token(cfg, 64) == pytest.approx(base * 4 / 3)
     assert algorithms.build("dpo").flops_per_token(cfg, 64) == pytest.approx(base * 4 / 3)
+
+
+def test_algorithm_model_kinds_are_the_model_classes_kinds():
+    from jalign.models.heads import MODEL_KINDS as CLASSES
+    from jalign.train.algorithm import MODEL_KINDS
+    assert set(MODEL_KINDS) == set(CLASSES)
