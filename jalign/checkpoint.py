@@ -119,7 +119,7 @@ def stored_frozen_models(metadata: dict) -> tuple[str, ...]:
 
 def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,
                rules: Rules = DEFAULT_RULES, model_kind: str | None = None, seed: int = 0,
-               **config_overrides) -> tuple[LlamaConfig, Llama]:
+               adapters: bool = False, **config_overrides) -> tuple[LlamaConfig, Llama]:
     """Restore the model of a checkpoint step (default: latest) onto ``mesh``.
 
     ``config_overrides`` may change execution fields (scan_layers, remat_policy, dtype,
@@ -131,6 +131,9 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
     config = read_model_config(directory, step).replace(**config_overrides)
     stored = read_model_kind(directory, step)
     wanted = model_kind or stored
+    if config.lora is not None and config.lora.enabled:
+        return _load_lora_run(directory, step, config, stored, wanted, mesh, rules, seed,
+                              adapters)
     if (stored, wanted) == ("causal_lm", "scalar_head"):
         _, lm = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
         graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
@@ -171,6 +174,48 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
                           restored["params"], target)
     nnx.replace_by_pure_dict(abstract, params)
     return config, nnx.merge(graphdef, abstract)
+
+
+def _load_lora_run(directory, step: int, config: LlamaConfig, stored: str, wanted: str, mesh,
+                   rules: Rules, seed: int, adapters: bool):
+    from jalign.train import adapters as A
+    metadata = read_metadata(directory, step)
+    if "lora_base" not in metadata:
+        raise CheckpointError(f"{directory} step {step}: a LoRA model without a recorded base "
+                              "(metadata['lora_base'])")
+
+    def restore_params(abstract):
+        mngr = manager(_checkpoint_dir(directory))
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # undecodable bytes surface as tensorstore/zstd errors
+            raise CorruptCheckpoint(f"{directory} step {step} cannot be read back "
+                                    f"({type(e).__name__}: {first_line(e)})") from None
+        finally:
+            mngr.close()
+        _verify(directory, step, "params", metadata, restored["params"])
+        return restored["params"]
+
+    model = A.load_adapted(directory, step, metadata, config, stored, mesh=mesh, rules=rules,
+                           restore_params=restore_params)
+    if not adapters:
+        model = A.merge(model)
+    if stored == "policy_value" and wanted in PARTS:
+        model = getattr(model, PARTS[wanted])
+    elif (stored, wanted) == ("causal_lm", "scalar_head"):
+        if adapters:
+            raise CheckpointError(f"{directory}: a LoRA causal LM loads as a reward model only "
+                                  "merged (adapters=False)")
+        plain = model.config
+        graphdef, abstract = abstract_model(plain, mesh, rules, model_class(wanted))
+        nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(
+            nnx.to_pure_dict(nnx.state(model, nnx.Param)), fresh_score(plain, seed)))
+        model = nnx.merge(graphdef, abstract)
+    elif stored != wanted:
+        raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
+                              f"it as {wanted}")
+    return model.config, model
 
 
 def _verify(directory, step: int, item: str, metadata: dict, tree) -> None:
@@ -259,6 +304,10 @@ class TrainCheckpointer:
                     "checksums": {"params": checksum.checksums(state.params),
                                   "train_state": checksum.checksums(rest),
                                   "frozen": checksum.checksums(state.frozen or {})}}
+        if getattr(state, "base", None) is not None:
+            # A LoRA run's frozen base is rebuilt from its source (metadata['lora_base']),
+            # like frozen models: its checksums catch a source that changed since.
+            metadata["checksums"]["base"] = checksum.checksums(state.base)
         metadata.update(extra_metadata or {})
         self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),

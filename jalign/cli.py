@@ -45,9 +45,29 @@ def cmd_convert(args) -> int:
         # save_model records kind_of(model) as model_kind, which load_model rebuilds.
         checkpoint.save_model(args.dst, config, model, step=args.step or 0,
                               extra_metadata={"source": str(args.src)})
+    elif args.direction == "jalign-to-peft":
+        from jalign.convert import peft
+        kind = checkpoint.read_model_kind(args.src, args.step)
+        if kind == "policy_value":
+            print(f"{args.src} holds a policy and a value model (PPO): exporting the policy's "
+                  "adapters")
+        config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
+                                              model_kind="causal_lm" if kind == "policy_value"
+                                              else None, adapters=True)
+        if config.lora is None or not config.lora.enabled:
+            print(f"jalign convert: {args.src} holds no LoRA adapters (trained with "
+                  "LoraConfig.rank=0); export it with jalign-to-hf", file=sys.stderr)
+            return 2
+        meta = checkpoint.read_metadata(args.src, args.step)
+        base = peft.base_name_of(meta["lora_base"])
+        if config.lora.quantize:
+            print(f"note: the adapters were trained on a {config.lora.quantize} base; PEFT "
+                  f"applies them to the base weights of {base} as given")
+        peft.save_peft(model, args.dst, base_name=base, overwrite=args.overwrite)
     else:
         # The checkpoint's model_kind decides the class; save_hf exports either kind. A
-        # PPO run (policy and value model) exports its policy.
+        # PPO run (policy and value model) exports its policy. A LoRA run exports its
+        # base with the adapters merged into the weights.
         kind = checkpoint.read_model_kind(args.src, args.step)
         if kind == "policy_value":
             print(f"{args.src} holds a policy and a value model (PPO): exporting the policy")
@@ -177,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="convert between Hugging Face and jalign checkpoints")
-    conv.add_argument("direction", choices=["hf-to-jalign", "jalign-to-hf"])
+    conv.add_argument("direction", choices=["hf-to-jalign", "jalign-to-hf", "jalign-to-peft"],
+                      help="jalign-to-peft: a LoRA run's adapters as a PEFT adapter directory "
+                           "(jalign-to-hf merges them into the base instead)")
     conv.add_argument("src", help="source directory (or a hub id for hf-to-jalign)")
     conv.add_argument("dst", help="destination directory")
     conv.add_argument("--dtype", default=None,

@@ -17,6 +17,7 @@ import gin
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
 from jalign.models.config import LlamaConfig, RopeScaling
+from jalign.models.lora import LoraConfig
 from jalign.rl.rewards import RewardConfig
 from jalign.sharding import MeshConfig
 from jalign.train import algorithms
@@ -32,6 +33,7 @@ CONFIGS_DIR = REPO_ROOT / "configs"
 # class is bindable without an edit here).
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
                                           OptimizerConfig, DataConfig, ModelInit, RewardConfig,
+                                          LoraConfig,
                                           *algorithms.config_classes())}
 _REGISTERED: dict[str, object] = {}
 

@@ -33,6 +33,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),     # adapters: the rank dim is small, replicated
+    ("quant_blocks", None),  # a quantised base's scales: one per block of inputs
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jalign.models.lora import LoraConfig
+
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -68,6 +70,9 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    # Adapters on a frozen (optionally quantised) base; None: a plain model. Set by the
+    # run from its LoraConfig, never read from Hugging Face.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -93,6 +98,10 @@ class LlamaConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.lora is not None and not self.lora.enabled and self.lora.quantize is None:
+            object.__setattr__(self, "lora", None)  # rank 0 on a plain base: no adapters
 
     @property
     def resolved_head_dim(self) -> int:
@@ -122,6 +131,9 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["lora"] = None if self.lora is None else self.lora.to_dict()
+        if out["lora"] is None:  # checkpoints written before adapters existed lack the key
+            del out["lora"]
         if isinstance(out["eos_token_id"], tuple):
             out["eos_token_id"] = list(out["eos_token_id"])
         return out
@@ -138,6 +150,8 @@ class LlamaConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("lora") is not None:
+            d["lora"] = LoraConfig(**d["lora"])
         return cls(**d)
 
 

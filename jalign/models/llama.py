@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jalign.models import lora as L
 from jalign.models.attention import attention, make_mask
 from jalign.models.config import LlamaConfig
 from jalign.models.rope import apply_rope, rope_angles
@@ -77,13 +78,22 @@ def _dense(x_btd, w_d_out, b_out=None):
     return y if b_out is None else y + b_out
 
 
+def _project(p: dict, name: str, x_bt_in, bias_name: str):
+    """A layer projection on 2-D views (the base weight, plain or quantised, plus its LoRA
+    update when it has one): [b, t, *in] -> [b, t, *out]."""
+    b, t = x_bt_in.shape[:2]
+    out_shape = L.logical_shape(p, name)[L.TARGETS_IN_DIMS[name]:]
+    y = L.project(p, name, x_bt_in.reshape(b * t, -1)).reshape(b, t, *out_shape)
+    return y + p[bias_name] if bias_name in p else y
+
+
 def project_qkv(p: dict, x_btd, cos_bth, sin_bth, eps):
     """Pre-norm and the q/k/v projections with RoPE applied: shared by the full forward
     and the KV-cache decode path."""
     h_btd = rms_norm(x_btd, p["attn_norm"], eps)
-    q_btnh = _dense(h_btd, p["wq"], p.get("bq"))
-    k_btgh = _dense(h_btd, p["wk"], p.get("bk"))
-    v_btgh = _dense(h_btd, p["wv"], p.get("bv"))
+    q_btnh = _project(p, "wq", h_btd, "bq")
+    k_btgh = _project(p, "wk", h_btd, "bk")
+    v_btgh = _project(p, "wv", h_btd, "bv")
     q_btnh = constrain(q_btnh, ("batch", "length", "act_heads", None))
     k_btgh = constrain(k_btgh, ("batch", "length", "act_kv_heads", None))
     v_btgh = constrain(v_btgh, ("batch", "length", "act_kv_heads", None))
@@ -92,19 +102,15 @@ def project_qkv(p: dict, x_btd, cos_bth, sin_bth, eps):
 
 def finish_layer(p: dict, x_btd, o_btnh, eps):
     """Attention output projection + residual, then the SwiGLU MLP block + residual."""
-    b, t, _ = x_btd.shape
     o_btnh = constrain(o_btnh, ("batch", "length", "act_heads", None))
-    wo_nhd = p["wo"]
-    attn_btd = (o_btnh.reshape(b * t, -1) @ wo_nhd.reshape(-1, wo_nhd.shape[-1])).reshape(b, t, -1)
-    if "bo" in p:
-        attn_btd = attn_btd + p["bo"]
+    attn_btd = _project(p, "wo", o_btnh, "bo")
     x_btd = constrain(x_btd + attn_btd, ("batch", "length", "act_embed"))
 
     h_btd = rms_norm(x_btd, p["mlp_norm"], eps)
-    gate_btf = _dense(h_btd, p["w_gate"], p.get("b_gate"))
-    up_btf = _dense(h_btd, p["w_up"], p.get("b_up"))
+    gate_btf = _project(p, "w_gate", h_btd, "b_gate")
+    up_btf = _project(p, "w_up", h_btd, "b_up")
     act_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
-    mlp_btd = _dense(act_btf, p["w_down"], p.get("b_down"))
+    mlp_btd = _project(p, "w_down", act_btf, "b_down")
     return constrain(x_btd + mlp_btd, ("batch", "length", "act_embed"))
 
 
@@ -143,14 +149,20 @@ def positions_from_segments(segment_ids_bt):
 
 
 class DecoderLayers(nnx.Module):
-    """All decoder layers' parameters, stacked on a leading ``layers`` axis."""
+    """All decoder layers' parameters, stacked on a leading ``layers`` axis.
+
+    With ``config.lora``, each adapted weight ``w`` gets ``w_lora_a`` / ``w_lora_b`` (also
+    stacked), and a quantised base stores every projection as codes ``w`` plus ``w_scale``
+    (``jalign.models.lora``)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = config.weight_dtype
         n = config.num_layers
         axes = layer_axes(config)
-        for name, shape in layer_shapes(config).items():
+        shapes = layer_shapes(config)
+        lora = config.lora
+        for name, shape in shapes.items():
             if name.endswith("norm"):
                 value = jnp.ones((n, *shape), pdt)
             elif name.startswith("b"):
@@ -158,12 +170,48 @@ class DecoderLayers(nnx.Module):
             else:
                 fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
                 value = jax.random.normal(rngs.params(), (n, *shape), pdt) * fan_in ** -0.5
+            if lora is not None and lora.quantize and name in L.QUANTIZED_WEIGHTS:
+                codes, scale = L.quantize_weight(value, name, lora.quantize, lora.block_size)
+                setattr(self, name, nnx.Param(codes, logical_axes=("layers", *axes[name])))
+                k = L.TARGETS_IN_DIMS[name]
+                setattr(self, name + L.SCALE_SUFFIX, nnx.Param(
+                    scale, logical_axes=("layers", "quant_blocks", *axes[name][k:])))
+                continue
             setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes[name])))
+        if lora is not None and lora.enabled:
+            for name, (shape, names) in L.adapter_shapes(lora, shapes, axes).items():
+                value = L.init_adapter(rngs.params(), name, (n, *shape), pdt)
+                setattr(self, name, nnx.Param(value, logical_axes=("layers", *names)))
+
+    def param_names(self) -> list[str]:
+        names = list(layer_shapes(self.config))
+        lora = self.config.lora
+        if lora is not None and lora.quantize:
+            names += [w + L.SCALE_SUFFIX for w in L.QUANTIZED_WEIGHTS]
+        if lora is not None and lora.enabled:
+            names += [w + s for w in lora.weights() for s in L.ADAPTER_SUFFIXES]
+        return names
 
     def stacked(self) -> dict:
-        """The stacked parameter arrays, cast to the compute dtype."""
-        cdt = self.config.compute_dtype
-        return {name: getattr(self, name)[...].astype(cdt) for name in layer_shapes(self.config)}
+        """The stacked parameter arrays, floats cast to the compute dtype (quantised codes
+        and their float32 scales as stored), plus the adapters' per-layer scale and, inside
+        a train step with adapter dropout, per-layer dropout keys."""
+        cfg = self.config
+        cdt = cfg.compute_dtype
+        out = {}
+        for name in self.param_names():
+            value = getattr(self, name)[...]
+            keep = name.endswith(L.SCALE_SUFFIX) or not jnp.issubdtype(value.dtype, jnp.floating)
+            out[name] = value if keep else value.astype(cdt)
+        lora = cfg.lora
+        if lora is not None and lora.enabled:
+            out["lora_scale"] = L.layer_scales(lora, cfg.num_layers)
+            key = L.current_dropout_key()
+            if lora.dropout > 0 and key is not None:
+                out["lora_dropout_key"] = jax.random.key_data(
+                    jax.random.split(key, cfg.num_layers))
+                out["lora_keep"] = jnp.full((cfg.num_layers,), 1.0 - lora.dropout, jnp.float32)
+        return out
 
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts):
         cfg = self.config

@@ -158,6 +158,9 @@ class RolloutSource:
         self.chat = self.prompts.chat
         self.policy_def = abstract_model(run.model_config)[0]
         self.value_def = abstract_model(run.model_config, model_cls=ScalarHeadModel)[0]
+        # With adapters the reference is the base without them (run.layout).
+        self.layout = run.layout
+        self.reference_def = abstract_model(run.layout.reference_config)[0]
         self.key = jax.random.fold_in(jax.random.key(run.tc.seed), 0x9E0)
         self.prompt_sh = batch_sharding(run.mesh, self.rows, run.rules)
         self.minibatch_sh = batch_sharding(run.mesh, self.batch_rows(), run.rules)
@@ -201,7 +204,7 @@ class RolloutSource:
         kwargs = dict(temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
         with use_mesh(self.mesh, self.rules):
             policy = nnx.merge(self.policy_def, params["policy"])
-            reference = nnx.merge(self.policy_def, ref_params)
+            reference = nnx.merge(self.reference_def, ref_params)
             value = nnx.merge(self.value_def, params["value"])
             logp, ent = response_log_probs(policy, ids, seg, pos, entropy=True, **kwargs)
             ref_logp, _ = response_log_probs(reference, ids, seg, pos, **kwargs)
@@ -268,7 +271,8 @@ class RolloutSource:
         t0 = time.perf_counter()
         batch = next(self.prompts)  # StopIteration at the end of the prompts
         prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
-        policy = state.params["policy"]
+        params = self.layout.full_params(state)
+        policy = params["policy"]
         if cfg.rollout_sharding == "replicated":
             # One gather of every weight per rollout, instead of FSDP's per decoded token.
             policy = jax.device_put(policy, self.replicated)
@@ -284,7 +288,8 @@ class RolloutSource:
         device_scores = jax.make_array_from_callback(
             scores.shape, self.prompt_sh, lambda i: scores[i])
         coef = self.kl.value
-        self._buffer, metrics = self.score(state.params, state.frozen["reference"], prompt_ids,
+        self._buffer, metrics = self.score(params, self.layout.frozen_params(state)["reference"],
+                                           prompt_ids,
                                            prompt_mask, out["tokens"], out["lengths"],
                                            device_scores, jnp.float32(coef))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -338,7 +343,8 @@ class RolloutSource:
         for _, batch in zip(range(batches), self.eval_prompts):
             ids = self._global(batch["prompt_ids"], self.eval_sh)
             mask = self._global(batch["prompt_mask"], self.eval_sh)
-            out = self.greedy(state.params["policy"], ids, mask, self.key, self.sampling)
+            out = self.greedy(self.layout.full_params(state)["policy"], ids, mask, self.key,
+                              self.sampling)
             scores, parts, lengths, _ = self._rewards(ids, mask, out, evaluation=True)
             count += len(scores)
             for name, values in [("reward", scores), ("response_length", lengths),

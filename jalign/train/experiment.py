@@ -20,6 +20,7 @@ class Experiment:
     model_init: object
     mesh: object
     operative: str
+    lora: object = None
 
 
 def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -> Experiment:
@@ -32,7 +33,7 @@ def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -
     exp = Experiment(algorithm=algorithm, train=tc, optimizer=jconfig.build("OptimizerConfig"), data=data,
                      eval_data=eval_data, model=jconfig.model_config(),
                      model_init=jconfig.build("ModelInit"), mesh=jconfig.build("MeshConfig"),
-                     operative=jconfig.operative_config())
+                     lora=jconfig.build("LoraConfig"), operative=jconfig.operative_config())
     return exp
 
 
@@ -64,4 +65,4 @@ def run(exp: Experiment, **kwargs) -> dict:
                  optimizer_config=exp.optimizer, data_config=exp.data,
                  eval_data_config=exp.eval_data, model_config=exp.model,
                  model_init=exp.model_init, mesh_config=exp.mesh,
-                 operative_config=exp.operative, **kwargs)
+                 operative_config=exp.operative, lora_config=exp.lora, **kwargs)

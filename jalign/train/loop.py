@@ -96,7 +96,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
           eval_data_config: DataConfig | None, model_config: LlamaConfig,
           model_init: ModelInit, mesh_config: MeshConfig, operative_config: str = "",
           rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None,
-          allow_config_change: bool = False) -> dict:
+          allow_config_change: bool = False, lora_config=None) -> dict:
     """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError,
     and ConfigError (before anything is loaded or compiled) for a problem in the config.
 
@@ -107,7 +107,7 @@ def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
                    data_config=data_config, eval_data_config=eval_data_config,
                    model_config=model_config, model_init=model_init, mesh_config=mesh_config,
                    operative_config=operative_config, rules=rules,
-                   allow_config_change=allow_config_change)
+                   allow_config_change=allow_config_change, lora_config=lora_config)
     return run_loop(run, on_log=on_log)
 
 
@@ -120,13 +120,14 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     eval_data_config = run.eval_data_config
     eval_iter, eval_start, operative_config = run.eval_iter, run.eval_start, run.operative
     start, end, global_batch = run.start, run.end, run.global_batch
-    frozen_configs = run.frozen_configs
-    fdefs = frozen_graphdefs(frozen_configs)
+    layout = run.layout
+    fdefs = frozen_graphdefs(layout)
     trainable = trainable_mask(state.params, run.optimizer_config)
     step_fn = make_train_step(algo.loss_fn, optimizer, graphdef, mesh=mesh,
                               state_sharding=shardings, global_batch=global_batch,
                               accum_steps=tc.accum_steps, rules=rules,
-                              frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable)
+                              frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable,
+                              layout=layout)
     source.bind(run)
     eval_fn = eval_sh = None
     # A source with its own evaluation (a rollout source: rewards of greedy responses)
@@ -135,7 +136,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     if eval_data_config is not None and source_eval is None:
         eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
                                  global_batch=eval_data_config.batch_size, rules=rules,
-                                 frozen_graphdefs=fdefs)
+                                 frozen_graphdefs=fdefs, layout=layout)
         eval_sh = batch_sharding(mesh, eval_data_config.batch_size, rules)
     data_sh = batch_sharding(mesh, global_batch, rules)
     seq_len = run.row_length
@@ -303,7 +304,8 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
         M.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     summary.update(final_step=int(jax.device_get(state.step)), ended_early=ended is not None,
                    eval=last_eval, data_stats=getattr(source, "stats", {}), peak_flops_source=peak_source,
-                   state=state, model_config=model_config, graphdef=graphdef)
+                   state=state, model_config=model_config, graphdef=graphdef,
+                   params=run.layout.full_params(state))
     run.state = state  # the donated input buffers are gone; the Run holds the live state
     return summary
 

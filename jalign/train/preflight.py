@@ -103,3 +103,33 @@ def check_trainable(optimizer_config, model_config, model_kind: str) -> None:
         trainable_mask(nnx.to_pure_dict(abstract), optimizer_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_lora(lora, optimizer_config, algo) -> None:
+    """LoraConfig against the rest of the config, before anything is loaded."""
+    if lora.quantize is not None and not lora.enabled:
+        raise ConfigError(f"LoraConfig.quantize={lora.quantize!r} needs LoraConfig.rank > 0: a "
+                          "quantised base trains only through adapters")
+    if not lora.enabled:
+        return
+    if optimizer_config.trainable is not None:
+        raise ConfigError(f"OptimizerConfig.trainable={optimizer_config.trainable!r} and "
+                          f"LoraConfig.rank={lora.rank} both choose what trains; with LoRA, "
+                          "choose adapters with LoraConfig.targets and LoraConfig.layers")
+    if (algo.model_kind == "policy_value" and lora.value_base == "shared"
+            and algo.value_init != "policy"):
+        raise ConfigError(f"LoraConfig.value_base='shared' puts the value model on the policy's "
+                          f"base, but PPOConfig.value_init={algo.value_init!r} gives it another "
+                          "backbone; set LoraConfig.value_base='own'")
+
+
+def check_lora_shapes(lora, config) -> None:
+    """LoraConfig against the model's shapes (layer count, quantisation block size)."""
+    if not lora.enabled:
+        return
+    from jalign.models.llama import layer_shapes
+    from jalign.models.lora import check
+    try:
+        check(lora, layer_shapes(config), config.num_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -22,11 +22,13 @@ from jalign.checkpoint import (CheckpointError, TrainCheckpointer, resolve_run_d
 from jalign.data.pipeline import DataConfig
 from jalign.errors import ConfigError, first_line
 from jalign.models.config import LlamaConfig
+from jalign.models.lora import LoraConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithm import Algorithm
 from jalign.train.optimizer import OptimizerConfig
+from jalign.train.partition import ParamLayout
 from jalign.train.resume import check_resume, config_record, default_record, model_record
 from jalign.train.setup import (EXECUTION_FIELDS, ModelInit, abstract_train_state,
                                 build_optimizer, fresh_state, initial_model_config,
@@ -58,6 +60,7 @@ class Run:
     optimizer: Any
     schedule: Callable
     frozen_configs: dict | None
+    layout: ParamLayout
     graphdef: Any
     shardings: Any
     state: Any
@@ -82,15 +85,19 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
              model_config: LlamaConfig, model_init: ModelInit, mesh_config: MeshConfig,
              operative_config: str = "", rules=DEFAULT_RULES,
              allow_config_change: bool = False,
-             make_source: Callable[[Any], BatchSource] | None = None) -> Run:
+             make_source: Callable[[Any], BatchSource] | None = None,
+             lora_config: LoraConfig | None = None) -> Run:
     """Open (resume or start) the run the configs describe. Raises ConfigError, before
     anything is loaded or compiled and before the run directory is created, for a problem
     in the config.
 
     ``make_source(data_iterator) -> BatchSource``: what the loop draws batches from
     (default: the dataset itself, ``DatasetSource``); a resumed run restores the source's
-    saved state into it."""
+    saved state into it. ``lora_config`` with a rank: train adapters on the frozen
+    (optionally quantised) initial model instead of the model itself."""
     tc = train_config
+    lora_config = lora_config or LoraConfig()
+    P.check_lora(lora_config, optimizer_config, algo)
     is_main = jax.process_index() == 0
 
     def log(text: str) -> None:
@@ -131,7 +138,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     configs = {"TrainConfig": tc, "OptimizerConfig": optimizer_config,
                "DataConfig": data_config, "eval/DataConfig": eval_data_config,
                "ModelInit": model_init, "MeshConfig": mesh_config,
-               type(algo.config).__name__: algo.config}
+               "LoraConfig": lora_config, type(algo.config).__name__: algo.config}
     record = config_record(configs)
     record.update(model_record(model_config, model_init, EXECUTION_FIELDS))
     if resume_step is not None:
@@ -153,6 +160,9 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     else:
         model_init = _pin_source_step(model_init)
         model_config = _open_model_config(model_init, model_config)
+    base_config = model_config.replace(lora=None)
+    model_config = base_config.replace(lora=lora_config)  # None again for rank 0, plain base
+    P.check_lora_shapes(lora_config, base_config)
     P.check_trainable(optimizer_config, model_config, algo.model_kind)
     # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
     shard = {"process_index": jax.process_index(), "process_count": processes}
@@ -178,10 +188,14 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     def initial_model():  # loaded at most once: for the reference pass and/or a fresh state
         if "model" not in loaded:
-            config, model = load_initial_model(model_init, model_config, mesh, rules,
+            config, model = load_initial_model(model_init, base_config, mesh, rules,
                                                algo.model_kind, value_source=algo.value_init)
-            if config != model_config:  # both read from the same source: a bug if not
-                raise RuntimeError(f"model config changed while loading: {config} vs {model_config}")
+            if config != base_config:  # both read from the same source: a bug if not
+                raise RuntimeError(f"model config changed while loading: {config} vs {base_config}")
+            if model_config.lora is not None:  # fresh adapters on the base: B = 0
+                from jalign.train.adapters import attach
+                model = attach(model, model_config.lora, seed=model_init.seed, mesh=mesh,
+                               rules=rules)
             loaded["model"] = model
         return loaded["model"]
 
@@ -211,14 +225,19 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
                            f"the algorithm said {step_rows}")
     total = source.total()
     schedule_steps = tc.steps if total is None else max(1, min(tc.steps, agree_min(total)))
+    layout = ParamLayout(model_config, algo.model_kind, algo.frozen_models)
     optimizer, schedule = build_optimizer(optimizer_config, model_config, schedule_steps,
-                                          algo.model_kind)
+                                          algo.model_kind, layout)
+    # With adapters the frozen models are views of the base: nothing extra in the state.
     frozen_configs = ({name: model_config for name in algo.frozen_models}
-                      if algo.frozen_models else None)
+                      if algo.frozen_models and not layout.adapters else None)
     graphdef, abstract_state, shardings = abstract_train_state(
-        model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind)
+        model_config, optimizer, mesh, rules, frozen_configs, algo.model_kind, layout)
     if resume_step is not None:
         state, data_state, meta, restored_step = ckpt.restore_intact(abstract_state, log=log)
+        if layout.adapters:  # the base is rebuilt from the source and checked, not stored
+            state = state._replace(base=_rebuilt_base(initial_model, layout, meta, model_init,
+                                                      run_dir, shardings))
         if state.frozen is None and frozen_configs:  # rebuilt from the source, as at the start
             try:
                 # One copy per frozen model: the step donates the state, and one buffer
@@ -243,7 +262,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
         # Every FrozenModel.init is 'initial_policy' (FROZEN_INITS): the initial model.
         frozen = ({name: params_of(initial_policy(model)) for name in algo.frozen_models}
                   if frozen_configs else None)
-        state = fresh_state(model, optimizer, tc.seed, shardings, frozen)
+        state = fresh_state(model, optimizer, tc.seed, shardings, frozen, layout)
         del model, frozen
     loaded.clear()
     start = int(jax.device_get(state.step))
@@ -258,14 +277,39 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     pinned = ({"initial_model_step": model_init.step}
               if model_init.source.startswith("jalign:") else {})
+    if layout.adapters:  # where the base comes from: export and restore rebuild it
+        from jalign.train.adapters import base_pointer
+        pinned["lora_base"] = base_pointer(model_init, algo.value_init)
     return Run(algo=algo, tc=tc, optimizer_config=optimizer_config, data_config=data_config,
                eval_data_config=eval_data_config, model_config=model_config,
                operative=operative_config, rules=rules, run_dir=run_dir, mesh=mesh, ckpt=ckpt,
                record=record, source=source, eval_iter=eval_iter,
                eval_start=eval_start, optimizer=optimizer, schedule=schedule,
-               frozen_configs=frozen_configs, graphdef=graphdef, shardings=shardings,
+               frozen_configs=frozen_configs, layout=layout, graphdef=graphdef,
+               shardings=shardings,
                state=state, start=start, end=end, is_main=is_main, log=log,
                extra_metadata=pinned)
+
+
+def _rebuilt_base(initial_model, layout: ParamLayout, meta: dict, model_init: ModelInit,
+                  run_dir, shardings):
+    """The frozen base of a resumed LoRA run, rebuilt from its source and refused when it
+    differs from the one the run trained on (by the checksums saved with the step)."""
+    from jalign import checksum
+    try:
+        _, base = layout.split(params_of(initial_model()))
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"resuming {run_dir}: the adapters' base is rebuilt from "
+                          f"ModelInit.source={model_init.source!r}, which fails to load: "
+                          f"{first_line(e)}") from None
+    expected = meta.get("checksums", {}).get("base")
+    bad = checksum.mismatches(expected, base) if expected else []
+    if bad:
+        raise ConfigError(f"resuming {run_dir}: the base rebuilt from ModelInit.source="
+                          f"{model_init.source!r} differs from the one the adapters were "
+                          f"trained on ({len(bad)} arrays, e.g. {bad[:2]}): the source changed "
+                          "since; restore it, or start another TrainConfig.run_name")
+    return jax.device_put(base, shardings.base)
 
 
 def _pin_source_step(model_init: ModelInit) -> ModelInit:

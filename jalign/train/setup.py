@@ -47,12 +47,13 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
     """The architecture a run will have, read from the source without loading weights."""
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
     if init.source == "random":
-        return gin_config
+        return gin_config.replace(lora=None)
     if init.source.startswith("hf:"):
         from jalign.convert.hf import _resolve_directory, read_hf_config
         return read_hf_config(_resolve_directory(init.source[3:], config_only=True), **overrides)
     from jalign.checkpoint import read_model_config
-    return read_model_config(init.source[7:], init.step).replace(**overrides)
+    # A LoRA run as the source starts this run from its merged weights: a plain model.
+    return read_model_config(init.source[7:], init.step).replace(lora=None, **overrides)
 
 
 def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES,
@@ -64,6 +65,7 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
     ``hf:PATH`` reward model, which must have the policy's architecture."""
     if model_kind == "policy_value":
         return _policy_value(init, gin_config, mesh, rules, value_source)
+    gin_config = gin_config.replace(lora=None)  # sources load as plain models
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
     if init.source == "random":
         return gin_config, create_model(gin_config, seed=init.seed, mesh=mesh, rules=rules,
@@ -112,19 +114,25 @@ def initial_policy(model):
     return getattr(model, PARTS["causal_lm"]) if kind_of(model) == "policy_value" else model
 
 
-def frozen_graphdefs(frozen_configs: dict | None) -> dict:
-    """name -> graphdef of each frozen (causal LM) model, for make_train_step."""
-    return {name: abstract_model(cfg)[0] for name, cfg in (frozen_configs or {}).items()}
+def frozen_graphdefs(layout) -> dict:
+    """name -> graphdef of each frozen (causal LM) model, for make_train_step: the
+    trained model's architecture (with adapters: its base without them)."""
+    return {name: abstract_model(layout.reference_config)[0] for name in layout.frozen_names}
 
 
 def abstract_train_state(config: LlamaConfig, optimizer, mesh, rules: Rules = DEFAULT_RULES,
-                         frozen_configs: dict | None = None, model_kind: str = "causal_lm"):
+                         frozen_configs: dict | None = None, model_kind: str = "causal_lm",
+                         layout=None):
     """(graphdef, abstract TrainState with shardings) — the restore target.
-    ``frozen_configs``: name -> LlamaConfig of each frozen causal LM (e.g. the reference)."""
+    ``frozen_configs``: name -> LlamaConfig of each frozen causal LM (e.g. the reference).
+    ``layout`` with adapters: params are the adapters, the rest is ``base``."""
     graphdef, abstract = abstract_model(config, mesh, rules, model_class(model_kind))
     params_sh = model_param_shardings(abstract, mesh, rules)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                           nnx.to_pure_dict(abstract))
+    base = base_sh = None
+    if layout is not None and layout.adapters:
+        (params, base), (params_sh, base_sh) = layout.split(params), layout.split(params_sh)
     frozen, frozen_sh = None, None
     if frozen_configs:
         frozen, frozen_sh = {}, {}
@@ -133,30 +141,36 @@ def abstract_train_state(config: LlamaConfig, optimizer, mesh, rules: Rules = DE
             frozen[name] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                         nnx.to_pure_dict(fab))
             frozen_sh[name] = model_param_shardings(fab, mesh, rules)
-    shapes = jax.eval_shape(lambda p, f: init_state(p, optimizer, 0, f), params, frozen)
-    sh = state_shardings(shapes, params_sh, mesh, frozen_sh)
+    shapes = jax.eval_shape(lambda p, f, b: init_state(p, optimizer, 0, f, b), params, frozen,
+                            base)
+    sh = state_shardings(shapes, params_sh, mesh, frozen_sh, base_sh)
     abstract_state = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
                                   shapes, sh)
     return graphdef, abstract_state, sh
 
 
 def build_optimizer(opt: OptimizerConfig, config: LlamaConfig, total_steps: int,
-                    model_kind: str = "causal_lm"):
+                    model_kind: str = "causal_lm", layout=None):
+    """The optimizer over what trains (with adapters: only them, so it holds no state for
+    the frozen base)."""
     graphdef, abstract = abstract_model(config, model_cls=model_class(model_kind))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                           nnx.to_pure_dict(abstract))
+    if layout is not None:
+        params = layout.split(params)[0]
     return make_optimizer(opt, params, total_steps)
 
 
-def fresh_state(model, optimizer, seed: int, shardings, frozen=None):
+def fresh_state(model, optimizer, seed: int, shardings, frozen=None, layout=None):
     """Initial TrainState placed with ``shardings`` (optimizer state created in place).
 
     ``frozen`` may hold the very arrays of ``model`` (a reference = the initial policy):
     they are copied, because the step donates the state and one buffer cannot be donated
-    twice."""
-    params = params_of(model)
+    twice. With adapters (``layout``) the model's frozen part becomes ``state.base``; its
+    buffers are donated to the state (``model`` must not be used after)."""
+    params, base = (params_of(model), None) if layout is None else layout.split(params_of(model))
 
-    def init(p, f):
-        return init_state(p, optimizer, seed, jax.tree.map(jnp.copy, f))
+    def init(p, f, b):
+        return init_state(p, optimizer, seed, jax.tree.map(jnp.copy, f), b)
 
-    return jax.jit(init, out_shardings=shardings)(params, frozen)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(2,))(params, frozen, base)

@@ -3,7 +3,9 @@
 ``params`` is the model's parameters as a nested dict (``nnx.to_pure_dict``), the same
 layout the ``params`` checkpoint item and the HF converter use. ``frozen`` holds extra
 models that are read but never trained (a DPO/PPO reference policy, a reward model): no
-gradient, no optimizer state, sharded by the same rules as ``params``.
+gradient, no optimizer state, sharded by the same rules as ``params``. With LoRA,
+``params`` holds only what trains and ``base`` the frozen rest of the model
+(``jalign.train.partition``).
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ class TrainState(NamedTuple):
     rng: jax.Array         # uint32 key data; split once per step
     skipped: jax.Array     # int32 scalar: non-finite updates skipped
     frozen: Any = None     # {name: nested dict of arrays} or None
+    base: Any = None       # with adapters: the frozen base's nested dict (not saved)
 
 
 def params_of(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def init_state(params, optimizer, seed: int, frozen=None) -> TrainState:
+def init_state(params, optimizer, seed: int, frozen=None, base=None) -> TrainState:
     rng = jax.random.key_data(jax.random.key(seed))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng,
-                      jnp.zeros((), jnp.int32), frozen)
+                      jnp.zeros((), jnp.int32), frozen, base)
 
 
 def state_shardings(abstract_state: TrainState, param_sharding_tree, mesh: Mesh,
-                    frozen_sharding_trees: dict | None = None) -> TrainState:
+                    frozen_sharding_trees: dict | None = None,
+                    base_sharding_tree=None) -> TrainState:
     """Shardings for every leaf of the state.
 
     Parameters follow the rules table. Optimizer leaves that mirror a parameter (Adam's
@@ -61,7 +65,8 @@ def state_shardings(abstract_state: TrainState, param_sharding_tree, mesh: Mesh,
     frozen = None
     if abstract_state.frozen is not None:
         frozen = {name: frozen_sharding_trees[name] for name in abstract_state.frozen}
-    return TrainState(replicated, param_sharding_tree, opt, replicated, replicated, frozen)
+    return TrainState(replicated, param_sharding_tree, opt, replicated, replicated, frozen,
+                      base_sharding_tree)
 
 
 def model_param_shardings(abstract_model_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):

@@ -71,6 +71,13 @@ def _frozen_models(frozen_defs: dict, frozen_params) -> dict:
             for name in frozen_defs}
 
 
+def _frozen_of(state, layout, frozen_defs: dict) -> dict:
+    """The merged frozen models a step reads: copies in ``state.frozen``, or (with
+    adapters, ``layout``) views of the base without adapters."""
+    params = layout.frozen_params(state) if layout is not None else state.frozen
+    return _frozen_models(frozen_defs, params)
+
+
 def _split_trainable(params, trainable):
     """(trained, frozen) flat dicts {path: leaf} of ``params`` by the boolean ``trainable``
     tree (None: everything is trained)."""
@@ -89,7 +96,8 @@ def _to_f32(tree):
 
 def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps: int, *,
                mesh: Mesh, rules: Rules = DEFAULT_RULES, frozen: dict | None = None,
-               step=0, micro_sharding=None, trainable=None) -> tuple[LossOutput, Any]:
+               step=0, micro_sharding=None, trainable=None, base_entries: dict | None = None,
+               dropout: bool = False) -> tuple[LossOutput, Any]:
     """Summed LossOutput and gradient of the summed ``total`` over ``accum_steps``
     micro-batches (not yet divided by the weight).
 
@@ -97,15 +105,18 @@ def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps:
     like ``params``; None: all), and in float32 whatever the parameter dtype: each is
     differentiated through a float32 view of the parameter, so the sum over micro-batches
     never rounds to bf16. Returns the gradients as a tree like ``params`` holding only the
-    trained parameters (float32)."""
+    trained parameters (float32). ``base_entries`` ({full path: array}): a frozen base the
+    model also reads (adapters' base), never differentiated. ``dropout``: the model's
+    adapter dropout is on, keyed per micro-batch."""
     frozen = frozen or {}
     trained, fixed = _split_trainable(params, trainable)
+    fixed.update({k: jax.lax.stop_gradient(v) for k, v in (base_entries or {}).items()})
     dtypes = {k: v.dtype for k, v in trained.items()}
 
     def loss_of(p32, micro_batch, micro_rng):
         p = {k: v.astype(dtypes[k]) for k, v in p32.items()}
         p.update(fixed)
-        with use_mesh(mesh, rules):
+        with use_mesh(mesh, rules), _dropout(dropout, micro_rng):
             model = nnx.merge(graphdef, traverse_util.unflatten_dict(p))
             out = loss_fn(model, micro_batch, StepContext(micro_rng, frozen, step))
         return out.total, out
@@ -134,6 +145,14 @@ def accumulate(loss_fn: LossFn, graphdef, params, batch: dict, rng, accum_steps:
     return out, traverse_util.unflatten_dict(grads)
 
 
+def _dropout(on: bool, rng):
+    import contextlib
+
+    from jalign.models.lora import dropout_key
+    # A key of its own: the loss's own randomness keeps using ``rng`` unchanged.
+    return dropout_key(jax.random.fold_in(rng, 0x10A)) if on else contextlib.nullcontext()
+
+
 def full_gradient_tree(grads, params):
     """The trained-parameter gradients as a full tree like ``params``; parameters that are
     not trained get zeros of their shape (the optimizer masks them out; XLA folds them)."""
@@ -147,7 +166,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
                     mesh: Mesh, state_sharding: TrainState, global_batch: int,
                     accum_steps: int = 1, rules: Rules = DEFAULT_RULES,
                     frozen_graphdefs: dict | None = None, schedule=None, donate: bool = True,
-                    trainable=None):
+                    trainable=None, layout=None):
     """``step(state, batch) -> (state, metrics)``, jitted once with explicit shardings.
 
     A non-finite loss or gradient norm leaves params and optimizer state bit-unchanged
@@ -155,6 +174,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
     ``trainable`` (boolean tree like the params, None: all) limits the gradient
     computation to the trained parameters. Gradients, their division by the loss weight
     and their norm are float32; the optimizer's state keeps the dtype it was created with.
+    ``layout`` (a ``ParamLayout``): with adapters, ``state.params`` holds only them and the
+    model also reads the frozen ``state.base``; the frozen models are views of the base.
     """
     if global_batch % accum_steps:
         raise ValueError(f"global batch {global_batch} is not divisible by accum_steps={accum_steps}")
@@ -164,10 +185,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        frozen = _frozen_models(frozen_graphdefs, state.frozen)
+        frozen = _frozen_of(state, layout, frozen_graphdefs)
+        base = layout.base_entries(state.base) if layout is not None else None
+        dropout = layout is not None and layout.adapters and layout.config.lora.dropout > 0
         out, grads = accumulate(loss_fn, graphdef, state.params, batch, step_rng, accum_steps,
                                 mesh=mesh, rules=rules, frozen=frozen, step=state.step,
-                                micro_sharding=micro_sharding, trainable=trainable)
+                                micro_sharding=micro_sharding, trainable=trainable,
+                                base_entries=base, dropout=dropout)
         weight = jnp.maximum(out.weight, 1e-9).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / weight, grads)
         grad_norm = optax.tree.norm(grads)
@@ -182,7 +206,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
 
         new_state = TrainState(state.step + 1, keep(new_params, state.params),
                                keep(new_opt, state.opt_state), jax.random.key_data(rng),
-                               state.skipped + (~finite).astype(jnp.int32), state.frozen)
+                               state.skipped + (~finite).astype(jnp.int32), state.frozen,
+                               state.base)
         metrics = _metrics(out)
         metrics.update(grad_norm=grad_norm, finite=finite)
         if schedule is not None:
@@ -197,16 +222,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
 
 def make_eval_step(loss_fn: LossFn, graphdef, *, mesh: Mesh, state_sharding: TrainState,
                    global_batch: int, rules: Rules = DEFAULT_RULES,
-                   frozen_graphdefs: dict | None = None):
+                   frozen_graphdefs: dict | None = None, layout=None):
     """``eval_step(state, batch) -> LossOutput`` of unreduced sums (add them up, divide once)."""
     data_sharding = batch_sharding(mesh, global_batch, rules)
     frozen_graphdefs = frozen_graphdefs or {}
 
     def eval_step(state: TrainState, batch: dict):
         with use_mesh(mesh, rules):
-            model = nnx.merge(graphdef, state.params)
+            params = state.params if layout is None else layout.full_params(state)
+            model = nnx.merge(graphdef, params)
             ctx = StepContext(jax.random.wrap_key_data(state.rng),
-                              _frozen_models(frozen_graphdefs, state.frozen), state.step,
+                              _frozen_of(state, layout, frozen_graphdefs), state.step,
                               train=False)
             return loss_fn(model, batch, ctx)
 

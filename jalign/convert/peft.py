@@ -1,0 +1,112 @@
+"""Export a LoRA run's adapters as a PEFT adapter directory.
+
+``adapter_config.json`` (``peft_type`` LORA, ``task_type`` CAUSAL_LM or SEQ_CLS, ``r``,
+``lora_alpha``, ``target_modules``, ``layers_to_transform``, ``base_model_name_or_path``)
+and ``adapter_model.safetensors`` with, per adapted layer ``i`` and module,
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and
+``...lora_B.weight`` [out, r] (a reward model also carries its trained score head,
+``base_model.model.score.weight`` [1, hidden], listed in ``modules_to_save``).
+``peft.PeftModel.from_pretrained(hf_base, DIR)`` then computes what jalign computed:
+transformers' weights are [out, in] and jalign's [in, *out], and jalign's flattened
+head dims are transformers' order, so each A and B is a reshape and a transpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from jalign.train.state import params_of
+
+# jalign weight -> the transformers module it lives in (under model.layers.{i}.).
+HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+              "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+              "w_down": "mlp.down_proj"}
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "scalar_head": "SEQ_CLS"}
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    """PEFT's tensors (float32) of an adapted causal LM or scalar-head model."""
+    from jalign.convert.hf import _to_host
+    from jalign.models.heads import kind_of
+    kind = kind_of(model)
+    lora = model.config.lora
+    params = params_of(model)
+    layers = params["layers"] if kind == "causal_lm" else params["backbone"]["layers"]
+    chosen = range(model.config.num_layers) if lora.layers is None else lora.layers
+    out = {}
+    for w in lora.weights():
+        a = _to_host(layers[w + "_lora_a"]).astype(np.float32)
+        b = _to_host(layers[w + "_lora_b"]).astype(np.float32)
+        n, r = a.shape[0], lora.rank
+        a2, b2 = a.reshape(n, -1, r), b.reshape(n, r, -1)
+        for i in chosen:
+            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[w]}"
+            out[prefix + ".lora_A.weight"] = np.ascontiguousarray(a2[i].T)  # [r, in]
+            out[prefix + ".lora_B.weight"] = np.ascontiguousarray(b2[i].T)  # [out, r]
+    if kind == "scalar_head":
+        out["base_model.model.score.weight"] = _to_host(params["score"]).astype(
+            np.float32).reshape(1, -1)
+    return out
+
+
+def adapter_config(model, base_name: str) -> dict:
+    from jalign.models.heads import kind_of
+    kind = kind_of(model)
+    lora = model.config.lora
+    return {
+        "peft_type": "LORA", "task_type": TASK_TYPES[kind], "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+        "target_modules": sorted(HF_MODULES[w].split(".")[1] for w in lora.weights()),
+        "layers_to_transform": None if lora.layers is None else sorted(lora.layers),
+        "base_model_name_or_path": base_name, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": ["score"] if kind == "scalar_head" else None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
+    """Write ``model``'s adapters (a causal LM or scalar head carrying ``config.lora``) as
+    a PEFT LoRA directory; written beside ``path`` and moved into place at the end."""
+    from jalign.models.heads import kind_of
+    lora = model.config.lora
+    if lora is None or not lora.enabled:
+        raise ValueError("the model has no LoRA adapters to export (LoraConfig.rank=0); "
+                         "export it with jalign-to-hf instead")
+    if kind_of(model) not in TASK_TYPES:
+        raise ValueError(f"a {kind_of(model)} model has no PEFT task type; export its parts")
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    tensors = adapter_tensors(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(
+            json.dumps(adapter_config(model, base_name), indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def base_name_of(pointer: dict) -> str:
+    """``base_model_name_or_path`` for a run's recorded base: the HF path or hub id it
+    was loaded from; a jalign checkpoint (export it with jalign-to-hf for PEFT) or a
+    random model as it was named."""
+    source = pointer["source"]
+    return source[3:] if source.startswith("hf:") else source
+

@@ -1,0 +1,141 @@
+"""Adapters on a model, in and out: attach fresh ones to a loaded base, merge them back
+into plain weights, and read a LoRA run's checkpoint (adapters + a pointer to its base).
+
+A LoRA run's checkpoint stores its adapters (``params``) and records where its base came
+from (``metadata['lora_base']``: the ModelInit source, step and seed) with the checksums
+of that base as the run held it (plain or quantised). Loading rebuilds the base from the
+source, refuses it when the checksums differ (the source changed since), and puts the
+adapters on it.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx, traverse_util
+
+from jalign.models import lora as L
+from jalign.models.build import abstract_model
+from jalign.models.lora import LoraConfig
+from jalign.train.partition import ParamLayout
+from jalign.train.state import params_of
+
+
+def _layers_dicts(flat_paths) -> set[tuple]:
+    """Paths of the stacked-layer dicts (``.../layers``) in a flat parameter tree."""
+    return {k[:-1] for k in flat_paths if k[-1] == "attn_norm"}
+
+
+def attach(model, lora: LoraConfig, *, seed: int = 0, mesh=None, rules=None):
+    """``model`` (plain) as the frozen base of fresh adapters: A random (seeded by
+    ``seed``), B zero, so the result computes exactly what ``model`` does; its projection
+    weights become codes when ``lora.quantize``. The returned model's config carries
+    ``lora``. ``model``'s arrays are consumed (donated) where the platform allows."""
+    from jalign.sharding import DEFAULT_RULES
+    rules = DEFAULT_RULES if rules is None else rules
+    config = model.config.replace(lora=lora)
+    graphdef, abstract = abstract_model(config, mesh, rules, type(model))
+    target = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
+    shardings = (None if mesh is None else
+                 traverse_util.unflatten_dict({k: v.sharding for k, v in target.items()}))
+    paths = sorted(target)
+
+    def build(base):
+        flat = traverse_util.flatten_dict(base)
+        key = jax.random.key(seed)
+        out = {}
+        for i, path in enumerate(paths):
+            name, want = path[-1], target[path]
+            if L.is_adapter(name):
+                out[path] = L.init_adapter(jax.random.fold_in(key, i), name, want.shape, want.dtype)
+            elif name.endswith(L.SCALE_SUFFIX) and path[:-1] + (name[:-6],) in flat:
+                continue  # written with its codes below
+            elif lora.quantize and name in L.QUANTIZED_WEIGHTS and path[:-1] in _layers_dicts(flat):
+                codes, scale = L.quantize_weight(flat[path], name, lora.quantize, lora.block_size)
+                out[path], out[path[:-1] + (name + L.SCALE_SUFFIX,)] = codes, scale
+            else:
+                out[path] = flat[path].astype(want.dtype)
+        return traverse_util.unflatten_dict(out)
+
+    params = jax.jit(build, out_shardings=shardings)(params_of(model))
+    nnx.replace_by_pure_dict(abstract, params)
+    return nnx.merge(graphdef, abstract)
+
+
+def merged_params(params: dict, config) -> dict:
+    """A plain model's parameters from an adapted one's: ``W + (alpha/rank) A B`` per
+    adapted weight, quantised weights dequantised (to ``config.param_dtype``)."""
+    flat = traverse_util.flatten_dict(params)
+    out = {k: v for k, v in flat.items() if k[:-1] not in _layers_dicts(flat)}
+    for prefix in _layers_dicts(flat):
+        layers = {k[-1]: v for k, v in flat.items() if k[:-1] == prefix}
+        for name, value in L.merged_layers(layers, config.lora, config.weight_dtype).items():
+            out[prefix + (name,)] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def merge(model):
+    """The plain model an adapted ``model`` computes (adapters folded into the weights)."""
+    config = model.config
+    if config.lora is None:
+        return model
+    plain = config.replace(lora=None)
+    graphdef, abstract = abstract_model(plain, model_cls=type(model))
+    nnx.replace_by_pure_dict(abstract, jax.jit(merged_params, static_argnums=1)(
+        params_of(model), config))
+    return nnx.merge(graphdef, abstract)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def base_pointer(model_init, value_init: str = "policy") -> dict:
+    """What ``metadata['lora_base']`` records: enough to rebuild the base."""
+    return {"source": model_init.source, "step": model_init.step, "seed": model_init.seed,
+            "use_execution_config": model_init.use_execution_config, "value_init": value_init}
+
+
+def rebuild_base(pointer: dict, config, model_kind: str, *, mesh=None, rules=None):
+    """The adapted model (fresh adapters) on the base ``pointer`` names, as a run with
+    ``config`` (which carries the LoRA config) starts from it."""
+    from jalign.sharding import DEFAULT_RULES
+    from jalign.train.setup import ModelInit, load_initial_model
+    rules = DEFAULT_RULES if rules is None else rules
+    init = ModelInit(source=pointer["source"], seed=pointer["seed"], step=pointer["step"],
+                     use_execution_config=pointer["use_execution_config"])
+    _, model = load_initial_model(init, config.replace(lora=None), mesh, rules, model_kind,
+                                  value_source=pointer.get("value_init", "policy"))
+    return attach(model, config.lora, seed=pointer["seed"], mesh=mesh, rules=rules)
+
+
+def load_adapted(directory, step: int, metadata: dict, config, model_kind: str, *, mesh=None,
+                 rules=None, restore_params):
+    """The adapted model of a LoRA run's checkpoint step: its base rebuilt (and checked
+    against the checksums saved with the step), its adapters restored. ``restore_params
+    (abstract adapter tree) -> adapter tree`` reads the step's ``params`` item."""
+    from jalign import checksum
+    from jalign.checkpoint import CheckpointError
+    model = rebuild_base(metadata["lora_base"], config, model_kind, mesh=mesh, rules=rules)
+    layout = ParamLayout(config, model_kind)
+    _, base = layout.split(params_of(model))
+    expected = metadata.get("checksums", {}).get("base")
+    if expected:
+        bad = checksum.mismatches(expected, base)
+        if bad:
+            raise CheckpointError(
+                f"{directory} step {step}: the base its adapters were trained on, rebuilt from "
+                f"{metadata['lora_base']['source']!r}, differs from the one the run used "
+                f"({len(bad)} arrays, e.g. {bad[:2]}): the source changed since; restore it")
+    graphdef, abstract = abstract_model(config, mesh, model_cls=type(model))
+    trained_abstract, _ = layout.split(nnx.to_pure_dict(abstract))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        trained_abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), trained_abstract)
+    trained = restore_params(trained_abstract)
+    nnx.replace_by_pure_dict(abstract, layout.join(trained, base))
+    return nnx.merge(graphdef, abstract)
+
+
+def adapter_count(params: dict) -> int:
+    """Number of adapter parameters (A and B entries) in a tree."""
+    flat = traverse_util.flatten_dict(params)
+    return sum(int(v.size) for k, v in flat.items() if L.is_adapter(str(k[-1])))
