@@ -1,0 +1,176 @@
+"""LoRA training, in-process on the real run setup (open_run): only adapters train (the
+optimizer's state is 2 x the adapters for AdamW, gradients exist for them alone and the
+compiled step keeps no buffers the size of the base), the DPO reference is the base read
+without adapters (the same loss as an explicit frozen copy, one model held), a quantised
+base trains, and problems are refused at the start."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jalign.errors import ConfigError
+from jalign.train.adapters import adapter_count
+from jalign.train.experiment import load_experiment
+from jalign.train.loop import _global_batch
+from jalign.train.partition import ParamLayout
+from jalign.train.run import open_run
+from jalign.train.setup import frozen_graphdefs
+from jalign.train.state import params_of
+from jalign.train.step import accumulate, batch_sharding, make_train_step
+
+HERE = Path(__file__).parent
+SFT, DPO = str(HERE / "tiny_sft.gin"), str(HERE / "tiny_dpo.gin")
+
+
+def _open(tmp_path, config, *bindings):
+    exp = load_experiment([config], [f"TrainConfig.output_root='{tmp_path}'",
+                                     "TrainConfig.run_name='lora'",
+                                     # 8 test devices: adapters sharded over tensor too
+                                     "MeshConfig.fsdp=2", "MeshConfig.tensor=4", *bindings])
+    return open_run(exp.algorithm, train_config=exp.train, optimizer_config=exp.optimizer,
+                    data_config=exp.data, eval_data_config=None, model_config=exp.model,
+                    model_init=exp.model_init, mesh_config=exp.mesh,
+                    operative_config=exp.operative, lora_config=exp.lora)
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_only_adapters_train_and_the_optimizer_holds_two_moments_each(tmp_path):
+    run = _open(tmp_path, SFT, "LoraConfig.rank=4", "LoraConfig.targets=('q', 'v', 'down')")
+    state = run.state
+    trained = traverse_util.flatten_dict(state.params)
+    assert trained and all(k[-1].endswith(("_lora_a", "_lora_b")) for k in trained)
+    n = adapter_count(state.params)
+    assert n == sum(int(v.size) for v in trained.values())
+    # AdamW: mu and nu per adapter entry; the rest of its state is scalar counts.
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sum(int(x.size) for x in moments) == 2 * n
+    base = traverse_util.flatten_dict(state.base)
+    assert ("embed",) in base and ("layers", "wq") in base and state.frozen is None
+
+    # Gradients: one per adapter entry, nothing for the base (the step's output structure).
+    batch = _global_batch(run.source.next(state), batch_sharding(run.mesh, run.global_batch))
+    out, grads = jax.eval_shape(lambda s, b: accumulate(
+        run.algo.loss_fn, run.graphdef, s.params, b, jax.random.key(0), 1, mesh=run.mesh,
+        base_entries=run.layout.base_entries(s.base)), state, batch)
+    assert jax.tree.structure(grads) == jax.tree.structure(state.params)
+
+    # The compiled step's scratch memory holds no gradient of the base: full fine-tuning's
+    # step needs at least the base's size (its gradients) more scratch per device than the
+    # LoRA step on the same batch (activations are alike in both).
+    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                           state_sharding=run.shardings, global_batch=run.global_batch,
+                           layout=run.layout, donate=False)
+    temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    full = _open(tmp_path / "full", SFT)
+    full_step = make_train_step(full.algo.loss_fn, full.optimizer, full.graphdef,
+                                mesh=full.mesh, state_sharding=full.shardings,
+                                global_batch=full.global_batch, donate=False)
+    full_temp = full_step.lower(full.state, batch).compile().memory_analysis().temp_size_in_bytes
+    base_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.base))
+    assert full_temp - temp >= base_bytes, (full_temp, temp, base_bytes)
+
+
+def test_lora_steps_change_only_the_adapters(tmp_path):
+    run = _open(tmp_path, SFT, "LoraConfig.rank=4", "LoraConfig.alpha=8",
+                "OptimizerConfig.learning_rate=0.01")
+    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                           state_sharding=run.shardings, global_batch=run.global_batch,
+                           layout=run.layout)
+    sh = batch_sharding(run.mesh, run.global_batch)
+    base_before = jax.tree.map(np.asarray, run.state.base)
+    b_before = np.asarray(run.state.params["layers"]["wq_lora_b"])
+    state, losses = run.state, []
+    batch = _global_batch(run.source.next(run.state), sh)
+    for _ in range(4):  # on one batch: its loss goes down
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.base),
+                 base_before)  # exact: the base is never written
+    assert not np.array_equal(np.asarray(state.params["layers"]["wq_lora_b"]), b_before)
+    assert np.all(b_before == 0) and losses[-1] < losses[0]
+
+
+def test_dpo_reference_is_the_base_without_adapters(tmp_path):
+    """The same losses and updates as DPO with an explicit frozen copy of the initial model,
+    while the state holds one model."""
+    from jalign.checkpoint import CheckpointError  # noqa: F401 (import check only)
+    from jalign.models.heads import model_class  # noqa: F401
+    from jalign.train.setup import ModelInit, load_initial_model
+
+    lora = ("LoraConfig.rank=4", "LoraConfig.alpha=16", "OptimizerConfig.learning_rate=0.01")
+    run = _open(tmp_path / "a", DPO, *lora)
+    assert run.state.frozen is None and run.frozen_configs is None
+    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                           state_sharding=run.shardings, global_batch=run.global_batch,
+                           frozen_graphdefs=frozen_graphdefs(run.layout), layout=run.layout,
+                           donate=False)
+
+    # The explicit copy: the initial model as a full DPO run loads it, in state.frozen.
+    @dataclasses.dataclass(frozen=True)
+    class ExplicitCopy(ParamLayout):
+        def frozen_params(self, state):
+            return state.frozen
+
+    _, initial = load_initial_model(ModelInit(), run.model_config.replace(lora=None), run.mesh)
+    copy = jax.tree.map(jnp.copy, params_of(initial))
+    explicit = ExplicitCopy(run.model_config, run.algo.model_kind, run.algo.frozen_models)
+    plain_def = {"reference": __import__("jalign.models.build", fromlist=["x"]).abstract_model(
+        run.model_config.replace(lora=None))[0]}
+    shardings = run.shardings._replace(frozen={"reference": jax.tree.map(
+        lambda x: x.sharding, copy)})
+    step_copy = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                                state_sharding=shardings, global_batch=run.global_batch,
+                                frozen_graphdefs=plain_def, layout=explicit, donate=False)
+    sh = batch_sharding(run.mesh, run.global_batch)
+    a, b = run.state, run.state._replace(frozen={"reference": copy})
+    assert _nbytes(b) - _nbytes(a) == _nbytes(copy)  # the copy is a whole model more
+    for i in range(3):
+        batch = _global_batch(run.source.next(a), sh)
+        a, ma = step(a, batch)
+        b, mb = step_copy(b, batch)
+        # after step 1 the policy differs from the reference: the loss is not log 2
+        assert abs(float(ma["loss"]) - float(mb["loss"])) <= 1e-6, (i, ma["loss"], mb["loss"])
+    assert abs(float(ma["loss"]) - np.log(2)) > 1e-3
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         atol=1e-6), a.params, b.params)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantised_base_trains_its_adapters(tmp_path, kind):
+    run = _open(tmp_path, SFT, "LoraConfig.rank=4", f"LoraConfig.quantize='{kind}'",
+                "LoraConfig.block_size=32", "OptimizerConfig.learning_rate=0.01")
+    layers = run.state.base["layers"]
+    assert layers["wq"].dtype == (jnp.int8 if kind == "int8" else jnp.uint8)
+    assert "wq_scale" in layers
+    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                           state_sharding=run.shardings, global_batch=run.global_batch,
+                           layout=run.layout)
+    sh = batch_sharding(run.mesh, run.global_batch)
+    state, losses = run.state, []
+    batch = _global_batch(run.source.next(run.state), sh)
+    for _ in range(4):  # on one batch: its loss goes down
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (("LoraConfig.quantize='nf4'",), "LoraConfig.quantize='nf4' needs LoraConfig.rank > 0"),
+    (("LoraConfig.rank=4", "OptimizerConfig.trainable='layers'"), "OptimizerConfig.trainable"),
+    (("LoraConfig.rank=4", "LoraConfig.layers=(0, 5)"), "LoraConfig.layers=(0, 5): the model "
+                                                          "has 2 layers"),
+    (("LoraConfig.rank=4", "LoraConfig.quantize='int8'", "LoraConfig.block_size=48"),
+     "LoraConfig.block_size=48 does not divide"),
+])
+def test_bad_lora_configs_fail_at_start(tmp_path, bindings, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _open(tmp_path, SFT, *bindings)
+    assert not (tmp_path / "lora" / "checkpoints").exists()
