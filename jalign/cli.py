@@ -63,6 +63,9 @@ def cmd_convert(args) -> int:
         if config.lora.quantize:
             print(f"note: the adapters were trained on a {config.lora.quantize} base; PEFT "
                   f"applies them to the base weights of {base} as given")
+        if not meta["lora_base"]["source"].startswith("hf:"):
+            print(f"note: the base is {meta['lora_base']['source']!r}, not a Hugging Face "
+                  "model: PEFT needs it as one (jalign convert jalign-to-hf on the base's run)")
         peft.save_peft(model, args.dst, base_name=base, overwrite=args.overwrite)
     else:
         # The checkpoint's model_kind decides the class; save_hf exports either kind. A

@@ -174,3 +174,26 @@ def test_bad_lora_configs_fail_at_start(tmp_path, bindings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _open(tmp_path, SFT, *bindings)
     assert not (tmp_path / "lora" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("config", ["tiny_sft.gin", "tiny_rm.gin", "tiny_dpo.gin",
+                                    "tiny_ift.gin"])
+def test_every_algorithm_trains_adapters_only(tmp_path, config):
+    """(PPO: tests/train/test_lora_loop.py.) One step of each algorithm with LoRA: what
+    trains is adapters (and a reward model's fresh score head), and they move."""
+    run = _open(tmp_path, str(HERE / config), "LoraConfig.rank=2",
+                "OptimizerConfig.learning_rate=0.01", "OptimizerConfig.warmup_steps=0")
+    names = {k[-1] for k in traverse_util.flatten_dict(run.state.params)}
+    want = {f"{w}_lora_{ab}" for w in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+            for ab in "ab"}
+    assert names == (want | {"score"} if run.algo.model_kind == "scalar_head" else want)
+    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
+                           state_sharding=run.shardings, global_batch=run.global_batch,
+                           frozen_graphdefs=frozen_graphdefs(run.layout), layout=run.layout)
+    before = jax.tree.map(np.asarray, run.state.params)
+    state, m = step(run.state, _global_batch(run.source.next(run.state),
+                                             batch_sharding(run.mesh, run.global_batch)))
+    assert np.isfinite(float(m["loss"])) and bool(m["finite"])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params, before)
+    layers = moved["layers"] if "layers" in moved else moved["backbone"]["layers"]
+    assert all(layers[n] for n in want if n.endswith("_b")), moved

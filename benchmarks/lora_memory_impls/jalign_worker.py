@@ -1,0 +1,104 @@
+"""jalign SFT train steps in one mode (full, lora, int8, nf4) at one shape; prints one
+JSON line: peak resident memory (``ru_maxrss``) after the steps, the process's peak before
+the model was built (imports), the state's parts in bytes, and the compiled step's memory
+analysis (arguments, outputs, aliased, scratch). ``--abstract``: no arrays at all, only the
+step compiled for the shapes (what a model too big for this machine would need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["full", "lora", "int8", "nf4"], required=True)
+    for k, v in dict(vocab=8192, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8,
+                     head_dim=0, batch=4, seq=512, rank=16, block=64, steps=3).items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--abstract", action="store_true")
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jalign.losses.sft import sft_loss
+    from jalign.models.build import abstract_model, create_model
+    from jalign.models.config import LlamaConfig
+    from jalign.models.lora import LoraConfig
+    from jalign.sharding import MeshConfig, make_mesh
+    from jalign.train.adapters import attach
+    from jalign.train.optimizer import OptimizerConfig
+    from jalign.train.partition import ParamLayout
+    from jalign.train.setup import abstract_train_state, build_optimizer, fresh_state
+    from jalign.train.step import make_train_step
+
+    before = _rss()
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads,
+                      head_dim=args.head_dim or None, tie_word_embeddings=args.tied,
+                      max_position_embeddings=max(4096, args.seq), scan_layers=False)
+    lora = None
+    if args.mode != "full":
+        lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank,
+                          quantize=None if args.mode == "lora" else args.mode,
+                          block_size=args.block)
+    trained_cfg = cfg.replace(lora=lora)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    layout = ParamLayout(trained_cfg)
+    opt = OptimizerConfig(name="adamw", learning_rate=1e-4, schedule="constant", b2=0.95,
+                          clip_norm=None, warmup_steps=0)
+    tx, _ = build_optimizer(opt, trained_cfg, 1000, layout=layout)
+    graphdef, abstract, sh = abstract_train_state(trained_cfg, tx, mesh, layout=layout)
+    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
+                           global_batch=args.batch, layout=layout)
+    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
+    batch = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy()}
+    batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    t0 = time.time()
+    compiled = step.lower(abstract, batch_abs).compile()
+    ma = compiled.memory_analysis()
+    out = {"mode": args.mode, "params": cfg.num_params(), "compile_seconds": time.time() - t0,
+           "analysis": {k: int(getattr(ma, k)) for k in (
+               "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+               "temp_size_in_bytes")}}
+
+    def nbytes(tree):
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    out["state_bytes"] = {"trained": nbytes(abstract.params), "base": nbytes(abstract.base),
+                          "optimizer": nbytes(abstract.opt_state)}
+    out["trained_params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    if not args.abstract:
+        model = create_model(cfg, seed=0, mesh=mesh)
+        if lora is not None:
+            model = attach(model, lora, seed=0, mesh=mesh)
+        state = fresh_state(model, tx, 0, sh, layout=layout)
+        del model
+        batch = jax.device_put(batch)
+        times, losses = [], []
+        for _ in range(args.steps):
+            t = time.time()
+            state, m = compiled(state, batch)
+            losses.append(float(m["loss"]))
+            times.append(time.time() - t)
+        out.update(losses=losses, step_seconds=times)
+    out.update(rss_before=before, rss_peak=_rss())
+    print("@@" + json.dumps(out), flush=True)
+    del nnx, abstract_model
+
+
+if __name__ == "__main__":
+    sys.exit(main())
