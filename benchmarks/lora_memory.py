@@ -7,9 +7,10 @@ jalign and in TRL + PEFT, at two shapes.
         32/8 heads of 64, tied embeddings; 1.24B parameters), small batch: 1 x 256 tokens
 
 Every row is a fresh process (benchmarks/lora_memory_impls/*) that builds a random model,
-runs --steps AdamW steps (float32, lr 1e-4, no clipping) and reports its peak resident
-memory (ru_maxrss) and its peak before the model was built (the imports: JAX's or
-torch's runtime). LoRA: rank 16, alpha 32, every attention and MLP projection; QLoRA: the
+runs --steps AdamW steps (float32, lr 1e-4, no clipping) and reports its resident memory
+just before the steps (state, compiled program, runtime), the peak during the steps
+(VmHWM, reset before them through /proc/self/clear_refs) and the process's peak (building
+the model included: a quantised base is made from a float32 one). LoRA: rank 16, alpha 32, every attention and MLP projection; QLoRA: the
 frozen projections as int8 or NF4 codes with a float32 scale per 64 inputs (embeddings
 and the LM head stay float32, as in QLoRA). jalign rows also give the compiled step's
 memory analysis (arguments + scratch); a row whose full state would not fit this machine
@@ -98,13 +99,13 @@ def main() -> None:
                                *_args(shape, args.steps)])
             rows.append(("TRL + PEFT", shape, mode, False, result))
             print(f"TRL {shape} {mode}: {result.get('error', 'done')}", flush=True)
-    print("\n| shape | implementation | mode | trained params | state: trained + optimizer "
-          "+ frozen base (GiB) | compiled step: arguments + scratch (GiB) | peak RSS (GiB) | "
-          "peak RSS − imports (GiB) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("\n| shape | implementation | mode | trained params | state: trained + optimizer + "
+          "frozen base (GiB) | compiled step: arguments + scratch (GiB) | resident before the "
+          "steps (GiB) | peak during the steps (GiB) | peak of the process (GiB) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for impl, shape, mode, abstract, r in rows:
         if "error" in r:
-            print(f"| {shape} | {impl} | {mode} | | | | {r['error']} | |")
+            print(f"| {shape} | {impl} | {mode} | {r['error']} | | | | | |")
             continue
         state = r.get("state_bytes")
         state_txt = ("—" if state is None else
@@ -113,10 +114,13 @@ def main() -> None:
         a = r.get("analysis")
         comp = "—" if a is None else (f"{_gib(a['argument_size_in_bytes'])} + "
                                       f"{_gib(a['temp_size_in_bytes'])}")
-        peak = "abstract" if abstract else _gib(r["rss_peak"])
-        net = "—" if abstract else _gib(r["rss_peak"] - r["rss_before"])
+        if abstract:
+            measured = "abstract (compiled only) | — | —"
+        else:
+            measured = (f"{_gib(r.get('rss_state'))} | {_gib(r.get('rss_steps_peak'))} | "
+                        f"{_gib(r['rss_peak'])}")
         print(f"| {shape} | {impl} | {mode} | {r['trained_params'] / 1e6:.2f}M | {state_txt} | "
-              f"{comp} | {peak} | {net} |")
+              f"{comp} | {measured} |")
     if args.json:
         args.json.write_text(json.dumps([dict(impl=i, shape=s, mode=m, abstract=a, **r)
                                          for i, s, m, a, r in rows], indent=2) + "\n")

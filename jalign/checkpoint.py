@@ -160,20 +160,27 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
     stored_dtype = jax.numpy.dtype(read_model_config(directory, step).param_dtype)
     as_stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype,
                                                             sharding=a.sharding), target)
+    restored = _restore_params(directory, step, as_stored, read_metadata(directory, step))
+    params = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x,
+                          restored, target)
+    nnx.replace_by_pure_dict(abstract, params)
+    return config, nnx.merge(graphdef, abstract)
+
+
+def _restore_params(directory, step: int, abstract, metadata: dict):
+    """The step's ``params`` item read onto ``abstract``'s shapes and shardings, checked
+    against the checksums saved with it."""
     mngr = manager(_checkpoint_dir(directory))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(as_stored)))
+            params=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # undecodable bytes surface as tensorstore/zstd errors
         raise CorruptCheckpoint(f"{directory} step {step} cannot be read back "
                                 f"({type(e).__name__}: {first_line(e)})") from None
     finally:
         mngr.close()
-    _verify(directory, step, "params", read_metadata(directory, step), restored["params"])
-    params = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x,
-                          restored["params"], target)
-    nnx.replace_by_pure_dict(abstract, params)
-    return config, nnx.merge(graphdef, abstract)
+    _verify(directory, step, "params", metadata, restored["params"])
+    return restored["params"]
 
 
 def _load_lora_run(directory, step: int, config: LlamaConfig, stored: str, wanted: str, mesh,
@@ -184,21 +191,9 @@ def _load_lora_run(directory, step: int, config: LlamaConfig, stored: str, wante
         raise CheckpointError(f"{directory} step {step}: a LoRA model without a recorded base "
                               "(metadata['lora_base'])")
 
-    def restore_params(abstract):
-        mngr = manager(_checkpoint_dir(directory))
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract)))
-        except Exception as e:  # undecodable bytes surface as tensorstore/zstd errors
-            raise CorruptCheckpoint(f"{directory} step {step} cannot be read back "
-                                    f"({type(e).__name__}: {first_line(e)})") from None
-        finally:
-            mngr.close()
-        _verify(directory, step, "params", metadata, restored["params"])
-        return restored["params"]
-
     model = A.load_adapted(directory, step, metadata, config, stored, mesh=mesh, rules=rules,
-                           restore_params=restore_params)
+                           restore_params=lambda abstract: _restore_params(
+                               directory, step, abstract, metadata))
     if not adapters:
         model = A.merge(model)
     if stored == "policy_value" and wanted in PARTS:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sys
 import time
 
-
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import peak_rss, reset_peak, status  # noqa: E402
 
 
 def main():
@@ -30,10 +29,9 @@ def main():
 
     import jax
     import numpy as np
-    from flax import nnx
 
     from jalign.losses.sft import sft_loss
-    from jalign.models.build import abstract_model, create_model
+    from jalign.models.build import create_model
     from jalign.models.config import LlamaConfig
     from jalign.models.lora import LoraConfig
     from jalign.sharding import MeshConfig, make_mesh
@@ -43,7 +41,7 @@ def main():
     from jalign.train.setup import abstract_train_state, build_optimizer, fresh_state
     from jalign.train.step import make_train_step
 
-    before = _rss()
+    before = peak_rss()
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                       intermediate_size=args.intermediate, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.kv_heads,
@@ -88,16 +86,19 @@ def main():
         state = fresh_state(model, tx, 0, sh, layout=layout)
         del model
         batch = jax.device_put(batch)
+        import gc
+        gc.collect()
+        out["rss_state"] = status("VmRSS")  # the state (and the compiled step) resident
+        reset_peak()
         times, losses = [], []
         for _ in range(args.steps):
             t = time.time()
             state, m = compiled(state, batch)
             losses.append(float(m["loss"]))
             times.append(time.time() - t)
-        out.update(losses=losses, step_seconds=times)
-    out.update(rss_before=before, rss_peak=_rss())
+        out.update(losses=losses, step_seconds=times, rss_steps_peak=status("VmHWM"))
+    out.update(rss_before=before, rss_peak=peak_rss())
     print("@@" + json.dumps(out), flush=True)
-    del nnx, abstract_model
 
 
 if __name__ == "__main__":

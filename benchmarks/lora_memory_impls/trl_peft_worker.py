@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                "train_step_impls"))
-
-
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "train_step_impls")]
+from memory import peak_rss, reset_peak, status  # noqa: E402
 
 
 def main():
@@ -42,7 +38,7 @@ def main():
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    before = _rss()
+    before = peak_rss()
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -71,9 +67,14 @@ def main():
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset,
                          processing_class=toy_tokenizer(args.vocab), peft_config=peft_config)
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    trainer.train()
+    import gc
+    gc.collect()
+    rss_state = status("VmRSS")
+    reset_peak()
+    trainer.train()  # creates the optimizer (its moments) in its first step
     print("@@" + json.dumps({"mode": args.mode, "trained_params": trained,
-                             "rss_before": before, "rss_peak": _rss(),
+                             "rss_before": before, "rss_peak": peak_rss(), "rss_state": rss_state,
+                             "rss_steps_peak": status("VmHWM"),
                              "versions": {"trl": trl.__version__, "torch": torch.__version__}}),
           flush=True)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +31,8 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jalign.convert.hf_config import (checkpoint_kind, config_from_hf, config_to_hf,
                                       generation_config_to_hf)
-from jalign.convert.safetensors_io import ConversionError, SafetensorsCheckpoint, write_sharded
+from jalign.convert.safetensors_io import (ConversionError, SafetensorsCheckpoint,
+                                          atomic_directory, write_sharded)
 from jalign.errors import first_line
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
@@ -385,7 +384,7 @@ def save_hf(config: LlamaConfig, model, path, *, dtype=None,
     so an interrupted export never leaves a half-written checkpoint at ``path``.
     """
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:  # before any work is done
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     kind = kind_of(model)
     np_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else config.weight_dtype)
@@ -412,17 +411,9 @@ def save_hf(config: LlamaConfig, model, path, *, dtype=None,
         for *_, fn in plan:
             fn()
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(plan, tmp, max_shard_bytes)
         _write_json(tmp / "config.json", config_to_hf(described, np_dtype.name, kind))
         if kind == "causal_lm":  # a classifier does not generate
             _write_json(tmp / "generation_config.json", generation_config_to_hf(described))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

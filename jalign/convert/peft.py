@@ -14,14 +14,13 @@ head dims are transformers' order, so each A and B is a reshape and a transpose.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from jalign.convert.safetensors_io import atomic_directory
 from jalign.train.state import params_of
 
 # jalign weight -> the transformers module it lives in (under model.layers.{i}.).
@@ -85,21 +84,15 @@ def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
     if kind_of(model) not in TASK_TYPES:
         raise ValueError(f"a {kind_of(model)} model has no PEFT task type; export its parts")
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:  # before any work is done
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    tensors = adapter_tensors(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    tensors = adapter_tensors(model)  # every process joins the gathers; process 0 writes
+    if jax.process_index() != 0:
+        return out
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(
             json.dumps(adapter_config(model, base_name), indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -38,25 +38,33 @@ def attach(model, lora: LoraConfig, *, seed: int = 0, mesh=None, rules=None):
     shardings = (None if mesh is None else
                  traverse_util.unflatten_dict({k: v.sharding for k, v in target.items()}))
     paths = sorted(target)
+    flat_base = traverse_util.flatten_dict(params_of(model))
+    layer_dicts = _layers_dicts(flat_base)
 
-    def build(base):
-        flat = traverse_util.flatten_dict(base)
+    def quantized(path):
+        return bool(lora.quantize) and path[-1] in L.QUANTIZED_WEIGHTS and path[:-1] in layer_dicts
+
+    # Weights kept as they are are donated (the result reuses their buffers: no second copy
+    # of the base while loading); weights to quantise are read, then freed with ``model``.
+    kept = {k: v for k, v in flat_base.items() if not quantized(k)}
+    to_quantize = {k: v for k, v in flat_base.items() if quantized(k)}
+
+    def build(kept, to_quantize):
         key = jax.random.key(seed)
         out = {}
         for i, path in enumerate(paths):
             name, want = path[-1], target[path]
             if L.is_adapter(name):
                 out[path] = L.init_adapter(jax.random.fold_in(key, i), name, want.shape, want.dtype)
-            elif name.endswith(L.SCALE_SUFFIX) and path[:-1] + (name[:-6],) in flat:
-                continue  # written with its codes below
-            elif lora.quantize and name in L.QUANTIZED_WEIGHTS and path[:-1] in _layers_dicts(flat):
-                codes, scale = L.quantize_weight(flat[path], name, lora.quantize, lora.block_size)
+            elif path in to_quantize:
+                codes, scale = L.quantize_weight(to_quantize[path], name, lora.quantize,
+                                                 lora.block_size)
                 out[path], out[path[:-1] + (name + L.SCALE_SUFFIX,)] = codes, scale
-            else:
-                out[path] = flat[path].astype(want.dtype)
+            elif path in kept:
+                out[path] = kept[path].astype(want.dtype)
         return traverse_util.unflatten_dict(out)
 
-    params = jax.jit(build, out_shardings=shardings)(params_of(model))
+    params = jax.jit(build, out_shardings=shardings, donate_argnums=(0,))(kept, to_quantize)
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)
 

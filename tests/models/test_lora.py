@@ -3,6 +3,8 @@ nothing (exactly, scanned and unrolled, sharded and single device), merging comp
 the adapters compute, the quantised weights follow qwix's block-wise numerics, and the
 quantised matmul's gradient is the dequantised weight's."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from jalign.models import lora as L
 from jalign.models.build import create_model, forward
 from jalign.models.config import LlamaConfig, preset
 from jalign.models.heads import PolicyValueModel, ScalarHeadModel
+from jalign.models.llama import layer_shapes
 from jalign.models.lora import LoraConfig
 from jalign.sharding import MeshConfig, make_mesh
 from jalign.train.adapters import attach, merge
@@ -140,8 +143,7 @@ def test_memory_per_base_parameter():
         return sum(v.nbytes for k, v in layers.items()
                    if k in L.QUANTIZED_WEIGHTS or k.endswith(L.SCALE_SUFFIX))
 
-    n = sum(int(np.prod(s)) for k, s in
-            __import__("jalign.models.llama", fromlist=["x"]).layer_shapes(config).items()
+    n = sum(int(np.prod(s)) for k, s in layer_shapes(config).items()
             if k in L.QUANTIZED_WEIGHTS) * config.num_layers
     full = projection_bytes(create_model(config, seed=0))
     assert full == 4 * n
@@ -164,7 +166,7 @@ def test_every_model_kind_takes_adapters():
 def test_lora_config_round_trips_and_rejects_bad_values():
     config = CONFIG.replace(lora=LoraConfig(rank=4, targets=["q", "v"], layers=[1],
                                             quantize="nf4"))
-    again = LlamaConfig.from_dict(__import__("json").loads(config.to_json()))
+    again = LlamaConfig.from_dict(json.loads(config.to_json()))
     assert again == config and hash(again) == hash(config)
     assert CONFIG.replace(lora=LoraConfig()).lora is None  # rank 0 on a plain base
     for bad, field in ((dict(rank=-1), "rank"), (dict(targets=("q", "x")), "targets"),

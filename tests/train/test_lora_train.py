@@ -101,8 +101,7 @@ def test_lora_steps_change_only_the_adapters(tmp_path):
 def test_dpo_reference_is_the_base_without_adapters(tmp_path):
     """The same losses and updates as DPO with an explicit frozen copy of the initial model,
     while the state holds one model."""
-    from jalign.checkpoint import CheckpointError  # noqa: F401 (import check only)
-    from jalign.models.heads import model_class  # noqa: F401
+    from jalign.models.build import abstract_model
     from jalign.train.setup import ModelInit, load_initial_model
 
     lora = ("LoraConfig.rank=4", "LoraConfig.alpha=16", "OptimizerConfig.learning_rate=0.01")
@@ -122,8 +121,7 @@ def test_dpo_reference_is_the_base_without_adapters(tmp_path):
     _, initial = load_initial_model(ModelInit(), run.model_config.replace(lora=None), run.mesh)
     copy = jax.tree.map(jnp.copy, params_of(initial))
     explicit = ExplicitCopy(run.model_config, run.algo.model_kind, run.algo.frozen_models)
-    plain_def = {"reference": __import__("jalign.models.build", fromlist=["x"]).abstract_model(
-        run.model_config.replace(lora=None))[0]}
+    plain_def = {"reference": abstract_model(run.model_config.replace(lora=None))[0]}
     shardings = run.shardings._replace(frozen={"reference": jax.tree.map(
         lambda x: x.sharding, copy)})
     step_copy = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
