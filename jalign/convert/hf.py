@@ -282,7 +282,7 @@ def _model_kind_for(kind: str, file_kind: str, directory: Path) -> str:
 
 def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, dtype=None,
             compute_dtype=None, rules: Rules = DEFAULT_RULES, allow_nonfinite: bool = False,
-            **config_overrides):
+            quantize: tuple[str, int] | None = None, **config_overrides):
     """Load a Hugging Face Llama checkpoint (directory or hub id) as a jalign model.
 
     Returns ``(config, model)``. ``head="lm"`` builds a ``Llama`` from a
@@ -297,6 +297,10 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     overridden by keyword. With ``mesh``, parameters are sharded per ``rules`` as read.
     A truncated file or a tensor holding NaN/Inf is a ConversionError naming the file and
     the tensor (``allow_nonfinite=True`` imports non-finite values anyway).
+
+    ``quantize=(kind, block_size)`` (``'int8'``/``'nf4'``) stores every layer projection as
+    codes as soon as it is read (a QLoRA base: the model never exists in its parameter
+    dtype as a whole); the config then carries ``LoraConfig(rank=0, quantize=kind)``.
     """
     if head not in HEADS:
         raise ValueError(f"load_hf: head={head!r}; one of {sorted(HEADS)}")
@@ -312,6 +316,13 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     graphdef, abstract = abstract_model(config, mesh, rules, model_class(kind))
     flat = dict(nnx.to_flat_state(abstract))
     default_sharding = SingleDeviceSharding(jax.devices()[0])
+    quantized = None
+    if quantize is not None:
+        from jalign.models.lora import LoraConfig
+        quantized = config.replace(lora=LoraConfig(rank=0, quantize=quantize[0],
+                                                   block_size=quantize[1]))
+        graphdef, q_abstract = abstract_model(quantized, mesh, rules, model_class(kind))
+        q_flat = dict(nnx.to_flat_state(q_abstract))
 
     def place(jalign_path, read, stacked):
         target = flat[jalign_path]
@@ -329,6 +340,10 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
                 return m.to_jalign(ckpt.read(m.hf_name.format(i=i) if i is not None else m.hf_name))
 
             values[m.jalign_path] = place(m.jalign_path, read, m.stacked)
+            path = m.jalign_path
+            if quantized is not None and path[:-1] + (path[-1] + "_scale",) in q_flat:
+                values.update(_quantize_placed(m.jalign_path, values.pop(m.jalign_path),
+                                               q_flat, quantize, mesh is not None))
     finally:
         ckpt.close()
     if kind != file_kind:
@@ -336,11 +351,28 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
               f"head is freshly initialised (seed={seed})", flush=True)
         score = np.asarray(fresh_score(config, seed))
         values[("score",)] = place(("score",), lambda _: score, False)
+    if quantized is not None:
+        config, flat = quantized, q_flat
     missing = set(flat) - set(values)
     if missing:  # a model parameter no HF tensor fills: a bug in tensor_maps, never silent
         raise ConversionError(f"internal: no HF source for {sorted(missing)}")
     state = nnx.from_flat_state([(k, flat[k].replace(values[k])) for k in flat])
     return config, nnx.merge(graphdef, state)
+
+
+def _quantize_placed(path: tuple, weight: jax.Array, q_flat: dict, quantize: tuple[str, int],
+                     sharded: bool) -> dict:
+    """{path: codes, path_scale: scale} of a placed stacked projection weight (which is
+    then dropped), laid out as the quantised model's parameters."""
+    from jalign.models.lora import SCALE_SUFFIX, quantize_weight
+    scale_path = path[:-1] + (path[-1] + SCALE_SUFFIX,)
+    out_sh = None
+    if sharded:
+        out_sh = (q_flat[path].get_value().sharding, q_flat[scale_path].get_value().sharding)
+    fn = jax.jit(quantize_weight, static_argnums=(1, 2, 3), out_shardings=out_sh)
+    codes, scale = fn(weight, path[-1], quantize[0], quantize[1])
+    del weight
+    return {path: codes, scale_path: scale}
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

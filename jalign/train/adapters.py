@@ -29,7 +29,8 @@ def attach(model, lora: LoraConfig, *, seed: int = 0, mesh=None, rules=None):
     """``model`` (plain) as the frozen base of fresh adapters: A random (seeded by
     ``seed``), B zero, so the result computes exactly what ``model`` does; its projection
     weights become codes when ``lora.quantize``. The returned model's config carries
-    ``lora``. ``model``'s arrays are consumed (donated) where the platform allows."""
+    ``lora``. ``model``'s arrays are consumed (donated) where the platform allows. A base
+    already holding codes (``load_hf(quantize=...)``) keeps them."""
     from jalign.sharding import DEFAULT_RULES
     rules = DEFAULT_RULES if rules is None else rules
     config = model.config.replace(lora=lora)
@@ -41,8 +42,10 @@ def attach(model, lora: LoraConfig, *, seed: int = 0, mesh=None, rules=None):
     flat_base = traverse_util.flatten_dict(params_of(model))
     layer_dicts = _layers_dicts(flat_base)
 
-    def quantized(path):
-        return bool(lora.quantize) and path[-1] in L.QUANTIZED_WEIGHTS and path[:-1] in layer_dicts
+    def quantized(path):  # a float base weight to quantise (a base read as codes has none)
+        return (bool(lora.quantize) and path[-1] in L.QUANTIZED_WEIGHTS
+                and path[:-1] in layer_dicts
+                and path[:-1] + (path[-1] + L.SCALE_SUFFIX,) not in flat_base)
 
     # Weights kept as they are are donated (the result reuses their buffers: no second copy
     # of the base while loading); weights to quantise are read, then freed with ``model``.
@@ -109,8 +112,11 @@ def rebuild_base(pointer: dict, config, model_kind: str, *, mesh=None, rules=Non
     rules = DEFAULT_RULES if rules is None else rules
     init = ModelInit(source=pointer["source"], seed=pointer["seed"], step=pointer["step"],
                      use_execution_config=pointer["use_execution_config"])
+    lora = config.lora
     _, model = load_initial_model(init, config.replace(lora=None), mesh, rules, model_kind,
-                                  value_source=pointer.get("value_init", "policy"))
+                                  value_source=pointer.get("value_init", "policy"),
+                                  quantize=(lora.quantize, lora.block_size)
+                                  if lora.quantize else None)
     return attach(model, config.lora, seed=pointer["seed"], mesh=mesh, rules=rules)
 
 

@@ -188,8 +188,11 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     def initial_model():  # loaded at most once: for the reference pass and/or a fresh state
         if "model" not in loaded:
-            config, model = load_initial_model(model_init, base_config, mesh, rules,
-                                               algo.model_kind, value_source=algo.value_init)
+            lora = model_config.lora
+            config, model = load_initial_model(
+                model_init, base_config, mesh, rules, algo.model_kind,
+                value_source=algo.value_init,
+                quantize=(lora.quantize, lora.block_size) if lora and lora.quantize else None)
             if config != base_config:  # both read from the same source: a bug if not
                 raise RuntimeError(f"model config changed while loading: {config} vs {base_config}")
             if model_config.lora is not None:  # fresh adapters on the base: B = 0

@@ -57,14 +57,18 @@ def initial_model_config(init: ModelInit, gin_config: LlamaConfig) -> LlamaConfi
 
 
 def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules = DEFAULT_RULES,
-                       model_kind: str = "causal_lm", value_source: str = "policy"):
+                       model_kind: str = "causal_lm", value_source: str = "policy",
+                       quantize: tuple[str, int] | None = None):
     """(config, model) placed on ``mesh``. ``model_kind="scalar_head"`` (a reward model)
     from a causal-LM source keeps its backbone and starts a fresh score head (seeded by
     ``init.seed``). ``policy_value`` (PPO): the policy from ``init``, the value model from
     ``value_source``: ``policy`` (its backbone, a fresh score head) or a ``jalign:DIR`` /
-    ``hf:PATH`` reward model, which must have the policy's architecture."""
+    ``hf:PATH`` reward model, which must have the policy's architecture. ``quantize`` =
+    (kind, block size): an ``hf:`` source is read straight into projection codes (a QLoRA
+    base that never exists whole in its parameter dtype; other sources load plain and are
+    quantised when the adapters are attached)."""
     if model_kind == "policy_value":
-        return _policy_value(init, gin_config, mesh, rules, value_source)
+        return _policy_value(init, gin_config, mesh, rules, value_source, quantize)
     gin_config = gin_config.replace(lora=None)  # sources load as plain models
     overrides = _execution_overrides(gin_config) if init.use_execution_config else {}
     if init.source == "random":
@@ -76,25 +80,28 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
         compute = overrides.pop("dtype", None)
         head = "scalar" if model_kind == "scalar_head" else "lm"
         config, model = load_hf(init.source[3:], mesh=mesh, dtype=dtype, compute_dtype=compute,
-                                rules=rules, head=head, seed=init.seed, **overrides)
-        return config, model
+                                rules=rules, head=head, seed=init.seed, quantize=quantize,
+                                **overrides)
+        return config.replace(lora=None), model
     from jalign.checkpoint import load_model
     return load_model(init.source[7:], step=init.step, mesh=mesh, rules=rules,
                       model_kind=model_kind, seed=init.seed, **overrides)
 
 
 def _policy_value(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules,
-                  value_source: str):
+                  value_source: str, quantize):
     from jalign.errors import ConfigError
     from jalign.models.heads import PolicyValueModel
-    config, policy = load_initial_model(init, gin_config, mesh, rules, "causal_lm")
+    config, policy = load_initial_model(init, gin_config, mesh, rules, "causal_lm",
+                                        quantize=quantize)
     if value_source == "policy":
-        _, value = load_initial_model(init, gin_config, mesh, rules, "scalar_head")
+        _, value = load_initial_model(init, gin_config, mesh, rules, "scalar_head",
+                                      quantize=quantize)
     else:
         value_init = ModelInit(source=value_source, seed=init.seed,
                                use_execution_config=init.use_execution_config)
         value_config, value = load_initial_model(value_init, gin_config, mesh, rules,
-                                                 "scalar_head")
+                                                 "scalar_head", quantize=quantize)
         fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "vocab_size", "head_dim")
         differ = [f"{f}: {getattr(value_config, f)} vs {getattr(config, f)}" for f in fields
@@ -102,7 +109,7 @@ def _policy_value(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules,
         if differ:
             raise ConfigError(f"PPOConfig.value_init={value_source!r}: the value model must "
                               f"have the policy's architecture ({'; '.join(differ)})")
-    graphdef, abstract = abstract_model(config, mesh, rules, PolicyValueModel)
+    graphdef, abstract = abstract_model(policy.config, mesh, rules, PolicyValueModel)
     nnx.replace_by_pure_dict(abstract, {"policy": params_of(policy), "value": params_of(value)})
     return config, nnx.merge(graphdef, abstract)
 
