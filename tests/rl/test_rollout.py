@@ -14,6 +14,7 @@ from flax import nnx
 from jalign.data.pipeline import DataConfig, build_iterator
 from jalign.losses.ppo import PPOConfig
 from jalign.models.build import create_model
+from jalign.train.partition import ParamLayout
 from jalign.models.config import preset
 from jalign.models.heads import PolicyValueModel
 from jalign.rl.rewards import RewardConfig
@@ -56,9 +57,10 @@ def _source(rollout_sharding="train"):
     src = RolloutSource(prompts, ppo)
     run = types.SimpleNamespace(mesh=mesh, rules=DEFAULT_RULES, model_config=config,
                                 tc=types.SimpleNamespace(seed=0, eval_batches=0),
-                                shardings=None, eval_iter=None, eval_start=None)
+                                shardings=None, eval_iter=None, eval_start=None,
+                                layout=ParamLayout(config, "policy_value", ("reference",)))
     src.bind(run)
-    state = types.SimpleNamespace(params=params_of(model),
+    state = types.SimpleNamespace(params=params_of(model), base=None,
                                   frozen={"reference": params_of(reference)})
     return src, state, model, reference
 
