@@ -6,11 +6,15 @@ jalign and in TRL + PEFT, at two shapes.
   1b    Llama 3.2 1B's shape (vocab 128256, hidden 2048, intermediate 8192, 16 layers,
         32/8 heads of 64, tied embeddings; 1.24B parameters), small batch: 1 x 256 tokens
 
-Every row is a fresh process (benchmarks/lora_memory_impls/*) that builds a random model,
-runs --steps AdamW steps (float32, lr 1e-4, no clipping) and reports its resident memory
+Every row is a fresh process (benchmarks/lora_memory_impls/*) that reads the same random
+model from a Hugging Face checkpoint (written once per shape into --cache-dir by jalign's
+exporter; jalign's quantised rows quantise each projection as it is read), runs --steps
+AdamW steps (float32, lr 1e-4, no clipping) and reports its resident memory
 just before the steps (state, compiled program, runtime), the peak during the steps
 (VmHWM, reset before them through /proc/self/clear_refs) and the process's peak (building
-the model included: a quantised base is made from a float32 one). LoRA: rank 16, alpha 32, every attention and MLP projection; QLoRA: the
+the model included). jalign's layers run under ``lax.scan`` (LlamaConfig's default;
+``--unrolled`` for the Python loop, which holds a copy of every layer's weights during the
+step on XLA:CPU). LoRA: rank 16, alpha 32, every attention and MLP projection; QLoRA: the
 frozen projections as int8 or NF4 codes with a float32 scale per 64 inputs (embeddings
 and the LM head stay float32, as in QLoRA). jalign rows also give the compiled step's
 memory analysis (arguments + scratch); a row whose full state would not fit this machine
@@ -62,10 +66,29 @@ def _run(cmd: list[str]) -> dict:
     return {"error": f"exit {r.returncode}: {tail[0][:160]}"}
 
 
-def _args(shape: str, steps: int) -> list[str]:
+def _args(shape: str, steps: int, hf: Path) -> list[str]:
     out = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPES[shape].items()]
-    out.append(f"--steps={steps}")
+    out += [f"--steps={steps}", f"--hf={hf}"]
     return out + (["--tied"] if TIED[shape] else [])
+
+
+def _hf_checkpoint(shape: str, cache: Path) -> Path:
+    """A random model of ``shape`` as a transformers checkpoint (made once, then reused)."""
+    path = cache / f"random_{shape}"
+    if (path / "config.json").exists():
+        return path
+    s = SHAPES[shape]
+    code = (
+        "from jalign.convert.hf import save_hf\n"
+        "from jalign.models.build import create_model\n"
+        "from jalign.models.config import LlamaConfig\n"
+        f"c = LlamaConfig(vocab_size={s['vocab']}, hidden_size={s['hidden']}, "
+        f"intermediate_size={s['intermediate']}, num_layers={s['layers']}, "
+        f"num_heads={s['heads']}, num_kv_heads={s['kv_heads']}, head_dim={s.get('head_dim')}, "
+        f"tie_word_embeddings={TIED[shape]}, max_position_embeddings=4096)\n"
+        f"save_hf(c, create_model(c), {str(path)!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return path
 
 
 def _gib(n) -> str:
@@ -77,13 +100,18 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--unrolled", action="store_true", help="jalign: unrolled layers")
+    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
+        "JALIGN_BENCH_CACHE", Path.home() / ".cache" / "jalign" / "lora-memory")))
     args = ap.parse_args()
     rows = []
     for shape in args.shapes:
+        hf = _hf_checkpoint(shape, args.cache_dir)
         for mode in JALIGN_MODES:
             abstract = ("jalign", mode, shape) in TOO_BIG
             cmd = [sys.executable, str(IMPLS / "jalign_worker.py"), f"--mode={mode}",
-                   *_args(shape, args.steps)] + (["--abstract"] if abstract else [])
+                   *_args(shape, args.steps, hf)] + (["--abstract"] if abstract else []) + (
+                   [] if args.unrolled else ["--scan"])
             rows.append(("jalign", shape, mode, abstract, _run(cmd)))
             print(f"jalign {shape} {mode}: {rows[-1][-1].get('error', 'done')}", flush=True)
         python = _trl_python()
@@ -96,7 +124,7 @@ def main() -> None:
                 result = {"error": f"not run: no TRL venv at {python}"}
             else:
                 result = _run([python, str(IMPLS / "trl_peft_worker.py"), f"--mode={mode}",
-                               *_args(shape, args.steps)])
+                               *_args(shape, args.steps, hf)])
             rows.append(("TRL + PEFT", shape, mode, False, result))
             print(f"TRL {shape} {mode}: {result.get('error', 'done')}", flush=True)
     print("\n| shape | implementation | mode | trained params | state: trained + optimizer + "
@@ -122,7 +150,7 @@ def main() -> None:
         print(f"| {shape} | {impl} | {mode} | {r['trained_params'] / 1e6:.2f}M | {state_txt} | "
               f"{comp} | {measured} |")
     if args.json:
-        args.json.write_text(json.dumps([dict(impl=i, shape=s, mode=m, abstract=a, **r)
+        args.json.write_text(json.dumps([dict(r, impl=i, shape=s, mode=m, abstract=a)
                                          for i, s, m, a, r in rows], indent=2) + "\n")
 
 

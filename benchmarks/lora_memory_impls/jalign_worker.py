@@ -25,6 +25,10 @@ def main():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--abstract", action="store_true")
+    ap.add_argument("--scan", action="store_true", help="layers under lax.scan (else unrolled)")
+    ap.add_argument("--hf", default=None,
+                    help="read the base from this HF checkpoint (quantised while read); "
+                         "default: a random model")
     args = ap.parse_args()
 
     import jax
@@ -46,7 +50,12 @@ def main():
                       intermediate_size=args.intermediate, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.kv_heads,
                       head_dim=args.head_dim or None, tie_word_embeddings=args.tied,
-                      max_position_embeddings=max(4096, args.seq), scan_layers=False)
+                      max_position_embeddings=max(4096, args.seq), scan_layers=args.scan)
+    if args.hf:  # the checkpoint's own config (the same shape), as load_hf reads it
+        from pathlib import Path
+
+        from jalign.convert.hf import read_hf_config
+        cfg = read_hf_config(Path(args.hf), scan_layers=args.scan)
     lora = None
     if args.mode != "full":
         lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank,
@@ -80,7 +89,12 @@ def main():
                           "optimizer": nbytes(abstract.opt_state)}
     out["trained_params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     if not args.abstract:
-        model = create_model(cfg, seed=0, mesh=mesh)
+        if args.hf:
+            from jalign.convert.hf import load_hf
+            quantize = None if lora is None or not lora.quantize else (lora.quantize, args.block)
+            _, model = load_hf(args.hf, mesh=mesh, quantize=quantize, scan_layers=args.scan)
+        else:
+            model = create_model(cfg, seed=0, mesh=mesh)
         if lora is not None:
             model = attach(model, lora, seed=0, mesh=mesh)
         state = fresh_state(model, tx, 0, sh, layout=layout)

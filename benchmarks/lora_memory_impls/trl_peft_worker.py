@@ -25,6 +25,7 @@ def main():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--hf", default=None, help="read the model from this HF checkpoint")
     args = ap.parse_args()
     import datasets
     import numpy as np
@@ -46,7 +47,10 @@ def main():
         max_position_embeddings=max(4096, args.seq), tie_word_embeddings=args.tied,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    if args.hf:
+        model = transformers.LlamaForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32)
+    else:
+        model = transformers.LlamaForCausalLM(config).to(torch.float32)
     peft_config = None
     if args.mode == "lora":
         import peft
