@@ -121,6 +121,9 @@ def check(lora: LoraConfig, shapes: dict, num_layers: int, binding: str = "LoraC
             if n_in % lora.block_size:
                 raise ValueError(f"{binding}.block_size={lora.block_size} does not divide the "
                                  f"{n_in} inputs of {w} {shapes[w]}")
+            if lora.quantize == "nf4" and shapes[w][-1] % 2:
+                raise ValueError(f"{binding}.quantize='nf4' packs two codes per byte along the "
+                                 f"last axis of {w} {shapes[w]}, which is odd; use 'int8'")
 
 
 def is_adapter(name: str) -> bool:
@@ -194,14 +197,14 @@ def logical_shape(p: dict, weight: str) -> tuple[int, ...]:
 def _dequantize(codes, scale, kind: str):
     """One layer's float32 weight [*in, *out] from its codes and scale."""
     import qwix
-    from qwix._src.core.qarray import QArray  # the public name is an alias of this class
     if kind == "nf4":
         codes = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(
             *codes.shape[:-1], 2 * codes.shape[-1]).astype(jnp.uint4)
     shape = codes.shape
     n_out = math.prod(scale.shape[1:])
     codes2d, scale2d = codes.reshape(-1, n_out), scale.reshape(scale.shape[0], n_out)
-    qarray = QArray(codes2d, scale2d, qtype="nf4") if kind == "nf4" else QArray(codes2d, scale2d)
+    qarray = (qwix.QArray(codes2d, scale2d, qtype="nf4") if kind == "nf4"
+              else qwix.QArray(codes2d, scale2d))
     return qwix.dequantize(qarray).reshape(shape)
 
 

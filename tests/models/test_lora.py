@@ -174,3 +174,27 @@ def test_lora_config_round_trips_and_rejects_bad_values():
                        (dict(layers=()), "layers"), (dict(value_base="x"), "value_base")):
         with pytest.raises(ValueError, match=field):
             LoraConfig(**bad)
+
+
+def test_adapter_dropout_acts_only_inside_its_context():
+    adapted = _with_random_b(attach(create_model(CONFIG, seed=1), LoraConfig(rank=4,
+                                                                             dropout=0.5), seed=2))
+    plain = np.asarray(forward(adapted, IDS, None, SEGMENTS))  # no context: no dropout
+    graphdef, state = nnx.split(adapted)
+
+    def run(key):
+        with L.dropout_key(key):
+            return nnx.merge(graphdef, state)(IDS, None, SEGMENTS)
+
+    a, b = jax.jit(run)(jax.random.key(0)), jax.jit(run)(jax.random.key(1))
+    again = jax.jit(run)(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(again))  # keyed: reproducible
+    assert float(jnp.abs(a - b).max()) > 1e-3 and float(jnp.abs(a - plain).max()) > 1e-3
+    # Dropout is on the adapters' input only: with B = 0 it changes nothing.
+    fresh = attach(create_model(CONFIG, seed=1), LoraConfig(rank=4, dropout=0.5), seed=2)
+    g2, s2 = nnx.split(fresh)
+    with L.dropout_key(jax.random.key(0)):
+        out = jax.jit(lambda s: nnx.merge(g2, s)(IDS, None, SEGMENTS))(s2)
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(forward(create_model(CONFIG, seed=1), IDS, None,
+                                                     SEGMENTS)))
