@@ -142,6 +142,8 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     seq_len = run.row_length
     rows_per_step = global_batch * algo.rows_per_example
     flops_per_step = algo.flops_per_token(model_config, seq_len) * rows_per_step * seq_len
+    if layout.adapters:  # no weight gradients for the frozen base: forward + input gradients
+        flops_per_step *= 2 / 3
     weight_name = algo.weight_name
     peak, peak_source = M.peak_flops_per_device(tc.peak_flops)
     n_dev = mesh.devices.size

@@ -269,6 +269,13 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
         del model, frozen
     loaded.clear()
     start = int(jax.device_get(state.step))
+    if layout.adapters:
+        trained = sum(int(x.size) for x in jax.tree.leaves(state.params))
+        lora = model_config.lora
+        log(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: training {trained:,} "
+            f"parameters ({100 * trained / model_config.num_params():.2f}% of the "
+            f"{model_config.num_params():,} of the base, which is frozen"
+            + (f" and stored as {lora.quantize})" if lora.quantize else ")"))
 
     # With a finite number of epochs the data ends: every process stops at the same step.
     end = tc.steps
