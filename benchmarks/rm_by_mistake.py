@@ -16,7 +16,7 @@ import collections
 import jax
 import numpy as np
 
-from jalign.checkpoint import load_model
+from jalign.train.setup import load_run_model as load_model  # LoRA runs too
 from jalign.data import tasks
 from jalign.data.pipeline import DataConfig, build_iterator
 

@@ -119,7 +119,7 @@ def stored_frozen_models(metadata: dict) -> tuple[str, ...]:
 
 def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,
                rules: Rules = DEFAULT_RULES, model_kind: str | None = None, seed: int = 0,
-               adapters: bool = False, **config_overrides) -> tuple[LlamaConfig, Llama]:
+               **config_overrides) -> tuple[LlamaConfig, Llama]:
     """Restore the model of a checkpoint step (default: latest) onto ``mesh``.
 
     ``config_overrides`` may change execution fields (scan_layers, remat_policy, dtype,
@@ -132,8 +132,9 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
     stored = read_model_kind(directory, step)
     wanted = model_kind or stored
     if config.lora is not None and config.lora.enabled:
-        return _load_lora_run(directory, step, config, stored, wanted, mesh, rules, seed,
-                              adapters)
+        raise CheckpointError(f"{directory} step {step} holds LoRA adapters on a base kept "
+                              "elsewhere: load it with jalign.train.setup.load_run_model, "
+                              "which rebuilds the base from its source")
     if (stored, wanted) == ("causal_lm", "scalar_head"):
         _, lm = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
         graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
@@ -160,14 +161,14 @@ def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: M
     stored_dtype = jax.numpy.dtype(read_model_config(directory, step).param_dtype)
     as_stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype,
                                                             sharding=a.sharding), target)
-    restored = _restore_params(directory, step, as_stored, read_metadata(directory, step))
+    restored = restore_params(directory, step, as_stored, read_metadata(directory, step))
     params = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x,
                           restored, target)
     nnx.replace_by_pure_dict(abstract, params)
     return config, nnx.merge(graphdef, abstract)
 
 
-def _restore_params(directory, step: int, abstract, metadata: dict):
+def restore_params(directory, step: int, abstract, metadata: dict):
     """The step's ``params`` item read onto ``abstract``'s shapes and shardings, checked
     against the checksums saved with it."""
     mngr = manager(_checkpoint_dir(directory))
@@ -181,36 +182,6 @@ def _restore_params(directory, step: int, abstract, metadata: dict):
         mngr.close()
     _verify(directory, step, "params", metadata, restored["params"])
     return restored["params"]
-
-
-def _load_lora_run(directory, step: int, config: LlamaConfig, stored: str, wanted: str, mesh,
-                   rules: Rules, seed: int, adapters: bool):
-    from jalign.train import adapters as A
-    metadata = read_metadata(directory, step)
-    if "lora_base" not in metadata:
-        raise CheckpointError(f"{directory} step {step}: a LoRA model without a recorded base "
-                              "(metadata['lora_base'])")
-
-    model = A.load_adapted(directory, step, metadata, config, stored, mesh=mesh, rules=rules,
-                           restore_params=lambda abstract: _restore_params(
-                               directory, step, abstract, metadata))
-    if not adapters:
-        model = A.merge(model)
-    if stored == "policy_value" and wanted in PARTS:
-        model = getattr(model, PARTS[wanted])
-    elif (stored, wanted) == ("causal_lm", "scalar_head"):
-        if adapters:
-            raise CheckpointError(f"{directory}: a LoRA causal LM loads as a reward model only "
-                                  "merged (adapters=False)")
-        plain = model.config
-        graphdef, abstract = abstract_model(plain, mesh, rules, model_class(wanted))
-        nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(
-            nnx.to_pure_dict(nnx.state(model, nnx.Param)), fresh_score(plain, seed)))
-        model = nnx.merge(graphdef, abstract)
-    elif stored != wanted:
-        raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
-                              f"it as {wanted}")
-    return model.config, model
 
 
 def _verify(directory, step: int, item: str, metadata: dict, tree) -> None:

@@ -34,6 +34,7 @@ def cmd_convert(args) -> int:
     from jalign import checkpoint
     from jalign.convert import hf
     from jalign.models.heads import kind_of
+    from jalign.train.setup import load_run_model
 
     t0 = time.time()
     if args.direction == "hf-to-jalign":
@@ -51,9 +52,9 @@ def cmd_convert(args) -> int:
         if kind == "policy_value":
             print(f"{args.src} holds a policy and a value model (PPO): exporting the policy's "
                   "adapters")
-        config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
-                                              model_kind="causal_lm" if kind == "policy_value"
-                                              else None, adapters=True)
+        config, model = load_run_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
+                                       model_kind="causal_lm" if kind == "policy_value" else None,
+                                       adapters=True)
         if config.lora is None or not config.lora.enabled:
             print(f"jalign convert: {args.src} holds no LoRA adapters (trained with "
                   "LoraConfig.rank=0); export it with jalign-to-hf", file=sys.stderr)
@@ -74,9 +75,8 @@ def cmd_convert(args) -> int:
         kind = checkpoint.read_model_kind(args.src, args.step)
         if kind == "policy_value":
             print(f"{args.src} holds a policy and a value model (PPO): exporting the policy")
-        config, model = checkpoint.load_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
-                                              model_kind="causal_lm" if kind == "policy_value"
-                                              else None)
+        config, model = load_run_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
+                                       model_kind="causal_lm" if kind == "policy_value" else None)
         hf.save_hf(config, model, args.dst, dtype=args.dtype,
                    max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite,
                    pad_token_id=args.pad_token_id)
@@ -117,8 +117,8 @@ def _load_any(source: str, step=None):
     if source.startswith("hf:"):
         from jalign.convert.hf import load_hf
         return load_hf(source[3:])
-    from jalign.checkpoint import load_model
-    return load_model(source, step=step, model_kind="causal_lm")
+    from jalign.train.setup import load_run_model
+    return load_run_model(source, step=step, model_kind="causal_lm")
 
 
 def cmd_generate(args) -> int:

@@ -94,8 +94,9 @@ class RewardModelScorer:
     @classmethod
     def load(cls, source: str, mesh=None) -> "RewardModelScorer":
         if source.startswith("jalign:"):
-            from jalign.checkpoint import load_model
-            _, model = load_model(source[len("jalign:"):], mesh=mesh, model_kind="scalar_head")
+            from jalign.train.setup import load_run_model
+            _, model = load_run_model(source[len("jalign:"):], mesh=mesh,
+                                      model_kind="scalar_head")
         elif source.startswith("hf:"):
             from jalign.convert.hf import load_hf
             _, model = load_hf(source[len("hf:"):], head="scalar", mesh=mesh)

@@ -1,10 +1,10 @@
 """Adapters on a model, in and out: attach fresh ones to a loaded base, merge them back
-into plain weights, and read a LoRA run's checkpoint (adapters + a pointer to its base).
+into plain weights, and what a LoRA run's checkpoint records about its base.
 
 A LoRA run's checkpoint stores its adapters (``params``) and records where its base came
 from (``metadata['lora_base']``: the ModelInit source, step and seed) with the checksums
-of that base as the run held it (plain or quantised). Loading rebuilds the base from the
-source, refuses it when the checksums differ (the source changed since), and puts the
+of that base as the run held it (plain or quantised); ``jalign.train.setup.load_run_model``
+rebuilds the base from the source, refuses it when the checksums differ, and puts the
 adapters on it.
 """
 
@@ -16,7 +16,6 @@ from flax import nnx, traverse_util
 from jalign.models import lora as L
 from jalign.models.build import abstract_model
 from jalign.models.lora import LoraConfig
-from jalign.train.partition import ParamLayout
 from jalign.train.state import params_of
 
 
@@ -102,51 +101,6 @@ def base_pointer(model_init, value_init: str = "policy") -> dict:
     """What ``metadata['lora_base']`` records: enough to rebuild the base."""
     return {"source": model_init.source, "step": model_init.step, "seed": model_init.seed,
             "use_execution_config": model_init.use_execution_config, "value_init": value_init}
-
-
-def rebuild_base(pointer: dict, config, model_kind: str, *, mesh=None, rules=None):
-    """The adapted model (fresh adapters) on the base ``pointer`` names, as a run with
-    ``config`` (which carries the LoRA config) starts from it."""
-    from jalign.sharding import DEFAULT_RULES
-    from jalign.train.setup import ModelInit, load_initial_model
-    rules = DEFAULT_RULES if rules is None else rules
-    init = ModelInit(source=pointer["source"], seed=pointer["seed"], step=pointer["step"],
-                     use_execution_config=pointer["use_execution_config"])
-    lora = config.lora
-    _, model = load_initial_model(init, config.replace(lora=None), mesh, rules, model_kind,
-                                  value_source=pointer.get("value_init", "policy"),
-                                  quantize=(lora.quantize, lora.block_size)
-                                  if lora.quantize else None)
-    return attach(model, config.lora, seed=pointer["seed"], mesh=mesh, rules=rules)
-
-
-def load_adapted(directory, step: int, metadata: dict, config, model_kind: str, *, mesh=None,
-                 rules=None, restore_params):
-    """The adapted model of a LoRA run's checkpoint step: its base rebuilt (and checked
-    against the checksums saved with the step), its adapters restored. ``restore_params
-    (abstract adapter tree) -> adapter tree`` reads the step's ``params`` item."""
-    from jalign import checksum
-    from jalign.checkpoint import CheckpointError
-    model = rebuild_base(metadata["lora_base"], config, model_kind, mesh=mesh, rules=rules)
-    layout = ParamLayout(config, model_kind)
-    _, base = layout.split(params_of(model))
-    expected = metadata.get("checksums", {}).get("base")
-    if expected:
-        bad = checksum.mismatches(expected, base)
-        if bad:
-            raise CheckpointError(
-                f"{directory} step {step}: the base its adapters were trained on, rebuilt from "
-                f"{metadata['lora_base']['source']!r}, differs from the one the run used "
-                f"({len(bad)} arrays, e.g. {bad[:2]}): the source changed since; restore it")
-    graphdef, abstract = abstract_model(config, mesh, model_cls=type(model))
-    trained_abstract, _ = layout.split(nnx.to_pure_dict(abstract))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        trained_abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), trained_abstract)
-    trained = restore_params(trained_abstract)
-    nnx.replace_by_pure_dict(abstract, layout.join(trained, base))
-    return nnx.merge(graphdef, abstract)
 
 
 def adapter_count(params: dict) -> int:

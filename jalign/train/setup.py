@@ -83,9 +83,8 @@ def load_initial_model(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Ru
                                 rules=rules, head=head, seed=init.seed, quantize=quantize,
                                 **overrides)
         return config.replace(lora=None), model
-    from jalign.checkpoint import load_model
-    return load_model(init.source[7:], step=init.step, mesh=mesh, rules=rules,
-                      model_kind=model_kind, seed=init.seed, **overrides)
+    return load_run_model(init.source[7:], step=init.step, mesh=mesh, rules=rules,
+                          model_kind=model_kind, seed=init.seed, **overrides)
 
 
 def _policy_value(init: ModelInit, gin_config: LlamaConfig, mesh, rules: Rules,
@@ -181,3 +180,90 @@ def fresh_state(model, optimizer, seed: int, shardings, frozen=None, layout=None
         return init_state(p, optimizer, seed, jax.tree.map(jnp.copy, f), b)
 
     return jax.jit(init, out_shardings=shardings, donate_argnums=(2,))(params, frozen, base)
+
+
+# ------------------------------------------------------------------ checkpoints of runs
+
+def load_run_model(directory, *, step: int | None = None, mesh=None, rules: Rules = DEFAULT_RULES,
+                   model_kind: str | None = None, seed: int = 0, adapters: bool = False,
+                   **config_overrides):
+    """(config, model) of a jalign checkpoint step (default: the latest), as
+    ``jalign.checkpoint.load_model`` reads it, and also of a LoRA run's: its base rebuilt
+    from the source the run recorded (and refused when its checksums differ from the
+    run's), its adapters restored onto it, then merged into plain weights unless
+    ``adapters`` (the adapted model itself). ``model_kind`` as in ``load_model``."""
+    from jalign.checkpoint import latest_step, load_model, read_model_config
+    step = latest_step(directory) if step is None else step
+    config = read_model_config(directory, step).replace(**config_overrides)
+    if config.lora is None or not config.lora.enabled:
+        return load_model(directory, step=step, mesh=mesh, rules=rules, model_kind=model_kind,
+                          seed=seed, **config_overrides)
+    return _lora_run_model(directory, step, config, model_kind, mesh, rules, seed, adapters)
+
+
+def _lora_run_model(directory, step: int, config: LlamaConfig, wanted: str | None, mesh,
+                    rules: Rules, seed: int, adapters: bool):
+    from jalign.checkpoint import CheckpointError, read_metadata
+    from jalign.models.heads import PARTS, fresh_score, scalar_params_from_lm
+    from jalign.train.adapters import merge
+    metadata = read_metadata(directory, step)
+    stored = metadata.get("model_kind", "causal_lm")
+    wanted = wanted or stored
+    if "lora_base" not in metadata:
+        raise CheckpointError(f"{directory} step {step}: a LoRA model without a recorded base "
+                              "(metadata['lora_base'])")
+    model = _adapted_model(directory, step, metadata, config, stored, mesh, rules)
+    if not adapters:
+        model = merge(model)
+    if stored == "policy_value" and wanted in PARTS:  # a PPO run's policy or value model
+        model = getattr(model, PARTS[wanted])
+    elif (stored, wanted) == ("causal_lm", "scalar_head"):  # a reward model from an SFT run
+        if adapters:
+            raise CheckpointError(f"{directory}: a LoRA causal LM loads as a reward model only "
+                                  "merged (adapters=False)")
+        graphdef, abstract = abstract_model(model.config, mesh, rules, model_class(wanted))
+        score = fresh_score(model.config, seed)
+        if mesh is not None:
+            score = jax.device_put(score, abstract["score"].sharding)
+        nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(params_of(model), score))
+        model = nnx.merge(graphdef, abstract)
+    elif stored != wanted:
+        raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
+                              f"it as {wanted}")
+    return model.config, model
+
+
+def _adapted_model(directory, step: int, metadata: dict, config: LlamaConfig, kind: str, mesh,
+                   rules: Rules):
+    """A LoRA run's adapted model at ``step``: the base rebuilt as the run started from it,
+    checked against the step's checksums, with the step's adapters."""
+    from jalign import checksum
+    from jalign.checkpoint import CheckpointError, restore_params
+    from jalign.train.adapters import attach
+    from jalign.train.partition import ParamLayout
+    pointer, lora = metadata["lora_base"], config.lora
+    init = ModelInit(source=pointer["source"], seed=pointer["seed"], step=pointer["step"],
+                     use_execution_config=pointer["use_execution_config"])
+    _, base_model = load_initial_model(
+        init, config.replace(lora=None), mesh, rules, kind,
+        value_source=pointer.get("value_init", "policy"),
+        quantize=(lora.quantize, lora.block_size) if lora.quantize else None)
+    model = attach(base_model, lora, seed=pointer["seed"], mesh=mesh, rules=rules)
+    layout = ParamLayout(config, kind)
+    _, base = layout.split(params_of(model))
+    expected = metadata.get("checksums", {}).get("base")
+    bad = checksum.mismatches(expected, base) if expected else []
+    if bad:
+        raise CheckpointError(
+            f"{directory} step {step}: the base its adapters were trained on, rebuilt from "
+            f"{pointer['source']!r}, differs from the one the run used ({len(bad)} arrays, "
+            f"e.g. {bad[:2]}): the source changed since; restore it")
+    graphdef, abstract = abstract_model(config, mesh, rules, type(model))
+    trained_abstract, _ = layout.split(nnx.to_pure_dict(abstract))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        trained_abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), trained_abstract)
+    trained = restore_params(directory, step, trained_abstract, metadata)
+    nnx.replace_by_pure_dict(abstract, layout.join(trained, base))
+    return nnx.merge(graphdef, abstract)

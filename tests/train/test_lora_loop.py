@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jalign.checkpoint import CheckpointError, load_model, read_metadata
+from jalign import checkpoint
+from jalign.checkpoint import CheckpointError, read_metadata
+from jalign.train.setup import load_run_model
 from jalign.cli import EXIT_BAD_INPUT
 from tests.hf_models import save_hf_model
 from tests.train.test_loop import _committed, _records, _run
@@ -34,7 +36,7 @@ def test_ppo_with_lora_resumes_bit_identically(tmp_path):
     assert saved and all(k.split("/")[-1].endswith(("_lora_a", "_lora_b", "score"))
                          for k in saved), sorted(saved)[:4]
     assert not any(k.startswith("value/backbone/layers/wq") and "lora" not in k for k in saved)
-    _, policy = load_model(tmp_path / "ref", model_kind="causal_lm")  # merged, plain
+    _, policy = load_run_model(tmp_path / "ref", model_kind="causal_lm")  # merged, plain
     assert policy.config.lora is None
 
     _run(tmp_path, "killed", *LORA, fault="sigkill_after_save:4", expect=-signal.SIGKILL,
@@ -53,11 +55,13 @@ def test_a_changed_base_is_refused_on_resume_and_export(tmp_path):
     _run(tmp_path, "run", *bindings, config=SFT)
     meta = read_metadata(tmp_path / "run")
     assert meta["lora_base"]["source"] == f"hf:{hf}"
-    load_model(tmp_path / "run")  # the base as it was: loads
+    load_run_model(tmp_path / "run")  # the base as it was: loads
+    with pytest.raises(CheckpointError, match="load_run_model"):  # params alone are adapters
+        checkpoint.load_model(tmp_path / "run")
     save_hf_model("llama3_2", hf, seed=1, vocab_size=512, bos_token_id=1, eos_token_id=2)
     r = _run(tmp_path, "run", *bindings[:2], "TrainConfig.steps=4", config=SFT,
              expect=EXIT_BAD_INPUT)
     assert "differs from the one the adapters were trained on" in r.stderr, r.stderr[-2000:]
     assert _committed(tmp_path / "run") == [2]
     with pytest.raises(CheckpointError, match="the source changed since"):
-        load_model(tmp_path / "run")
+        load_run_model(tmp_path / "run")
