@@ -19,8 +19,10 @@ from tests.train.test_ppo_loop import TIMING
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 PPO, SFT = str(HERE / "tiny_ppo.gin"), str(HERE / "tiny_sft.gin")
+# No evaluation: its greedy sampler is one more program to compile, and resume exactness is
+# about the rollouts and updates (tests/train/test_ppo_loop.py covers evaluation).
 LORA = ("LoraConfig.rank=4", "LoraConfig.alpha=8", "TrainConfig.steps=8",
-        "TrainConfig.save_every=4")
+        "TrainConfig.save_every=4", "TrainConfig.eval_batches=0")
 
 
 def test_ppo_with_lora_resumes_bit_identically(tmp_path):
@@ -50,8 +52,8 @@ def test_ppo_with_lora_resumes_bit_identically(tmp_path):
 def test_a_changed_base_is_refused_on_resume_and_export(tmp_path):
     hf = tmp_path / "hf"
     save_hf_model("llama3_2", hf, vocab_size=512, bos_token_id=1, eos_token_id=2)
-    bindings = ("LoraConfig.rank=4", f"ModelInit.source='hf:{hf}'", "TrainConfig.steps=2",
-                "TrainConfig.save_every=2")
+    bindings = ("LoraConfig.rank=4", f"ModelInit.source='hf:{hf}'", "TrainConfig.eval_batches=0",
+                "TrainConfig.steps=2", "TrainConfig.save_every=2")
     _run(tmp_path, "run", *bindings, config=SFT)
     meta = read_metadata(tmp_path / "run")
     assert meta["lora_base"]["source"] == f"hf:{hf}"
@@ -59,7 +61,7 @@ def test_a_changed_base_is_refused_on_resume_and_export(tmp_path):
     with pytest.raises(CheckpointError, match="load_run_model"):  # params alone are adapters
         checkpoint.load_model(tmp_path / "run")
     save_hf_model("llama3_2", hf, seed=1, vocab_size=512, bos_token_id=1, eos_token_id=2)
-    r = _run(tmp_path, "run", *bindings[:2], "TrainConfig.steps=4", config=SFT,
+    r = _run(tmp_path, "run", *bindings[:3], "TrainConfig.steps=4", config=SFT,
              expect=EXIT_BAD_INPUT)
     assert "differs from the one the adapters were trained on" in r.stderr, r.stderr[-2000:]
     assert _committed(tmp_path / "run") == [2]
