@@ -151,7 +151,8 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
                 f"{list(algo.frozen_models)}): the train states differ, use another "
                 "TrainConfig.run_name")
         check_resume(ckpt.read_config_record(resume_step), record, step=resume_step,
-                     allow=allow_config_change, log=log, defaults=default_record(configs))
+                     allow=allow_config_change, log=log,
+                     defaults=resume_defaults(configs, model_config))
         model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
         # The step of a jalign: source the run started from (frozen models are rebuilt from
         # it, even when that run has trained on since).
@@ -299,6 +300,13 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
                shardings=shardings,
                state=state, start=start, end=end, is_main=is_main, log=log,
                extra_metadata=pinned)
+
+
+def resume_defaults(configs: dict, model_config: LlamaConfig) -> dict:
+    """The defaults a resumed run's record is compared with (a field an older checkpoint's
+    record lacks, at its default now, is a setting added since): every config's, and the
+    model's (its record holds LlamaConfig fields too, e.g. ``lora``, added with LoRA)."""
+    return default_record({**configs, "LlamaConfig": model_config})
 
 
 def _rebuilt_base(initial_model, layout: ParamLayout, meta: dict, model_init: ModelInit,

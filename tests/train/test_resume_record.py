@@ -32,6 +32,31 @@ def test_a_new_setting_away_from_its_default_is_refused():
         check_resume(old, new, step=4, allow=False, log=print, defaults=defaults)
 
 
+def test_a_run_recorded_before_lora_existed_resumes():
+    """A checkpoint written before LoraConfig and LlamaConfig.lora existed: its record
+    lacks both, and a run without adapters resumes it (found resuming a real old run)."""
+    from jalign.models.config import preset
+    from jalign.models.lora import LoraConfig
+    from jalign.train.run import resume_defaults
+    from jalign.train.resume import model_record
+    from jalign.train.setup import EXECUTION_FIELDS, ModelInit
+
+    configs = {"TrainConfig": TrainConfig(), "LoraConfig": LoraConfig()}
+    model = preset("tiny")
+    new = config_record(configs)
+    new.update(model_record(model, ModelInit(), EXECUTION_FIELDS))
+    old = {k: v for k, v in new.items()
+           if not k.startswith("LoraConfig.") and k != "LlamaConfig.lora"}
+    assert len(old) < len(new)
+    check_resume(old, new, step=2, allow=False, log=print,
+                 defaults=resume_defaults(configs, model))
+    # With adapters now, it is a change.
+    lora = {**configs, "LoraConfig": LoraConfig(rank=4)}
+    with pytest.raises(ConfigError, match="LoraConfig.rank"):
+        check_resume(old, config_record(lora), step=2, allow=False, log=print,
+                     defaults=resume_defaults(lora, model))
+
+
 def test_frozen_models_of_old_and_new_metadata():
     assert stored_frozen_models({"reference": "in_step"}) == ("reference",)
     assert stored_frozen_models({"reference": "precomputed"}) == ()
