@@ -23,10 +23,18 @@ from safetensors.numpy import save_file
 from jalign.convert.safetensors_io import atomic_directory
 from jalign.train.state import params_of
 
-# jalign weight -> the transformers module it lives in (under model.layers.{i}.).
-HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-              "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-              "w_down": "mlp.down_proj"}
+
+def hf_modules(config) -> dict[str, str]:
+    """jalign weight -> the transformers module it lives in (under ``model.layers.{i}.``),
+    read from the HF converter's tensor map (one table of HF names, not two)."""
+    from jalign.convert.hf import tensor_maps
+    out = {}
+    for m in tensor_maps(config):
+        name = m.jalign_path[-1]
+        if m.stacked and m.hf_name.endswith(".weight") and len(m.jalign_path) == 2:
+            out[name] = m.hf_name.split("layers.{i}.", 1)[1][:-len(".weight")]
+    return out
+
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "scalar_head": "SEQ_CLS"}
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -41,6 +49,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
     params = params_of(model)
     layers = params["layers"] if kind == "causal_lm" else params["backbone"]["layers"]
     chosen = range(model.config.num_layers) if lora.layers is None else lora.layers
+    modules = hf_modules(model.config)
     out = {}
     for w in lora.weights():
         a = _to_host(layers[w + "_lora_a"]).astype(np.float32)
@@ -48,7 +57,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
         n, r = a.shape[0], lora.rank
         a2, b2 = a.reshape(n, -1, r), b.reshape(n, r, -1)
         for i in chosen:
-            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[w]}"
+            prefix = f"base_model.model.model.layers.{i}.{modules[w]}"
             out[prefix + ".lora_A.weight"] = np.ascontiguousarray(a2[i].T)  # [r, in]
             out[prefix + ".lora_B.weight"] = np.ascontiguousarray(b2[i].T)  # [out, r]
     if kind == "scalar_head":
@@ -64,7 +73,8 @@ def adapter_config(model, base_name: str) -> dict:
     return {
         "peft_type": "LORA", "task_type": TASK_TYPES[kind], "r": lora.rank,
         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-        "target_modules": sorted(HF_MODULES[w].split(".")[1] for w in lora.weights()),
+        "target_modules": sorted(hf_modules(model.config)[w].split(".")[1]
+                                 for w in lora.weights()),
         "layers_to_transform": None if lora.layers is None else sorted(lora.layers),
         "base_model_name_or_path": base_name, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
