@@ -88,10 +88,16 @@ def cmd_train(args) -> int:
     from jalign.train import loop
     from jalign.train.experiment import load_experiment, run
 
+    from jalign import distributed
     exp = load_experiment(args.configs, args.gin)
-    print("operative config:\n" + exp.operative, flush=True)
+    # Joined before anything touches a device; from here on only process 0 talks.
+    main = distributed.initialize(exp.distributed)["process_id"] == 0
+    if main:
+        print("operative config:\n" + exp.operative, flush=True)
 
     def log(record):
+        if not main:
+            return
         keys = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracy", "reward", "kl",
                 "kl_coef", "eval_reward", "grad_norm", "learning_rate", "mfu")
         text = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
@@ -103,6 +109,8 @@ def cmd_train(args) -> int:
     except (loop.Preempted, loop.NonFiniteError) as e:
         print(f"jalign train: {e}", file=sys.stderr, flush=True)
         return loop.exit_code_for(e)
+    if not main:
+        return 0
     ev = summary["eval"] or {}
     shown = ", ".join(f"{k.replace('_', ' ')} {ev[k]:.4f}"
                       for k in ("eval_loss", "eval_reward") if k in ev)

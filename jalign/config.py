@@ -15,6 +15,7 @@ from typing import Sequence
 import gin
 
 from jalign.data.pipeline import DataConfig
+from jalign.distributed import DistributedConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
 from jalign.models.config import LlamaConfig, RopeScaling
 from jalign.models.lora import LoraConfig
@@ -33,7 +34,7 @@ CONFIGS_DIR = REPO_ROOT / "configs"
 # class is bindable without an edit here).
 CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
                                           OptimizerConfig, DataConfig, ModelInit, RewardConfig,
-                                          LoraConfig,
+                                          LoraConfig, DistributedConfig,
                                           *algorithms.config_classes())}
 _REGISTERED: dict[str, object] = {}
 

@@ -50,13 +50,27 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape. A size of -1 takes all devices left over (at most one axis)."""
+    """Mesh shape. A size of -1 takes all devices left over (at most one axis).
+
+    ``num_devices``: the device count a hardware config is written for (None: any); a run
+    on another count is refused at start, naming it. ``dcn_data`` / ``dcn_fsdp``: how many
+    granules (TPU slices, or GPU hosts) the data / fsdp axis spans over the slow
+    data-centre network; the rest of each axis stays inside a granule (ICI / NVLink), and
+    the tensor axis always does. With both 1 the devices are laid out by ``jax.make_mesh``.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    num_devices: int | None = None
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
+        if self.num_devices is not None and num_devices != self.num_devices:
+            raise ValueError(f"MeshConfig.num_devices={self.num_devices}: this hardware config "
+                             f"is for {self.num_devices} devices, but {num_devices} are "
+                             "available (pick the configs/hw file for this machine)")
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
             raise ValueError(f"MeshConfig: at most one axis may be -1, got {self}")
@@ -72,7 +86,22 @@ class MeshConfig:
             raise ValueError(
                 f"MeshConfig {self}: data*fsdp*tensor = {math.prod(sizes)} but "
                 f"{num_devices} devices are available")
+        for axis, size, dcn in (("data", sizes[0], self.dcn_data),
+                                ("fsdp", sizes[1], self.dcn_fsdp)):
+            if dcn < 1 or size % dcn:
+                raise ValueError(f"MeshConfig.dcn_{axis}={dcn} must be positive and divide "
+                                 f"MeshConfig.{axis} (= {size} here)")
         return tuple(sizes)  # type: ignore[return-value]
+
+    def dcn_shape(self) -> tuple[int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, 1)
+
+
+def abstract_mesh(config: MeshConfig, num_devices: int) -> jax.sharding.AbstractMesh:
+    """The mesh ``config`` builds on ``num_devices`` devices, without any devices: for
+    checking a hardware config (and planning its memory) away from the hardware."""
+    return jax.sharding.AbstractMesh(config.shape(num_devices), MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * 3)
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -84,10 +113,18 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
+    axis_types = (AxisType.Auto,) * 3
+    if config.dcn_shape() != (1, 1, 1):
+        from jax.experimental import mesh_utils
+        dcn = config.dcn_shape()
+        ici = tuple(s // d for s, d in zip(shape, dcn))
+        # TPU slices are granules by slice_index; GPU hosts by process.
+        arranged = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=devices[0].platform != "tpu")
+        return Mesh(arranged, MESH_AXES, axis_types=axis_types)
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:

@@ -26,7 +26,8 @@ from jalign.errors import first_line
 from jalign.data.tokenize import (TOKENIZERS, ChatTokenizer, TemplateRefused, TokenizeConfig,
                                   load_tokenizer)
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # one shard's iterator state
+SHARDED_STATE_VERSION = 2  # {"shards": S, "positions": {shard: one shard's state}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +58,19 @@ class DataConfig:
     num_epochs: int | None = None  # None: repeat forever
     bundled_size: int = 2000  # records generated for ``bundled:TASK``
     prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
+    # The data stream is split into this many shards, each read by one process (a process
+    # may read several); None: one per process of the run that starts. A resumed run
+    # keeps the stream of its start, so it may run on any process count dividing it.
+    shards: int | None = None
 
     def __post_init__(self):
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record={self.on_bad_record!r}; 'error' or 'skip'")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.shards is not None and self.shards <= 0:
+            raise ValueError(f"shards must be positive (or None: one per process), got "
+                             f"{self.shards}")
         formats.adapter(self.format)
         self.tokenize_config()  # validates the tokenization fields
 
@@ -250,14 +258,27 @@ class DataIterator:
 
 def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = None,
                    chat: ChatTokenizer | None = None, process_index: int = 0,
-                   process_count: int = 1, progress: bool = False) -> DataIterator:
+                   process_count: int = 1, shards: int | None = None,
+                   progress: bool = False) -> "ShardedIterator":
     """The batch iterator for this process (``process_index`` of ``process_count``).
+
+    The records are split into ``shards`` streams (default ``config.shards``, else one
+    per process); record i belongs to shard i mod shards. Each shard is shuffled, packed
+    and batched on its own, and this process reads the consecutive shards
+    [index * k, (index + 1) * k), k = shards / process_count, its rows of a global batch
+    being their batches side by side. So the global batches depend on the shard count,
+    never on how many processes read them: a run may resume on another process count.
+
     Records are tokenized now; batches are made on first use, so ``annotate`` can still
     add per-example fields (e.g. precomputed reference log-probs)."""
-    if config.batch_size % process_count:
+    shards = shards or config.shards or process_count
+    if shards % process_count:
+        raise FieldError("shards", shards, f"the data's {shards} shards cannot be split "
+                         f"evenly over {process_count} processes")
+    if config.batch_size % shards:
+        what = "processes" if shards == process_count else "shards"
         raise FieldError("batch_size", config.batch_size,
-                         f"not divisible by the {process_count} processes")
-    rows = config.batch_size // process_count
+                         f"not divisible by the {shards} {what}")
     kind, _ = formats.adapter(config.format)
     if config.packing and kind != "conversation":
         raise FieldError("packing", True, "packing applies to conversation (SFT/IFT) data only")
@@ -265,9 +286,25 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
         chat = open_tokenizer(config)
     t0 = time.time()
     records = _source_records(config) if records is None else records
-    examples, stats = tokenize_records(records, config, chat, process_index=process_index,
-                                       process_count=process_count, progress=progress)
-    stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    records = list(records) if not isinstance(records, Sequence) else records
+    per = shards // process_count
+    mine = range(process_index * per, (process_index + 1) * per)
+    parts = []
+    for shard in mine:
+        examples, stats = tokenize_records(records, config, chat, process_index=shard,
+                                           process_count=shards, progress=progress)
+        parts.append(DataIterator(_dataset_maker(config, kind, examples, chat,
+                                                 config.batch_size // shards),
+                                  examples, chat, stats, config, kind,
+                                  config.batch_size // shards))
+    it = ShardedIterator(parts, list(mine), shards)
+    it.stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    return it
+
+
+def _dataset_maker(config: DataConfig, kind: str, examples: list[dict], chat: ChatTokenizer,
+                   rows: int):
+    """prefetch -> one shard's grain dataset of ``rows``-row batches."""
 
     def make_dataset(prefetch: int):
         ds = grain.MapDataset.source(examples)
@@ -295,4 +332,78 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
             ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
         return ds
 
-    return DataIterator(make_dataset, examples, chat, stats, config, kind, rows)
+    return make_dataset
+
+
+class ShardedIterator:
+    """This process's shards (``DataIterator`` each) read in lockstep: a batch is their
+    batches concatenated row-wise in shard order. Its state names each shard, so the
+    states of all processes merge into one (``jalign.train.hosts.merged``) that any
+    process count dividing the shard count can resume from."""
+
+    def __init__(self, parts: list[DataIterator], shard_ids: list[int], shards: int):
+        self.parts, self.shard_ids, self.shards = parts, shard_ids, shards
+        self.chat, self.config, self.kind = parts[0].chat, parts[0].config, parts[0].kind
+        self.rows = sum(p.rows for p in parts)
+        self.stats = _merged_stats([p.stats for p in parts])
+
+    @property
+    def batches(self) -> int:
+        return self.parts[0].batches
+
+    def annotate(self, fn) -> None:
+        """``fn(examples, chat)`` once over all of this process's examples (shard order)."""
+        if any(p._iter is not None for p in self.parts):
+            raise RuntimeError("annotate() after batches were made")
+        fn([ex for p in self.parts for ex in p._examples], self.chat)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        got = [next(p) for p in self.parts]
+        if len(got) == 1:
+            return got[0]
+        return {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+
+    def total_batches(self) -> int | None:
+        totals = [p.total_batches() for p in self.parts]
+        return None if totals[0] is None else min(totals)
+
+    def get_state(self) -> dict:
+        return {"version": SHARDED_STATE_VERSION, "shards": self.shards,
+                "positions": {str(s): p.get_state() for s, p in zip(self.shard_ids, self.parts)}}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") == STATE_VERSION and self.shards == 1:
+            state = {"version": SHARDED_STATE_VERSION, "shards": 1, "positions": {"0": state}}
+        if state.get("version") != SHARDED_STATE_VERSION:
+            raise DataError(f"data iterator state version {state.get('version')} is not "
+                            f"{SHARDED_STATE_VERSION} (or {STATE_VERSION} of one shard)")
+        if state["shards"] != self.shards:
+            raise DataError(f"the saved data state has {state['shards']} shards, this iterator "
+                            f"{self.shards}")
+        missing = [s for s in self.shard_ids if str(s) not in state["positions"]]
+        if missing:
+            raise DataError(f"the saved data state has no position for shard(s) {missing} "
+                            f"(it holds {sorted(state['positions'], key=int)})")
+        for s, p in zip(self.shard_ids, self.parts):
+            p.set_state(state["positions"][str(s)])
+
+    def state_json(self) -> str:
+        return json.dumps(self.get_state(), sort_keys=True)
+
+
+def _merged_stats(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for stats in parts:
+        for k, v in stats.items():
+            if k == "max_token_id":
+                out[k] = max(out.get(k, -1), v)
+            elif k == "skipped_examples":
+                out.setdefault(k, []).extend(v)
+            elif isinstance(v, (int, float)):
+                out[k] = out.get(k, 0) + v
+    return out

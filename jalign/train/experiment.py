@@ -21,6 +21,7 @@ class Experiment:
     mesh: object
     operative: str
     lora: object = None
+    distributed: object = None
 
 
 def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -> Experiment:
@@ -33,7 +34,9 @@ def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -
     exp = Experiment(algorithm=algorithm, train=tc, optimizer=jconfig.build("OptimizerConfig"), data=data,
                      eval_data=eval_data, model=jconfig.model_config(),
                      model_init=jconfig.build("ModelInit"), mesh=jconfig.build("MeshConfig"),
-                     lora=jconfig.build("LoraConfig"), operative=jconfig.operative_config())
+                     lora=jconfig.build("LoraConfig"),
+                     distributed=jconfig.build("DistributedConfig"),
+                     operative=jconfig.operative_config())
     return exp
 
 
@@ -61,6 +64,8 @@ def _with_injected_nan(algorithm):
 
 
 def run(exp: Experiment, **kwargs) -> dict:
+    from jalign import distributed
+    distributed.initialize(exp.distributed)  # a no-op for one process, or once joined
     return train(_with_injected_nan(exp.algorithm), train_config=exp.train,
                  optimizer_config=exp.optimizer, data_config=exp.data,
                  eval_data_config=exp.eval_data, model_config=exp.model,

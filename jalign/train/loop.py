@@ -29,7 +29,8 @@ from jalign.sharding import DEFAULT_RULES, MeshConfig
 from jalign.train import metrics as M
 from jalign.train.algorithm import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig, trainable_mask
-from jalign.train.run import Run, agree_min, open_run
+from jalign.train.hosts import Preemption, agree_min, merged
+from jalign.train.run import Run, open_run
 from jalign.train.setup import ModelInit, frozen_graphdefs
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
 from jalign.train.train_config import TrainConfig  # noqa: F401 (re-exported)
@@ -41,13 +42,18 @@ EXIT_NONFINITE = 3    # aborted on a non-finite loss or gradient
 # Fault injection for the robustness tests (and for users checking their own setup):
 # JALIGN_FAULT="sigkill_after_save:4" kills the process with SIGKILL once step 4's
 # checkpoint is committed; "sigkill_during_save:8" right after step 8's async save starts;
-# "sigterm_at_step:6" sends this process SIGTERM after step 6.
+# "sigterm_at_step:6" sends this process SIGTERM after step 6; "sigterm_at_step:6@1" only
+# process 1 of a multi-host run.
 FAULT_ENV = "JALIGN_FAULT"
 
 
 def _fault(kind: str, step: int) -> bool:
+    """Whether ``JALIGN_FAULT`` asks for ``kind`` at ``step`` here ("kind:step", or
+    "kind:step@P" for process P only)."""
     spec = os.environ.get(FAULT_ENV, "")
-    return any(part == f"{kind}:{step}" for part in spec.split(","))
+    here = f"{kind}:{step}"
+    return any(part == here or part == f"{here}@{jax.process_index()}"
+               for part in spec.split(","))
 
 
 class NonFiniteError(RuntimeError):
@@ -64,25 +70,6 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.device_put(v, sharding) if isinstance(v, jax.Array)
             else jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
-
-
-class _SigtermFlag:
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.raised = True
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def fetch_metrics(metrics: dict) -> dict:
@@ -178,7 +165,8 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
         return result
 
     def save(reason: str, step: int):
-        ckpt.save(state, data_state=source.get_state(), model_config=model_config,
+        # Every process's data position (Orbax writes JSON items from process 0 only).
+        ckpt.save(state, data_state=merged(source.get_state()), model_config=model_config,
                   operative=operative_config, config_record=record,
                   extra_metadata={"reason": reason, "model_kind": algo.model_kind,
                                   "algorithm": algo.name,
@@ -243,7 +231,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                                 tok_s=f"{record_['tokens_per_second_per_device'] * n_dev:,.0f}")
 
     ended = None
-    with _SigtermFlag() as sigterm:
+    with Preemption() as preemption:
         try:
             if can_eval and tc.eval_at_start and start == 0:
                 writer.write(evaluate(0))  # the baseline the run is judged by
@@ -267,7 +255,7 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
                     os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
                 # A source whose state is complete only between some steps (rollouts)
                 # is saved there: preemption waits for its next boundary.
-                if sigterm.raised and source.at_boundary():
+                if preemption.reached(done) and source.at_boundary():
                     drain()
                     save("sigterm", done)
                     ckpt.wait()

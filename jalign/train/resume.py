@@ -23,7 +23,8 @@ SAFE = {
                     "output_root"},
     "DataConfig": {"prefetch"},
     "eval/DataConfig": "*",  # what is evaluated, never what is trained
-    "MeshConfig": {"data", "fsdp", "tensor"},  # checkpoints restore onto any mesh
+    # checkpoints restore onto any mesh
+    "MeshConfig": {"data", "fsdp", "tensor", "num_devices", "dcn_data", "dcn_fsdp"},
     "LlamaConfig": {"scan_layers", "remat_policy", "attention_impl"},
 }
 NOTES = {"TrainConfig.steps": "the learning-rate schedule spans the new total"}

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jalign.checkpoint import (CheckpointError, TrainCheckpointer, resolve_run_dir,
                                stored_frozen_models, verify_frozen)
@@ -27,6 +26,7 @@ from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithm import Algorithm
+from jalign.train.hosts import agree_min
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.partition import ParamLayout
 from jalign.train.resume import check_resume, config_record, default_record, model_record
@@ -135,6 +135,8 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     if (run_dir / "checkpoints").is_dir():
         ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
     resume_step = ckpt.latest_step() if ckpt is not None else None
+    # The data stream's shard count: the config's, else one per process of the run's start.
+    data_shards = data_config.shards or processes
     configs = {"TrainConfig": tc, "OptimizerConfig": optimizer_config,
                "DataConfig": data_config, "eval/DataConfig": eval_data_config,
                "ModelInit": model_init, "MeshConfig": mesh_config,
@@ -154,6 +156,15 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
                      allow=allow_config_change, log=log,
                      defaults=resume_defaults(configs, model_config))
         model_config = _resumed_model_config(run_dir, resume_step, model_config, model_init)
+        # Checkpoints from before shards were recorded come from one-process runs.
+        data_shards = int(meta.get("data_shards", 1))
+        if data_shards % processes:
+            raise ConfigError(
+                f"resuming {run_dir} step {resume_step}: its data stream is split into "
+                f"{data_shards} shard(s) (DataConfig.shards, or the process count the run "
+                f"started with), which {processes} processes cannot share evenly; resume "
+                f"on a process count that divides {data_shards}, or start runs with "
+                "DataConfig.shards set to a multiple of every process count you will use")
         # The step of a jalign: source the run started from (frozen models are rebuilt from
         # it, even when that run has trained on since).
         if meta.get("initial_model_step") is not None and model_init.step is None:
@@ -167,7 +178,8 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     P.check_trainable(optimizer_config, model_config, algo.model_kind)
     # Tokenize both splits now: every split, file, format or tokenizer problem shows here.
     shard = {"process_index": jax.process_index(), "process_count": processes}
-    data = P.open_data(data_config, "DataConfig", progress=tc.progress and is_main, **shard)
+    data = P.open_data(data_config, "DataConfig", progress=tc.progress and is_main,
+                       shards=data_shards, **shard)
     P.check_vocab(data, model_config.vocab_size, "DataConfig")
     eval_iter = None
     if eval_data_config is not None:
@@ -288,6 +300,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
 
     pinned = ({"initial_model_step": model_init.step}
               if model_init.source.startswith("jalign:") else {})
+    pinned["data_shards"] = data_shards  # a resumed run reads the same stream
     if layout.adapters:  # where the base comes from: export and restore rebuild it
         from jalign.train.adapters import base_pointer
         pinned["lora_base"] = base_pointer(model_init, algo.value_init)
@@ -341,14 +354,6 @@ def _pin_source_step(model_init: ModelInit) -> ModelInit:
     except (CheckpointError, OSError) as e:
         raise ConfigError(f"ModelInit.source={model_init.source!r}: {e}") from None
     return dataclasses.replace(model_init, step=step)
-
-
-def agree_min(value: int) -> int:
-    """The smallest ``value`` over all processes (every process must call this)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
 def _open_model_config(model_init: ModelInit, model_config: LlamaConfig) -> LlamaConfig:

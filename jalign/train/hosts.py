@@ -1,0 +1,102 @@
+"""What the processes of a multi-host run agree on: counts, host state, preemption.
+
+Each helper is a collective: every process calls it at the same point, and with one
+process it is a plain function of its argument.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+
+def agree_min(value: int) -> int:
+    """The smallest ``value`` over all processes."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def all_states(state: dict) -> list[dict]:
+    """Every process's ``state`` (a JSON-able dict), in process order."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray(len(data), np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:len(data)] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, sizes)]
+
+
+def merged(state: dict) -> dict:
+    """One state holding every process's: dicts are merged key by key, and every other
+    value must be the same on all processes. A batch source's state names per-host parts
+    by shard (``{"positions": {"0": ..., "1": ...}}``), so those keys do not collide.
+
+    Orbax writes a JSON item from the primary process only; saving this merged state
+    instead of process 0's keeps every host's data position."""
+    out: dict = {}
+    for index, one in enumerate(all_states(state)):
+        _merge_into(out, one, index, "")
+    return out
+
+
+def _merge_into(out: dict, new: dict, index: int, where: str) -> None:
+    for key, value in new.items():
+        path = f"{where}.{key}" if where else key
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            _merge_into(out[key], value, index, path)
+        elif out[key] != value:
+            raise RuntimeError(f"the batch source's state {path!r} differs between processes "
+                               f"({out[key]!r} before process {index}, {value!r} there): a "
+                               "per-host part must be keyed by its shard")
+
+
+class Preemption:
+    """SIGTERM (a preemption notice), as a step every process saves at.
+
+    One process: a Python handler notes the signal and the loop saves after the step in
+    flight. Several: a host that saves alone would hang the collective save, so the
+    notice goes through JAX's preemption sync manager (started by
+    ``jax.distributed.initialize``; it catches SIGTERM itself, so no Python handler is
+    installed): ``reached(step)``, called by every process at every step, turns True at
+    the same step everywhere (one past the furthest any host had got when the notice
+    arrived)."""
+
+    def __init__(self):
+        self.requested = False  # latched: a source may only save at its next boundary
+        self._multi = jax.process_count() > 1
+        self._previous = None
+
+    def __enter__(self):
+        if self._multi:
+            return self
+        import signal
+
+        def handler(signum, frame):
+            self.requested = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        """Whether the run should save and stop (now, or at the source's next boundary);
+        every process must call this once per step, with the same ``step``."""
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+            self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
