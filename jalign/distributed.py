@@ -14,7 +14,7 @@ the coordinator, the process count and this process's id:
 
 JAX's own wait for peers ends in a C++ abort after its timeout, which says neither who
 is missing nor what to do. So processes first meet at a small rendezvous next to the
-coordinator (port + 1, ``JALIGN_RENDEZVOUS_PORT`` to change it): process 0 waits up to
+coordinator (its port + 1, ``JALIGN_RENDEZVOUS_PORT`` to change it): process 0 waits up to
 ``timeout_s`` for every other process and fails with a one-line error naming the ones
 that did not come; the others fail naming the coordinator they could not reach.
 """
@@ -163,7 +163,9 @@ def rendezvous(coordinator: str, n: int, pid: int, timeout_s: float, environ=os.
     """Every process meets process 0 next to ``coordinator`` within ``timeout_s``, or a
     DistributedError names who is missing."""
     host, port = _split(coordinator)
-    port = int(environ.get("JALIGN_RENDEZVOUS_PORT", port + 1))
+    # Next to the coordinator's port (below it when that is the last one: SLURM's
+    # detected port can be 65535).
+    port = int(environ.get("JALIGN_RENDEZVOUS_PORT", port + 1 if port < 65535 else port - 1))
     deadline = time.monotonic() + timeout_s
     if pid == 0:
         _host_rendezvous(port, n, deadline, timeout_s, coordinator)

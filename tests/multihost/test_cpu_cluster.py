@@ -1,0 +1,224 @@
+"""Multi-host runs for real: ``launch/cpu_cluster.sh`` starts 2 `jalign train` processes of
+2 CPU devices each (JAX's multi-controller runtime, gloo collectives), standing in for 2
+hosts. Compared with 1 process of 4 devices reading the same global batches.
+
+Tolerances: where both sides run the same per-device program (mesh fsdp=4 on 4 devices)
+only the order of the cross-process all-reduce can differ; the issue's bound 1e-5 on
+O(1-10) losses is ~100 float32 ulps, and 4.8e-7 was measured. Runs on the same topology
+(resumed vs uninterrupted) are compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli import ROOT, assert_clean_error, env
+
+CLUSTER = ROOT / "launch" / "cpu_cluster.sh"
+TINY = ROOT / "tests" / "train" / "tiny_sft.gin"
+TOL = 1e-5
+COMMON = ("TrainConfig.eval_every=0", "TrainConfig.eval_batches=0", "TrainConfig.progress=False",
+          "TrainConfig.log_every=1", "TrainConfig.peak_flops=1e11")
+
+
+def _jalign_wrapper(tmp_path: Path) -> Path:
+    """The `jalign` command the launcher runs: this interpreter with the test environment."""
+    path = tmp_path / "jalign"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m jalign.cli "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def _gin(tmp_path, name, bindings):
+    out = []
+    for b in (f"TrainConfig.output_root='{tmp_path}'", f"TrainConfig.run_name='{name}'",
+              *COMMON, *bindings):
+        out += ["--gin", b]
+    return out
+
+
+def cluster(tmp_path, name, config, *bindings, processes=2, devices=2, fault="", restarts=0,
+            expect=0):
+    e = env(JALIGN=_jalign_wrapper(tmp_path), JALIGN_PYTHON=sys.executable,
+            JALIGN_FAULT=fault)
+    cmd = ["bash", str(CLUSTER), "--processes", str(processes), "--devices-per-process",
+           str(devices), "--timeout", "120", "--max-restarts", str(restarts), str(config),
+           *_gin(tmp_path, name, bindings)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=900)
+    assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def single(tmp_path, name, config, *bindings, devices=4):
+    r = subprocess.run([sys.executable, "-m", "jalign.cli", "train", str(config),
+                        *_gin(tmp_path, name, bindings)], capture_output=True, text=True,
+                       env=env(devices), cwd=ROOT, timeout=900)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def assert_close(a: dict, b: dict, steps):
+    worst = max(abs(a[s] - b[s]) for s in steps)
+    assert worst <= TOL, {s: (a[s], b[s]) for s in steps}
+
+
+def test_sft_two_processes_equal_one_process(tmp_path):
+    """SFT on the demo config, 20 steps: 2 processes x 2 devices == 1 process x 4 devices
+    reading the same 2-shard stream (DataConfig.shards=2: a stream is its shard count)."""
+    demo = ROOT / "configs" / "demo" / "sft_add.gin"
+    small = ("TrainConfig.steps=20", "TrainConfig.save_every=20", "DataConfig.bundled_size=2000")
+    r = cluster(tmp_path, "two", demo, *small)
+    assert "done: " in r.stdout and "[process 1] done" not in r.stdout  # process 0 reports
+    single(tmp_path, "one", demo, *small, "DataConfig.shards=2", "MeshConfig.fsdp=4")
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == list(range(1, 21))
+    assert_close(two, one, range(1, 21))
+    assert len(set(two.values())) > 10  # it trained
+
+
+def _uneven_messages(path: Path, n: int = 96) -> Path:
+    """Conversations where record i mod 2 decides the length: shard 0 (even records) packs
+    ~2 per row, shard 1 ~8, so the two hosts' streams advance at different speeds."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = 100 + 7 * i, 300 + 11 * i
+            question = f"{a} + {b} = ?" + (" " + " ".join(str(a + k) for k in range(10))
+                                            if i % 2 == 0 else "")
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": str(a + b)}]})
+                    + "\n")
+    return path
+
+
+def test_packed_run_restores_on_another_topology_and_agrees_on_sigterm(tmp_path):
+    """With packing the hosts' data positions differ. A 2-process checkpoint restores in 1
+    process on another mesh and continues as the 2-process run did; SIGTERM to one of the
+    2 processes makes both save the same step and exit 75, and the restart (by the
+    launcher) resumes exactly."""
+    data = _uneven_messages(tmp_path / "uneven.jsonl")
+    packed = ("TrainConfig.steps=12", "TrainConfig.save_every=6", "TrainConfig.keep=5",
+              f"DataConfig.path='{data}'", "DataConfig.packing=True", "DataConfig.batch_size=4",
+              "DataConfig.max_length=64")
+    cluster(tmp_path, "two", TINY, *packed, "MeshConfig.fsdp=4")
+    two = losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 13))
+
+    # Every host's position is in the checkpoint, and they differ (so restoring host 0's
+    # on every host, as a primary-only JSON save would, gives other batches).
+    saved = json.loads((tmp_path / "two" / "checkpoints" / "6" / "data" / "metadata").read_text())
+    assert saved["shards"] == 2 and sorted(saved["positions"]) == ["0", "1"]
+    p0, p1 = (saved["positions"][s]["grain"] for s in ("0", "1"))
+    assert p0 != p1, saved
+
+    # 1 process, 4 devices, mesh fsdp=2 x tensor=2, from the 2-process step 6.
+    shutil.copytree(tmp_path / "two", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "12")
+    r = single(tmp_path, "moved", TINY, *packed, "MeshConfig.fsdp=2", "MeshConfig.tensor=2")
+    assert "resumed" in r.stdout and "at step 6" in r.stdout, r.stdout[-2000:]
+    moved = losses(tmp_path / "moved")
+    assert_close(two, moved, range(7, 13))
+    assert [moved[s] for s in range(1, 7)] == [two[s] for s in range(1, 7)]  # log kept
+
+    # SIGTERM to process 1 only, after step 3: both processes save one agreed step.
+    r = cluster(tmp_path, "term", TINY, *packed, "MeshConfig.fsdp=4", fault="sigterm_at_step:3@1", restarts=1)
+    said = [line for line in r.stderr.splitlines() if "SIGTERM: saved step" in line]
+    assert len(said) == 2, r.stderr[-3000:]
+    assert sum(line.startswith("[process 1] ") for line in said) == 1
+    steps = {line.split("saved step ")[1].split()[0] for line in said}
+    assert len(steps) == 1, said
+    saved_step = int(steps.pop())
+    assert 3 <= saved_step < 12
+    assert "all 2 processes saved and exited 75 (preempted); restart 1/1" in r.stderr
+    term = losses(tmp_path / "term")
+    assert term == two  # resumed exactly: every step's loss bit-identical
+
+
+def test_dpo_two_processes_equal_one_process(tmp_path):
+    """DPO (in-step frozen reference) over 20 steps: 2 x 2 devices == 1 x 4 devices."""
+    dpo = ROOT / "tests" / "train" / "tiny_dpo.gin"
+    steps = ("TrainConfig.steps=20", "TrainConfig.save_every=20", "DataConfig.bundled_size=96",
+             "DataConfig.batch_size=4")
+    cluster(tmp_path, "two", dpo, *steps, "MeshConfig.fsdp=4")
+    single(tmp_path, "one", dpo, *steps, "DataConfig.shards=2", "MeshConfig.fsdp=4")
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == list(range(1, 21))
+    assert_close(two, one, range(1, 21))
+    # Step 1: the policy is its reference, so the loss is log 2; then it trains.
+    assert abs(two[1] - math.log(2)) < 1e-6 and len(set(two.values())) > 10
+
+
+def _join(port, n, pid, timeout=3):
+    e = env(JALIGN_COORDINATOR=f"127.0.0.1:{port}", JALIGN_NUM_PROCESSES=n,
+            JALIGN_PROCESS_ID=pid, JALIGN_INIT_TIMEOUT=timeout)
+    return subprocess.Popen([sys.executable, "-m", "jalign.cli", "train", str(TINY)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
+                            cwd=ROOT)
+
+
+def _free_port() -> int:
+    import socket
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+@pytest.mark.parametrize("started", [(0,), (0, 1), (2,)])
+def test_missing_peer_is_a_clear_error_in_time(started):
+    """Of 3 processes only ``started`` come: within the configured 3 s (plus start-up)
+    each fails with one line naming the missing process ids or the coordinator."""
+    port = _free_port()
+    t0 = time.monotonic()
+    procs = {pid: _join(port, 3, pid) for pid in started}
+    results = {}
+    for pid, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        results[pid] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3 + 60, elapsed  # the wait is the configured one, not JAX's 300 s
+    missing = ", ".join(str(i) for i in range(1, 3) if i not in started)
+    for pid, r in results.items():
+        if pid == 0:
+            assert_clean_error(r, "did not arrive within 3 s", f"missing process id(s): {missing}")
+        elif 0 in started:
+            assert_clean_error(r, f"process {pid} of 3", "not every process arrived")
+        else:
+            assert_clean_error(r, f"process {pid} of 3", "the coordinator",
+                               f"127.0.0.1:{port + 1}", "did not answer within 3 s")
+
+
+def test_inconsistent_explicit_config_fails_at_start():
+    r = subprocess.run([sys.executable, "-m", "jalign.cli", "train", str(TINY)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=env(JALIGN_COORDINATOR="127.0.0.1:1", JALIGN_NUM_PROCESSES=2))
+    assert_clean_error(r, "JALIGN_COORDINATOR", "JALIGN_PROCESS_ID")
+
+
+def test_launcher_rejects_bad_usage():
+    r = subprocess.run(["bash", str(CLUSTER), "--processes", "two", str(TINY)],
+                       capture_output=True, text=True, timeout=30, env=dict(os.environ))
+    assert r.returncode == 2 and "usage: launch/cpu_cluster.sh" in r.stderr
