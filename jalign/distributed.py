@@ -117,6 +117,7 @@ def initialize(config: DistributedConfig | None = None, environ=os.environ) -> d
         raise ConfigError(f"process id {pid} is not in [0, {n}) ({ENV['process_id']}, "
                           f"{ENV['num_processes']})")
     if n > 1:
+        _split(coordinator)  # a malformed address fails before anything changes
         _cpu_collectives(jax)
         rendezvous(coordinator, n, pid, config.timeout_s, environ)
         with _watchdog(config.timeout_s + 30, f"process {pid} of {n}: JAX's coordination "

@@ -26,8 +26,9 @@ from tests.cli import ROOT, assert_clean_error, env
 CLUSTER = ROOT / "launch" / "cpu_cluster.sh"
 TINY = ROOT / "tests" / "train" / "tiny_sft.gin"
 TOL = 1e-5
-COMMON = ("TrainConfig.eval_every=0", "TrainConfig.eval_batches=0", "TrainConfig.progress=False",
-          "TrainConfig.log_every=1", "TrainConfig.peak_flops=1e11")
+COMMON = ("TrainConfig.eval_every=0", "TrainConfig.progress=False", "TrainConfig.log_every=1",
+          "TrainConfig.peak_flops=1e11")
+NO_EVAL = "TrainConfig.eval_batches=0"
 
 
 def _jalign_wrapper(tmp_path: Path) -> Path:
@@ -84,7 +85,8 @@ def test_sft_two_processes_equal_one_process(tmp_path):
     """SFT on the demo config, 20 steps: 2 processes x 2 devices == 1 process x 4 devices
     reading the same 2-shard stream (DataConfig.shards=2: a stream is its shard count)."""
     demo = ROOT / "configs" / "demo" / "sft_add.gin"
-    small = ("TrainConfig.steps=20", "TrainConfig.save_every=20", "DataConfig.bundled_size=2000")
+    small = ("TrainConfig.steps=20", "TrainConfig.save_every=20", "DataConfig.bundled_size=2000",
+             "TrainConfig.eval_batches=2", "eval/DataConfig.batch_size=8")
     r = cluster(tmp_path, "two", demo, *small)
     assert "done: " in r.stdout and "[process 1] done" not in r.stdout  # process 0 reports
     single(tmp_path, "one", demo, *small, "DataConfig.shards=2", "MeshConfig.fsdp=4")
@@ -92,6 +94,10 @@ def test_sft_two_processes_equal_one_process(tmp_path):
     assert sorted(two) == sorted(one) == list(range(1, 21))
     assert_close(two, one, range(1, 21))
     assert len(set(two.values())) > 10  # it trained
+    # The final evaluation reads each host's eval shard: the same 2 x 8 rows.
+    ev = [[json.loads(x)["eval_loss"] for x in (tmp_path / n / "metrics.jsonl").read_text()
+           .splitlines() if "eval_loss" in x] for n in ("two", "one")]
+    assert len(ev[0]) == len(ev[1]) == 1 and abs(ev[0][0] - ev[1][0]) <= TOL, ev
 
 
 def _uneven_messages(path: Path, n: int = 96) -> Path:
@@ -114,28 +120,35 @@ def test_packed_run_restores_on_another_topology_and_agrees_on_sigterm(tmp_path)
     2 processes makes both save the same step and exit 75, and the restart (by the
     launcher) resumes exactly."""
     data = _uneven_messages(tmp_path / "uneven.jsonl")
-    packed = ("TrainConfig.steps=12", "TrainConfig.save_every=6", "TrainConfig.keep=5",
+    # One epoch: the short-record shard packs fewer rows, so its host runs out first and
+    # both hosts must stop at its last batch.
+    packed = ("TrainConfig.steps=50", "TrainConfig.save_every=4", "TrainConfig.keep=20", NO_EVAL,
               f"DataConfig.path='{data}'", "DataConfig.packing=True", "DataConfig.batch_size=4",
-              "DataConfig.max_length=64")
-    cluster(tmp_path, "two", TINY, *packed, "MeshConfig.fsdp=4")
+              "DataConfig.max_length=64", "DataConfig.num_epochs=1")
+    r = cluster(tmp_path, "two", TINY, *packed, "MeshConfig.fsdp=4")
     two = losses(tmp_path / "two")
-    assert sorted(two) == list(range(1, 13))
+    end = max(two)
+    assert sorted(two) == list(range(1, end + 1)) and 8 <= end < 50, two
+    assert f"training ends at step {end}, before TrainConfig.steps=50" in r.stdout
 
     # Every host's position is in the checkpoint, and they differ (so restoring host 0's
     # on every host, as a primary-only JSON save would, gives other batches).
-    saved = json.loads((tmp_path / "two" / "checkpoints" / "6" / "data" / "metadata").read_text())
+    saved = json.loads((tmp_path / "two" / "checkpoints" / "4" / "data" / "metadata").read_text())
     assert saved["shards"] == 2 and sorted(saved["positions"]) == ["0", "1"]
     p0, p1 = (saved["positions"][s]["grain"] for s in ("0", "1"))
     assert p0 != p1, saved
 
-    # 1 process, 4 devices, mesh fsdp=2 x tensor=2, from the 2-process step 6.
+    # 1 process, 4 devices, mesh fsdp=2 x tensor=2, from the 2-process step 4.
     shutil.copytree(tmp_path / "two", tmp_path / "moved")
-    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "12")
+    for step in (tmp_path / "moved" / "checkpoints").iterdir():
+        if step.name.isdigit() and int(step.name) > 4:
+            shutil.rmtree(step)
     r = single(tmp_path, "moved", TINY, *packed, "MeshConfig.fsdp=2", "MeshConfig.tensor=2")
-    assert "resumed" in r.stdout and "at step 6" in r.stdout, r.stdout[-2000:]
+    assert "resumed" in r.stdout and "at step 4" in r.stdout, r.stdout[-2000:]
     moved = losses(tmp_path / "moved")
-    assert_close(two, moved, range(7, 13))
-    assert [moved[s] for s in range(1, 7)] == [two[s] for s in range(1, 7)]  # log kept
+    assert sorted(moved) == sorted(two)  # and it stops where the 2 hosts stopped
+    assert_close(two, moved, range(5, end + 1))
+    assert [moved[s] for s in range(1, 5)] == [two[s] for s in range(1, 5)]  # log kept
 
     # SIGTERM to process 1 only, after step 3: both processes save one agreed step.
     r = cluster(tmp_path, "term", TINY, *packed, "MeshConfig.fsdp=4", fault="sigterm_at_step:3@1", restarts=1)
@@ -145,17 +158,18 @@ def test_packed_run_restores_on_another_topology_and_agrees_on_sigterm(tmp_path)
     steps = {line.split("saved step ")[1].split()[0] for line in said}
     assert len(steps) == 1, said
     saved_step = int(steps.pop())
-    assert 3 <= saved_step < 12
+    assert 3 <= saved_step < end
     assert "all 2 processes saved and exited 75 (preempted); restart 1/1" in r.stderr
     term = losses(tmp_path / "term")
     assert term == two  # resumed exactly: every step's loss bit-identical
 
 
 def test_dpo_two_processes_equal_one_process(tmp_path):
-    """DPO (in-step frozen reference) over 20 steps: 2 x 2 devices == 1 x 4 devices."""
+    """DPO over 20 steps: 2 x 2 devices == 1 x 4 devices. The reference log-probs are
+    precomputed, a pass in which every host scores its own shard."""
     dpo = ROOT / "tests" / "train" / "tiny_dpo.gin"
     steps = ("TrainConfig.steps=20", "TrainConfig.save_every=20", "DataConfig.bundled_size=96",
-             "DataConfig.batch_size=4")
+             "DataConfig.batch_size=4", "DPOConfig.reference='precomputed'", NO_EVAL)
     cluster(tmp_path, "two", dpo, *steps, "MeshConfig.fsdp=4")
     single(tmp_path, "one", dpo, *steps, "DataConfig.shards=2", "MeshConfig.fsdp=4")
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
