@@ -10,7 +10,8 @@ the coordinator, the process count and this process's id:
 - detected by JAX: Cloud TPU VMs / GKE TPU and SLURM (``SLURM_JOB_ID``, ``SLURM_NTASKS``,
   ``SLURM_PROCID``, ``SLURM_STEP_NODELIST``); ``mode='on'`` (``JALIGN_DISTRIBUTED=on``)
   asks JAX to detect, and ``mode='auto'`` does so by itself under a multi-task SLURM step
-  or a multi-host TPU slice (``TPU_WORKER_HOSTNAMES``).
+  or where GKE marks a multi-host TPU slice (``TPU_WORKER_HOSTNAMES``, ``MEGASCALE_*``); a
+  plain Cloud TPU VM slice gives no such sign, so say ``on`` there (tpu_pod.sh does).
 
 JAX's own wait for peers ends in a C++ abort after its timeout, which says neither who
 is missing nor what to do. So processes first meet at a small rendezvous next to the
@@ -83,7 +84,8 @@ def detected_cluster(environ=os.environ) -> str | None:
     an ``srun`` step of several tasks, 'tpu' on a multi-host TPU slice; None otherwise."""
     if environ.get("SLURM_STEP_ID") is not None and int(environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
-    if "," in environ.get("TPU_WORKER_HOSTNAMES", ""):
+    if "," in environ.get("TPU_WORKER_HOSTNAMES", "") or int(
+            environ.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
         return "tpu"
     return None
 
@@ -109,9 +111,9 @@ def initialize(config: DistributedConfig | None = None, environ=os.environ) -> d
             raise ConfigError(f"JALIGN_COORDINATOR={config.coordinator!r} is set but "
                               f"{' and '.join(missing)} not (DistributedConfig fields)")
         coordinator, n, pid = config.coordinator, config.num_processes, config.process_id
-        how = "explicit"
+        local_ids, how = None, "explicit"
     else:
-        coordinator, n, pid = _detect(config.timeout_s)
+        coordinator, n, pid, local_ids = _detect(config.timeout_s, environ)
         how = "detected"
     if not 0 <= pid < n:
         raise ConfigError(f"process id {pid} is not in [0, {n}) ({ENV['process_id']}, "
@@ -119,21 +121,32 @@ def initialize(config: DistributedConfig | None = None, environ=os.environ) -> d
     if n > 1:
         _split(coordinator)  # a malformed address fails before anything changes
         _cpu_collectives(jax)
-        rendezvous(coordinator, n, pid, config.timeout_s, environ)
+        if environ.get("JALIGN_RENDEZVOUS", "on") != "off":
+            rendezvous(coordinator, n, pid, config.timeout_s, environ,
+                       detected=how == "detected")
+        # Everyone is there, so JAX connects at once; if it does not, the watchdog's line
+        # comes before JAX's own (later) abort.
         with _watchdog(config.timeout_s + 30, f"process {pid} of {n}: JAX's coordination "
                        f"service at {coordinator} did not connect"):
+            # Detection is off: everything is known, and JAX's SLURM detection would
+            # otherwise restrict a process to GPU SLURM_LOCALID even with one per node.
             jax.distributed.initialize(coordinator_address=coordinator, num_processes=n,
-                                       process_id=pid, initialization_timeout=config.timeout_s)
+                                       process_id=pid, local_device_ids=local_ids,
+                                       cluster_detection_method="deactivate",
+                                       initialization_timeout=config.timeout_s + 90)
     return {"process_id": pid, "num_processes": n, "how": how}
 
 
-def _detect(timeout_s: int) -> tuple[str, int, int]:
-    """Coordinator, process count and id as JAX's cluster detection finds them (TPU, SLURM,
-    ...), so the rendezvous can name missing peers there too."""
+def _detect(timeout_s: int, environ=os.environ) -> tuple[str, int, int, list[int] | None]:
+    """Coordinator, process count, id and local devices as JAX's cluster detection finds
+    them (TPU, SLURM, ...), so the rendezvous can name missing peers there too. Under
+    SLURM with one task per node the process drives all of the node's devices (JAX alone
+    would give it only device SLURM_LOCALID); with one task per device, its own one."""
     from jax._src import clusters
     try:
-        coordinator, n, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            None, None, None, None, None, timeout_s)
+        coordinator, n, pid, local_ids = (
+            clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                None, None, None, None, None, timeout_s))
     except Exception as e:  # noqa: BLE001 (JAX raises bare errors from each detector)
         raise DistributedError(f"JALIGN_DISTRIBUTED=on but JAX found no cluster to join "
                                f"({type(e).__name__}: {e}); set JALIGN_COORDINATOR, "
@@ -142,7 +155,18 @@ def _detect(timeout_s: int) -> tuple[str, int, int]:
         raise DistributedError("JALIGN_DISTRIBUTED=on but JAX detected no cluster (not a "
                                "TPU pod or SLURM step); set JALIGN_COORDINATOR, "
                                "JALIGN_NUM_PROCESSES and JALIGN_PROCESS_ID instead")
-    return coordinator, int(n), int(pid)
+    if local_ids is not None and _tasks_per_node(environ) == 1:
+        local_ids = None
+    return coordinator, int(n), int(pid), local_ids
+
+
+def _tasks_per_node(environ) -> int | None:
+    """SLURM's tasks on this node (``SLURM_STEP_TASKS_PER_NODE`` is e.g. '1(x2)' or '8')."""
+    text = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not text:
+        return None
+    head = text.split(",")[0].split("(")[0]
+    return int(head) if head.isdigit() else None
 
 
 def _cpu_collectives(jax) -> None:
@@ -160,13 +184,23 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def rendezvous(coordinator: str, n: int, pid: int, timeout_s: float, environ=os.environ) -> None:
+def rendezvous_port(coordinator_port: int, detected: bool, environ=os.environ) -> int:
+    """``JALIGN_RENDEZVOUS_PORT``, else next to the coordinator's. A detected SLURM port is
+    61440 + job id mod 4096, so + 1 would be the next job's coordinator: go 4096 below,
+    out of that range."""
+    if environ.get("JALIGN_RENDEZVOUS_PORT"):
+        return int(environ["JALIGN_RENDEZVOUS_PORT"])
+    if detected and coordinator_port > 4096:
+        return coordinator_port - 4096
+    return coordinator_port + 1 if coordinator_port < 65535 else coordinator_port - 1
+
+
+def rendezvous(coordinator: str, n: int, pid: int, timeout_s: float, environ=os.environ,
+               detected: bool = False) -> None:
     """Every process meets process 0 next to ``coordinator`` within ``timeout_s``, or a
     DistributedError names who is missing."""
     host, port = _split(coordinator)
-    # Next to the coordinator's port (below it when that is the last one: SLURM's
-    # detected port can be 65535).
-    port = int(environ.get("JALIGN_RENDEZVOUS_PORT", port + 1 if port < 65535 else port - 1))
+    port = rendezvous_port(port, detected, environ)
     deadline = time.monotonic() + timeout_s
     if pid == 0:
         _host_rendezvous(port, n, deadline, timeout_s, coordinator)
@@ -174,12 +208,44 @@ def rendezvous(coordinator: str, n: int, pid: int, timeout_s: float, environ=os.
         _join_rendezvous(host, port, n, pid, deadline, timeout_s)
 
 
+def _listen(port: int, n: int) -> socket.socket:
+    try:
+        if socket.has_dualstack_ipv6():  # IPv4 and IPv6 peers alike
+            return socket.create_server(("", port), family=socket.AF_INET6,
+                                        dualstack_ipv6=True, backlog=max(n, 16))
+        return socket.create_server(("", port), backlog=max(n, 16))
+    except OSError as e:
+        raise DistributedError(f"process 0 cannot listen on the rendezvous port {port} ({e}); "
+                               "set JALIGN_RENDEZVOUS_PORT to a free port, the same on every "
+                               "host (or JALIGN_RENDEZVOUS=off to skip the check)") from None
+
+
+def _alive(conn: socket.socket) -> bool:
+    """The peer is still connected (a peer that died after its hello reads as EOF)."""
+    try:
+        conn.setblocking(False)
+        return conn.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.setblocking(True)
+
+
 def _host_rendezvous(port: int, n: int, deadline: float, timeout_s: float, where: str) -> None:
-    server = socket.create_server(("", port), reuse_port=False, backlog=max(n, 16))
+    server = _listen(port, n)
     server.settimeout(0.5)
     arrived: dict[int, socket.socket] = {}
     try:
-        while len(arrived) < n - 1:
+        while True:
+            if len(arrived) == n - 1:
+                # A peer that said hello and then died (and maybe restarted, saying hello
+                # again) is not there: drop it and keep waiting for it.
+                for peer in [p for p, c in arrived.items() if not _alive(c)]:
+                    arrived.pop(peer).close()
+                if len(arrived) == n - 1:
+                    break
             if time.monotonic() > deadline:
                 missing = [i for i in range(1, n) if i not in arrived]
                 shown = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
@@ -192,25 +258,34 @@ def _host_rendezvous(port: int, n: int, deadline: float, timeout_s: float, where
                 conn, _ = server.accept()
             except socket.timeout:
                 continue
-            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            conn.settimeout(5.0)  # a peer says hello at once; a stray client is not kept
             try:
                 hello = conn.recv(64).decode(errors="replace").split()
             except OSError:
                 conn.close()
                 continue
-            if len(hello) != 3 or hello[0] != "jalign-hello":
+            if len(hello) != 3 or hello[0] != "jalign-hello" or not (
+                    hello[1].isdigit() and hello[2].isdigit()):
                 conn.close()  # something else knocking on the port: not a peer
                 continue
             peer, peer_n = int(hello[1]), int(hello[2])
             if peer_n != n:
                 raise DistributedError(f"process {peer} was started with {peer_n} processes, "
                                        f"process 0 with {n}: every host needs the same count")
-            if peer in arrived or not 0 < peer < n:
-                raise DistributedError(f"two processes claim process id {peer} (or it is not "
-                                       f"in [1, {n})): give every host its own id")
+            if not 0 < peer < n:
+                raise DistributedError(f"a process claims process id {peer}, not in [1, {n}): "
+                                       "give every host its own id")
+            if peer in arrived:
+                if _alive(arrived[peer]):
+                    raise DistributedError(f"two processes claim process id {peer}: give "
+                                           "every host its own id")
+                arrived.pop(peer).close()  # its earlier incarnation died
             arrived[peer] = conn
         for conn in arrived.values():
-            conn.sendall(b"go\n")
+            try:
+                conn.sendall(b"go\n")
+            except OSError:  # died in the last instant: it fails on its side, and JAX's
+                pass         # connect below then times out with the watchdog's message
     finally:
         for conn in arrived.values():
             conn.close()

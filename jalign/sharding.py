@@ -127,6 +127,15 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def global_rows(sharding, local) -> jax.Array:
+    """The global array whose rows are every process's ``local`` rows (each process gives
+    as many). The global shape is stated, so a mesh whose batch blocks do not match the
+    processes fails here instead of building a smaller, wrong batch."""
+    local = np.asarray(local)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
 def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()

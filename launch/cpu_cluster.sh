@@ -16,6 +16,10 @@
 # would otherwise wait in a collective for it. JALIGN=/path/to/jalign picks the command.
 # Needs bash >= 5.1 (wait -n -p).
 set -u
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+  echo "launch/cpu_cluster.sh needs bash >= 5.1 (wait -n -p); this is $BASH_VERSION" >&2
+  exit 2
+fi
 usage() { echo "usage: launch/cpu_cluster.sh [--processes N] [--devices-per-process K] [--port P] [--timeout S] [--max-restarts R] CONFIG.gin [...] [--gin BINDING ...]" >&2; exit 2; }
 
 processes=2 devices=1 port="" timeout=60 max_restarts=${JALIGN_MAX_RESTARTS:-100}
@@ -81,8 +85,15 @@ wait_all() {
   while [ "${#live[@]}" -gt 0 ]; do
     finished=""
     wait -n -p finished "${live[@]}"; rc=$?
-    # `wait` also returns when a trapped signal arrives: nothing finished then.
-    [ -z "$finished" ] && continue
+    if [ -z "$finished" ]; then
+      # A trapped signal interrupted `wait` (rc > 128): nothing finished. Otherwise bash
+      # lost track of a child that already exited (127): find it by polling.
+      [ "$rc" -gt 128 ] && continue
+      for p in "${live[@]}"; do
+        if ! kill -0 "$p" 2>/dev/null; then finished=$p; wait "$p"; rc=$?; break; fi
+      done
+      [ -z "$finished" ] && { sleep 0.2; continue; }
+    fi
     local -a rest=()
     for p in "${live[@]}"; do [ "$p" != "$finished" ] && rest+=("$p"); done
     live=("${rest[@]}")
@@ -105,6 +116,7 @@ wait_all() {
 restarts=0
 while true; do
   start_all "$@"
+  [ "$stopping" -eq 1 ] && forward  # a stop that came while the processes were starting
   wait_all; rc=$?
   if [ "$rc" -ne 75 ] || [ "$stopping" -eq 1 ]; then exit "$rc"; fi
   if [ "$restarts" -ge "$max_restarts" ]; then

@@ -238,7 +238,8 @@ class RolloutSource:
     # ------------------------------------------------------------ drawing
 
     def _global(self, x, sharding=None):
-        return jax.make_array_from_process_local_data(sharding or self.prompt_sh, np.asarray(x))
+        from jalign.sharding import global_rows
+        return global_rows(sharding or self.prompt_sh, x)
 
     def _rewards(self, prompt_ids, prompt_mask, out, evaluation: bool = False):
         """(scores [rows] on this host, components, response lengths, ended-with-EOS);
@@ -339,7 +340,11 @@ class RolloutSource:
         self.eval_prompts.set_state(self.eval_start)
         totals: dict[str, float] = {}
         count = 0
-        batches = min(self.eval_batches, self.eval_prompts.total_batches() or self.eval_batches)
+        # Agreed: every batch is a collective (generation, gathers), so all hosts run as
+        # many, though their shards may hold different numbers of prompts.
+        from jalign.train.hosts import agree_min
+        batches = min(self.eval_batches, agree_min(
+            self.eval_prompts.total_batches() or self.eval_batches))
         for _, batch in zip(range(batches), self.eval_prompts):
             ids = self._global(batch["prompt_ids"], self.eval_sh)
             mask = self._global(batch["prompt_mask"], self.eval_sh)

@@ -72,7 +72,11 @@ class Preemption:
 
     def __init__(self):
         self.requested = False  # latched: a source may only save at its next boundary
-        self._multi = jax.process_count() > 1
+        from jax._src import distributed as jax_distributed
+        # JAX's sync manager exists once joined (unless its preemption service is off:
+        # then each host notes its own SIGTERM, as one process does).
+        self._multi = (jax.process_count() > 1 and
+                       jax_distributed.global_state.preemption_sync_manager is not None)
         self._previous = None
 
     def __enter__(self):
@@ -100,3 +104,42 @@ class Preemption:
             from jax.experimental import multihost_utils
             self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
         return self.requested
+
+
+def check_same_directory(directory, what: str) -> None:
+    """Every process sees what process 0 writes in ``directory`` (a run directory on one
+    file system they share); otherwise each host would save and resume on its own copy.
+    Raises the same ConfigError on every process."""
+    if jax.process_count() == 1:
+        return
+    import os
+    import time
+    from pathlib import Path
+
+    from jalign.errors import ConfigError
+    marker = Path(directory) / ".jalign_hosts"
+    token = f"{time.time_ns()}-{os.getpid()}"
+    if jax.process_index() == 0:
+        marker.write_text(token)
+    token0 = all_states({"token": token})[0]["token"]  # also a barrier: written before
+    try:
+        seen = marker.read_text() == token0
+    except OSError:
+        seen = False
+    blind = [i for i, s in enumerate(all_states({"seen": seen})) if not s["seen"]]
+    if blind:
+        raise ConfigError(f"{what}: process(es) {blind} do not see the file process 0 wrote "
+                          f"in {directory}: every host needs the same run directory (an "
+                          "output_root on a file system all hosts share)")
+
+
+def agree_on(value, what: str):
+    """``value`` (JSON-able), which every process must have found the same; else the same
+    ConfigError on every process naming who saw what."""
+    values = [s["v"] for s in all_states({"v": value})]
+    if any(v != values[0] for v in values):
+        from jalign.errors import ConfigError
+        shown = "; ".join(f"process {i}: {v}" for i, v in enumerate(values[:8]))
+        raise ConfigError(f"the hosts disagree on {what} ({shown}): every host needs the "
+                          "same run directory (an output_root on a file system all hosts share)")
+    return value

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from jalign.data.pipeline import DataConfig
 from jalign.models.config import LlamaConfig
-from jalign.sharding import DEFAULT_RULES, MeshConfig
+from jalign.sharding import DEFAULT_RULES, MeshConfig, global_rows
 from jalign.train import metrics as M
 from jalign.train.algorithm import Algorithm, custom
 from jalign.train.optimizer import OptimizerConfig, trainable_mask
@@ -68,7 +68,7 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Global arrays of a batch: host-local rows are assembled; arrays a source already
     made on the devices (a rollout's minibatch) are placed as the step expects."""
     return {k: jax.device_put(v, sharding) if isinstance(v, jax.Array)
-            else jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            else global_rows(sharding, v)
             for k, v in batch.items()}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from jax.sharding import Mesh
 
 from jalign.errors import ConfigError
@@ -23,6 +25,27 @@ def batch_axes_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[int, str]
     axes = _lookup(rules, "batch")
     size = math.prod(mesh.shape[a] for a in axes)
     return size, " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
+
+
+def check_batch_blocks(mesh, rules: Rules = DEFAULT_RULES) -> None:
+    """Each block of batch rows lives on the devices of one process. Each process hands
+    its own rows to ``jax.make_array_from_process_local_data``; a block spread over two
+    processes (tensor-parallel devices on different hosts) would get rows from both.
+    ``mesh`` needs ``devices`` (with ``process_index``) and ``axis_names``."""
+    names = list(mesh.axis_names)
+    batch = [names.index(a) for a in _lookup(rules, "batch")]
+    rest = [i for i in range(len(names)) if i not in batch]
+    blocks = np.transpose(mesh.devices, batch + rest).reshape(
+        math.prod(mesh.devices.shape[i] for i in batch), -1)
+    for index, block in enumerate(blocks):
+        owners = sorted({d.process_index for d in block})
+        if len(owners) > 1:
+            raise ConfigError(
+                f"MeshConfig: batch block {index} (one of {len(blocks)} over "
+                f"{' x '.join(names[i] for i in batch)}) is held by devices of processes "
+                f"{owners}: each process reads its own rows, so a block must sit inside one "
+                f"host; make the non-batch axes ({', '.join(names[i] for i in rest)}) fit "
+                "inside a host, or use MeshConfig.dcn_* so the mesh is laid out per host")
 
 
 def _multiples(n: int, near: int) -> str:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.data import packing
-from jalign.sharding import DEFAULT_RULES, use_mesh
+from jalign.sharding import DEFAULT_RULES, global_rows, use_mesh
 from jalign.train.step import batch_sharding
 
 CACHE_VERSION = 2  # 2: pairs encoded as one sequence, with {side}_context
@@ -70,8 +70,7 @@ def compute_scores(model, examples: list[dict], score_fn: Callable, *, rows: int
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         batches = int(np.max(multihost_utils.process_allgather(np.asarray(batches))))
-    global_rows = rows * jax.process_count()
-    in_sh = batch_sharding(mesh, global_rows, rules)
+    in_sh = batch_sharding(mesh, rows * jax.process_count(), rules)
     graphdef, params = nnx.split(model)
 
     def score(p, batch):
@@ -88,7 +87,7 @@ def compute_scores(model, examples: list[dict], score_fn: Callable, *, rows: int
         chunk = [examples[min(i, n - 1)] for i in range(b * rows, (b + 1) * rows)]
         padded = [packing.pad_pair(ex, length, pad_id) for ex in chunk]
         local = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
-        batch = {k: jax.make_array_from_process_local_data(in_sh, v) for k, v in local.items()}
+        batch = {k: global_rows(in_sh, v) for k, v in local.items()}
         result = fn(params, batch)
         for k, v in result.items():
             host = _local_rows(v, mesh)

@@ -26,7 +26,7 @@ from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
 from jalign.train import reference as R
 from jalign.train.algorithm import Algorithm
-from jalign.train.hosts import agree_min
+from jalign.train.hosts import agree_min, agree_on, check_same_directory
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.partition import ParamLayout
 from jalign.train.resume import check_resume, config_record, default_record, model_record
@@ -120,6 +120,7 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     except ValueError as e:
         raise ConfigError(str(e)) from None
     processes = jax.process_count()
+    P.check_batch_blocks(mesh, rules)
     P.check_batch_divides(mesh, data_config.batch_size, "DataConfig.batch_size",
                           accum_steps=tc.accum_steps, rules=rules, processes=processes)
     step_rows = data_config.batch_size // algo.batch_splits
@@ -132,9 +133,11 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
                               rules=rules, processes=processes)
     # Nothing is written before the data checks pass: no run directory for a failed start.
     ckpt = None
-    if (run_dir / "checkpoints").is_dir():
+    # Every host must decide alike (opening the checkpointer is a collective on several).
+    if agree_on((run_dir / "checkpoints").is_dir(), f"whether {run_dir} has checkpoints"):
         ckpt = TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
-    resume_step = ckpt.latest_step() if ckpt is not None else None
+    resume_step = (agree_on(ckpt.latest_step(), f"the latest checkpoint step of {run_dir}")
+                   if ckpt is not None else None)
     # The data stream's shard count: the config's, else one per process of the run's start.
     data_shards = data_config.shards or processes
     configs = {"TrainConfig": tc, "OptimizerConfig": optimizer_config,
@@ -183,13 +186,19 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
     P.check_vocab(data, model_config.vocab_size, "DataConfig")
     eval_iter = None
     if eval_data_config is not None:
-        eval_iter = P.open_data(eval_data_config, "eval/DataConfig", **shard)
+        # The train stream's shard count when it divides the eval batch: the same eval
+        # rows after a resume on another process count.
+        eval_shards = eval_data_config.shards or (
+            data_shards if eval_data_config.batch_size % data_shards == 0 else None)
+        eval_iter = P.open_data(eval_data_config, "eval/DataConfig", shards=eval_shards,
+                                **shard)
         P.check_vocab(eval_iter, model_config.vocab_size, "eval/DataConfig")
         if agree_min(eval_iter.total_batches()) == 0:
             raise ConfigError(
                 f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
                 f"make no full batch of eval/DataConfig.batch_size={eval_data_config.batch_size}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_same_directory(run_dir, "TrainConfig.output_root")
     if is_main and operative_config:
         (run_dir / "operative_config.gin").write_text(operative_config)
     if ckpt is None:

@@ -236,3 +236,22 @@ def test_launcher_rejects_bad_usage():
     r = subprocess.run(["bash", str(CLUSTER), "--processes", "two", str(TINY)],
                        capture_output=True, text=True, timeout=30, env=dict(os.environ))
     assert r.returncode == 2 and "usage: launch/cpu_cluster.sh" in r.stderr
+
+
+def test_hosts_that_do_not_share_the_run_directory_are_refused(tmp_path):
+    """Each host with its own output_root would save and resume on its own copy: both
+    processes stop at start with the same one-line error."""
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        e = env(2, JALIGN_COORDINATOR=f"127.0.0.1:{port}", JALIGN_NUM_PROCESSES=2,
+                JALIGN_PROCESS_ID=pid, JALIGN_INIT_TIMEOUT=60,
+                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jalign.cli", "train", str(TINY),
+             *_gin(tmp_path / f"host{pid}", "run", ("MeshConfig.fsdp=4",))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        assert_clean_error(r, "TrainConfig.output_root", "process(es) [1] do not see the file")
