@@ -45,3 +45,14 @@ def assert_clean_error(r: subprocess.CompletedProcess, *needles: str, code: int 
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl."""
+    import json
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import ROOT, assert_clean_error, env
+from tests.cli import ROOT, assert_clean_error, env, run_losses
 
 CLUSTER = ROOT / "launch" / "cpu_cluster.sh"
 TINY = ROOT / "tests" / "train" / "tiny_sft.gin"
@@ -67,13 +67,7 @@ def single(tmp_path, name, config, *bindings, devices=4):
     return r
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
+losses = run_losses
 
 
 def assert_close(a: dict, b: dict, steps):

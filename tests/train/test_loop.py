@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import env
+from tests.cli import env, run_losses
 
 from jalign.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -35,13 +35,7 @@ def _run(tmp_path, name, *bindings, fault="", expect=0, config=CONFIG):
     return r
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
+_losses = run_losses
 
 
 def _records(run_dir: Path, drop=()) -> list[dict]:
