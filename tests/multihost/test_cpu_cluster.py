@@ -249,3 +249,26 @@ def test_hosts_that_do_not_share_the_run_directory_are_refused(tmp_path):
         out, err = p.communicate(timeout=300)
         r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
         assert_clean_error(r, "TrainConfig.output_root", "process(es) [1] do not see the file")
+
+
+def test_ppo_rollouts_two_processes_equal_one_process(tmp_path):
+    """Generation across hosts: each host samples its prompts' rows of one global rollout
+    and the rewards, KL, values and advantages are computed on global arrays; 2 x 2 ==
+    1 x 4 over one rollout (4 minibatch steps) and the greedy evaluation."""
+    ppo = ROOT / "tests" / "train" / "tiny_ppo.gin"
+    run = ("TrainConfig.steps=4", "TrainConfig.save_every=4", "TrainConfig.eval_batches=1",
+           "MeshConfig.fsdp=4")
+    cluster(tmp_path, "two", ppo, *run)
+    single(tmp_path, "one", ppo, *run, "DataConfig.shards=2")
+    two, one = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                for n in ("two", "one"))
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one):
+        # Sampled tokens are equal (rewards, lengths: exact); float statistics within TOL.
+        for k in ("reward", "response_length", "eval_reward", "eval_response_length"):
+            if k in a:
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])
+        for k in ("loss", "kl", "kl_coef", "policy_loss", "value_loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= TOL, (a["step"], k, a[k], b[k])
+    assert any("reward" in r for r in two) and any("eval_reward" in r for r in two)
