@@ -352,10 +352,13 @@ class ShardedIterator:
         return self.parts[0].batches
 
     def annotate(self, fn) -> None:
-        """``fn(examples, chat)`` once over all of this process's examples (shard order)."""
+        """``fn(examples, chat, shard)`` for each of this process's shards (``shard``: a
+        name such as 's1of4', the same whichever process reads the shard, for caches).
+        Every process makes the same number of calls (shards / processes)."""
         if any(p._iter is not None for p in self.parts):
             raise RuntimeError("annotate() after batches were made")
-        fn([ex for p in self.parts for ex in p._examples], self.chat)
+        for s, p in zip(self.shard_ids, self.parts):
+            fn(p._examples, self.chat, f"s{s}of{self.shards}")
 
     def __iter__(self):
         return self

@@ -229,16 +229,17 @@ def open_run(algo: Algorithm, *, train_config: TrainConfig, optimizer_config: Op
             if it is None:
                 continue
 
-            def score(examples, chat, it=it, name=name):
-                # Scored now, while only one model is in memory (not next to the state).
+            def score(examples, chat, shard, it=it, name=name):
+                # Scored now, while only one model is in memory (not next to the state);
+                # cached per shard, so a resume on another process count reads it back.
                 info = R.annotate(
-                    examples, cache_path=run_dir / f"reference_{name}.p{jax.process_index()}.npz",
+                    examples, cache_path=run_dir / f"reference_{name}.{shard}.npz",
                     load_model=initial_model, score_fn=algo.precompute,
                     rows=it.config.batch_size // processes, length=it.config.max_length,
                     pad_id=chat.pad_id, mesh=mesh, rules=rules, model_key=reference_key,
                     progress=tc.progress and is_main)
-                log(f"reference log-probs for {info['examples']} {name} pairs "
-                    f"{'read from cache' if info['cached'] else 'computed'}")
+                log(f"reference log-probs for {info['examples']} {name} pairs of shard "
+                    f"{shard} {'read from cache' if info['cached'] else 'computed'}")
             it.annotate(score)
     eval_start = eval_iter.get_state() if eval_iter is not None else None
 

@@ -171,6 +171,12 @@ def test_dpo_two_processes_equal_one_process(tmp_path):
     assert_close(two, one, range(1, 21))
     # Step 1: the policy is its reference, so the loss is log 2; then it trains.
     assert abs(two[1] - math.log(2)) < 1e-6 and len(set(two.values())) > 10
+    # The reference pass is cached per shard: the 2-process run opened in 1 process
+    # reads both shards' scores back instead of recomputing them.
+    shutil.copytree(tmp_path / "two", tmp_path / "moved")
+    r = single(tmp_path, "moved", dpo, *steps, "MeshConfig.fsdp=4")
+    for shard in ("s0of2", "s1of2"):
+        assert f"train pairs of shard {shard} read from cache" in r.stdout, r.stdout[-2000:]
 
 
 def _join(port, n, pid, timeout=3):

@@ -68,12 +68,12 @@ def test_precomputed_reference_run_matches_and_resumes_from_cache(tmp_path, dpo_
     _run(tmp_path, "whole", mode, config=DPO)
     whole = _losses(tmp_path / "whole")
     _run(tmp_path, "pre", mode, config=DPO, fault="sigkill_after_save:4", expect=-signal.SIGKILL)
-    cache = tmp_path / "pre" / "reference_train.p0.npz"
+    cache = tmp_path / "pre" / "reference_train.s0of1.npz"  # shard 0 of 1
     assert cache.exists()
     with np.load(cache, allow_pickle=False) as z:
         assert z["ref_chosen_logps"].shape == (48,) and np.all(z["ref_chosen_logps"] < 0)
     r = _run(tmp_path, "pre", mode, config=DPO)
-    assert "48 train pairs read from cache" in r.stdout
+    assert "48 train pairs of shard s0of1 read from cache" in r.stdout
     assert _losses(tmp_path / "pre") == whole  # exact by construction: resumed == uninterrupted
     # Against the in-step reference: step 1 (before any update) agrees to the float32 bound
     # of the log-probs; later steps follow Adam, which turns rounding-level differences into
