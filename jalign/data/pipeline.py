@@ -11,7 +11,6 @@ the saved iterator stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
@@ -252,9 +251,6 @@ class DataIterator:
         self._it().set_state(state["grain"])
         self.batches = state["batches"]
 
-    def state_json(self) -> str:
-        return json.dumps(self.get_state(), sort_keys=True)
-
 
 def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = None,
                    chat: ChatTokenizer | None = None, process_index: int = 0,
@@ -355,10 +351,9 @@ class ShardedIterator:
         """``fn(examples, chat, shard)`` for each of this process's shards (``shard``: a
         name such as 's1of4', the same whichever process reads the shard, for caches).
         Every process makes the same number of calls (shards / processes)."""
-        if any(p._iter is not None for p in self.parts):
-            raise RuntimeError("annotate() after batches were made")
         for s, p in zip(self.shard_ids, self.parts):
-            fn(p._examples, self.chat, f"s{s}of{self.shards}")
+            name = f"s{s}of{self.shards}"
+            p.annotate(lambda examples, chat, name=name: fn(examples, chat, name))
 
     def __iter__(self):
         return self
@@ -392,9 +387,6 @@ class ShardedIterator:
                             f"(it holds {sorted(state['positions'], key=int)})")
         for s, p in zip(self.shard_ids, self.parts):
             p.set_state(state["positions"][str(s)])
-
-    def state_json(self) -> str:
-        return json.dumps(self.get_state(), sort_keys=True)
 
 
 def _merged_stats(parts: list[dict]) -> dict:
