@@ -19,7 +19,7 @@ import numpy as np
 def per_position(run_dir: str, max_length: int = 32, n: int = 512):
     import jax.numpy as jnp
 
-    from jalign.train.setup import load_run_model as load_model
+    from jalign.sources import load_checkpoint as load_model
     from jalign.data.pipeline import DataConfig, build_iterator
     from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.losses.sft import target_log_probs

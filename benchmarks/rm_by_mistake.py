@@ -16,7 +16,7 @@ import collections
 import jax
 import numpy as np
 
-from jalign.train.setup import load_run_model as load_model  # LoRA runs too
+from jalign.sources import load_checkpoint as load_model  # LoRA runs too
 from jalign.data import tasks
 from jalign.data.pipeline import DataConfig, build_iterator
 
@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--length", type=int, default=48)
     args = ap.parse_args()
-    _, model = load_model(args.run, step=args.step, model_kind="scalar_head")
+    _, model = load_model(args.run, step=args.step, head="scalar")
     # The training pipeline's own batches (one batch of all pairs, in record order), so
     # the rows are exactly what an RM run's eval scores.
     data = DataConfig(path="bundled:add", format="preference", split="eval",

@@ -1,12 +1,13 @@
 """jalign checkpoints: an Orbax CheckpointManager directory of numbered steps.
 
 Each step holds named items. Every checkpoint has
-  ``params``        the model parameters as a nested dict (nnx pure dict),
-  ``model_config``  the LlamaConfig as JSON,
-  ``metadata``      jalign version, step and what wrote it.
+  ``params``        the parameters as nested dicts (nnx pure dicts): a model checkpoint's
+                    one model, a training run's ``{role: what of it trains}``,
+  ``model_config``  the model config as JSON,
+  ``metadata``      jalign version, step, what wrote it, the roles and checksums.
 Training adds its own items (optimizer state, data-iterator state, operative gin config)
-beside these, so a converted model and a training checkpoint share one format and any
-training checkpoint can be exported by reading ``params`` alone.
+beside these, so a converted model and a training checkpoint share one format; loading
+either as a model is ``jalign.sources.load_checkpoint``.
 
 Orbax writes each step to a temporary directory and renames it on commit; restore only
 ever sees committed steps.
@@ -22,18 +23,14 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
-from jax.sharding import Mesh
 
 import jalign
 from jalign import checksum
 from jalign.errors import first_line
-from jalign.models.build import abstract_model
-from jalign.models.config import LlamaConfig
-from jalign.models.heads import (PARTS, fresh_score, kind_of, model_class,
-                                 scalar_params_from_lm)
-from jalign.models.llama import Llama
-from jalign.sharding import DEFAULT_RULES, Rules
+from jalign.models.build import params_of
+from jalign.models.families import config_from_dict, config_to_dict
+from jalign.models.heads import head_of
+from jalign.train.roles import LAYOUT, stored_roles
 
 
 class CheckpointError(RuntimeError):
@@ -49,17 +46,18 @@ def manager(directory: str | os.PathLike, **options) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(create=True, **options))
 
 
-def save_model(directory: str | os.PathLike, config: LlamaConfig, model: Llama, *,
-               step: int = 0, extra_metadata: dict | None = None) -> Path:
-    """Write a params-only checkpoint (what ``jalign convert hf-to-jalign`` produces)."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def save_model(directory: str | os.PathLike, config, model, *, step: int = 0,
+               extra_metadata: dict | None = None) -> Path:
+    """Write a params-only checkpoint of one model (what ``jalign convert hf-to-jalign``
+    produces); its metadata names the model's head."""
+    params = params_of(model)
     metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "model",
-                "model_kind": kind_of(model), "checksums": {"params": checksum.checksums(params)}}
+                "head": head_of(model), "checksums": {"params": checksum.checksums(params)}}
     metadata.update(extra_metadata or {})
     mngr = manager(directory)
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        model_config=ocp.args.JsonSave(config.to_dict()),
+        model_config=ocp.args.JsonSave(config_to_dict(config)),
         metadata=ocp.args.JsonSave(metadata)))
     mngr.wait_until_finished()
     mngr.close()
@@ -84,12 +82,12 @@ def latest_step(directory: str | os.PathLike) -> int:
     return step
 
 
-def read_model_config(directory: str | os.PathLike, step: int | None = None) -> LlamaConfig:
+def read_model_config(directory: str | os.PathLike, step: int | None = None):
     step = latest_step(directory) if step is None else step
     mngr = manager(_checkpoint_dir(directory))
     restored = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     mngr.close()
-    return LlamaConfig.from_dict(restored["model_config"])
+    return config_from_dict(restored["model_config"])
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
@@ -102,70 +100,9 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     return restored["metadata"]
 
 
-def read_model_kind(directory: str | os.PathLike, step: int | None = None) -> str:
-    """``causal_lm``, ``scalar_head`` or ``policy_value`` (checkpoints written before kinds
-    existed: causal_lm)."""
-    return read_metadata(directory, step).get("model_kind", "causal_lm")
-
-
-def stored_frozen_models(metadata: dict) -> tuple[str, ...]:
-    """Names of the frozen models a train checkpoint's state holds. Checkpoints written
-    before the metadata listed them recorded only a DPO reference mode: 'in_step' put one
-    frozen model, named 'reference', in the state."""
-    if "frozen" in metadata:
-        return tuple(metadata["frozen"])
-    return ("reference",) if metadata.get("reference") == "in_step" else ()
-
-
-def load_model(directory: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, model_kind: str | None = None, seed: int = 0,
-               **config_overrides) -> tuple[LlamaConfig, Llama]:
-    """Restore the model of a checkpoint step (default: latest) onto ``mesh``.
-
-    ``config_overrides`` may change execution fields (scan_layers, remat_policy, dtype,
-    attention_impl); parameter shapes come from the checkpoint. ``model_kind`` defaults
-    to the checkpoint's; asking for ``scalar_head`` from a causal-LM checkpoint (a reward
-    model from an SFT run) drops the LM head and starts a fresh score (seeded by ``seed``).
-    """
-    step = latest_step(directory) if step is None else step
-    config = read_model_config(directory, step).replace(**config_overrides)
-    stored = read_model_kind(directory, step)
-    wanted = model_kind or stored
-    if config.lora is not None and config.lora.enabled:
-        raise CheckpointError(f"{directory} step {step} holds LoRA adapters on a base kept "
-                              "elsewhere: load it with jalign.train.setup.load_run_model, "
-                              "which rebuilds the base from its source")
-    if (stored, wanted) == ("causal_lm", "scalar_head"):
-        _, lm = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
-        graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
-        score = fresh_score(config, seed)
-        if mesh is not None:
-            score = jax.device_put(score, abstract["score"].sharding)
-        nnx.replace_by_pure_dict(abstract, scalar_params_from_lm(
-            nnx.to_pure_dict(nnx.state(lm, nnx.Param)), score))
-        return config, nnx.merge(graphdef, abstract)
-    if stored == "policy_value" and wanted in PARTS:  # a PPO run's policy or value model
-        _, both = load_model(directory, step=step, mesh=mesh, rules=rules, **config_overrides)
-        return config, getattr(both, PARTS[wanted])
-    if stored != wanted:
-        raise CheckpointError(f"{directory} step {step} holds a {stored} model; cannot load "
-                              f"it as {wanted}")
-    graphdef, abstract = abstract_model(config, mesh, rules, model_class(wanted))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                abstract)
-    target = nnx.to_pure_dict(abstract)
-    # Read in the stored dtypes (what the checksums describe), verify, then cast: a bf16
-    # checkpoint may start a float32 run and the other way round.
-    stored_dtype = jax.numpy.dtype(read_model_config(directory, step).param_dtype)
-    as_stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype,
-                                                            sharding=a.sharding), target)
-    restored = restore_params(directory, step, as_stored, read_metadata(directory, step))
-    params = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x,
-                          restored, target)
-    nnx.replace_by_pure_dict(abstract, params)
-    return config, nnx.merge(graphdef, abstract)
+def read_roles(directory: str | os.PathLike, step: int | None = None):
+    """The roles a checkpoint holds (``jalign.train.roles.StoredRoles``), any layout."""
+    return stored_roles(read_metadata(directory, step))
 
 
 def restore_params(directory, step: int, abstract, metadata: dict):
@@ -197,21 +134,6 @@ def _verify(directory, step: int, item: str, metadata: dict, tree) -> None:
                                 f"saved checksums: {shown}")
 
 
-def verify_frozen(metadata: dict, frozen: dict, source: str) -> None:
-    """Raise CheckpointError if frozen models rebuilt from ``source`` differ from those the
-    checkpoint's run trained with (by the checksums saved with it; older checkpoints have
-    none and are not checked)."""
-    expected = metadata.get("checksums", {}).get("frozen")
-    if not expected:
-        return
-    bad = checksum.mismatches(expected, frozen)
-    if bad:
-        raise CheckpointError(
-            f"the frozen models rebuilt from ModelInit.source={source!r} differ from the ones "
-            f"this run trained with ({len(bad)} arrays, e.g. {bad[:2]}): the source changed "
-            "since; restore it, or start another TrainConfig.run_name")
-
-
 # ---------------------------------------------------------------------------- training
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -229,6 +151,21 @@ def resolve_run_dir(root: str | os.PathLike, name: str) -> Path:
     if root_path not in run.parents:
         raise CheckpointError(f"run name {name!r} escapes the output root {root_path}")
     return run
+
+
+def legacy_unwrap(tree, name: str):
+    """``tree`` with every dict that holds only key ``name`` replaced by its value: a run's
+    state as written before roles, when its one trained model was not keyed by its role.
+    The leaves keep their order, so ``jax.tree.unflatten`` puts them back."""
+    if isinstance(tree, dict):
+        if set(tree) == {name}:
+            return legacy_unwrap(tree[name], name)
+        return {k: legacy_unwrap(v, name) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(legacy_unwrap(v, name) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(legacy_unwrap(v, name) for v in tree)
+    return tree
 
 
 def config_hash(text: str) -> str:
@@ -255,32 +192,31 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def save(self, state, *, data_state: dict, model_config: LlamaConfig, operative: str,
-             extra_metadata: dict | None = None, config_record: dict | None = None) -> int:
+    def save(self, state, *, data_state: dict, model_config, operative: str,
+             roles: dict, extra_metadata: dict | None = None,
+             config_record: dict | None = None) -> int:
+        """Save ``state`` at its step. ``roles``: name -> ``roles.role_record`` of each
+        role (what a restore or an export needs to rebuild the unsaved fixed parts)."""
         step = int(jax.device_get(state.step))
-        # Frozen models (a DPO reference) are not written: the run rebuilds them from their
-        # source on restore (half a DPO checkpoint's size); their checksums are kept so that
-        # a source that changed since is caught (verify_frozen).
+        # The fixed parts (frozen roles, LoRA bases, what a trainable regex leaves out) are
+        # not written: they are rebuilt from their sources on restore; their checksums are
+        # kept so that a source that changed since is caught.
         rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
                 "skipped": state.skipped, "frozen": None}
         metadata = {"jalign_version": jalign.__version__, "step": step, "kind": "train",
                     "config_hash": config_hash(operative), "time": time.time(),
-                    "frozen_rebuilt": True,
+                    "frozen_rebuilt": True, "layout": LAYOUT, "roles": roles,
                     # Computed where the arrays live, before the async save copies them.
                     "checksums": {"params": checksum.checksums(state.params),
                                   "train_state": checksum.checksums(rest),
-                                  "frozen": checksum.checksums(state.frozen or {})}}
-        if getattr(state, "base", None) is not None:
-            # A LoRA run's frozen base is rebuilt from its source (metadata['lora_base']),
-            # like frozen models: its checksums catch a source that changed since.
-            metadata["checksums"]["base"] = checksum.checksums(state.base)
+                                  "fixed": checksum.checksums(state.fixed or {})}}
         metadata.update(extra_metadata or {})
         self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train_state=ocp.args.StandardSave(rest),
             data=ocp.args.JsonSave(data_state),
             gin_config=ocp.args.JsonSave({"operative": operative, "record": config_record}),
-            model_config=ocp.args.JsonSave(model_config.to_dict()),
+            model_config=ocp.args.JsonSave(config_to_dict(model_config)),
             metadata=ocp.args.JsonSave(metadata)), force=True)
         return step
 
@@ -321,21 +257,33 @@ class TrainCheckpointer:
         shardings carried by ``abstract_state`` (ShapeDtypeStructs). Raises
         CorruptCheckpoint when what is read back differs from what was saved.
 
-        ``state.frozen`` is None when the step did not store its frozen models (every step
-        written since they are rebuilt from their source: ``metadata['frozen_rebuilt']``);
-        steps written before hold them, and they are restored as they were."""
+        ``state.fixed`` is None: the caller rebuilds it from the sources (steps written
+        before frozen models were rebuilt hold them: those come back in ``state.fixed``).
+        A step written before roles keeps its one trained model's tree and optimizer state
+        without the role's name around them (``legacy_unwrap``)."""
         step = self._mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.run_dir}: no committed checkpoint")
         stored = self._stored_metadata(step)
         # Unreadable metadata: restore below reports the step as damaged.
         rebuilt = stored is None or bool(stored.get("frozen_rebuilt"))
-        rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+        bare = None
+        if stored is not None and stored.get("layout") != LAYOUT:
+            roles = stored_roles(stored)
+            bare = next(r.name for r in roles.roles if r.trained) if roles.bare else None
+        unwrap = (lambda t: legacy_unwrap(t, bare)) if bare else (lambda t: t)
+        frozen_target = None
+        if not rebuilt:  # a very old step: the frozen models were saved in train_state
+            names = stored_roles(stored).roles
+            frozen_target = {r.name: abstract_state.fixed[r.name] for r in names
+                             if not r.trained}
+        params_target = unwrap(abstract_state.params)
+        rest = {"step": abstract_state.step, "opt_state": unwrap(abstract_state.opt_state),
                 "rng": abstract_state.rng, "skipped": abstract_state.skipped,
-                "frozen": None if rebuilt else abstract_state.frozen}
+                "frozen": frozen_target}
         where = self.run_dir / "checkpoints"
-        self._check_structure(step, (stored or {}).get("checksums"), abstract_state.params, rest)
-        items = {"params": ocp.args.StandardRestore(abstract_state.params),
+        self._check_structure(step, (stored or {}).get("checksums"), params_target, rest)
+        items = {"params": ocp.args.StandardRestore(params_target),
                  "train_state": ocp.args.StandardRestore(rest),
                  "data": ocp.args.JsonRestore(), "metadata": ocp.args.JsonRestore()}
         try:
@@ -348,8 +296,14 @@ class TrainCheckpointer:
         _verify(where, step, "params", metadata, restored["params"])
         _verify(where, step, "train_state", metadata, restored["train_state"])
         r = restored["train_state"]
-        state = type(abstract_state)(r["step"], restored["params"], r["opt_state"], r["rng"],
-                                     r["skipped"], r["frozen"])
+
+        def rewrap(tree, like):  # the legacy trees in the state's own structure
+            return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(tree))
+
+        state = type(abstract_state)(
+            r["step"], rewrap(restored["params"], abstract_state.params),
+            rewrap(r["opt_state"], abstract_state.opt_state), r["rng"], r["skipped"],
+            r["frozen"])
         return state, restored["data"], metadata
 
     def _unreadable(self, step: int, items: dict) -> list[str]:

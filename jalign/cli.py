@@ -30,53 +30,55 @@ def _mesh_arg(text: str | None):
     return make_mesh(MeshConfig(data, fsdp, tensor))
 
 
-def cmd_convert(args) -> int:
+def _exported_role(src: str, step) -> str:
+    """The role a run's export holds: its first trained role (said when there are more)."""
     from jalign import checkpoint
+    trained = [r for r in checkpoint.read_roles(src, step).roles if r.trained]
+    if len(trained) > 1:
+        print(f"{src} holds {' and '.join(r.name for r in trained)} (trained together): "
+              f"exporting the {trained[0].name}")
+    return trained[0].name
+
+
+def cmd_convert(args) -> int:
+    from jalign import checkpoint, sources
     from jalign.convert import hf
-    from jalign.models.heads import kind_of
-    from jalign.train.setup import load_run_model
+    from jalign.models.heads import head_of
 
     t0 = time.time()
     if args.direction == "hf-to-jalign":
         config, model = hf.load_hf(args.src, head=args.head, seed=args.seed,
                                    mesh=_mesh_arg(args.mesh), dtype=args.dtype,
                                    allow_nonfinite=args.allow_nonfinite)
-        print(f"loaded {args.src} as {kind_of(model)}: {config.num_params() / 1e6:.1f}M "
-              f"parameters, {config.num_layers} layers, param dtype {config.param_dtype}")
-        # save_model records kind_of(model) as model_kind, which load_model rebuilds.
+        print(f"loaded {args.src} with a {head_of(model)} head: "
+              f"{config.num_params() / 1e6:.1f}M parameters, {config.num_layers} layers, "
+              f"param dtype {config.param_dtype}")
         checkpoint.save_model(args.dst, config, model, step=args.step or 0,
                               extra_metadata={"source": str(args.src)})
     elif args.direction == "jalign-to-peft":
         from jalign.convert import peft
-        kind = checkpoint.read_model_kind(args.src, args.step)
-        if kind == "policy_value":
-            print(f"{args.src} holds a policy and a value model (PPO): exporting the policy's "
-                  "adapters")
-        config, model = load_run_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
-                                       model_kind="causal_lm" if kind == "policy_value" else None,
-                                       adapters=True)
+        role = _exported_role(args.src, args.step)
+        config, model = sources.load_checkpoint(args.src, step=args.step, role=role,
+                                                mesh=_mesh_arg(args.mesh), adapters=True)
         if config.lora is None or not config.lora.enabled:
             print(f"jalign convert: {args.src} holds no LoRA adapters (trained with "
                   "LoraConfig.rank=0); export it with jalign-to-hf", file=sys.stderr)
             return 2
-        meta = checkpoint.read_metadata(args.src, args.step)
-        base = peft.base_name_of(meta["lora_base"])
+        base = peft.base_source(args.src, args.step, role)
         if config.lora.quantize:
             print(f"note: the adapters were trained on a {config.lora.quantize} base; PEFT "
-                  f"applies them to the base weights of {base} as given")
-        if not meta["lora_base"]["source"].startswith("hf:"):
-            print(f"note: the base is {meta['lora_base']['source']!r}, not a Hugging Face "
-                  "model: PEFT needs it as one (jalign convert jalign-to-hf on the base's run)")
-        peft.save_peft(model, args.dst, base_name=base, overwrite=args.overwrite)
+                  f"applies them to the base weights of {sources.describe(base)} as given")
+        if base.scheme != "hf":
+            print(f"note: the base is {str(base)!r}, not a Hugging Face model: PEFT needs it "
+                  "as one (jalign convert jalign-to-hf on the base's run)")
+        peft.save_peft(model, args.dst, base_name=sources.describe(base),
+                       overwrite=args.overwrite)
     else:
-        # The checkpoint's model_kind decides the class; save_hf exports either kind. A
-        # PPO run (policy and value model) exports its policy. A LoRA run exports its
-        # base with the adapters merged into the weights.
-        kind = checkpoint.read_model_kind(args.src, args.step)
-        if kind == "policy_value":
-            print(f"{args.src} holds a policy and a value model (PPO): exporting the policy")
-        config, model = load_run_model(args.src, step=args.step, mesh=_mesh_arg(args.mesh),
-                                       model_kind="causal_lm" if kind == "policy_value" else None)
+        # A run exports its first trained role (a PPO run: its policy) with whatever head
+        # it has; a LoRA run its base with the adapters merged into the weights.
+        config, model = sources.load_checkpoint(args.src, step=args.step,
+                                                role=_exported_role(args.src, args.step),
+                                                mesh=_mesh_arg(args.mesh))
         hf.save_hf(config, model, args.dst, dtype=args.dtype,
                    max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite,
                    pad_token_id=args.pad_token_id)
@@ -86,7 +88,7 @@ def cmd_convert(args) -> int:
 
 def cmd_train(args) -> int:
     from jalign.train import loop
-    from jalign.train.experiment import load_experiment, run
+    from jalign.experiment import load_experiment, run
 
     from jalign import distributed
     exp = load_experiment(args.configs, args.gin)
@@ -119,14 +121,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_any(source: str, step=None):
-    """A causal LM from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory (a reward
-    model there is a clear error, not a crash in generation)."""
-    if source.startswith("hf:"):
-        from jalign.convert.hf import load_hf
-        return load_hf(source[3:])
-    from jalign.train.setup import load_run_model
-    return load_run_model(source, step=step, model_kind="causal_lm")
+def _load_any(text: str, step=None):
+    """A causal LM from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory (written
+    bare or as ``jalign:DIR[@STEP]``; a reward model there is a clear error, not a crash
+    in generation)."""
+    from jalign import sources
+    from jalign.models.heads import LM
+    try:
+        source = sources.ModelSource.parse(text, what="MODEL", default_scheme="jalign")
+        source = source.with_step(step)
+    except ValueError as e:
+        raise SystemExit(f"jalign: {e}") from None
+    return sources.load(source, head=LM)
 
 
 def cmd_generate(args) -> int:
@@ -196,7 +202,7 @@ def cmd_pairs(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.convert_only:
-        from jalign.demo_convert import run_round_trip
+        from jalign.convert.round_trip import run_round_trip
         return run_round_trip(Path(args.out))
     from jalign.demo import run_demo
     return run_demo(args.gin, fresh=args.fresh, stages=tuple(args.stages.split(",")),
@@ -325,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from jalign.errors import first_line
         detail = first_line(str(e).split("RESOURCE_EXHAUSTED", 1)[1].lstrip(": "), 200)
+        from jalign.models.families import default_config_class
         print(f"jalign {args.command}: error: out of memory ({detail}); lower "
               "DataConfig.batch_size or DataConfig.max_length, raise TrainConfig.accum_steps, "
-              "or set LlamaConfig.remat_policy='full'", file=sys.stderr)
+              f"or set {default_config_class().__name__}.remat_policy='full'", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

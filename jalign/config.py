@@ -14,28 +14,28 @@ from typing import Sequence
 
 import gin
 
+from jalign.algos import registry
 from jalign.data.pipeline import DataConfig
 from jalign.distributed import DistributedConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
-from jalign.models.config import LlamaConfig, RopeScaling
+from jalign.models import families
 from jalign.models.lora import LoraConfig
 from jalign.rl.rewards import RewardConfig
 from jalign.sharding import MeshConfig
-from jalign.train import algorithms
+from jalign.sources import ModelInit
 from jalign.train.optimizer import OptimizerConfig
-from jalign.train.setup import ModelInit
 from jalign.train.train_config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
-# The run's configs, then each algorithm's (from the registry: a new algorithm's config
-# class is bindable without an edit here).
-CLASSES = {cls.__name__: cls for cls in (LlamaConfig, RopeScaling, MeshConfig, TrainConfig,
-                                          OptimizerConfig, DataConfig, ModelInit, RewardConfig,
-                                          LoraConfig, DistributedConfig,
-                                          *algorithms.config_classes())}
+# Each model family's config, the run's configs, then each algorithm's (from the
+# registries: a new family's or algorithm's config class is bindable without an edit here).
+CLASSES = {cls.__name__: cls for cls in (*families.config_classes(), MeshConfig,
+                                          TrainConfig, OptimizerConfig, DataConfig, ModelInit,
+                                          RewardConfig, LoraConfig, DistributedConfig,
+                                          *registry.config_classes())}
 _REGISTERED: dict[str, object] = {}
 
 
@@ -74,19 +74,26 @@ def build(name: str, scope: str | None = None):
 
 
 def algorithm(name: str):
-    """The algorithm ``name`` with its config class built from the current bindings."""
-    s = algorithms.spec(name)
-    config = build(s.config_class.__name__) if s.config_class is not None else None
-    return s.build(config)
+    """The recipe of algorithm ``name`` with its config class built from the current
+    bindings."""
+    module = registry.entry(name)
+    config_class = getattr(module, "CONFIG", None)
+    return registry.build(name, build(config_class.__name__) if config_class else None)
 
 
-def model_config() -> LlamaConfig:
-    config = build("LlamaConfig")
-    if config.rope_scaling is not None and type(config.rope_scaling) is not RopeScaling:
-        rs = config.rope_scaling
-        config = config.replace(rope_scaling=RopeScaling(
-            **{f.name: getattr(rs, f.name) for f in dataclasses.fields(RopeScaling)}))
-    return config
+def model_config():
+    """The gin-bound model config (the default family's class)."""
+    config = build(families.default_config_class().__name__)
+    # A part bound as ``@RopeScaling()`` arrives as gin's wrapper subclass: make it the
+    # plain dataclass (configs are compared, hashed and written as JSON).
+    plain = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        cls = CLASSES.get(type(value).__name__)
+        if dataclasses.is_dataclass(value) and cls is not None and type(value) is not cls:
+            plain[f.name] = cls(**{g.name: getattr(value, g.name)
+                                   for g in dataclasses.fields(cls)})
+    return config.replace(**plain) if plain else config
 
 
 def _drop_package_path_reader() -> None:

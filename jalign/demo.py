@@ -23,8 +23,6 @@ import shutil
 import time
 from pathlib import Path
 
-from flax import nnx
-
 STAGES = ("sft", "rm", "dpo", "ift", "ppo")
 DEFAULT_STAGES = ("sft", "rm", "dpo")  # ift and ppo are opt-in: the default stays ~4 minutes
 DEMO_CONFIGS = {s: f"configs/demo/{s}_add.gin" for s in STAGES}
@@ -44,9 +42,12 @@ def _accuracy(model, exp, eval_n, show=0):
 
 def _initial_accuracy(exp, eval_n) -> float:
     """Accuracy of the model a stage starts from (before it trains)."""
+    from jalign import sources
     from jalign.sharding import make_mesh
-    from jalign.train.setup import load_initial_model
-    _, initial = load_initial_model(exp.model_init, exp.model, make_mesh(exp.mesh))
+    init = exp.model_init
+    _, initial = sources.load(init.model_source(), config=exp.model, mesh=make_mesh(exp.mesh),
+                              seed=init.seed, overrides=sources.execution(exp.model)
+                              if init.use_execution_config else {})
     return _accuracy(initial, exp, eval_n)["accuracy"]
 
 
@@ -63,8 +64,8 @@ def _start_eval(run_dir: Path) -> dict:
 def _train_stage(config, bindings, fresh):
     """(experiment, run summary, trained model, seconds) of one stage."""
     from jalign.checkpoint import resolve_run_dir
-    from jalign.train.experiment import load_experiment, run
-    from jalign.train.setup import initial_policy
+    from jalign.experiment import load_experiment, run
+    from jalign.train.loop import trained_model
 
     exp = load_experiment([config], bindings)
     run_dir = resolve_run_dir(exp.train.output_root, exp.train.run_name)
@@ -75,8 +76,8 @@ def _train_stage(config, bindings, fresh):
           f"run dir {run_dir}", flush=True)
     t = time.time()
     summary = run(exp)
-    # A policy-and-value model (PPO) is judged and exported by its policy.
-    model = initial_policy(nnx.merge(summary["graphdef"], summary["state"].params))
+    # A run is judged and exported by its primary role (PPO: the policy).
+    model = trained_model(summary)
     return exp, summary, model, time.time() - t
 
 
@@ -110,7 +111,7 @@ def _percent(x) -> str:
 def _accuracy_stage(stage: str, config: str, bindings, fresh: bool, eval_n: int) -> tuple:
     """A stage trained from the SFT model and judged by held-out exact-match accuracy
     before and after: its table row."""
-    from jalign.train.experiment import load_experiment
+    from jalign.experiment import load_experiment
     before = _initial_accuracy(load_experiment([config], bindings), eval_n)
     exp, summary, model, secs = _train_stage(config, bindings, fresh)
     metric = f"exact-match accuracy, {eval_n} held-out problems"
@@ -129,7 +130,7 @@ def run_demo(bindings=(), fresh: bool = False, eval_n: int = 512, stages=DEFAULT
     """``bindings`` (gin) apply to every stage's config."""
     from jalign.checkpoint import resolve_run_dir
     from jalign.errors import ConfigError
-    from jalign.train.experiment import load_experiment
+    from jalign.experiment import load_experiment
 
     configs = FULL_CONFIGS if full else DEMO_CONFIGS
     if eval_n < 1:

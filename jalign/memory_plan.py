@@ -53,7 +53,7 @@ import math
 import jax
 import numpy as np
 
-from jalign.models.config import LlamaConfig
+from jalign.models.families import default_config_class, family_of
 from jalign.sharding import DEFAULT_RULES, MeshConfig, Rules, abstract_mesh, logical_to_spec
 
 GiB = 1024 ** 3
@@ -101,21 +101,23 @@ def _nbytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def state_bytes(config: LlamaConfig, mesh, optimizer=None, rules: Rules = DEFAULT_RULES):
+def state_bytes(config, mesh, optimizer=None, rules: Rules = DEFAULT_RULES):
     """(params, the rest of the train state, params' elements) per device, from the
     abstract train state: the same shardings the run places them with. The rest is the
     optimizer's state plus the state's step, rng and skip counters (16 bytes)."""
     from jalign.train.optimizer import OptimizerConfig
-    from jalign.train.setup import abstract_train_state, build_optimizer
-    tx, _ = build_optimizer(optimizer or OptimizerConfig(), config, 1)
-    _, state, _ = abstract_train_state(config, tx, mesh, rules)
+    from jalign.train.roles import RunModels
+    from jalign.train.state_init import abstract_train_state, build_optimizer
+    models = RunModels.single(config)
+    tx, _ = build_optimizer(optimizer or OptimizerConfig(), models, 1)
+    state, _ = abstract_train_state(models, tx, mesh, rules)
     elements = sum(math.prod(x.sharding.shard_shape(x.shape))
                    for x in jax.tree.leaves(state.params))
     params = _nbytes(state.params)
     return params, _nbytes(state) - params, elements
 
 
-def resolve_attention(config: LlamaConfig, platform: str) -> str:
+def resolve_attention(config, platform: str) -> str:
     """The attention path a run on ``platform`` takes (``auto``: cuDNN on GPU, else XLA)."""
     if config.attention_impl == "auto":
         return "cudnn" if platform == "gpu" else "xla"
@@ -124,7 +126,7 @@ def resolve_attention(config: LlamaConfig, platform: str) -> str:
     return config.attention_impl
 
 
-def _dims(config: LlamaConfig, mesh, rules: Rules):
+def _dims(config, mesh, rules: Rules):
     """(c, d, h, n, q, kv, f): the compute dtype's size, hidden, head_dim, and the query
     heads, query / key-value widths (heads x head_dim) and mlp width on one device."""
     h = config.resolved_head_dim
@@ -145,7 +147,7 @@ def _blocks(dims, seq_len: int, xla: bool, score_bytes: int) -> tuple[float, flo
     return attention, mlp
 
 
-def layer_residuals(config: LlamaConfig, mesh, seq_len: int, policy: str | None = None,
+def layer_residuals(config, mesh, seq_len: int, policy: str | None = None,
                     attention: str = "xla", rules: Rules = DEFAULT_RULES) -> float:
     """Bytes per token (per device) one decoder layer keeps for the backward under a
     remat policy. c = the compute dtype's size, d = hidden, f = mlp, q / kv = query /
@@ -184,7 +186,7 @@ def layer_residuals(config: LlamaConfig, mesh, seq_len: int, policy: str | None 
     return sum(_blocks(dims, seq_len, attention == "xla", score_bytes=13))
 
 
-def layer_backward(config: LlamaConfig, mesh, seq_len: int, attention: str = "xla",
+def layer_backward(config, mesh, seq_len: int, attention: str = "xla",
                    rules: Rules = DEFAULT_RULES) -> float:
     """Bytes per token live while the backward works through one layer: the larger of
     its attention and MLP blocks (differentiated one after the other), each as large as
@@ -204,7 +206,7 @@ def _without_fsdp(rules: Rules) -> Rules:
     return tuple((name, drop(axes)) for name, axes in rules)
 
 
-def _head_gathered(config: LlamaConfig, mesh, rules: Rules) -> bool:
+def _head_gathered(config, mesh, rules: Rules) -> bool:
     """Whether the step all-gathers the LM head over fsdp. Measured on the compiled step
     (jax 0.10, XLA's SPMD partitioner): with the vocab split over tensor it gathers the
     [embed, vocab / tensor] head; with the vocab whole it keeps the head sharded on its
@@ -214,12 +216,13 @@ def _head_gathered(config: LlamaConfig, mesh, rules: Rules) -> bool:
         < config.vocab_size
 
 
-def _gathered(config: LlamaConfig, mesh, rules: Rules) -> int:
+def _gathered(config, mesh, rules: Rules) -> int:
     """Elements (per device) of the largest weight gathered over fsdp at once: one
     layer's weights, or the LM head where it is gathered; still split over tensor."""
     if mesh.shape["fsdp"] == 1:
         return 0
-    from jalign.models.llama import layer_axes, layer_shapes
+    family = family_of(config)
+    layer_axes, layer_shapes = family.layer_axes, family.layer_shapes
     no_fsdp = _without_fsdp(rules)
     axes = layer_axes(config)
     layer = sum(_shard_elements(s, axes[k], mesh, no_fsdp)
@@ -231,7 +234,7 @@ def _gathered(config: LlamaConfig, mesh, rules: Rules) -> int:
     return max(layer, head)
 
 
-def plan(config: LlamaConfig, mesh_config: MeshConfig, num_devices: int, *, batch: int,
+def plan(config, mesh_config: MeshConfig, num_devices: int, *, batch: int,
          seq_len: int, platform: str = "tpu", optimizer=None, chunk_tokens: int = 2048,
          logits: str = "chunked", rules: Rules = DEFAULT_RULES) -> Plan:
     """Bytes per device of one train step (module docstring). ``batch``: rows per
@@ -264,7 +267,7 @@ def plan(config: LlamaConfig, mesh_config: MeshConfig, num_devices: int, *, batc
                 2 * 4 * rows * vocab)
 
 
-def max_batch(config: LlamaConfig, mesh_config: MeshConfig, num_devices: int, *, seq_len: int,
+def max_batch(config, mesh_config: MeshConfig, num_devices: int, *, seq_len: int,
               hbm_bytes: int, headroom: float = 0.9, **kw) -> int:
     """The most rows per batch shard whose plan fits in ``headroom`` of ``hbm_bytes``
     (0: not even one)."""
@@ -291,10 +294,11 @@ CHIPS: dict[str, tuple[str, str, float]] = {  # prefix -> (platform, chip, HBM G
 # Llama 3.1 8B and 70B, by hand (the architecture only; execution fields come from the
 # hardware config).
 LLAMA3_1 = dict(vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072)
-MODELS: dict[str, LlamaConfig] = {
-    "8B": LlamaConfig(**LLAMA3_1, hidden_size=4096, num_layers=32, num_heads=32,
+ModelConfig = default_config_class()  # the planned shapes are the default family's
+MODELS: dict = {
+    "8B": ModelConfig(**LLAMA3_1, hidden_size=4096, num_layers=32, num_heads=32,
                       num_kv_heads=8, intermediate_size=14336),
-    "70B": LlamaConfig(**LLAMA3_1, hidden_size=8192, num_layers=80, num_heads=64,
+    "70B": ModelConfig(**LLAMA3_1, hidden_size=8192, num_layers=80, num_heads=64,
                        num_kv_heads=8, intermediate_size=28672),
 }
 
@@ -308,23 +312,23 @@ def chip(hw_name: str) -> tuple[str, str, float]:
     return CHIPS[max(matches, key=len)]
 
 
-def read_hw(path) -> tuple[MeshConfig, LlamaConfig]:
-    """(MeshConfig, LlamaConfig with the file's bindings over the defaults) of a hardware
+def read_hw(path) -> tuple:
+    """(MeshConfig, the model config with the file's bindings over the defaults) of a hardware
     config, parsed by jalign's own gin loading."""
     from jalign import config as jconfig
     jconfig.parse([path])
     return jconfig.build("MeshConfig"), jconfig.model_config()
 
 
-def with_execution(model: LlamaConfig, hw_config: LlamaConfig) -> LlamaConfig:
+def with_execution(model, hw_config):
     """``model``'s architecture with the hardware config's dtypes, remat and attention."""
-    from jalign.train.setup import EXECUTION_FIELDS
+    from jalign.sources import EXECUTION_FIELDS
     return model.replace(**{f: getattr(hw_config, f) for f in EXECUTION_FIELDS})
 
 
 # --------------------------------------------------------------------- compiled check
 
-def compiled_step_memory(config: LlamaConfig, mesh_config: MeshConfig, *, batch: int,
+def compiled_step_memory(config, mesh_config: MeshConfig, *, batch: int,
                          seq_len: int, optimizer=None, chunk_tokens: int = 2048,
                          devices=None) -> dict:
     """The compiled SFT train step's ``memory_analysis()`` on this machine's devices (a
@@ -332,20 +336,22 @@ def compiled_step_memory(config: LlamaConfig, mesh_config: MeshConfig, *, batch:
     from jalign.losses.sft import sft_loss
     from jalign.sharding import make_mesh
     from jalign.train.optimizer import OptimizerConfig
-    from jalign.train.setup import abstract_train_state, build_optimizer
+    from jalign.train.roles import RunModels
+    from jalign.train.state_init import abstract_train_state, build_optimizer
     from jalign.train.step import make_train_step
 
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(mesh_config, devices)
-    tx, _ = build_optimizer(optimizer or OptimizerConfig(), config, 1)
-    graphdef, state, sh = abstract_train_state(config, tx, mesh)
+    models = RunModels.single(config)
+    tx, _ = build_optimizer(optimizer or OptimizerConfig(), models, 1)
+    state, sh = abstract_train_state(models, tx, mesh, DEFAULT_RULES)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = batch * shards
 
-    def loss(model, b, ctx):
-        return sft_loss(model, b, ctx, chunk_tokens=chunk_tokens)
+    def loss(ms, b, ctx):
+        return sft_loss(ms["policy"], b, ctx, chunk_tokens=chunk_tokens)
 
-    step = make_train_step(loss, tx, graphdef, mesh=mesh, state_sharding=sh, global_batch=rows)
+    step = make_train_step(loss, tx, models, mesh=mesh, state_sharding=sh, global_batch=rows)
     ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
     batch_abs = {k: ids for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
     ma = step.lower(state, batch_abs).compile().memory_analysis()
@@ -359,10 +365,10 @@ def compiled_step_memory(config: LlamaConfig, mesh_config: MeshConfig, *, batch:
 # computes bfloat16 matmuls in float32 (its scratch would hold float32 copies that a
 # GPU or TPU does not make). ``none`` and ``full`` of one shape differ only in the
 # activations: their difference checks the activation count alone.
-CHECK_MODEL = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
+CHECK_MODEL = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
                           num_layers=4, num_heads=8, num_kv_heads=4,
                           max_position_embeddings=4096)
-CHECK_CASES: dict[str, tuple[LlamaConfig, MeshConfig, int, int]] = {
+CHECK_CASES: dict[str, tuple] = {
     # name: (config, mesh, rows per batch shard, seq_len)
     "fsdp8 none": (CHECK_MODEL, MeshConfig(1, 8, 1), 2, 256),
     "fsdp8 full": (CHECK_MODEL.replace(remat_policy="full"), MeshConfig(1, 8, 1), 2, 256),

@@ -5,6 +5,7 @@ import numpy as np
 from flax import nnx
 
 from jalign import checkpoint
+from jalign.sources import load_checkpoint
 from jalign.models.build import create_model
 from jalign.models.config import preset
 from jalign.sharding import MeshConfig, make_mesh
@@ -17,7 +18,7 @@ def test_save_restore_onto_a_different_mesh(tmp_path):
     checkpoint.save_model(tmp_path / "ck", config, model, step=7)
     assert checkpoint.latest_step(tmp_path / "ck") == 7
     mesh_b = make_mesh(MeshConfig(2, 1, 4))
-    config_b, restored = checkpoint.load_model(tmp_path / "ck", mesh=mesh_b)
+    config_b, restored = load_checkpoint(tmp_path / "ck", mesh=mesh_b)
     assert config_b == config
     wq = restored.layers.wq[...]
     assert wq.sharding.mesh.devices.shape == (2, 1, 4)
@@ -25,7 +26,7 @@ def test_save_restore_onto_a_different_mesh(tmp_path):
     # exact by construction: restore returns the saved bytes, on any mesh
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    _, single = checkpoint.load_model(tmp_path / "ck")
+    _, single = load_checkpoint(tmp_path / "ck")
     assert np.array_equal(np.asarray(single.embed[...]), np.asarray(model.embed[...]))
 
 
@@ -41,7 +42,8 @@ def test_a_bf16_checkpoint_loads_as_float32_and_verifies(tmp_path):
     """Checksums describe the stored bytes: a dtype change on load is applied after they are
     verified (a bf16 checkpoint may start a float32 run)."""
     import jax.numpy as jnp
-    from jalign.checkpoint import load_model, save_model
+    from jalign.checkpoint import save_model
+    from jalign.sources import load_checkpoint as load_model
     from jalign.models.build import create_model
     from jalign.models.config import preset
 

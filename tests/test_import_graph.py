@@ -100,4 +100,36 @@ def test_gin_registration_does_not_import_the_loop():
                 reach.add(dep)
                 todo.append(dep)
     assert "jalign.train.loop" not in reach
-    assert {"jalign.train.algorithms", "jalign.train.train_config"} <= reach
+    assert {"jalign.algos.registry", "jalign.train.train_config"} <= reach
+
+
+def _reach(graph, module):
+    reach, todo = set(), [module]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in reach:
+                reach.add(dep)
+                todo.append(dep)
+    return reach
+
+
+def test_losses_import_no_rl_train_or_recipe():
+    """losses/ is math: it reaches nothing of rl/, train/ or algos/."""
+    graph = import_graph()
+    for module in (m for m in graph if m.startswith("jalign.losses.")):
+        bad = sorted(m for m in _reach(graph, module)
+                     if m.startswith(("jalign.rl.", "jalign.train.", "jalign.algos.")))
+        assert bad == [], f"{module} imports {bad}"
+
+
+def test_train_imports_no_recipe_and_names_no_family():
+    """train/ is generic: no module of it imports a recipe (jalign.algos) or a model
+    family's own modules (it goes through jalign.models.families and heads)."""
+    graph = import_graph()
+    family_modules = {"jalign.models.llama", "jalign.models.config", "jalign.models.llama_hf"}
+    for module in (m for m in graph if m.startswith("jalign.train.")):
+        bad = sorted(m for m in graph[module]
+                     if m.startswith("jalign.algos.") or m in family_modules)
+        assert bad == [], f"{module} imports {bad}"
+        recipes = sorted(m for m in _reach(graph, module) if m.startswith("jalign.algos."))
+        assert recipes == [], f"{module} reaches {recipes}"

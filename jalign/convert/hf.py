@@ -8,9 +8,10 @@ Loading streams: tensors are read one at a time and each device receives only it
 shard, so the host never holds the whole model. Export gathers one tensor at a time and
 writes one safetensors shard at a time.
 
-Two model kinds convert: a causal LM (``Llama`` <-> ``LlamaForCausalLM``) and a scalar
-head (``ScalarHeadModel``, reward/value models <-> ``LlamaForSequenceClassification`` with
-one label). A causal-LM checkpoint can also start a scalar head: its backbone is read, its
+Two heads convert: a causal LM (``lm``: ``Llama`` <-> ``LlamaForCausalLM``) and a scalar
+head (``scalar``: ``ScalarHeadModel``, reward/value models <->
+``LlamaForSequenceClassification`` with one label). The tensor names come from the
+model family's tensor map (``jalign.models.families``). A causal-LM checkpoint can also start a scalar head: its backbone is read, its
 LM head is not, and the score is freshly initialised.
 """
 
@@ -29,109 +30,38 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from jalign.convert.hf_config import (checkpoint_kind, config_from_hf, config_to_hf,
+from jalign.convert.hf_config import (checkpoint_head, config_from_hf, config_to_hf,
                                       generation_config_to_hf)
 from jalign.convert.safetensors_io import (ConversionError, SafetensorsCheckpoint,
                                           atomic_directory, write_sharded)
 from jalign.errors import first_line
 from jalign.models.build import abstract_model
 from jalign.models.config import LlamaConfig
-from jalign.models.heads import fresh_score, kind_of, model_class
-from jalign.models.llama import layer_shapes
+from jalign.models.families import family_of
+from jalign.models.heads import BACKBONE, HEADS, LM, SCALAR, fresh_score, head_of
+from jalign.models.llama_hf import TensorMap
 from jalign.sharding import DEFAULT_RULES, Rules
 
 # Buffers some older checkpoints saved; they are recomputed from the config, not weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-# load_hf's ``head`` argument -> the jalign model kind it builds.
-HEADS = {"lm": "causal_lm", "scalar": "scalar_head"}
 # pad_token_id written for a scalar head whose config has none: jalign's data pipeline pads
 # with the tokenizer's pad id, or 0 when it has none (ChatTokenizer.pad_id).
 DEFAULT_CLASSIFIER_PAD_ID = 0
-
-
-@dataclass(frozen=True)
-class TensorMap:
-    """One jalign parameter and the HF tensor(s) it comes from.
-
-    ``hf_name`` contains ``{i}`` for per-layer tensors (stacked into one jalign array).
-    ``to_jalign`` maps one HF tensor to the jalign layout (one layer's slice);
-    ``to_hf`` is its inverse.
-    """
-
-    jalign_path: tuple[str, ...]
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    to_jalign: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf_name
-
-
-def _identity(x):
-    return x
-
-
-def tensor_maps(config: LlamaConfig, prefix: str = "model.", *,
-                lm_head: bool = True) -> list[TensorMap]:
-    """All ``Llama`` parameters in Hugging Face file order (without the untied output
-    projection when ``lm_head`` is false)."""
-    d, f = config.hidden_size, config.intermediate_size
-    h, nq, nkv = config.resolved_head_dim, config.num_heads, config.num_kv_heads
-    shapes = layer_shapes(config)
-    layer = prefix + "layers.{i}."
-
-    def linear_in(name, hf, out_features):  # HF [out, in] -> jalign [in, *out_dims]
-        tail = shapes[name][1:]
-        return TensorMap(("layers", name), layer + hf, (out_features, d),
-                         lambda w, tail=tail: w.T.reshape(d, *tail),
-                         lambda w: w.reshape(d, -1).T)
-
-    def vec(name, hf, n):
-        shape = shapes[name]
-        return TensorMap(("layers", name), layer + hf, (n,),
-                         lambda w, shape=shape: w.reshape(shape), lambda w: w.reshape(-1))
-
-    maps = [TensorMap(("embed",), prefix + "embed_tokens.weight", (config.vocab_size, d),
-                      _identity, _identity)]
-    per_layer = [
-        vec("attn_norm", "input_layernorm.weight", d),
-        linear_in("wq", "self_attn.q_proj.weight", nq * h),
-        linear_in("wk", "self_attn.k_proj.weight", nkv * h),
-        linear_in("wv", "self_attn.v_proj.weight", nkv * h),
-        TensorMap(("layers", "wo"), layer + "self_attn.o_proj.weight", (d, nq * h),
-                  lambda w: w.T.reshape(nq, h, d), lambda w: w.reshape(nq * h, d).T),
-        vec("mlp_norm", "post_attention_layernorm.weight", d),
-        linear_in("w_gate", "mlp.gate_proj.weight", f),
-        linear_in("w_up", "mlp.up_proj.weight", f),
-        TensorMap(("layers", "w_down"), layer + "mlp.down_proj.weight", (d, f),
-                  lambda w: w.T, lambda w: w.T),
-    ]
-    if config.attention_bias:
-        per_layer += [vec("bq", "self_attn.q_proj.bias", nq * h),
-                      vec("bk", "self_attn.k_proj.bias", nkv * h),
-                      vec("bv", "self_attn.v_proj.bias", nkv * h),
-                      vec("bo", "self_attn.o_proj.bias", d)]
-    if config.mlp_bias:
-        per_layer += [vec("b_gate", "mlp.gate_proj.bias", f), vec("b_up", "mlp.up_proj.bias", f),
-                      vec("b_down", "mlp.down_proj.bias", d)]
-    maps += per_layer
-    maps.append(TensorMap(("final_norm",), prefix + "norm.weight", (d,), _identity, _identity))
-    if lm_head and not config.tie_word_embeddings:
-        maps.append(TensorMap(("lm_head",), "lm_head.weight", (config.vocab_size, d),
-                              lambda w: w.T, lambda w: w.T))
-    return maps
 
 
 def _under(maps: list[TensorMap], *path: str) -> list[TensorMap]:
     return [dataclasses.replace(m, jalign_path=(*path, *m.jalign_path)) for m in maps]
 
 
+def tensor_maps(config, prefix: str = "model.", *, lm_head: bool = True) -> list[TensorMap]:
+    """The causal LM's tensors in HF file order (the config's family's tensor map)."""
+    return family_of(config).tensor_maps(config, prefix, lm_head=lm_head)
+
+
 def backbone_maps(config: LlamaConfig) -> list[TensorMap]:
     """A ScalarHeadModel's backbone: HF ``model.*`` -> jalign ``backbone.*``."""
-    return _under(tensor_maps(config, lm_head=False), "backbone")
+    return _under(tensor_maps(config, lm_head=False), BACKBONE)
 
 
 def score_map(config: LlamaConfig) -> TensorMap:
@@ -140,14 +70,14 @@ def score_map(config: LlamaConfig) -> TensorMap:
                      lambda w: w.reshape(d), lambda w: w.reshape(1, d))
 
 
-def file_maps(config: LlamaConfig, kind: str) -> list[TensorMap]:
-    """Every tensor a HF checkpoint of model ``kind`` holds, in file order, with jalign
-    paths into the jalign model of the same kind."""
-    if kind == "causal_lm":
+def file_maps(config: LlamaConfig, head: str) -> list[TensorMap]:
+    """Every tensor a HF checkpoint of a model with ``head`` holds, in file order, with
+    jalign paths into the jalign model with that head."""
+    if head == LM:
         return tensor_maps(config)
-    if kind == "scalar_head":
+    if head == SCALAR:
         return backbone_maps(config) + [score_map(config)]
-    raise ValueError(f"unknown model kind {kind!r}")
+    raise ValueError(f"unknown head {head!r}")
 
 
 def _expected_names(maps: list[TensorMap], num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -158,18 +88,18 @@ def _expected_names(maps: list[TensorMap], num_layers: int) -> dict[str, tuple[i
     return out
 
 
-def validate(ckpt: SafetensorsCheckpoint, config: LlamaConfig, kind: str = "causal_lm", *,
+def validate(ckpt: SafetensorsCheckpoint, config: LlamaConfig, head: str = LM, *,
              uses_lm_head: bool = True) -> None:
     """Raise one ConversionError listing every missing, unexpected and misshaped tensor.
 
-    ``kind`` is the checkpoint's own kind: the whole file is checked, including tensors the
+    ``head`` is the checkpoint's own head: the whole file is checked, including tensors the
     caller will not read (a causal LM's head when importing it as a scalar head, where
     ``uses_lm_head`` is false).
     """
-    expected = _expected_names(file_maps(config, kind), config.num_layers)
+    expected = _expected_names(file_maps(config, head), config.num_layers)
     present = {k for k in ckpt.tensors if not k.endswith(IGNORED_SUFFIXES)}
     problems = []
-    if kind == "causal_lm" and config.tie_word_embeddings and "lm_head.weight" in present:
+    if head == LM and config.tie_word_embeddings and "lm_head.weight" in present:
         # Some tied checkpoints store the head anyway; accept it only if it is the embedding
         # (compared only when the head will be used: a dropped head is never read).
         expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
@@ -237,7 +167,7 @@ def _assemble(shape, dtype, sharding, read_layer, num_layers: int | None) -> jax
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def _resolve_directory(path: str | os.PathLike, *, config_only: bool = False) -> Path:
+def resolve_directory(path: str | os.PathLike, *, config_only: bool = False) -> Path:
     """A local checkpoint directory, or a hub repo id downloaded into the HF cache
     (``config_only``: just its JSON files, for checks before the weights are needed)."""
     p = Path(path)
@@ -270,14 +200,14 @@ def read_hf_config(directory: Path, **overrides) -> LlamaConfig:
     return config_from_hf(_read_config_json(directory), **overrides)
 
 
-def _model_kind_for(kind: str, file_kind: str, directory: Path) -> str:
-    """The jalign model kind to build from a checkpoint of ``file_kind``, or why not."""
-    if file_kind == "scalar_head" and kind == "causal_lm":
+def _check_head(head: str, file_head: str, directory: Path) -> str:
+    """``head`` when a model with it can be built from a checkpoint with ``file_head``."""
+    if file_head == SCALAR and head == LM:
         raise ConversionError(
             f"{directory}: a LlamaForSequenceClassification (reward/value model) checkpoint "
             "has no LM head ('lm_head.weight'), so it cannot load as a causal LM; "
             "load it with head='scalar' (CLI: --head scalar)")
-    return kind
+    return head
 
 
 def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, dtype=None,
@@ -304,16 +234,16 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     """
     if head not in HEADS:
         raise ValueError(f"load_hf: head={head!r}; one of {sorted(HEADS)}")
-    directory = _resolve_directory(path)
+    directory = resolve_directory(path)
     ckpt = SafetensorsCheckpoint(directory, allow_nonfinite=allow_nonfinite)
-    file_kind = checkpoint_kind(_read_config_json(directory))
-    kind = _model_kind_for(HEADS[head], file_kind, directory)
+    file_head = checkpoint_head(_read_config_json(directory))
+    head = _check_head(head, file_head, directory)
     param_dtype = str(jnp.dtype(dtype).name) if dtype is not None else _stored_dtype(ckpt)
     config_overrides["dtype"] = str(jnp.dtype(compute_dtype).name) if compute_dtype else param_dtype
     config = read_hf_config(directory, param_dtype=param_dtype, **config_overrides)
-    validate(ckpt, config, file_kind, uses_lm_head=kind == "causal_lm")
+    validate(ckpt, config, file_head, uses_lm_head=head == LM)
 
-    graphdef, abstract = abstract_model(config, mesh, rules, model_class(kind))
+    graphdef, abstract = abstract_model(config, mesh, rules, head=head)
     flat = dict(nnx.to_flat_state(abstract))
     default_sharding = SingleDeviceSharding(jax.devices()[0])
     quantized = None
@@ -321,7 +251,7 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
         from jalign.models.lora import LoraConfig
         quantized = config.replace(lora=LoraConfig(rank=0, quantize=quantize[0],
                                                    block_size=quantize[1]))
-        graphdef, q_abstract = abstract_model(quantized, mesh, rules, model_class(kind))
+        graphdef, q_abstract = abstract_model(quantized, mesh, rules, head=head)
         q_flat = dict(nnx.to_flat_state(q_abstract))
 
     def place(jalign_path, read, stacked):
@@ -332,7 +262,7 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
                          config.num_layers if stacked else None)
 
     # A scalar head from a causal LM reads only the backbone; everything else maps 1:1.
-    maps = backbone_maps(config) if kind != file_kind else file_maps(config, kind)
+    maps = backbone_maps(config) if head != file_head else file_maps(config, head)
     values = {}
     try:
         for m in maps:
@@ -346,7 +276,7 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
                                                q_flat, quantize, mesh is not None))
     finally:
         ckpt.close()
-    if kind != file_kind:
+    if head != file_head:
         print(f"load_hf: {directory} is a causal LM; its LM head is dropped and the score "
               f"head is freshly initialised (seed={seed})", flush=True)
         score = np.asarray(fresh_score(config, seed))
@@ -382,13 +312,13 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _export_config(config: LlamaConfig, kind: str, pad_token_id: int | None) -> LlamaConfig:
+def _export_config(config: LlamaConfig, head: str, pad_token_id: int | None) -> LlamaConfig:
     """The config to describe in config.json: ``pad_token_id`` overrides the model's; a
     scalar head always gets one, because transformers reads a sequence's score at the
     rightmost token that is not ``pad_token_id`` and refuses batches > 1 without one."""
     if pad_token_id is not None:
         return config.replace(pad_token_id=pad_token_id)
-    if kind == "scalar_head" and config.pad_token_id is None:
+    if head == SCALAR and config.pad_token_id is None:
         print(f"save_hf: the config has no pad_token_id; writing pad_token_id="
               f"{DEFAULT_CLASSIFIER_PAD_ID} (jalign's padding default). transformers scores "
               "each row at its rightmost non-pad token: pass pad_token_id= to match your "
@@ -418,26 +348,26 @@ def save_hf(config: LlamaConfig, model, path, *, dtype=None,
     out = Path(path)
     if out.exists() and any(out.iterdir()) and not overwrite:  # before any work is done
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    kind = kind_of(model)
+    head = head_of(model)
     np_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else config.weight_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    maps = file_maps(config, kind)
-    described = _export_config(config, kind, pad_token_id)
+    maps = file_maps(config, head)
+    described = _export_config(config, head, pad_token_id)
     # HF file order: embeddings, then layer by layer, then final norm and head (or score).
     whole = [m for m in maps if not m.stacked]
     layer_maps = [m for m in maps if m.stacked]
-    head, tail = whole[:1], whole[1:]
+    first, last = whole[:1], whole[1:]
 
     def produce(m, i):
         arr = flat[m.jalign_path].get_value()
         arr = arr[i] if i is not None else arr
         return m.to_hf(_to_host(arr)).astype(np_dtype)
 
-    plan = [(m.hf_name, m.hf_shape, np_dtype, lambda m=m: produce(m, None)) for m in head]
+    plan = [(m.hf_name, m.hf_shape, np_dtype, lambda m=m: produce(m, None)) for m in first]
     for i in range(config.num_layers):
         plan += [(m.hf_name.format(i=i), m.hf_shape, np_dtype, lambda m=m, i=i: produce(m, i))
                  for m in layer_maps]
-    plan += [(m.hf_name, m.hf_shape, np_dtype, lambda m=m: produce(m, None)) for m in tail]
+    plan += [(m.hf_name, m.hf_shape, np_dtype, lambda m=m: produce(m, None)) for m in last]
 
     if jax.process_index() != 0:  # every process joins the gathers; process 0 writes
         for *_, fn in plan:
@@ -445,7 +375,7 @@ def save_hf(config: LlamaConfig, model, path, *, dtype=None,
         return out
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(plan, tmp, max_shard_bytes)
-        _write_json(tmp / "config.json", config_to_hf(described, np_dtype.name, kind))
-        if kind == "causal_lm":  # a classifier does not generate
+        _write_json(tmp / "config.json", config_to_hf(described, np_dtype.name, head))
+        if head == LM:  # a classifier does not generate
             _write_json(tmp / "generation_config.json", generation_config_to_hf(described))
     return out

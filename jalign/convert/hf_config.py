@@ -4,9 +4,9 @@ Reads both the transformers 5 layout (``rope_parameters``) and the older one
 (``rope_theta`` + ``rope_scaling``). Anything jalign would silently compute differently
 (another architecture, activation or rope type) is refused with its name.
 
-Two architectures map to jalign model kinds (``jalign.models.heads.MODEL_KINDS``):
-``LlamaForCausalLM`` is a ``causal_lm``; ``LlamaForSequenceClassification`` with one
-label is a ``scalar_head`` (reward or value model).
+The family table (``jalign.models.families``) maps architectures to heads:
+``LlamaForCausalLM`` has an ``lm`` head; ``LlamaForSequenceClassification`` with one
+label a ``scalar`` head (reward or value model).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 
 from jalign.convert.safetensors_io import ConversionError
 from jalign.models.config import LlamaConfig, RopeScaling
+from jalign.models.families import FAMILIES
+from jalign.models.heads import LM, SCALAR
 
-ARCHITECTURE_KINDS = {"LlamaForCausalLM": "causal_lm",
-                      "LlamaForSequenceClassification": "scalar_head"}
-HF_ARCHITECTURE = {kind: arch for arch, kind in ARCHITECTURE_KINDS.items()}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_KINDS)
+LLAMA = FAMILIES["llama"]
+ARCHITECTURE_HEADS = LLAMA.hf_architectures
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_HEADS)
 # transformers' PretrainedConfig default when config.json names no labels.
 HF_DEFAULT_NUM_LABELS = 2
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -58,32 +59,32 @@ def num_labels(hf: dict) -> int:
     return int(hf.get("num_labels", HF_DEFAULT_NUM_LABELS))
 
 
-def checkpoint_kind(hf: dict) -> str:
-    """The jalign model kind a config.json describes: 'causal_lm' or 'scalar_head'.
+def checkpoint_head(hf: dict) -> str:
+    """The head of the model a config.json describes: ``lm`` or ``scalar``.
 
     Configs without ``architectures`` (some older exports) are taken as causal LMs; the
     tensor check then reports a stray ``score.weight`` by name.
     """
     _check_architecture(hf)
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    kinds = {ARCHITECTURE_KINDS[a] for a in archs if a in ARCHITECTURE_KINDS}
-    if len(kinds) != 1:
+    heads = {ARCHITECTURE_HEADS[a] for a in archs if a in ARCHITECTURE_HEADS}
+    if len(heads) != 1:
         raise ConversionError(f"config.json: architectures={archs} names both a causal LM and "
                               "a classifier; expected exactly one")
-    kind = kinds.pop()
-    if kind == "scalar_head" and num_labels(hf) != 1:
+    head = heads.pop()
+    if head == SCALAR and num_labels(hf) != 1:
         n = num_labels(hf)
         raise ConversionError(
             f"config.json: LlamaForSequenceClassification with num_labels={n} (score.weight "
             f"[{n}, hidden]); jalign's scalar head (reward/value model) has exactly one output, "
             "num_labels=1")
-    return kind
+    return head
 
 
 def _check_architecture(hf: dict) -> None:
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
-    if model_type != "llama" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+    if model_type not in LLAMA.hf_model_types or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
         raise ConversionError(
             f"config.json: unsupported architecture (model_type={model_type!r}, "
             f"architectures={archs}); jalign converts model_type 'llama' with "
@@ -120,8 +121,8 @@ def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
         raise ConversionError(f"config.json: {e}") from None
 
 
-def config_to_hf(config: LlamaConfig, dtype: str, kind: str = "causal_lm") -> dict:
-    """config.json for a model of ``kind`` ('causal_lm' or 'scalar_head').
+def config_to_hf(config: LlamaConfig, dtype: str, head: str = LM) -> dict:
+    """config.json for a model with ``head`` (``lm`` or ``scalar``).
 
     A scalar head is written as ``LlamaForSequenceClassification`` with one label.
     transformers finds each row's last token as the rightmost one that is not
@@ -136,7 +137,7 @@ def config_to_hf(config: LlamaConfig, dtype: str, kind: str = "causal_lm") -> di
                         original_max_position_embeddings=s.original_max_position_embeddings)
     eos = config.eos_token_id
     out = {
-        "architectures": [HF_ARCHITECTURE[kind]],
+        "architectures": [LLAMA.hf_architecture(head)],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -160,7 +161,7 @@ def config_to_hf(config: LlamaConfig, dtype: str, kind: str = "causal_lm") -> di
         "use_cache": True,
         "dtype": dtype,
     }
-    if kind == "scalar_head":
+    if head == SCALAR:
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return out
 

@@ -21,21 +21,22 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jalign.convert.safetensors_io import atomic_directory
-from jalign.train.state import params_of
+from jalign.models.build import params_of
+from jalign.models.heads import LM, SCALAR, head_of
 
 
 def hf_modules(config) -> dict[str, str]:
     """jalign weight -> the transformers module it lives in (under ``model.layers.{i}.``),
     read from the HF converter's tensor map (one table of HF names, not two)."""
-    from jalign.convert.hf import tensor_maps
+    from jalign.models.families import family_of
     out = {}
-    for m in tensor_maps(config):
+    for m in family_of(config).tensor_maps(config):
         name = m.jalign_path[-1]
         if m.stacked and m.hf_name.endswith(".weight") and len(m.jalign_path) == 2:
             out[name] = m.hf_name.split("layers.{i}.", 1)[1][:-len(".weight")]
     return out
 
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "scalar_head": "SEQ_CLS"}
+TASK_TYPES = {LM: "CAUSAL_LM", SCALAR: "SEQ_CLS"}
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -43,11 +44,10 @@ CONFIG_FILE = "adapter_config.json"
 def adapter_tensors(model) -> dict[str, np.ndarray]:
     """PEFT's tensors (float32) of an adapted causal LM or scalar-head model."""
     from jalign.convert.hf import _to_host
-    from jalign.models.heads import kind_of
-    kind = kind_of(model)
+    head = head_of(model)
     lora = model.config.lora
     params = params_of(model)
-    layers = params["layers"] if kind == "causal_lm" else params["backbone"]["layers"]
+    layers = params["layers"] if head == LM else params["backbone"]["layers"]
     chosen = range(model.config.num_layers) if lora.layers is None else lora.layers
     modules = hf_modules(model.config)
     out = {}
@@ -60,25 +60,24 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
             prefix = f"base_model.model.model.layers.{i}.{modules[w]}"
             out[prefix + ".lora_A.weight"] = np.ascontiguousarray(a2[i].T)  # [r, in]
             out[prefix + ".lora_B.weight"] = np.ascontiguousarray(b2[i].T)  # [out, r]
-    if kind == "scalar_head":
+    if head == SCALAR:
         out["base_model.model.score.weight"] = _to_host(params["score"]).astype(
             np.float32).reshape(1, -1)
     return out
 
 
 def adapter_config(model, base_name: str) -> dict:
-    from jalign.models.heads import kind_of
-    kind = kind_of(model)
+    head = head_of(model)
     lora = model.config.lora
     return {
-        "peft_type": "LORA", "task_type": TASK_TYPES[kind], "r": lora.rank,
+        "peft_type": "LORA", "task_type": TASK_TYPES[head], "r": lora.rank,
         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": sorted(hf_modules(model.config)[w].split(".")[1]
                                  for w in lora.weights()),
         "layers_to_transform": None if lora.layers is None else sorted(lora.layers),
         "base_model_name_or_path": base_name, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": ["score"] if kind == "scalar_head" else None,
+        "use_dora": False, "modules_to_save": ["score"] if head == SCALAR else None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
 
@@ -86,13 +85,10 @@ def adapter_config(model, base_name: str) -> dict:
 def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
     """Write ``model``'s adapters (a causal LM or scalar head carrying ``config.lora``) as
     a PEFT LoRA directory; written beside ``path`` and moved into place at the end."""
-    from jalign.models.heads import kind_of
     lora = model.config.lora
     if lora is None or not lora.enabled:
         raise ValueError("the model has no LoRA adapters to export (LoraConfig.rank=0); "
                          "export it with jalign-to-hf instead")
-    if kind_of(model) not in TASK_TYPES:
-        raise ValueError(f"a {kind_of(model)} model has no PEFT task type; export its parts")
     out = Path(path)
     if out.exists() and any(out.iterdir()) and not overwrite:  # before any work is done
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
@@ -106,10 +102,13 @@ def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
     return out
 
 
-def base_name_of(pointer: dict) -> str:
-    """``base_model_name_or_path`` for a run's recorded base: the HF path or hub id it
-    was loaded from; a jalign checkpoint (export it with jalign-to-hf for PEFT) or a
-    random model as it was named."""
-    source = pointer["source"]
-    return source[3:] if source.startswith("hf:") else source
-
+def base_source(directory, step, role: str):
+    """The model source a run's role was started from (its LoRA base): what PEFT's
+    ``base_model_name_or_path`` names."""
+    from jalign.checkpoint import read_roles
+    from jalign.sources import ModelSource
+    stored = read_roles(directory, step)
+    roles = {r.name: r for r in stored.roles}
+    while roles[role].like is not None and not stored.records[role].get("source"):
+        role = roles[role].like
+    return ModelSource.parse(stored.records[role]["source"], what=f"role {role!r} source")

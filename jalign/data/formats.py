@@ -285,3 +285,11 @@ def adapter(name: str):
     if name not in ADAPTERS:
         raise DataError(f"unknown data format {name!r}; one of {sorted(ADAPTERS)}")
     return ADAPTERS[name]
+
+
+# Sequences per batch entry of each data kind (a preference pair is two rows).
+ROWS_PER_EXAMPLE = {"conversation": 1, "preference": 2, "prompt": 1}
+
+
+def rows_per_example(kind: str) -> int:
+    return ROWS_PER_EXAMPLE[kind]

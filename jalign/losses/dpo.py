@@ -110,7 +110,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 REFERENCE_MODES = ("in_step", "precomputed")
 SPANS = ("response", "to_first_difference")
-REFERENCE_NAME = "reference"  # the frozen model's name in TrainState.frozen / ctx.frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,12 +224,12 @@ def pair_logps(model, batch: dict, chunk_tokens: int = 2048):
 
 
 def make_dpo_loss(config: DPOConfig):
-    """``loss_fn(model, batch, ctx) -> LossOutput`` for the training step: weight = pairs.
+    """``loss_fn(model, batch, ctx=None, reference=None) -> LossOutput``: weight = pairs.
 
-    The reference log-probs come from ``ctx.frozen["reference"]`` (in_step) or from the
+    The reference log-probs come from the ``reference`` model (in_step) or from the
     batch's ``ref_chosen_logps``/``ref_rejected_logps`` (precomputed)."""
 
-    def loss_fn(model, batch, ctx=None) -> LossOutput:
+    def loss_fn(model, batch, ctx=None, reference=None) -> LossOutput:
         batch = scored_span(batch, config.span)  # once, for policy and reference alike
         pc, pr, lc, lr = pair_logps(model, batch, config.chunk_tokens)
         if not config.needs_reference:
@@ -241,10 +240,10 @@ def make_dpo_loss(config: DPOConfig):
                                  "ref_chosen_logps (the data was not annotated)")
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            if ctx is None or REFERENCE_NAME not in (ctx.frozen or {}):
-                raise ValueError("DPOConfig.reference='in_step' needs a frozen 'reference' "
-                                 "model in the train state")
-            rc, rr, _, _ = pair_logps(ctx.frozen[REFERENCE_NAME], batch, config.chunk_tokens)
+            if reference is None:
+                raise ValueError("DPOConfig.reference='in_step' needs the frozen reference "
+                                 "model")
+            rc, rr, _, _ = pair_logps(reference, batch, config.chunk_tokens)
             rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
         use_lengths = config.loss_type in ("simpo", "orpo") or (
             config.loss_type == "ipo" and config.ipo_average)

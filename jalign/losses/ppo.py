@@ -21,15 +21,12 @@ Aggregation (``aggregate``), over tokens where ``mask`` is 1:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from jalign.losses import sequences
-from jalign.rl.advantages import masked_var
-from jalign.rl.kl import ESTIMATORS, kl_per_token
-from jalign.rl.rewards import RewardConfig
+from jalign.losses.kl import kl_per_token
+from jalign.losses.sequences import masked_var
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -126,98 +123,6 @@ def explained_variance(values, returns, mask):
     return jnp.where(var_r > 0, 1.0 - var_e / jnp.where(var_r > 0, var_r, 1.0), 0.0)
 
 
-# ------------------------------------------------------------------ the PPO algorithm
-
-ROLLOUT_SHARDINGS = ("train", "replicated")
-VALUE_INITS = ("policy",)  # or a 'jalign:DIR' / 'hf:PATH' reward model
-KL_PLACES = ("reward", "loss")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO settings (gin: ``PPOConfig.epochs = 4``); ``rewards`` is built from the
-    ``RewardConfig`` bindings.
-
-    One rollout samples a response for each of the ``DataConfig.batch_size`` prompts,
-    scores it, and is trained on for ``epochs`` passes of ``minibatches`` optimizer steps
-    each: ``TrainConfig.steps`` counts those steps (a multiple of epochs × minibatches).
-
-    ``temperature`` / ``top_k`` / ``top_p``: sampling; log-probs (sampler's and
-    trainer's) are of softmax(logits / temperature). ``kl_coef``: the KL-to-reference
-    coefficient, fixed, or adaptive toward ``kl_target`` (per-sequence KL, nats) over
-    ``kl_horizon`` samples (Ziegler et al. 2019) when ``kl_target`` is set; ``kl_in``:
-    ``reward`` (−coef·KL per token added to the rewards, the classic RLHF form) or
-    ``loss`` (coef·KL as a loss term, estimator ``kl_estimator``). ``value_init``:
-    ``policy`` (the policy's backbone with a fresh score head) or a reward model
-    ``jalign:DIR`` / ``hf:PATH`` of the policy's architecture. ``missing_eos_penalty``:
-    subtracted from the score of a response that hit ``max_new_tokens`` without EOS.
-    ``rollout_sharding``: ``train`` (sample with the training layout) or ``replicated``
-    (gather the policy once per rollout, then decode without per-token all-gathers)."""
-
-    epochs: int = 4
-    minibatches: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    kl_in: str = "reward"
-    whiten_advantages: bool = True
-    score_clip: float | None = None
-    missing_eos_penalty: float | None = None
-    aggregation: str = "token_mean"
-    value_init: str = "policy"
-    rollout_sharding: str = "train"
-    chunk_tokens: int = 2048
-    rewards: RewardConfig = RewardConfig()
-
-    def __post_init__(self):
-        positive = {"epochs": self.epochs, "minibatches": self.minibatches,
-                    "max_new_tokens": self.max_new_tokens, "kl_horizon": self.kl_horizon,
-                    "chunk_tokens": self.chunk_tokens}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"PPOConfig.{name} must be positive, got {value}")
-        if self.temperature <= 0:
-            raise ValueError(f"PPOConfig.temperature must be > 0 (sampling), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"PPOConfig.top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
-            raise ValueError(f"PPOConfig.kl_coef={self.kl_coef} must be >= 0 and kl_target="
-                             f"{self.kl_target} > 0")
-        if self.kl_target is not None and self.kl_coef == 0:
-            raise ValueError("PPOConfig.kl_target needs kl_coef > 0 to adapt from")
-        choices = {"kl_estimator": (self.kl_estimator, ESTIMATORS),
-                   "kl_in": (self.kl_in, KL_PLACES),
-                   "aggregation": (self.aggregation, AGGREGATIONS),
-                   "rollout_sharding": (self.rollout_sharding, ROLLOUT_SHARDINGS)}
-        for name, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"PPOConfig.{name}={value!r}; one of {allowed}")
-        if self.value_init not in VALUE_INITS and not self.value_init.startswith(("jalign:", "hf:")):
-            raise ValueError(f"PPOConfig.value_init={self.value_init!r}: 'policy', 'jalign:DIR' "
-                             "or 'hf:PATH'")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"PPOConfig.dual_clip must be > 1, got {self.dual_clip}")
-
-    @property
-    def steps_per_rollout(self) -> int:
-        return self.epochs * self.minibatches
-
-
 def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperature: float,
                        chunk_tokens: int, entropy: bool = False):
     """(log π(token t+1 | ≤ t) at ``temperature`` [B, T-1], the entropy of that
@@ -238,40 +143,3 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
     logp, ent = map_token_chunks(one, hidden_btd[:, :-1].reshape(-1, d),
                                  ids_bt[:, 1:].reshape(-1), chunk_tokens, remat=True)
     return logp.reshape(b, t - 1), (ent.reshape(b, t - 1) if entropy else None)
-
-
-def make_ppo_loss(config: PPOConfig):
-    """``loss(model, batch, ctx) -> LossOutput`` for a policy-and-value model on a rollout
-    minibatch (``jalign.rl.rollout``): the clipped policy loss, vf_coef × the clipped value
-    loss, minus entropy_coef × the entropy, plus (kl_in='loss') the KL term; all
-    aggregated alike, so they share one weight (response tokens or sequences)."""
-    from jalign.losses.types import LossOutput
-    how = config.aggregation
-
-    def ppo_loss(model, batch, ctx):
-        ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
-        mask = batch["response_mask"]
-        logp, ent = response_log_probs(model.policy, ids, seg, pos,
-                                       temperature=config.temperature,
-                                       chunk_tokens=config.chunk_tokens, entropy=True)
-        values = model.value(ids, pos, seg)[:, :-1]
-        p_total, weight, p_metrics = policy_loss(
-            logp, batch["old_logp"], batch["advantages"], mask, clip_low=config.clip_low,
-            clip_high=config.clip_high, dual_clip=config.dual_clip, how=how)
-        v_total, _, v_metrics = value_loss(values, batch["old_values"], batch["returns"], mask,
-                                           clip=config.value_clip, how=how)
-        e_total, _ = aggregate(ent, mask, how)
-        total = p_total + config.vf_coef * v_total - config.entropy_coef * e_total
-        aux = {"policy_loss": (p_total, weight), "value_loss": (v_total, weight),
-               "entropy": (e_total, weight), **p_metrics, **v_metrics}
-        if config.kl_in == "loss":
-            # The coefficient rides with each row (it may change between rollouts).
-            m = jnp.asarray(mask).astype(jnp.float32)
-            kl = kl_per_token(jnp.where(m > 0, logp, 0.0),
-                              jnp.where(m > 0, batch["ref_logp"], 0.0), config.kl_estimator)
-            k_total, _ = aggregate(kl * batch["kl_coef"][:, None], m, how)
-            total = total + k_total
-            aux["kl_loss"] = (k_total, weight)
-        return LossOutput(total, weight, aux)
-
-    return ppo_loss

@@ -55,3 +55,16 @@ def reduce(token_losses_bt, mask_bt, segment_ids_bt=None, *, normalize: str = "t
     first = jnp.concatenate([jnp.ones_like(run[:, :1], bool), run[:, 1:] != run[:, :-1]], 1)
     weight = jnp.sum((first & (n_t > 0)).astype(total.dtype))
     return total, weight
+
+
+def masked_mean(x, mask):
+    m = jnp.asarray(mask).astype(jnp.float32)
+    return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    """Variance over the unmasked entries (Bessel-corrected when ``unbiased``)."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    n = jnp.sum(m)
+    centred = jnp.where(m > 0, x - masked_mean(x, m), 0.0)
+    return jnp.sum(centred ** 2) / jnp.maximum(n - (1.0 if unbiased else 0.0), 1.0)

@@ -13,14 +13,15 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.config import LlamaConfig
-from jalign.models.llama import Llama
+from jalign.models.heads import LM, model_class
 from jalign.sharding import DEFAULT_RULES, Rules, param_shardings, use_mesh
 
 
-def abstract_model(config: LlamaConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                   model_cls=Llama):
-    """(graphdef, abstract state) where each leaf is a ShapeDtypeStruct with its sharding."""
+def abstract_model(config, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                   model_cls=None, *, head: str = LM):
+    """(graphdef, abstract state) where each leaf is a ShapeDtypeStruct with its sharding.
+    The model is ``model_cls``, or the class of ``head`` in the config's family."""
+    model_cls = model_cls or model_class(head, config)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
     if mesh is None:
         return graphdef, state
@@ -30,9 +31,11 @@ def abstract_model(config: LlamaConfig, mesh: Mesh | None = None, rules: Rules =
     return graphdef, abstract
 
 
-def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None,
-                 rules: Rules = DEFAULT_RULES, model_cls=Llama):
-    """A randomly initialised model; sharded per ``rules`` when a mesh is given."""
+def create_model(config, *, seed: int = 0, mesh: Mesh | None = None,
+                 rules: Rules = DEFAULT_RULES, model_cls=None, head: str = LM):
+    """A randomly initialised model (``model_cls``, or the class of ``head`` in the
+    config's family); sharded per ``rules`` when a mesh is given."""
+    model_cls = model_cls or model_class(head, config)
     graphdef, abstract = abstract_model(config, mesh, rules, model_cls)
     shardings = None if mesh is None else jax.tree.map(lambda a: a.sharding, abstract)
 
@@ -42,6 +45,12 @@ def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None
     # jit even without a mesh: eager init dispatches one op at a time (seconds).
     state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def params_of(model) -> dict:
+    """A model's parameters as a nested dict (``nnx.to_pure_dict``): the layout of
+    checkpoints, train states and the HF converter."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,8 +1,10 @@
-"""A scalar head on the Llama backbone: reward models and value models.
+"""What a model outputs: its head. ``lm``: next-token logits (the family's causal LM);
+``scalar``: one score per sequence (reward and value models).
 
-The layout matches transformers' ``LlamaForSequenceClassification`` with ``num_labels=1``:
-the backbone (``model.*``) plus ``score.weight`` of shape [1, hidden], no bias, applied to
-the final-norm hidden state. A sequence's score is read at its last real token.
+The scalar head's layout matches transformers' ``*ForSequenceClassification`` with
+``num_labels=1``: the backbone (``model.*``) plus ``score.weight`` of shape [1, hidden], no
+bias, applied to the final-norm hidden state. A sequence's score is read at its last real
+token.
 """
 
 from __future__ import annotations
@@ -11,8 +13,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jalign.models.config import LlamaConfig
-from jalign.models.llama import Llama
+from jalign.models.families import family_of
+
+LM, SCALAR = "lm", "scalar"
+HEADS = (LM, SCALAR)
+LM_HEAD_PARAM = "lm_head"   # a causal LM's untied output projection
+SCORE_PARAM = "score"       # a scalar head's score vector
+BACKBONE = "backbone"       # where a scalar head keeps the causal LM's backbone
+
+
+def check_head(head: str) -> str:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; one of {HEADS}")
+    return head
 
 
 def last_token_index(segment_ids_bt):
@@ -22,16 +35,16 @@ def last_token_index(segment_ids_bt):
     return jnp.max(jnp.where(segment_ids_bt > 0, idx_bt, 0), axis=1)
 
 
-def _init_score(key, config: LlamaConfig):
+def _init_score(key, config):
     # Small init: a fresh head starts near score 0 for every sequence.
     d = config.hidden_size
     return jax.random.normal(key, (d,), config.weight_dtype) * (0.1 * d ** -0.5)
 
 
 class ScalarHeadModel(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs):
         self.config = config
-        self.backbone = Llama(config, rngs=rngs, lm_head=False)
+        self.backbone = family_of(config).lm_class(config, rngs=rngs, lm_head=False)
         self.score = nnx.Param(_init_score(rngs.params(), config), logical_axes=("embed",))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
@@ -47,48 +60,32 @@ class ScalarHeadModel(nnx.Module):
         return jnp.take_along_axis(scores_bt, last[:, None], axis=1)[:, 0]
 
 
-class PolicyValueModel(nnx.Module):
-    """A policy and a separate value model trained together (PPO): one parameter tree
-    ``{"policy": <causal LM>, "value": <scalar head>}``, so the generic train step updates
-    both with one optimizer. The value model has the policy's architecture and its own
-    backbone (initialised from the policy or from a reward model, by config)."""
-
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.policy = Llama(config, rngs=rngs)
-        self.value = ScalarHeadModel(config, rngs=rngs)
+def model_class(head: str, config):
+    """The NNX class of a model with ``head`` in ``config``'s family."""
+    return family_of(config).lm_class if check_head(head) == LM else ScalarHeadModel
 
 
-# ------------------------------------------------------------------ model kinds
-
-# What a checkpoint holds, recorded in its metadata so loaders build the right class.
-MODEL_KINDS = {"causal_lm": Llama, "scalar_head": ScalarHeadModel,
-               "policy_value": PolicyValueModel}
-# The part of a policy_value model each single-model kind is read from (loading a PPO
-# run's checkpoint as a causal LM gives its policy).
-PARTS = {"causal_lm": "policy", "scalar_head": "value"}
-
-
-def model_class(kind: str):
-    try:
-        return MODEL_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown model kind {kind!r}; one of {sorted(MODEL_KINDS)}") from None
-
-
-def kind_of(model) -> str:
-    for kind, cls in MODEL_KINDS.items():
-        if type(model) is cls:
-            return kind
+def head_of(model) -> str:
+    """The head of a jalign model instance."""
+    if isinstance(model, ScalarHeadModel):
+        return SCALAR
+    if isinstance(model, family_of(model.config).lm_class):
+        return LM
     raise TypeError(f"{type(model).__name__} is not a jalign model class")
 
 
-def fresh_score(config: LlamaConfig, seed: int = 0) -> jax.Array:
+def fresh_score(config, seed: int = 0) -> jax.Array:
     """A newly initialised score vector [hidden], as ScalarHeadModel would make it."""
     return _init_score(jax.random.key(seed), config)
+
+
+def lm_backbone(lm_params: dict) -> dict:
+    """The part of a scalar head's tree a causal LM of the same architecture provides:
+    ``{"backbone": <everything but the LM head>}``."""
+    return {BACKBONE: {k: v for k, v in lm_params.items() if k != LM_HEAD_PARAM}}
 
 
 def scalar_params_from_lm(lm_params: dict, score) -> dict:
     """ScalarHeadModel params (pure dict) from a causal LM's: the LM head is dropped (a
     reward model starting from an SFT or HF policy), ``score`` fills the new head."""
-    return {"backbone": {k: v for k, v in lm_params.items() if k != "lm_head"}, "score": score}
+    return {**lm_backbone(lm_params), SCORE_PARAM: score}

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jalign.losses.sequences import masked_mean, masked_var  # noqa: F401 (re-exported)
+
 
 def _float(x):
     x = jnp.asarray(x)
@@ -45,19 +47,6 @@ def gae(rewards, values, mask, *, gamma: float, lam: float):
     _, adv_tb = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, m.T), reverse=True)
     adv = adv_tb.T
     return adv, jnp.where(m, adv + v, 0.0)
-
-
-def masked_mean(x, mask):
-    m = jnp.asarray(mask).astype(jnp.float32)
-    return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def masked_var(x, mask, unbiased: bool = True):
-    """Variance over the unmasked entries (Bessel-corrected when ``unbiased``)."""
-    m = jnp.asarray(mask).astype(jnp.float32)
-    n = jnp.sum(m)
-    centred = jnp.where(m > 0, x - masked_mean(x, m), 0.0)
-    return jnp.sum(centred ** 2) / jnp.maximum(n - (1.0 if unbiased else 0.0), 1.0)
 
 
 def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):

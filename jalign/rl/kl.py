@@ -1,11 +1,7 @@
 """KL to the reference policy: per-token estimators, controllers for its coefficient, and
 the KL as a per-token reward penalty.
 
-Estimators of KL(π ‖ π_ref) from a sampled token, with x = log π(y) − log π_ref(y)
-(Schulman 2020, "Approximating KL Divergence"):
-- ``k1`` = x (unbiased, high variance, can be negative),
-- ``k2`` = ½ x² (biased, low variance, ≥ 0),
-- ``k3`` = exp(−x) − 1 + x (unbiased, low variance, ≥ 0).
+The per-token estimators (k1, k2, k3) are ``jalign.losses.kl``.
 
 Controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
 ``FixedKLController(coef)`` keeps its value; ``AdaptiveKLController(init_coef, target,
@@ -20,19 +16,7 @@ import math
 
 import jax.numpy as jnp
 
-ESTIMATORS = ("k1", "k2", "k3")
-
-
-def kl_per_token(logp, ref_logp, kind: str = "k1"):
-    """The per-token KL estimate ``kind`` from the sampled tokens' log-probs."""
-    if kind not in ESTIMATORS:
-        raise ValueError(f"KL estimator {kind!r}; one of {ESTIMATORS}")
-    x = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
-    if kind == "k1":
-        return x
-    if kind == "k2":
-        return 0.5 * x * x
-    return jnp.expm1(-x) + x
+from jalign.losses.kl import ESTIMATORS, kl_per_token  # noqa: F401 (re-exported)
 
 
 def penalized_rewards(scores, logp, ref_logp, mask, *, coef, kind: str = "k1"):

@@ -54,9 +54,13 @@ class RewardConfig:
             if name not in REWARDS:
                 raise ValueError(f"RewardConfig.eval_names: unknown reward {name!r}; one of "
                                  f"{tuple(REWARDS)}")
-        if "reward_model" in self.names and not self.reward_model.startswith(("jalign:", "hf:")):
-            raise ValueError("RewardConfig.reward_model must be 'jalign:DIR' or 'hf:PATH' when "
-                             f"'reward_model' is in RewardConfig.names, got {self.reward_model!r}")
+        if "reward_model" in self.names:
+            from jalign.sources import ModelSource
+            if not self.reward_model or ModelSource.parse(
+                    self.reward_model, what="RewardConfig.reward_model").scheme == "random":
+                raise ValueError("RewardConfig.reward_model must be 'jalign:DIR' or 'hf:PATH' "
+                                 "when 'reward_model' is in RewardConfig.names, got "
+                                 f"{self.reward_model!r}")
         try:
             re.compile(self.format_regex)
         except re.error as e:
@@ -93,15 +97,11 @@ class RewardModelScorer:
 
     @classmethod
     def load(cls, source: str, mesh=None) -> "RewardModelScorer":
-        if source.startswith("jalign:"):
-            from jalign.train.setup import load_run_model
-            _, model = load_run_model(source[len("jalign:"):], mesh=mesh,
-                                      model_kind="scalar_head")
-        elif source.startswith("hf:"):
-            from jalign.convert.hf import load_hf
-            _, model = load_hf(source[len("hf:"):], head="scalar", mesh=mesh)
-        else:
-            raise ValueError(f"reward model source {source!r}: use 'jalign:DIR' or 'hf:PATH'")
+        """A reward model from a model source (``jalign:DIR`` or ``hf:PATH``), read with
+        a scalar head."""
+        from jalign import sources
+        from jalign.models.heads import SCALAR
+        _, model = sources.load(source, head=SCALAR, mesh=mesh)
         return cls(model)
 
     def __call__(self, input_ids, segment_ids) -> np.ndarray:

@@ -31,23 +31,26 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.errors import ConfigError
-from jalign.losses.ppo import PPOConfig, explained_variance, response_log_probs
+from jalign.losses.ppo import explained_variance, response_log_probs
 from jalign.rl.advantages import clip_scores, gae, masked_mean, whiten
 from jalign.rl.generate import decode_text, make_generate_fn, sampling_params
 from jalign.rl.kl import AdaptiveKLController, FixedKLController, penalized_rewards
 from jalign.rl.rewards import REWARDS, RewardModelScorer, combined_rewards
+from jalign.train.source import BatchSource
 
 STATE_VERSION = 1
 _SAMPLE, _SHUFFLE = 0, 1  # fold_in tags under a rollout's key
+# The roles a rollout reads (jalign.algos.ppo names them).
+POLICY, VALUE, REFERENCE = "policy", "value", "reference"
 
 
-def kl_controller(config: PPOConfig):
+def kl_controller(config):
     if config.kl_target is None:
         return FixedKLController(config.kl_coef)
     return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
 
 
-def check_config(config: PPOConfig, train_config, data_config) -> None:
+def check_config(config, train_config, data_config) -> None:
     """Problems knowable before anything is loaded (ConfigError naming the binding)."""
     per = config.steps_per_rollout
     what = f"PPOConfig.epochs × PPOConfig.minibatches = {per}"
@@ -71,10 +74,11 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-class RolloutSource:
-    """``BatchSource`` of PPO minibatches (see the module docstring)."""
+class RolloutSource(BatchSource):
+    """``BatchSource`` of PPO minibatches (see the module docstring). ``config``: the
+    recipe's ``PPOConfig``; ``ctx``: a ``SourceContext`` (mesh, rules, seed, the roles)."""
 
-    def __init__(self, prompts, config: PPOConfig):
+    def __init__(self, prompts, config, ctx):
         self.prompts = prompts  # DataIterator of left-padded prompts
         self.config = config
         self.kl = kl_controller(config)
@@ -82,7 +86,7 @@ class RolloutSource:
         self._buffer = None      # the current rollout, on the devices
         self._order: list = []   # row indices of each of its minibatches
         self._pending_metrics: dict = {}
-        self._bound = False
+        self._compile(ctx)
 
     # ------------------------------------------------------------ geometry
 
@@ -147,50 +151,44 @@ class RolloutSource:
 
     # ------------------------------------------------------------ compiled parts
 
-    def bind(self, run) -> None:
-        """Build the compiled sampler, scoring pass and minibatch gather for ``run``."""
-        from jalign.models.build import abstract_model
-        from jalign.models.heads import ScalarHeadModel
+    def _compile(self, ctx) -> None:
+        """The jitted sampler, scoring pass and minibatch gather (compiled on first use)."""
         from jalign.train.step import batch_sharding
 
         cfg = self.config
-        self.mesh, self.rules = run.mesh, run.rules
+        self.mesh, self.rules, self.models = ctx.mesh, ctx.rules, ctx.models
         self.chat = self.prompts.chat
-        self.policy_def = abstract_model(run.model_config)[0]
-        self.value_def = abstract_model(run.model_config, model_cls=ScalarHeadModel)[0]
-        # With adapters the reference is the base without them (run.layout).
-        self.layout = run.layout
-        self.reference_def = abstract_model(run.layout.reference_config)[0]
-        self.key = jax.random.fold_in(jax.random.key(run.tc.seed), 0x9E0)
-        self.prompt_sh = batch_sharding(run.mesh, self.rows, run.rules)
-        self.minibatch_sh = batch_sharding(run.mesh, self.batch_rows(), run.rules)
-        self.replicated = NamedSharding(run.mesh, PartitionSpec())
+        # With adapters the reference is the base without them (ctx.models knows).
+        self.policy_def = ctx.models.graphdef(POLICY)
+        self.key = jax.random.fold_in(jax.random.key(ctx.seed), 0x9E0)
+        self.prompt_sh = batch_sharding(ctx.mesh, self.rows, ctx.rules)
+        self.minibatch_sh = batch_sharding(ctx.mesh, self.batch_rows(), ctx.rules)
+        self.replicated = NamedSharding(ctx.mesh, PartitionSpec())
         self.sampling = sampling_params(temperature=cfg.temperature, top_p=cfg.top_p,
                                         eos_id=self.chat.eos_id, pad_id=self.chat.pad_id)
         self.eos_ids = np.atleast_1d(self.chat.eos_id)
         self.sample = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
                                        top_k=cfg.top_k, use_top_p=cfg.top_p is not None,
-                                       mesh=run.mesh, rules=run.rules)
+                                       mesh=ctx.mesh, rules=ctx.rules)
         self.greedy = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
-                                       greedy=True, mesh=run.mesh, rules=run.rules)
+                                       greedy=True, mesh=ctx.mesh, rules=ctx.rules)
         self.score = jax.jit(self._score_pass, out_shardings=(self.prompt_sh, self.replicated))
         self.gather = jax.jit(lambda buf, idx: jax.tree.map(lambda x: x[idx], buf),
                               out_shardings=self.minibatch_sh)
         self.scorer = None
         if "reward_model" in cfg.rewards.names:
-            self.scorer = RewardModelScorer.load(cfg.rewards.reward_model, mesh=run.mesh)
-        self.eval_prompts = run.eval_iter
-        self.eval_start = run.eval_start
-        self.eval_sh = (batch_sharding(run.mesh, run.eval_iter.config.batch_size, run.rules)
-                        if run.eval_iter is not None else None)
-        self.eval_batches = run.tc.eval_batches
-        self._bound = True
+            self.scorer = RewardModelScorer.load(cfg.rewards.reward_model, mesh=ctx.mesh)
+        self.eval_prompts = ctx.eval_data
+        self.eval_start = ctx.eval_data.get_state() if ctx.eval_data is not None else None
+        self.eval_sh = (batch_sharding(ctx.mesh, ctx.eval_data.config.batch_size, ctx.rules)
+                        if ctx.eval_data is not None else None)
+        self.eval_batches = ctx.eval_batches
 
-    def _score_pass(self, params, ref_params, prompt_ids, prompt_mask, tokens, lengths, scores,
-                    kl_coef):
+    def _trees(self, state, names) -> dict:
+        return self.models.trees(state.params, state.fixed, names)
+
+    def _score_pass(self, trees, prompt_ids, prompt_mask, tokens, lengths, scores, kl_coef):
         """The rollout's per-token training inputs and its metrics, in one program."""
-        from flax import nnx
-
         from jalign.sharding import use_mesh
         cfg = self.config
         b, p = prompt_ids.shape
@@ -203,9 +201,8 @@ class RolloutSource:
                                axis=1)
         kwargs = dict(temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
         with use_mesh(self.mesh, self.rules):
-            policy = nnx.merge(self.policy_def, params["policy"])
-            reference = nnx.merge(self.reference_def, ref_params)
-            value = nnx.merge(self.value_def, params["value"])
+            models = self.models.merged(trees)
+            policy, value, reference = models[POLICY], models[VALUE], models[REFERENCE]
             logp, ent = response_log_probs(policy, ids, seg, pos, entropy=True, **kwargs)
             ref_logp, _ = response_log_probs(reference, ids, seg, pos, **kwargs)
             values = value(ids, pos, seg)[:, :-1]
@@ -272,8 +269,8 @@ class RolloutSource:
         t0 = time.perf_counter()
         batch = next(self.prompts)  # StopIteration at the end of the prompts
         prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
-        params = self.layout.full_params(state)
-        policy = params["policy"]
+        trees = self._trees(state, (POLICY, VALUE, REFERENCE))
+        policy = trees[POLICY]
         if cfg.rollout_sharding == "replicated":
             # One gather of every weight per rollout, instead of FSDP's per decoded token.
             policy = jax.device_put(policy, self.replicated)
@@ -289,10 +286,8 @@ class RolloutSource:
         device_scores = jax.make_array_from_callback(
             scores.shape, self.prompt_sh, lambda i: scores[i])
         coef = self.kl.value
-        self._buffer, metrics = self.score(params, self.layout.frozen_params(state)["reference"],
-                                           prompt_ids,
-                                           prompt_mask, out["tokens"], out["lengths"],
-                                           device_scores, jnp.float32(coef))
+        self._buffer, metrics = self.score(trees, prompt_ids, prompt_mask, out["tokens"],
+                                           out["lengths"], device_scores, jnp.float32(coef))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         self.kl.update(metrics["kl"], self.rows)
@@ -311,8 +306,6 @@ class RolloutSource:
         self._pending_metrics = metrics
 
     def next(self, state) -> dict:
-        if not self._bound:
-            raise RuntimeError("RolloutSource.bind(run) must be called before next()")
         if self.at_boundary() or self._buffer is None:
             if not self.at_boundary():
                 raise RuntimeError("a rollout source resumed inside a rollout")
@@ -348,7 +341,7 @@ class RolloutSource:
         for _, batch in zip(range(batches), self.eval_prompts):
             ids = self._global(batch["prompt_ids"], self.eval_sh)
             mask = self._global(batch["prompt_mask"], self.eval_sh)
-            out = self.greedy(self.layout.full_params(state)["policy"], ids, mask, self.key,
+            out = self.greedy(self._trees(state, (POLICY,))[POLICY], ids, mask, self.key,
                               self.sampling)
             scores, parts, lengths, _ = self._rewards(ids, mask, out, evaluation=True)
             count += len(scores)

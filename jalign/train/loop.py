@@ -1,7 +1,7 @@
-"""The training loop: generic over the loss and the batch source, resumable, and careful
+"""The training loop: generic over the recipe and the batch source, resumable, and careful
 with the user's work. ``train`` opens the run (``jalign.train.run``) and runs the loop;
-``run_loop`` draws batches from ``run.source.next(state)`` and saves the source's state
-with every checkpoint.
+``run_loop`` (a ``Training``) draws batches from ``run.source.next(state)`` and saves the
+source's state with every checkpoint.
 
 - Resumes automatically from the latest committed checkpoint of the run directory
   (state, data position, metrics log truncated to that step).
@@ -17,21 +17,18 @@ import os
 import signal
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jalign.data.pipeline import DataConfig
-from jalign.models.config import LlamaConfig
-from jalign.sharding import DEFAULT_RULES, MeshConfig, global_rows
+from jalign.data.formats import rows_per_example
+from jalign.sharding import DEFAULT_RULES, global_rows
 from jalign.train import metrics as M
-from jalign.train.algorithm import Algorithm, custom
-from jalign.train.optimizer import OptimizerConfig, trainable_mask
 from jalign.train.hosts import Preemption, agree_min, merged
-from jalign.train.run import Run, open_run
-from jalign.train.setup import ModelInit, frozen_graphdefs
+from jalign.train.recipe import Recipe, custom
+from jalign.train.run import Run, RunConfigs, open_run
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
 from jalign.train.train_config import TrainConfig  # noqa: F401 (re-exported)
 
@@ -78,83 +75,266 @@ def fetch_metrics(metrics: dict) -> dict:
     return jax.device_get(metrics)
 
 
-def train(algorithm: Algorithm | Callable, *, train_config: TrainConfig,
-          optimizer_config: OptimizerConfig, data_config: DataConfig,
-          eval_data_config: DataConfig | None, model_config: LlamaConfig,
-          model_init: ModelInit, mesh_config: MeshConfig, operative_config: str = "",
+def train(recipe: Recipe | Callable, configs: RunConfigs, *, operative: str = "",
           rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None,
-          allow_config_change: bool = False, lora_config=None) -> dict:
+          allow_config_change: bool = False) -> dict:
     """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError,
     and ConfigError (before anything is loaded or compiled) for a problem in the config.
 
-    ``algorithm``: an Algorithm (loss, model kind, frozen models, ...) or a plain loss
-    function on conversation data."""
-    algo = algorithm if isinstance(algorithm, Algorithm) else custom(algorithm)
-    run = open_run(algo, train_config=train_config, optimizer_config=optimizer_config,
-                   data_config=data_config, eval_data_config=eval_data_config,
-                   model_config=model_config, model_init=model_init, mesh_config=mesh_config,
-                   operative_config=operative_config, rules=rules,
-                   allow_config_change=allow_config_change, lora_config=lora_config)
+    ``recipe``: a Recipe (roles, loss, data kind, ...) or a plain loss function
+    ``loss(model, batch, ctx)`` on conversation data."""
+    recipe = recipe if isinstance(recipe, Recipe) else custom(recipe)
+    run = open_run(recipe, configs, operative=operative, rules=rules,
+                   allow_config_change=allow_config_change)
     return run_loop(run, on_log=on_log)
 
 
 def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
     """Train ``run`` from ``run.start`` to ``run.end`` on batches from ``run.source``."""
-    algo, tc, ckpt, source, state = run.algo, run.tc, run.ckpt, run.source, run.state
-    mesh, rules, run_dir, log, is_main = run.mesh, run.rules, run.run_dir, run.log, run.is_main
-    model_config, graphdef, shardings = run.model_config, run.graphdef, run.shardings
-    optimizer, schedule, record = run.optimizer, run.schedule, run.record
-    eval_data_config = run.eval_data_config
-    eval_iter, eval_start, operative_config = run.eval_iter, run.eval_start, run.operative
-    start, end, global_batch = run.start, run.end, run.global_batch
-    layout = run.layout
-    fdefs = frozen_graphdefs(layout)
-    trainable = trainable_mask(state.params, run.optimizer_config)
-    step_fn = make_train_step(algo.loss_fn, optimizer, graphdef, mesh=mesh,
-                              state_sharding=shardings, global_batch=global_batch,
-                              accum_steps=tc.accum_steps, rules=rules,
-                              frozen_graphdefs=fdefs, schedule=schedule, trainable=trainable,
-                              layout=layout)
-    source.bind(run)
-    eval_fn = eval_sh = None
-    # A source with its own evaluation (a rollout source: rewards of greedy responses)
-    # replaces the loss evaluation; either needs eval data.
-    source_eval = getattr(source, "evaluate", None) if eval_data_config is not None else None
-    if eval_data_config is not None and source_eval is None:
-        eval_fn = make_eval_step(algo.loss_fn, graphdef, mesh=mesh, state_sharding=shardings,
-                                 global_batch=eval_data_config.batch_size, rules=rules,
-                                 frozen_graphdefs=fdefs, layout=layout)
-        eval_sh = batch_sharding(mesh, eval_data_config.batch_size, rules)
-    data_sh = batch_sharding(mesh, global_batch, rules)
-    seq_len = run.row_length
-    rows_per_step = global_batch * algo.rows_per_example
-    flops_per_step = algo.flops_per_token(model_config, seq_len) * rows_per_step * seq_len
-    if layout.adapters:  # no weight gradients for the frozen base: forward + input gradients
-        flops_per_step *= 2 / 3
-    weight_name = algo.weight_name
-    peak, peak_source = M.peak_flops_per_device(tc.peak_flops)
-    n_dev = mesh.devices.size
-    writer = M.MetricsWriter(run_dir, resume_step=start, enabled=is_main)
-    eval_batches = min(tc.eval_batches, agree_min(eval_iter.total_batches())) if eval_iter else 0
-    can_eval = eval_fn is not None or source_eval is not None
+    return Training(run, on_log).execute()
 
-    def evaluate(step: int) -> dict:
-        if source_eval is not None:
-            return source_eval(state, step)
-        eval_iter.set_state(eval_start)
+
+class Pending(NamedTuple):
+    step: int
+    metrics: dict        # on the devices
+    dispatched: float    # perf_counter at dispatch
+    source_metrics: dict  # the source's host metrics of the batch
+
+
+class Training:
+    """One pass of the loop over a run: compiled steps, metrics one step behind,
+    evaluation, checkpoints and preemption."""
+
+    def __init__(self, run: Run, on_log: Callable[[dict], None] | None):
+        self.run, self.on_log = run, on_log
+        self.tc, self.source, self.state = run.tc, run.source, run.state
+        self.step_fn = make_train_step(run.recipe.loss_fn, run.optimizer, run.models,
+                                       mesh=run.mesh, state_sharding=run.shardings,
+                                       global_batch=run.global_batch,
+                                       accum_steps=self.tc.accum_steps, rules=run.rules,
+                                       schedule=run.schedule)
+        self.data_sh = batch_sharding(run.mesh, run.global_batch, run.rules)
+        self.evaluator = Evaluator(run)
+        seq_len = run.row_length
+        self.rows_per_step = run.global_batch * rows_per_example(run.recipe.data_kind)
+        self.tokens_per_step = self.rows_per_step * seq_len
+        self.flops_per_step = run.recipe.flops_per_token(run.models, seq_len) * self.tokens_per_step
+        self.peak, self.peak_source = M.peak_flops_per_device(self.tc.peak_flops)
+        self.n_dev = run.mesh.devices.size
+        self.writer = M.MetricsWriter(run.run_dir, resume_step=run.start, enabled=run.is_main)
+        self.summary = {"run_dir": str(run.run_dir), "start_step": run.start, "skipped": 0}
+        self.pending: list[Pending] = []
+        self.last_ready = time.perf_counter()
+        self.last_eval = None
+        self.ended = None
+        self.saved = False
+        self.bar = None
+
+    # ------------------------------------------------------------ the loop
+
+    def execute(self) -> dict:
+        run = self.run
+        with Preemption() as preemption:
+            try:
+                self._open_bar()
+                if self.evaluator.enabled and self.tc.eval_at_start and run.start == 0:
+                    self.writer.write(self.evaluator(self.state, 0))  # the baseline
+                for step in range(run.start, run.end):
+                    if not self._one_step(step, preemption):
+                        break
+                self._finish()
+            finally:
+                if self.bar is not None:
+                    self.bar.close()
+                run.ckpt.close()
+                self.writer.close()
+        return self._summarise()
+
+    def _one_step(self, step: int, preemption) -> bool:
+        """Dispatch one step and do what falls due after it; False when the data ended."""
+        if self.source.waits_for_state():
+            # The source is about to run the current state (a rollout): the steps
+            # dispatched so far finish first anyway, so read their metrics now and
+            # their times do not include the source's work.
+            self.drain()
+        try:
+            batch = self.source.next(self.state)
+        except StopIteration:  # the count of steps is exact; this is a safety net
+            self.ended = step
+            return False
+        t_dispatch = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, _global_batch(batch, self.data_sh))
+        done = step + 1
+        self.pending.append(Pending(done, metrics, t_dispatch, self.source.step_metrics()))
+        self.drain(keep_last=True)
+        if _fault("sigterm_at_step", done):
+            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
+        # A source whose state is complete only between some steps (rollouts) is saved
+        # there: preemption waits for its next boundary.
+        if preemption.reached(done) and self.source.at_boundary():
+            self.drain()
+            self.save("sigterm", done)
+            self.run.ckpt.wait()
+            raise Preempted(f"SIGTERM: saved step {done} to {self.run.run_dir}; restart to "
+                            "continue")
+        if self.evaluator.enabled and self.tc.eval_every and done % self.tc.eval_every == 0:
+            self.drain()
+            self._evaluate(done)
+        if (done % self.tc.save_every == 0 and done != self.run.end
+                and self.source.at_boundary()):
+            self.drain()
+            self.save("interval", done)
+        return True
+
+    def _finish(self) -> None:
+        """Read every step's metrics, save and evaluate the final step."""
+        self.drain()
+        final = int(jax.device_get(self.state.step))
+        if final < self.tc.steps:
+            self.ended = final
+        self.saved = self.run.ckpt.latest_step() != final
+        if self.saved:
+            self.save("end_of_data" if self.ended is not None else "final", final)
+        if self.evaluator.enabled and (self.last_eval is None or self.last_eval["step"] != final):
+            self._evaluate(final)
+
+    def _evaluate(self, step: int) -> None:
+        self.last_eval = self.evaluator(self.state, step)
+        self.writer.write(self.last_eval)
+        if self.on_log is not None:
+            self.on_log(self.last_eval)
+
+    # ------------------------------------------------------------ metrics
+
+    def drain(self, keep_last: bool = False) -> None:
+        """Read the metrics of the steps dispatched so far (all but the newest with
+        ``keep_last``): the loop's only waits for the device. No non-finite update can
+        reach a checkpoint: the step never applies one, and every save, eval and exit
+        first drains."""
+        while len(self.pending) > (1 if keep_last else 0):
+            self._record(self.pending.pop(0))
+
+    def _record(self, p: Pending) -> None:
+        m = {k: float(v) for k, v in fetch_metrics(p.metrics).items()}
+        # A step's time: from when the device could start it (its dispatch, or the end of
+        # the step before) to when its result is here.
+        now = time.perf_counter()
+        dt, self.last_ready = now - max(p.dispatched, self.last_ready), now
+        record = {"step": p.step, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                  "learning_rate": m.get("learning_rate", 0.0), "step_seconds": dt,
+                  "tokens_per_second_per_device": self.tokens_per_step / dt / self.n_dev,
+                  self.run.recipe.weight_name: m["loss_weight"]}
+        if self.peak:
+            record["mfu"] = self.flops_per_step / dt / (self.peak * self.n_dev)
+        record.update({k: v for k, v in m.items()
+                       if k not in ("loss", "grad_norm", "learning_rate", "finite",
+                                    "loss_weight")})
+        record.update(p.source_metrics)
+        if not m["finite"]:
+            self._nonfinite(record, m)
+        self.writer.write(record)
+        if self.on_log is not None and (p.step % self.tc.log_every == 0 or p.step == self.run.end):
+            self.on_log(record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(refresh=False, loss=f"{m['loss']:.4f}",
+                                 tok_s=f"{record['tokens_per_second_per_device'] * self.n_dev:,.0f}")
+
+    def _nonfinite(self, record: dict, m: dict) -> None:
+        record["skipped_nonfinite"] = 1
+        self.summary["skipped"] += 1
+        if self.tc.nan_policy == "abort":
+            self.writer.write(record)
+            raise NonFiniteError(
+                f"step {record['step']}: non-finite loss ({m['loss']}) or gradient norm "
+                f"({m['grad_norm']}); the update was not applied and nothing was saved past "
+                f"step {self.run.ckpt.latest_step()}. Set TrainConfig.nan_policy='skip' to "
+                "skip such steps instead.")
+
+    def _open_bar(self) -> None:
+        if self.tc.progress and self.run.is_main:
+            from tqdm.auto import tqdm
+            # Redraw often on a terminal; in a log file (no terminal) only every 30 s.
+            self.bar = tqdm(total=self.run.end, initial=self.run.start, desc="train",
+                            unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, reason: str, step: int) -> None:
+        run = self.run
+        # Every process's data position (Orbax writes JSON items from process 0 only).
+        meta = dict(run.metadata)
+        run.ckpt.save(self.state, data_state=merged(self.source.get_state()),
+                      model_config=run.model_config, operative=run.operative,
+                      config_record=run.record, roles=meta.pop("roles"),
+                      extra_metadata={"reason": reason, "algorithm": run.recipe.name, **meta})
+        if _fault("sigkill_during_save", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if _fault("sigkill_after_save", step):
+            run.ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _summarise(self) -> dict:
+        run, tc = self.run, self.tc
+        if self.ended is not None:
+            run.log(f"data ended at step {self.ended} of TrainConfig.steps={tc.steps}: "
+                    f"{self.source.describe()}"
+                    + ("; saved" if self.saved else "; its checkpoint was already saved")
+                    + (", evaluated" if self.last_eval else ""))
+        if run.is_main:
+            M.plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png")
+        run.state = self.state  # the donated input buffers are gone; the Run holds the live state
+        self.summary.update(
+            final_step=int(jax.device_get(self.state.step)), ended_early=self.ended is not None,
+            eval=self.last_eval, data_stats=getattr(self.source, "stats", {}),
+            peak_flops_source=self.peak_source, state=self.state, models=run.models,
+            model_config=run.model_config)
+        return self.summary
+
+
+class Evaluator:
+    """The run's evaluation: the source's own (a rollout source: rewards of greedy
+    responses), or the loss over ``TrainConfig.eval_batches`` batches of the eval split."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.source_eval = getattr(run.source, "evaluate", None) if run.eval_iter is not None else None
+        self.eval_fn = self.sharding = None
+        self.batches = 0
+        if run.eval_iter is not None and self.source_eval is None:
+            size = run.eval_iter.config.batch_size
+            self.eval_fn = make_eval_step(run.recipe.loss_fn, run.models, mesh=run.mesh,
+                                          state_sharding=run.shardings, global_batch=size,
+                                          rules=run.rules)
+            self.sharding = batch_sharding(run.mesh, size, run.rules)
+        if run.eval_iter is not None:
+            self.batches = min(run.tc.eval_batches, agree_min(run.eval_iter.total_batches()))
+
+    @property
+    def enabled(self) -> bool:
+        return self.eval_fn is not None or self.source_eval is not None
+
+    def __call__(self, state, step: int) -> dict:
+        if self.source_eval is not None:
+            return self.source_eval(state, step)
+        run = self.run
+        run.eval_iter.set_state(run.eval_start)
         total = weight = 0.0
         aux: dict[str, list[float]] = {}
-        for _, batch in zip(range(eval_batches), eval_iter):
-            out = eval_fn(state, _global_batch(batch, eval_sh))
+        for _, batch in zip(range(self.batches), run.eval_iter):
+            out = self.eval_fn(state, _global_batch(batch, self.sharding))
             total += float(out.total)
             weight += float(out.weight)
             for name, (s, c) in jax.device_get(out.aux).items():
                 acc = aux.setdefault(name, [0.0, 0.0])
                 acc[0] += float(s)
                 acc[1] += float(c)
+        weight_name = run.recipe.weight_name
         if weight == 0:
-            raise ValueError(f"eval data {eval_data_config.path} ({eval_data_config.split}) "
-                             f"gave no {weight_name.replace('_', ' ')}")
+            ec = run.configs.eval_data
+            raise ValueError(f"eval data {ec.path} ({ec.split}) gave no "
+                             f"{weight_name.replace('_', ' ')}")
         loss = total / weight
         result = {"step": step, "eval_loss": loss, "eval_" + weight_name: weight}
         if aux.get("nll", (0, 0))[1]:  # a loss's per-token NLL, whatever its normalisation
@@ -164,140 +344,13 @@ def run_loop(run: Run, *, on_log: Callable[[dict], None] | None = None) -> dict:
         result.update({f"eval_{name}": s / c for name, (s, c) in aux.items() if c})
         return result
 
-    def save(reason: str, step: int):
-        # Every process's data position (Orbax writes JSON items from process 0 only).
-        ckpt.save(state, data_state=merged(source.get_state()), model_config=model_config,
-                  operative=operative_config, config_record=record,
-                  extra_metadata={"reason": reason, "model_kind": algo.model_kind,
-                                  "algorithm": algo.name,
-                                  "frozen": list(algo.frozen_models), **run.extra_metadata})
-        if _fault("sigkill_during_save", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if _fault("sigkill_after_save", step):
-            ckpt.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    bar = None
-    if tc.progress and is_main:
-        from tqdm.auto import tqdm
-        # Redraw often on a terminal; in a log file (no terminal) only every 30 s.
-        bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    summary = {"run_dir": str(run_dir), "start_step": start, "skipped": 0}
-    last_eval = None
-    # Metrics are read one step behind: step N+1 is dispatched before step N's metrics
-    # come to the host, so the device never waits for the host. No non-finite update can
-    # reach a checkpoint: the step itself never applies one, and every save, eval and exit
-    # first reads (and checks) the metrics of all steps dispatched so far.
-    pending: list[tuple[int, dict, float, dict]] = []  # (step, device metrics, dispatch time,
-    #                                                   the source's host metrics)
-    last_ready = time.perf_counter()
-
-    def drain(keep_last: bool = False):
-        nonlocal last_ready
-        while len(pending) > (1 if keep_last else 0):
-            done, metrics, t0, source_metrics = pending.pop(0)
-            m = {k: float(v) for k, v in fetch_metrics(metrics).items()}
-            # A step's time: from when the device could start it (its dispatch, or the end
-            # of the step before) to when its result is here.
-            now = time.perf_counter()
-            dt, last_ready = now - max(t0, last_ready), now
-            record_ = {"step": done, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                       "learning_rate": m.get("learning_rate", 0.0), "step_seconds": dt,
-                       "tokens_per_second_per_device": rows_per_step * seq_len / dt / n_dev,
-                       weight_name: m["loss_weight"]}
-            if peak:
-                record_["mfu"] = flops_per_step / dt / (peak * n_dev)
-            record_.update({k: v for k, v in m.items()
-                            if k not in ("loss", "grad_norm", "learning_rate", "finite",
-                                         "loss_weight")})
-            record_.update(source_metrics)
-            if not m["finite"]:
-                record_["skipped_nonfinite"] = 1
-                summary["skipped"] += 1
-                if tc.nan_policy == "abort":
-                    writer.write(record_)
-                    raise NonFiniteError(
-                        f"step {done}: non-finite loss ({m['loss']}) or gradient norm "
-                        f"({m['grad_norm']}); the update was not applied and nothing was "
-                        f"saved past step {ckpt.latest_step()}. Set "
-                        "TrainConfig.nan_policy='skip' to skip such steps instead.")
-            writer.write(record_)
-            if on_log is not None and (done % tc.log_every == 0 or done == end):
-                on_log(record_)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(refresh=False, loss=f"{m['loss']:.4f}",
-                                tok_s=f"{record_['tokens_per_second_per_device'] * n_dev:,.0f}")
-
-    ended = None
-    with Preemption() as preemption:
-        try:
-            if can_eval and tc.eval_at_start and start == 0:
-                writer.write(evaluate(0))  # the baseline the run is judged by
-            for step in range(start, end):
-                if source.waits_for_state():
-                    # The source is about to run the current state (a rollout): the steps
-                    # dispatched so far finish first anyway, so read their metrics now and
-                    # their times do not include the source's work.
-                    drain()
-                try:
-                    batch = source.next(state)
-                except StopIteration:  # the count above is exact; this is a safety net
-                    ended = step
-                    break
-                t_dispatch = time.perf_counter()
-                state, metrics = step_fn(state, _global_batch(batch, data_sh))
-                done = step + 1
-                pending.append((done, metrics, t_dispatch, source.step_metrics()))
-                drain(keep_last=True)
-                if _fault("sigterm_at_step", done):
-                    os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
-                # A source whose state is complete only between some steps (rollouts)
-                # is saved there: preemption waits for its next boundary.
-                if preemption.reached(done) and source.at_boundary():
-                    drain()
-                    save("sigterm", done)
-                    ckpt.wait()
-                    raise Preempted(f"SIGTERM: saved step {done} to {run_dir}; restart to continue")
-                if can_eval and tc.eval_every and done % tc.eval_every == 0:
-                    drain()
-                    last_eval = evaluate(done)
-                    writer.write(last_eval)
-                    if on_log is not None:
-                        on_log(last_eval)
-                if done % tc.save_every == 0 and done != end and source.at_boundary():
-                    drain()
-                    save("interval", done)
-            drain()
-            final = int(jax.device_get(state.step))
-            if final < tc.steps:
-                ended = final
-            saved = ckpt.latest_step() != final
-            if saved:
-                save("end_of_data" if ended is not None else "final", final)
-            if can_eval and (last_eval is None or last_eval["step"] != final):
-                last_eval = evaluate(final)
-                writer.write(last_eval)
-                if on_log is not None:
-                    on_log(last_eval)
-        finally:
-            if bar is not None:
-                bar.close()
-            ckpt.close()
-            writer.close()
-    if ended is not None:
-        log(f"data ended at step {ended} of TrainConfig.steps={tc.steps}: {source.describe()}"
-            + ("; saved" if saved else "; its checkpoint was already saved")
-            + (", evaluated" if last_eval else ""))
-    if is_main:
-        M.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    summary.update(final_step=int(jax.device_get(state.step)), ended_early=ended is not None,
-                   eval=last_eval, data_stats=getattr(source, "stats", {}), peak_flops_source=peak_source,
-                   state=state, model_config=model_config, graphdef=graphdef,
-                   params=run.layout.full_params(state))
-    run.state = state  # the donated input buffers are gone; the Run holds the live state
-    return summary
+def trained_model(summary: dict, role: str | None = None):
+    """The NNX model of a finished run's role (default: its primary role, e.g. the policy;
+    the frozen parts joined back) from a ``train``/``run_loop`` summary."""
+    models, state = summary["models"], summary["state"]
+    name = role or models.primary
+    return models.merged({name: models.tree(name, state.params, state.fixed)})[name]
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -12,14 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign.models.config import LlamaConfig
-
 # Dense peak FLOP/s per device by device_kind substring (bf16 unless noted).
 KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
                "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+def train_flops_per_token(config, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul parameters (the LM head included,
     the embedding lookup not) + attention scores and values, 12 x layers x q-width x T."""
     d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim

@@ -1,9 +1,11 @@
 """Optimizers from config: optax transforms with a schedule, clipping and decay masks.
 
-A parameter is addressed by its path, e.g. ``layers/wq`` or ``final_norm``. Weight decay
-skips norms and biases by default (regexes in ``no_decay``); ``trainable`` (a regex, or
-None for everything) freezes the rest: frozen parameters get zero updates and no
-optimizer moments are kept for them.
+The optimizer covers what trains: ``TrainState.params``, ``{role: trained tree}``
+(``trainable``, a regex or None for everything, chooses it through the roles,
+``jalign.train.roles``: a frozen parameter is not in the optimizer at all). A parameter
+is addressed by its path within its model, e.g. ``layers/wq`` or ``final_norm``
+(``policy/layers/wq`` when a run trains several models, as PPO's policy and value). Weight
+decay skips norms and biases by default (regexes in ``no_decay``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -68,33 +69,24 @@ def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, main], [config.warmup_steps])
 
 
-def _paths(params) -> dict:
-    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def _mask(params, predicate):
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: predicate("/".join(map(str, k))) for k in flat})
+def named_paths(params: dict) -> dict:
+    """{(role, *path): 'name'} for a ``{role: tree}`` params: the path within the model,
+    prefixed with the role when several train (the names regexes are matched against)."""
+    qualify = len(params) > 1
+    return {k: "/".join(map(str, k if qualify else k[1:]))
+            for k in traverse_util.flatten_dict(params)}
 
 
 def decay_mask(params, config: OptimizerConfig):
     patterns = [re.compile(p) for p in config.no_decay]
-    return _mask(params, lambda path: not any(p.search(path) for p in patterns))
-
-
-def trainable_mask(params, config: OptimizerConfig):
-    if config.trainable is None:
-        return _mask(params, lambda path: True)
-    pattern = re.compile(config.trainable)
-    mask = _mask(params, lambda path: bool(pattern.search(path)))
-    if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"OptimizerConfig.trainable={config.trainable!r} matches no parameter; "
-                         f"paths look like {sorted(_paths(params))[:5]}")
-    return mask
+    names = named_paths(params)
+    return traverse_util.unflatten_dict(
+        {k: not any(p.search(name) for p in patterns) for k, name in names.items()})
 
 
 def make_optimizer(config: OptimizerConfig, params, total_steps: int):
-    """(optax transform, schedule). ``params`` (arrays or shapes) fixes the masks."""
+    """(optax transform, schedule) over ``params`` (``{role: trained tree}``, arrays or
+    shapes: it fixes the decay mask)."""
     lr = schedule(config, total_steps)
     wd_mask = decay_mask(params, config)
     if config.name == "adamw":
@@ -110,9 +102,4 @@ def make_optimizer(config: OptimizerConfig, params, total_steps: int):
     else:
         core = optax.sgd(lr, momentum=config.b1 or None)
     parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
-    tx = optax.chain(*parts, core)
-    if config.trainable is not None:
-        mask = trainable_mask(params, config)
-        labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx, lr
+    return optax.chain(*parts, core), lr

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
-
 from jax.sharding import Mesh
 
 from jalign.errors import ConfigError
@@ -85,13 +85,13 @@ def check_batch_divides(mesh: Mesh, batch: int, binding: str, *, accum_steps: in
                 "or fewer accum_steps")
 
 
-def check_data_kind(algorithm, config: DataConfig, binding: str) -> None:
+def check_data_kind(recipe, config: DataConfig, binding: str) -> None:
     from jalign.data.formats import adapter
     kind, _ = adapter(config.format)
-    if kind != algorithm.data_kind:
+    if kind != recipe.data_kind:
         raise ConfigError(f"{binding}.format={config.format!r} gives {kind} data, but "
-                          f"TrainConfig.algorithm={algorithm.name.split('/')[0]!r} trains on "
-                          f"{algorithm.data_kind} data")
+                          f"TrainConfig.algorithm={recipe.family!r} trains on "
+                          f"{recipe.data_kind} data")
 
 
 def open_data(config: DataConfig, binding: str, **kwargs):
@@ -104,55 +104,74 @@ def open_data(config: DataConfig, binding: str, **kwargs):
         raise ConfigError(f"{binding} (path={config.path!r}): {e}") from None
 
 
-def check_vocab(iterator, vocab_size: int, binding: str) -> None:
+def check_vocab(iterator, model_config, binding: str) -> None:
     """Token ids the model's embedding cannot hold would be clamped silently by XLA."""
     top = iterator.stats.get("max_token_id", -1)
+    vocab_size = model_config.vocab_size
     if top >= vocab_size:
         raise ConfigError(
             f"{binding}.tokenizer={iterator.config.tokenizer!r} produces token id {top}, but "
-            f"the model has LlamaConfig.vocab_size={vocab_size}: use the model's tokenizer")
+            f"the model has {type(model_config).__name__}.vocab_size={vocab_size}: use the "
+            "model's tokenizer")
 
 
-def check_trainable(optimizer_config, model_config, model_kind: str) -> None:
-    """OptimizerConfig.trainable must select some parameter of this model."""
-    from jalign.models.build import abstract_model
-    from jalign.models.heads import model_class
-    from jalign.train.optimizer import trainable_mask
-    if optimizer_config.trainable is None:
+def check_trainable(models, optimizer_config) -> None:
+    """OptimizerConfig.trainable must select some parameter of the models it applies to."""
+    from jalign.train.roles import KEYWORDS
+    from jalign.train.state_init import role_parts
+    pattern = optimizer_config.trainable
+    if pattern is None or not any(models.role(n).trains == pattern for n in models.trained):
         return
-    _, abstract = abstract_model(model_config, model_cls=model_class(model_kind))
-    from flax import nnx
-    try:
-        trainable_mask(nnx.to_pure_dict(abstract), optimizer_config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    params, _, fixed, _ = role_parts(models)
+    if not any(jax.tree.leaves(params.get(n, {})) for n in models.trained
+               if models.role(n).trains not in KEYWORDS):
+        from flax import traverse_util
+        names = sorted("/".join(map(str, k)) for k in traverse_util.flatten_dict(fixed))[:5]
+        raise ConfigError(f"OptimizerConfig.trainable={pattern!r} matches no parameter; "
+                          f"paths look like {names}")
 
 
-def check_lora(lora, optimizer_config, algo) -> None:
+def check_lora(lora, optimizer_config) -> None:
     """LoraConfig against the rest of the config, before anything is loaded."""
     if lora.quantize is not None and not lora.enabled:
         raise ConfigError(f"LoraConfig.quantize={lora.quantize!r} needs LoraConfig.rank > 0: a "
                           "quantised base trains only through adapters")
-    if not lora.enabled:
-        return
-    if optimizer_config.trainable is not None:
+    if lora.enabled and optimizer_config.trainable is not None:
         raise ConfigError(f"OptimizerConfig.trainable={optimizer_config.trainable!r} and "
                           f"LoraConfig.rank={lora.rank} both choose what trains; with LoRA, "
                           "choose adapters with LoraConfig.targets and LoraConfig.layers")
-    if (algo.model_kind == "policy_value" and lora.value_base == "shared"
-            and algo.value_init != "policy"):
-        raise ConfigError(f"LoraConfig.value_base='shared' puts the value model on the policy's "
-                          f"base, but PPOConfig.value_init={algo.value_init!r} gives it another "
-                          "backbone; set LoraConfig.value_base='own'")
+
+
+def check_role_sources(models, overrides) -> None:
+    """Every role read from a source of its own has the run's architecture (read from the
+    source's config, before any weight is)."""
+    from jalign import sources
+    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+              "vocab_size", "resolved_head_dim")
+    want = models.configs[models.primary]
+    for role in models.roles:
+        if role.source is None:
+            continue
+        binding = role.set_by or f"role {role.name!r}"
+        try:
+            have = sources.read_config(sources.ModelSource.parse(role.source, what=binding),
+                                       overrides=overrides)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{binding}={role.source!r}: {e}") from None
+        differ = [f"{f}: {getattr(have, f)} vs {getattr(want, f)}" for f in fields
+                  if getattr(have, f) != getattr(want, f)]
+        if differ:
+            raise ConfigError(f"{binding}={role.source!r}: the {role.name} model must have the "
+                              f"architecture of the run's model ({'; '.join(differ)})")
 
 
 def check_lora_shapes(lora, config) -> None:
     """LoraConfig against the model's shapes (layer count, quantisation block size)."""
     if not lora.enabled:
         return
-    from jalign.models.llama import layer_shapes
+    from jalign.models.families import family_of
     from jalign.models.lora import check
     try:
-        check(lora, layer_shapes(config), config.num_layers)
+        check(lora, family_of(config).layer_shapes(config), config.num_layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -128,3 +128,27 @@ def annotate(examples: list[dict], *, cache_path: Path, load_model: Callable, sc
         for k, v in values.items():
             ex[k] = v[i]
     return {"cached": cached, "examples": len(examples)}
+
+
+def annotate_splits(data, ctx, score_fn: Callable, *, role: str, key: str) -> None:
+    """Annotate the train and eval examples with ``score_fn`` of role ``role``'s initial
+    model (``ctx.initial``), each shard cached in the run directory
+    (``reference_<split>.<shard>.npz``; a resume on another process count reads them
+    back). ``key`` names what is scored (the recipe), part of the cache fingerprint."""
+    processes = jax.process_count()
+    model_key = repr((ctx.initial_key(role), key))
+    for it, name in ((data, "train"), (ctx.eval_data, "eval")):
+        if it is None:
+            continue
+
+        def score(examples, chat, shard, it=it, name=name):
+            # Scored now, while only one model is in memory (not next to the state).
+            info = annotate(
+                examples, cache_path=ctx.run_dir / f"reference_{name}.{shard}.npz",
+                load_model=lambda: ctx.initial(role), score_fn=score_fn,
+                rows=it.config.batch_size // processes, length=it.config.max_length,
+                pad_id=chat.pad_id, mesh=ctx.mesh, rules=ctx.rules, model_key=model_key,
+                progress=ctx.progress)
+            ctx.log(f"reference log-probs for {info['examples']} {name} pairs of shard "
+                    f"{shard} {'read from cache' if info['cached'] else 'computed'}")
+        it.annotate(score)

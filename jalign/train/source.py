@@ -3,41 +3,76 @@
 The loop asks its source for the next batch with ``source.next(state)`` (the current
 train state, which a rollout source samples with; a dataset ignores it) and saves
 ``source.get_state()`` with every checkpoint, so a resumed run continues from exactly
-where the source was. ``remaining()`` is the number of batches left when the source is
-finite (None: unbounded), so that every process can agree on the last step up front.
+where the source was. A recipe builds its source from the data and a ``SourceContext``:
+what a source may use (mesh, rules, the roles and their initial models, the eval data),
+not the whole run.
 
 A batch is host-local rows (numpy) or global ``jax.Array``s already laid out for the
-step. A source whose state is complete only at some steps (a rollout source, between
-rollouts) says so with ``at_boundary()``: the loop saves only there. ``bind(run)`` is
-called once before the first ``next`` (to compile what the source runs);
-``step_metrics()`` adds host metrics to the step just drawn; a source with an
-``evaluate(state, step) -> record`` method replaces the loss evaluation.
+step. ``BatchSource`` gives every method but ``next``/``get_state``/``set_state`` the
+answer a plain dataset would: a source overrides what differs (a rollout source: a
+boundary between rollouts where alone it may be saved, its own step metrics and
+evaluation, ``waits_for_state`` when its next draw runs the current state).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from typing import Any, Callable
 
 
-class BatchSource(Protocol):
-    def next(self, state) -> dict: ...          # host-local rows; StopIteration at the end
-    def get_state(self) -> dict: ...
-    def set_state(self, state: dict) -> None: ...
-    def total(self) -> int | None: ...          # batches from the start; None: unbounded
-    def remaining(self) -> int | None: ...      # batches left; None: unbounded
-    def describe(self) -> str: ...              # what was consumed, for the end-of-data note
-    def batch_rows(self) -> int: ...            # global rows of one train step
-    def row_length(self) -> int: ...            # tokens per row
-    def bind(self, run) -> None: ...
-    def at_boundary(self) -> bool: ...          # may a checkpoint be written now?
-    def waits_for_state(self) -> bool: ...      # will next() compute with the state?
-    def step_metrics(self) -> dict: ...         # host metrics of the batch just drawn
+@dataclasses.dataclass
+class SourceContext:
+    mesh: Any
+    rules: Any
+    seed: int                        # TrainConfig.seed: the source's own keys derive from it
+    models: Any                      # RunModels: the roles, their configs and graphdefs
+    initial: Callable[[str], Any]    # role name -> its initial model (loaded once)
+    initial_key: Callable[[str], str]  # role name -> what its initial model depends on
+    run_dir: Any                     # where a source may cache what it computed
+    eval_data: Any = None            # the eval DataIterator (None: no evaluation)
+    eval_batches: int = 0
+    progress: bool = False
+    log: Callable[[str], None] = print
+
+
+class BatchSource:
+    """The protocol, with a dataset's answers as defaults (see the module docstring)."""
+
+    evaluate = None  # a source with ``evaluate(state, step) -> record`` replaces the loss eval
+
+    def next(self, state) -> dict:  # host-local rows; StopIteration at the end
+        raise NotImplementedError
+
+    def get_state(self) -> dict:
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def total(self) -> int | None:       # batches from the start; None: unbounded
+        return None
+
+    def remaining(self) -> int | None:   # batches left; None: unbounded
+        return None
+
+    def describe(self) -> str:           # what was consumed, for the end-of-data note
+        return type(self).__name__
+
+    def at_boundary(self) -> bool:       # may a checkpoint be written now?
+        return True
+
+    def waits_for_state(self) -> bool:   # will next() compute with the state?
+        return False
+
+    def step_metrics(self) -> dict:      # host metrics of the batch just drawn
+        return {}
 
     @property
-    def stats(self) -> dict: ...                # counts for the run summary (may be {})
+    def stats(self) -> dict:             # counts for the run summary
+        return {}
 
 
-class DatasetSource:
+class DatasetSource(BatchSource):
     """A ``DataIterator`` (jalign.data.pipeline) as a batch source."""
 
     def __init__(self, iterator):
@@ -65,18 +100,6 @@ class DatasetSource:
     def row_length(self) -> int:
         return self.iterator.config.max_length
 
-    def bind(self, run) -> None:
-        pass
-
-    def at_boundary(self) -> bool:
-        return True
-
-    def waits_for_state(self) -> bool:
-        return False
-
-    def step_metrics(self) -> dict:
-        return {}
-
     @property
     def stats(self) -> dict:
         return self.iterator.stats
@@ -88,12 +111,11 @@ class DatasetSource:
                 f"per process ({it.batches} batches of {it.rows} rows) seen")
 
 
-OPTIONAL = ("batch_rows", "row_length", "bind", "at_boundary", "waits_for_state",
-            "step_metrics")
+OPTIONAL = ("batch_rows", "row_length", "at_boundary", "waits_for_state", "step_metrics")
 
 
 class _WithDefaults:
-    """A source with the optional methods it lacks answered as a dataset source would."""
+    """A source with the optional methods it lacks answered as its dataset would."""
 
     def __init__(self, source, iterator):
         self._source = source
@@ -102,15 +124,15 @@ class _WithDefaults:
     def __getattr__(self, name):
         if hasattr(self._source, name):
             return getattr(self._source, name)
-        if name in OPTIONAL:
-            return getattr(self._defaults, name)
+        if name in OPTIONAL or name == "evaluate":
+            return getattr(self._defaults, name, None)
         raise AttributeError(name)
 
 
 def complete(source, iterator):
-    """``source`` itself when it has every BatchSource method, else a view giving the
-    optional ones (OPTIONAL) their dataset defaults: a source written for the first
-    protocol (next, state, counts) keeps working."""
+    """``source`` itself when it has every optional method, else a view answering those it
+    lacks as its dataset would: a source that is not a ``BatchSource`` (written for the
+    first protocol: next, state, counts) keeps working."""
     if all(hasattr(source, name) for name in OPTIONAL):
         return source
     return _WithDefaults(source, iterator)

@@ -1,11 +1,11 @@
 """The train state: one pytree holding everything a step reads and writes.
 
-``params`` is the model's parameters as a nested dict (``nnx.to_pure_dict``), the same
-layout the ``params`` checkpoint item and the HF converter use. ``frozen`` holds extra
-models that are read but never trained (a DPO/PPO reference policy, a reward model): no
-gradient, no optimizer state, sharded by the same rules as ``params``. With LoRA,
-``params`` holds only what trains and ``base`` the frozen rest of the model
-(``jalign.train.partition``).
+``params`` is ``{role: what of it trains}`` as nested dicts (``nnx.to_pure_dict``
+layout, the layout of the ``params`` checkpoint item and the HF converter); the optimizer
+state covers exactly that. ``fixed`` is ``{role: what is read but never trained}``: frozen
+roles (a DPO/PPO reference) and the frozen rest of trained ones (a LoRA base, what a
+trainable regex leaves out). No gradient, no optimizer state, not saved, sharded by the
+same rules (``jalign.train.roles``).
 """
 
 from __future__ import annotations
@@ -17,32 +17,27 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jalign.models.build import params_of  # noqa: F401 (re-exported)
 from jalign.sharding import DEFAULT_RULES, Rules, param_shardings
 
 
 class TrainState(NamedTuple):
     step: jax.Array        # int32 scalar: updates applied (skipped ones included)
-    params: Any            # nested dict of arrays
+    params: Any            # {role: nested dict of trained arrays}
     opt_state: Any         # optax state for params
     rng: jax.Array         # uint32 key data; split once per step
     skipped: jax.Array     # int32 scalar: non-finite updates skipped
-    frozen: Any = None     # {name: nested dict of arrays} or None
-    base: Any = None       # with adapters: the frozen base's nested dict (not saved)
+    fixed: Any = None      # {role: nested dict of frozen arrays} or None (not saved)
 
 
-def params_of(model) -> dict:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def init_state(params, optimizer, seed: int, frozen=None, base=None) -> TrainState:
+def init_state(params, optimizer, seed: int, fixed=None) -> TrainState:
     rng = jax.random.key_data(jax.random.key(seed))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng,
-                      jnp.zeros((), jnp.int32), frozen, base)
+                      jnp.zeros((), jnp.int32), fixed)
 
 
 def state_shardings(abstract_state: TrainState, param_sharding_tree, mesh: Mesh,
-                    frozen_sharding_trees: dict | None = None,
-                    base_sharding_tree=None) -> TrainState:
+                    fixed_sharding_tree=None) -> TrainState:
     """Shardings for every leaf of the state.
 
     Parameters follow the rules table. Optimizer leaves that mirror a parameter (Adam's
@@ -62,11 +57,8 @@ def state_shardings(abstract_state: TrainState, param_sharding_tree, mesh: Mesh,
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state)
-    frozen = None
-    if abstract_state.frozen is not None:
-        frozen = {name: frozen_sharding_trees[name] for name in abstract_state.frozen}
-    return TrainState(replicated, param_sharding_tree, opt, replicated, replicated, frozen,
-                      base_sharding_tree)
+    fixed = fixed_sharding_tree if abstract_state.fixed is not None else None
+    return TrainState(replicated, param_sharding_tree, opt, replicated, replicated, fixed)
 
 
 def model_param_shardings(abstract_model_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):

@@ -9,9 +9,9 @@ import pytest
 from jalign.convert.hf import load_hf
 from jalign.models.lora import LoraConfig
 from jalign.sharding import MeshConfig, make_mesh
-from jalign.train.adapters import attach
-from jalign.train.partition import ParamLayout
-from jalign.train.state import params_of
+from jalign.models.adapters import attach
+from jalign.models.build import params_of
+from jalign.train.roles import ADAPTERS, split
 from tests.hf_models import save_hf_model
 
 
@@ -26,8 +26,7 @@ def test_quantised_while_loading_equals_quantised_after(tmp_path, kind, mesh_sha
     _, plain = load_hf(tmp_path / "hf", mesh=mesh)
     after = attach(plain, lora, seed=0, mesh=mesh)
     from_direct = attach(direct, lora, seed=0, mesh=mesh)  # keeps the codes it was given
-    layout = ParamLayout(after.config)
-    want, got = layout.split(params_of(after)), layout.split(params_of(from_direct))
+    want, got = split(params_of(after), ADAPTERS), split(params_of(from_direct), ADAPTERS)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):  # exact: same function
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if mesh is not None:

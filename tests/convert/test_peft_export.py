@@ -11,10 +11,10 @@ import pytest
 import torch
 import transformers
 
-from jalign.train.setup import load_run_model
+from jalign.sources import load_checkpoint
 from jalign.cli import main
 from jalign.models.build import forward
-from jalign.train.adapters import merge
+from jalign.models.adapters import merge
 from tests.hf_models import EXPORT_MAX_DLOGIT, make_hf_model
 from tests.numerics import assert_f32_close, llama_logits_bound
 from tests.train.test_loop import _run
@@ -63,7 +63,7 @@ def test_lora_run_exports_merged_and_as_peft_adapter(tmp_path, name):
     assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj",
                                                 "q_proj", "v_proj"]
 
-    _, adapted = load_run_model(run, adapters=True)
+    _, adapted = load_checkpoint(run, adapters=True)
     b = np.abs(np.asarray(adapted.layers.w_down_lora_b[...]))
     # Trained on the chosen layers; llama3_1's third layer has none (scale 0, B stays 0),
     # and PEFT reads it from layers_to_transform.
@@ -95,7 +95,7 @@ def test_lora_reward_model_exports_as_a_seq_cls_adapter(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
 
-    _, adapted = load_run_model(tmp_path / "rm", adapters=True)
+    _, adapted = load_checkpoint(tmp_path / "rm", adapters=True)
     ids = np.random.default_rng(1).integers(3, 512, (2, 20)).astype(np.int32)
     seg = np.ones_like(ids)
     out = np.asarray(adapted.sequence_scores(ids, seg))

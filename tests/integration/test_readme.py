@@ -129,7 +129,7 @@ def _percent(text: str) -> float:
 def check_demo_table(stdout: str, workdir: Path, eval_n: int) -> None:
     """The demo's table says what the runs hold: each number is recomputed from the saved
     checkpoints and metrics (the same greedy programs on the same parameters: equal)."""
-    from jalign.checkpoint import load_model
+    from jalign.sources import load_checkpoint as load_model
     from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.evaluate import task_accuracy
 

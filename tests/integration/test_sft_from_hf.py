@@ -48,7 +48,7 @@ def test_sft_from_hf_then_export_generate_eval(tmp_path, capsys):
     assert float(delta.abs().max()) > 0
 
     # jalign's logits of the checkpoint == transformers' logits of the export.
-    from jalign.checkpoint import load_model
+    from jalign.sources import load_checkpoint as load_model
     from jalign.models.build import forward
     _, model = load_model(run_dir)
     ids = np.random.default_rng(0).integers(0, 512, (1, 20)).astype(np.int32)

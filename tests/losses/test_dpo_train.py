@@ -20,7 +20,9 @@ from jalign.sharding import MeshConfig, make_mesh
 from jalign.train.optimizer import OptimizerConfig, make_optimizer
 from jalign.train.reference import compute_scores
 from jalign.train.state import init_state, model_param_shardings, params_of, state_shardings
-from jalign.train.step import StepContext, accumulate, make_train_step
+from jalign.algos import dpo as dpo_recipe
+from jalign.train.roles import NONE, Role, RunModels
+from jalign.train.step import accumulate, make_train_step
 from tests.numerics import (TRANSCENDENTAL_TERMS, f32_tolerance, assert_f32_close,
                             llama_grad_bound, llama_logp_bound)
 
@@ -131,19 +133,25 @@ def test_response_logps_match_full_softmax(models):
     np.testing.assert_array_equal(np.asarray(lengths), mask[:, 1:].sum(1))  # integer counts
 
 
+# The policy and a frozen reference of its own (another random model, so the loss is not
+# trivial at the start), as the DPO recipe's loss reads them.
+WITH_REFERENCE = RunModels((Role("policy"), Role("reference", trains=NONE)),
+                           {"policy": CONFIG, "reference": CONFIG})
+
+
 def _dpo_state(mesh, accum, config, rows):
     policy = create_model(CONFIG, seed=0, mesh=mesh)
     ref = create_model(CONFIG, seed=1, mesh=mesh)
-    graphdef, abstract = abstract_model(CONFIG, mesh)
-    params = params_of(policy)
+    _, abstract = abstract_model(CONFIG, mesh)
+    params = {"policy": params_of(policy)}
     tx, _ = make_optimizer(SGD, params, total_steps=10)
     state = init_state(params, tx, 0, {"reference": params_of(ref)})
     psh = model_param_shardings(abstract, mesh)
-    sh = state_shardings(jax.eval_shape(lambda s: s, state), psh, mesh, {"reference": psh})
+    sh = state_shardings(jax.eval_shape(lambda s: s, state), {"policy": psh}, mesh,
+                         {"reference": psh})
     state = jax.device_put(state, sh)
-    step = make_train_step(make_dpo_loss(config), tx, graphdef, mesh=mesh, state_sharding=sh,
-                           global_batch=rows, accum_steps=accum,
-                           frozen_graphdefs={"reference": graphdef})
+    step = make_train_step(dpo_recipe.recipe(config).loss_fn, tx, WITH_REFERENCE, mesh=mesh,
+                           state_sharding=sh, global_batch=rows, accum_steps=accum)
     return state, step
 
 
@@ -154,7 +162,7 @@ def _train(mesh, accum, config=DPOConfig(beta=0.5), steps=2):
         state, metrics = step(state, _batch(_examples(8, seed=i)))
         losses.append(float(metrics["loss"]))
         assert 0 <= float(metrics["rewards/accuracy"]) <= 1
-    return jax.device_get(state.params), losses, jax.device_get(state.frozen)
+    return jax.device_get(state.params["policy"]), losses, jax.device_get(state.fixed)
 
 
 def _split_bounds(models, beta=0.5):
@@ -228,7 +236,7 @@ def test_first_difference_span_by_hand(models):
     batch = jax.tree.map(jnp.asarray, _batch(examples))
     beta = 0.4
     out = make_dpo_loss(DPOConfig(beta=beta, span="to_first_difference"))(
-        policy, batch, StepContext(jax.random.key(0), {"reference": ref}, 0))
+        policy, batch, reference=ref)
     sums, counts = {}, {}
     for name, model in (("policy", policy), ("ref", ref)):
         for side in ("chosen", "rejected"):
@@ -261,7 +269,7 @@ def test_first_difference_span_by_hand(models):
     # exact by construction: identical responses give identical float64 sums, h = x - x
     assert abs(h[0]) == 0.0
     full = make_dpo_loss(DPOConfig(beta=beta))(
-        policy, batch, StepContext(jax.random.key(0), {"reference": ref}, 0))
+        policy, batch, reference=ref)
     assert abs(float(full.total) - want) > 2 * tol  # the span changed what is scored, beyond it
 
 
@@ -270,7 +278,7 @@ def test_precomputed_reference_equals_in_step(models, span):
     policy, ref = models
     examples = _examples(8, seed=3) if span == "response" else _forked_examples(8)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, params = abstract_model(CONFIG)[0], params_of(policy)
+    params = {"policy": params_of(policy)}
     # The real precompute path: padded in its own batches of 3 (not the training batch).
     score_fn = functools.partial(reference_scores, span=span)
     scores = compute_scores(ref, examples, score_fn, rows=3, length=LENGTH, pad_id=PAD,
@@ -283,11 +291,12 @@ def test_precomputed_reference_equals_in_step(models, span):
     rng = jax.random.key(0)
     results = {}
     for mode in ("in_step", "precomputed"):
-        loss_fn = make_dpo_loss(DPOConfig(beta=0.3, reference=mode, span=span))
-        frozen = {"reference": ref} if mode == "in_step" else {}
-        out, g = jax.jit(lambda p, b, f=frozen, fn=loss_fn: accumulate(
-            fn, graphdef, p, b, rng, 1, mesh=mesh, frozen=f))(params, batch)
-        results[mode] = (float(out.total / out.weight), g)
+        recipe = dpo_recipe.recipe(DPOConfig(beta=0.3, reference=mode, span=span))
+        models = RunModels(recipe.roles, {r.name: CONFIG for r in recipe.roles})
+        fixed = {"reference": params_of(ref)} if mode == "in_step" else None
+        out, g = jax.jit(lambda p, f, b, fn=recipe.loss_fn, ms=models: accumulate(
+            fn, ms, p, f, b, rng, 1, mesh=mesh))(params, fixed, batch)
+        results[mode] = (float(out.total / out.weight), g["policy"])
     (a, ga), (b, gb) = results["in_step"], results["precomputed"]
     # The reference's log-probs from other programs (batches of 3, then the step's own
     # forward), the policy's from two compiled steps: the DPO bounds above, for the mean
@@ -331,8 +340,8 @@ def test_orpo_adds_per_token_nll_of_chosen(models):
 def test_missing_reference_is_a_clear_error(models):
     policy, _ = models
     batch = jax.tree.map(jnp.asarray, _batch(_examples(2)))
-    with pytest.raises(ValueError, match="frozen 'reference'"):
-        make_dpo_loss(DPOConfig())(policy, batch, StepContext(jax.random.key(0), {}, 0))
+    with pytest.raises(ValueError, match="needs the frozen reference"):
+        make_dpo_loss(DPOConfig())(policy, batch)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         make_dpo_loss(DPOConfig(reference="precomputed"))(policy, batch)
     # SimPO needs no reference at all.

@@ -1,4 +1,4 @@
-"""PPO's model-level loss (make_ppo_loss) on a tiny policy-and-value model: the composition
+"""PPO's model-level loss (make_ppo_loss) on a tiny policy and value model: the composition
 policy + vf_coef·value − entropy_coef·entropy (+ coef·KL with kl_in='loss'), each term
 recomputed from a plain full forward in float64, with one shared weight."""
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jalign.losses.ppo import PPOConfig, make_ppo_loss
+from jalign.algos.ppo import PPOConfig, make_ppo_loss
 from jalign.models.build import create_model
 from jalign.models.config import preset
-from jalign.models.heads import PolicyValueModel
+from jalign.models.heads import SCALAR
 from tests.numerics import assert_f32_close, llama_logp_bound
 
 B, T = 3, 10
@@ -20,7 +20,8 @@ B, T = 3, 10
 @pytest.fixture(scope="module")
 def setup():
     config = preset("tiny").replace(vocab_size=512, scan_layers=False)
-    model = create_model(config, seed=7, model_cls=PolicyValueModel)
+    model = {"policy": create_model(config, seed=7),
+             "value": create_model(config, seed=8, head=SCALAR)}
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 512, (B, T)).astype(np.int32)
     seg = np.ones((B, T), np.int32)
@@ -44,9 +45,9 @@ def setup():
 def _expected(model, batch, cfg: PPOConfig):
     """The loss from a full forward, float64, written out term by term."""
     ids, seg, pos = (jnp.asarray(batch[k]) for k in ("input_ids", "segment_ids", "positions"))
-    logits = np.asarray(nnx.jit(lambda m, i, p, s: m.policy(i, p, s))(model, ids, pos, seg),
+    logits = np.asarray(nnx.jit(lambda m, i, p, s: m["policy"](i, p, s))(model, ids, pos, seg),
                         np.float64)[:, :-1] / cfg.temperature
-    values = np.asarray(nnx.jit(lambda m, i, p, s: m.value(i, p, s))(model, ids, pos, seg),
+    values = np.asarray(nnx.jit(lambda m, i, p, s: m["value"](i, p, s))(model, ids, pos, seg),
                         np.float64)[:, :-1]
     z = logits - logits.max(-1, keepdims=True)
     logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -76,7 +77,7 @@ def test_ppo_loss_composes_its_terms(setup, kl_in):
     want = with_kl if kl_in == "loss" else without_kl
     # Each term: a log-prob (the logits chain at temperature 0.8), a value (the same chain),
     # a few elementwise roundings; summed over the response tokens.
-    bound = llama_logp_bound(model.policy, T, tokens=int(tokens), temperature=0.8)
+    bound = llama_logp_bound(model["policy"], T, tokens=int(tokens), temperature=0.8)
     scale = bound["scale"] * (1 + cfg.vf_coef + 5 * np.abs(batch["advantages"]).max())
     assert_f32_close(float(out.total), want, terms=bound["terms"] + int(tokens),
                      depth=bound["depth"] + 2, scale=scale)

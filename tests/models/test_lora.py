@@ -14,12 +14,12 @@ from flax import nnx
 from jalign.models import lora as L
 from jalign.models.build import create_model, forward
 from jalign.models.config import LlamaConfig, preset
-from jalign.models.heads import PolicyValueModel, ScalarHeadModel
+from jalign.models.heads import LM, SCALAR
 from jalign.models.llama import layer_shapes
 from jalign.models.lora import LoraConfig
 from jalign.sharding import MeshConfig, make_mesh
-from jalign.train.adapters import attach, merge
-from jalign.train.state import params_of
+from jalign.models.adapters import attach, merge
+from jalign.models.build import params_of
 from tests.numerics import assert_f32_close, llama_logits_bound
 
 CONFIG = preset("tiny", vocab_size=128)  # GQA 4:2, untied
@@ -153,13 +153,12 @@ def test_memory_per_base_parameter():
         assert projection_bytes(adapted) == per_param * n
 
 
-def test_every_model_kind_takes_adapters():
-    for cls in (ScalarHeadModel, PolicyValueModel):
-        model = attach(create_model(CONFIG, seed=0, model_cls=cls), LoraConfig(rank=2))
+def test_every_head_takes_adapters():
+    for head in (LM, SCALAR):
+        model = attach(create_model(CONFIG, seed=0, head=head), LoraConfig(rank=2))
         flat = jax.tree_util.tree_flatten_with_path(params_of(model))[0]
         names = {"/".join(str(k.key) for k in path) for path, _ in flat}
-        layers = ("backbone/layers" if cls is ScalarHeadModel
-                  else "value/backbone/layers")
+        layers = "backbone/layers" if head == SCALAR else "layers"
         assert f"{layers}/wq_lora_a" in names and f"{layers}/w_down_lora_b" in names
 
 

@@ -12,15 +12,15 @@ import pytest
 from flax import nnx
 
 from jalign.data.pipeline import DataConfig, build_iterator
-from jalign.losses.ppo import PPOConfig
-from jalign.models.build import create_model
-from jalign.train.partition import ParamLayout
+from jalign.algos.ppo import PPOConfig, roles
+from jalign.models.build import create_model, params_of
 from jalign.models.config import preset
-from jalign.models.heads import PolicyValueModel
+from jalign.models.heads import SCALAR
 from jalign.rl.rewards import RewardConfig
 from jalign.rl.rollout import RolloutSource
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
-from jalign.train.state import params_of
+from jalign.train.roles import RunModels
+from jalign.train.source import SourceContext
 from tests.numerics import assert_f32_close, llama_logp_bound
 
 ROWS, P, N = 16, 24, 6  # 8 devices hold each minibatch of 8 rows
@@ -45,7 +45,8 @@ def _source(rollout_sharding="train"):
     config = preset("tiny").replace(vocab_size=512, scan_layers=False)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))  # the 8 test devices
     # FSDP-sharded over the 8 test devices, as a train state's parameters are.
-    model = create_model(config, seed=3, model_cls=PolicyValueModel, mesh=mesh)
+    model = types.SimpleNamespace(policy=create_model(config, seed=3, mesh=mesh),
+                                  value=create_model(config, seed=5, mesh=mesh, head=SCALAR))
     reference = create_model(config, seed=4, mesh=mesh)  # not the policy: the KL is not 0
     prompts = build_iterator(DataConfig(path="bundled:add", format="prompt", batch_size=ROWS,
                                         max_length=P + 1, max_prompt_length=P, bundled_size=32,
@@ -54,14 +55,14 @@ def _source(rollout_sharding="train"):
                     kl_coef=COEF, whiten_advantages=False, rollout_sharding=rollout_sharding,
                     rewards=RewardConfig(names=("length",), weights=(1.0,), length_coef=0.5,
                                          length_target=1))
-    src = RolloutSource(prompts, ppo)
-    run = types.SimpleNamespace(mesh=mesh, rules=DEFAULT_RULES, model_config=config,
-                                tc=types.SimpleNamespace(seed=0, eval_batches=0),
-                                shardings=None, eval_iter=None, eval_start=None,
-                                layout=ParamLayout(config, "policy_value", ("reference",)))
-    src.bind(run)
-    state = types.SimpleNamespace(params=params_of(model), base=None,
-                                  frozen={"reference": params_of(reference)})
+    ppo_roles = roles(ppo)
+    models = RunModels(ppo_roles, {r.name: config for r in ppo_roles})
+    ctx = SourceContext(mesh=mesh, rules=DEFAULT_RULES, seed=0, models=models,
+                        initial=None, initial_key=None, run_dir=None)
+    src = RolloutSource(prompts, ppo, ctx)
+    state = types.SimpleNamespace(
+        params={"policy": params_of(model.policy), "value": params_of(model.value)},
+        fixed={"reference": params_of(reference)})
     return src, state, model, reference
 
 

@@ -5,10 +5,10 @@ every checkpoint, which a resumed run gives back to it."""
 import jax
 
 from jalign.config import parse
-from jalign.train.algorithm import custom
+from jalign.experiment import load_experiment
 from jalign.losses.sft import sft_loss
-from jalign.train.experiment import load_experiment
 from jalign.train.loop import run_loop
+from jalign.train.recipe import custom
 from jalign.train.run import open_run
 from jalign.train.source import DatasetSource
 
@@ -54,9 +54,7 @@ def _open(tmp_path, steps, calls):
                           TINY + [f"TrainConfig.output_root='{tmp_path}'",
                                   f"TrainConfig.steps={steps}"])
     parse([])
-    return open_run(custom(sft_loss), train_config=exp.train, optimizer_config=exp.optimizer,
-                    data_config=exp.data, eval_data_config=None, model_config=exp.model,
-                    model_init=exp.model_init, mesh_config=exp.mesh,
+    return open_run(custom(sft_loss), exp.configs,
                     make_source=lambda it: RecordingSource(DatasetSource(it), calls))
 
 
@@ -75,20 +73,22 @@ def test_the_loop_asks_the_source_with_the_current_state_and_saves_its_state(tmp
 def test_resume_rebuilds_several_frozen_models(tmp_path):
     """Two frozen copies of the initial model, rebuilt on resume: each gets its own buffers
     (the step donates the state; one buffer given twice would fail to donate)."""
-    from jalign.train.algorithm import Algorithm, FrozenModel
-    algo = Algorithm("two_frozen", sft_loss, frozen=(FrozenModel("a"), FrozenModel("b")))
+    import dataclasses
+
+    from jalign.train.roles import NONE, Role
+    algo = dataclasses.replace(custom(sft_loss), name="two_frozen", roles=(
+        Role("policy"), Role("a", like="policy", trains=NONE),
+        Role("b", like="policy", trains=NONE)))
 
     def open_(steps):
         exp = load_experiment(["tests/train/tiny_sft.gin"],
                               TINY + [f"TrainConfig.output_root='{tmp_path}'",
                                       f"TrainConfig.steps={steps}"])
         parse([])
-        return open_run(algo, train_config=exp.train, optimizer_config=exp.optimizer,
-                        data_config=exp.data, eval_data_config=None, model_config=exp.model,
-                        model_init=exp.model_init, mesh_config=exp.mesh)
+        return open_run(algo, exp.configs)
 
     run_loop(open_(2))
     run = open_(4)
-    assert run.start == 2 and set(run.state.frozen) == {"a", "b"}
+    assert run.start == 2 and set(run.state.fixed) == {"a", "b"}
     summary = run_loop(run)
     assert summary["final_step"] == 4 and run.state is summary["state"]

@@ -5,12 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jalign.losses.sft import sft_loss
-from jalign.models.build import abstract_model, create_model
+from jalign.models.build import create_model
 from jalign.models.config import preset
 from jalign.sharding import MeshConfig, make_mesh
-from jalign.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask
+from jalign.train.optimizer import OptimizerConfig
+from jalign.train.recipe import custom
+from jalign.losses.sft import sft_loss
+from jalign.train.roles import Role, RunModels
 from jalign.train.state import init_state, params_of
+from jalign.train.state_init import build_optimizer
 from jalign.train.step import accumulate, make_train_step
 from tests.numerics import f32_tolerance
 
@@ -28,20 +31,23 @@ def _batch(rows=8, length=16, seed=0):
             "positions": np.broadcast_to(np.arange(length), ids.shape).copy()}
 
 
-def _grads(params, graphdef, batch, accum, mesh, trainable=None):
-    kwargs = {"trainable": trainable} if trainable is not None else {}
-    fn = jax.jit(lambda p, b: accumulate(sft_loss, graphdef, p, b, jax.random.key(0), accum,
-                                         mesh=mesh, **kwargs))
-    return jax.device_get(fn(params, batch)[1])
+LOSS = custom(sft_loss).loss_fn  # sft_loss on the policy role
+
+
+def _grads(params, models, batch, accum, mesh, fixed=None):
+    """Gradients of the policy's trained part ``params`` (its frozen rest ``fixed``)."""
+    fn = jax.jit(lambda p, f, b: accumulate(LOSS, models, {"policy": p}, f, b,
+                                            jax.random.key(0), accum, mesh=mesh))
+    return jax.device_get(fn(params, fixed and {"policy": fixed}, batch)[1]["policy"])
 
 
 def test_bf16_parameters_accumulate_float32_gradients():
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     model = create_model(BF16, seed=0, mesh=mesh)
-    graphdef, _ = abstract_model(BF16, mesh)
+    models = RunModels.single(BF16)
     params = params_of(model)
     batch = _batch()
-    accumulated = _grads(params, graphdef, batch, 4, mesh)
+    accumulated = _grads(params, models, batch, 4, mesh)
     assert {np.asarray(g).dtype for g in jax.tree.leaves(accumulated)} == {np.dtype(np.float32)}
     # The carry was never rounded to bf16: a sum of four bf16 gradients of different
     # magnitudes needs more than bf16's 8 significant bits, so in float32 many elements are
@@ -57,7 +63,7 @@ def test_bf16_parameters_accumulate_float32_gradients():
     # one bf16 step (2^-8 relative), and the float32 differences themselves are orders of
     # magnitude below that (counted once more), plus the 4-term float32 sum. A dropped or
     # doubled micro-batch is off by O(|g|).
-    micro = [_grads(params, graphdef, {k: v[i::4] for k, v in batch.items()}, 1, mesh)
+    micro = [_grads(params, models, {k: v[i::4] for k, v in batch.items()}, 1, mesh)
              for i in range(4)]
     flat_micro = [traverse_util.flatten_dict(m) for m in micro]
     for key, got in flat_acc.items():
@@ -67,24 +73,36 @@ def test_bf16_parameters_accumulate_float32_gradients():
         assert np.all(np.abs(got - parts.sum(0)) <= bound), key
 
 
-def test_only_trained_parameters_get_gradients_and_updates():
+def test_only_trained_parameters_get_gradients_updates_and_optimizer_state():
+    """A trainable regex (OptimizerConfig.trainable) splits the policy: what it matches is
+    in the state's params, in the optimizer and gets gradients and updates; the rest is in
+    the state's fixed part, with no optimizer state at all, and never changes."""
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     config = preset("tiny", vocab_size=128, num_heads=4, num_kv_heads=2)
     model = create_model(config, seed=0, mesh=mesh)
-    graphdef, _ = abstract_model(config, mesh)
-    params = params_of(model)
     opt = OptimizerConfig(learning_rate=1e-2, trainable=r"^layers/(wq|wo)$", clip_norm=None)
-    mask = trainable_mask(params, opt)
-    grads = _grads(params, graphdef, _batch(), 1, mesh, trainable=mask)
+    models = RunModels((Role("policy", trains=opt.trainable),), {"policy": config})
+    trained, fixed = models.split("policy", params_of(model))
+    assert sorted("/".join(k) for k in traverse_util.flatten_dict(trained)) == ["layers/wo",
+                                                                                "layers/wq"]
+    grads = _grads(trained, models, _batch(), 1, mesh, fixed=fixed)
     assert sorted("/".join(k) for k in traverse_util.flatten_dict(grads)) == ["layers/wo",
                                                                               "layers/wq"]
-    tx, lr = make_optimizer(opt, params, total_steps=4)
-    state = init_state(params, tx, seed=0)
-    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=None,
-                           global_batch=8, schedule=lr, trainable=mask, donate=False)
+    tx, lr = build_optimizer(opt, models, total_steps=4)
+    state = init_state({"policy": trained}, tx, seed=0, fixed={"policy": fixed})
+    # The optimizer's state mirrors the trained parameters only: Adam's two moments of
+    # wq and wo, nothing of the frozen ones.
+    moments = {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)[-2:]
+               for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if np.ndim(leaf) > 0}
+    assert moments == {("layers", "wq"), ("layers", "wo")}, moments
+    n_opt = sum(np.size(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert n_opt == 2 * sum(np.size(x) for x in jax.tree.leaves(trained))
+    step = make_train_step(LOSS, tx, models, mesh=mesh, state_sharding=None, global_batch=8,
+                           schedule=lr, donate=False)
     new, _ = step(state, _batch())
-    before = traverse_util.flatten_dict(jax.device_get(state.params))
-    after = traverse_util.flatten_dict(jax.device_get(new.params))
-    for key in before:
-        changed = not np.array_equal(before[key], after[key])
-        assert changed == ("/".join(key) in ("layers/wq", "layers/wo")), key
+    before = traverse_util.flatten_dict(jax.device_get(state.params["policy"]))
+    after = traverse_util.flatten_dict(jax.device_get(new.params["policy"]))
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    for key, value in traverse_util.flatten_dict(jax.device_get(new.fixed["policy"])).items():
+        np.testing.assert_array_equal(value, traverse_util.flatten_dict(fixed)[key])

@@ -22,6 +22,8 @@ from jalign.models.build import create_model
 from jalign.models.config import preset
 from jalign.sharding import MeshConfig, make_mesh
 from jalign.train.state import params_of
+from jalign.train.recipe import custom
+from jalign.train.roles import RunModels
 from jalign.train.step import accumulate, batch_sharding
 from tests.numerics import assert_f32_close, f32_tolerance, llama_logits_bound, llama_logp_bound
 from tests.train.token_grads import assert_grads_close, gradient_and_bounds
@@ -69,9 +71,13 @@ def data(model):
     return packed, unpacked
 
 
-def _mean(loss_fn, graphdef, params, batch, mesh, accum=1):
-    out, grads = jax.jit(lambda p, b: accumulate(loss_fn, graphdef, p, b, jax.random.key(0),
-                                                 accum, mesh=mesh))(params, batch)
+def _mean(loss_fn, config, params, batch, mesh, accum=1):
+    """The mean loss, its gradient and output of ``loss_fn(model, batch, ctx)`` as a run's
+    step computes them (one policy role of ``config``, trained whole)."""
+    loss, models = custom(loss_fn).loss_fn, RunModels.single(config)
+    out, grads = jax.jit(lambda p, b: accumulate(loss, models, {"policy": p}, None, b,
+                                                 jax.random.key(0), accum, mesh=mesh))(params, batch)
+    grads = grads["policy"]
     w = float(out.weight)
     return float(out.total) / w, jax.tree.map(lambda g: np.asarray(g, np.float64) / w, grads), out
 
@@ -108,7 +114,7 @@ def _ift_reference(model, params, batch, config=IFT):
 def test_lambda_0_gamma_0_is_sft_with_the_same_normalisation(data, model, normalize):
     packed, _ = data
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, params = nnx.graphdef(model), params_of(model)
+    graphdef, params = model.config, params_of(model)
     batch = {k: jnp.asarray(v) for k, v in packed.items()}
     sft = functools.partial(sft_loss, normalize=normalize)
     cfg = IFTConfig(lam=0.0, gamma=0.0, normalize=normalize)
@@ -139,7 +145,7 @@ def test_lambda_0_gamma_0_is_sft_with_the_same_normalisation(data, model, normal
 def test_packed_equals_unpacked(data, model):
     packed, unpacked = data
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, params = nnx.graphdef(model), params_of(model)
+    graphdef, params = model.config, params_of(model)
     loss_fn = make_ift_loss(IFT)
     v_packed, g_packed, out_p = _mean(loss_fn, graphdef, params, {k: jnp.asarray(v) for k, v in packed.items()}, mesh)
     v_alone, g_alone, out_u = _mean(loss_fn, graphdef, params, {k: jnp.asarray(v) for k, v in unpacked.items()}, mesh)
@@ -156,7 +162,7 @@ def test_packed_equals_unpacked(data, model):
 def test_accumulated_equals_full_batch(data, model):
     packed, _ = data
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, params = nnx.graphdef(model), params_of(model)
+    graphdef, params = model.config, params_of(model)
     batch = {k: jnp.asarray(v) for k, v in packed.items()}
     loss_fn = make_ift_loss(IFT)
     v_full, g_full, out_full = _mean(loss_fn, graphdef, params, batch, mesh, accum=1)
@@ -178,10 +184,10 @@ def test_sharded_equals_single_device(data, model, shape):
     assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(params))
     sh = batch_sharding(mesh, 4)
     batch = {k: jax.device_put(jnp.asarray(v), sh) for k, v in packed.items()}
-    value, grads, out = _mean(make_ift_loss(IFT), nnx.graphdef(sharded), params, batch, mesh,
+    value, grads, out = _mean(make_ift_loss(IFT), sharded.config, params, batch, mesh,
                               accum=2)
     single = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    v1, _, out1 = _mean(make_ift_loss(IFT), nnx.graphdef(model), params_of(model),
+    v1, _, out1 = _mean(make_ift_loss(IFT), model.config, params_of(model),
                         {k: jnp.asarray(v) for k, v in packed.items()}, single)
     assert float(out.weight) == float(out1.weight)
     assert float(out.aux["replaced"][0]) == float(out1.aux["replaced"][0])

@@ -8,7 +8,7 @@ from jalign.config import parse
 from jalign.losses.sft import sft_loss
 from jalign.losses.types import LossOutput
 from jalign.train import loop
-from jalign.train.experiment import load_experiment
+from jalign.experiment import load_experiment
 
 TINY = ["TrainConfig.steps=6", "TrainConfig.save_every=3", "TrainConfig.eval_batches=0",
         "TrainConfig.progress=False", "MeshConfig.fsdp=-1", "DataConfig.batch_size=8"]
@@ -43,10 +43,7 @@ def _train(exp, monkeypatch, loss_fn=sft_loss):
     monkeypatch.setattr(loop, "make_train_step", recording_make)
     monkeypatch.setattr(loop, "fetch_metrics", recording_fetch)
     try:
-        summary = loop.train(loss_fn, train_config=exp.train, optimizer_config=exp.optimizer,
-                             data_config=exp.data, eval_data_config=exp.eval_data,
-                             model_config=exp.model, model_init=exp.model_init,
-                             mesh_config=exp.mesh)
+        summary = loop.train(loss_fn, exp.configs)
     except loop.NonFiniteError as e:
         return events, e
     return events, summary

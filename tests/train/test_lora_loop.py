@@ -1,17 +1,16 @@
 """LoRA runs as users launch them (`jalign train` in a subprocess): a PPO run with adapters
 (its reference the base without them, its value model a second adapter set with its own
 head on the same base) resumes bit-identically after SIGKILL; a run's checkpoint holds
-the adapters and a pointer to its base, and a base that changed since is refused."""
+the adapters and where its base came from, and a base that changed since is refused."""
 
 import signal
 from pathlib import Path
 
 import pytest
 
-from jalign import checkpoint
 from jalign.checkpoint import CheckpointError, read_metadata
-from jalign.train.setup import load_run_model
 from jalign.cli import EXIT_BAD_INPUT
+from jalign.sources import load_checkpoint
 from tests.hf_models import save_hf_model
 from tests.train.test_loop import _committed, _records, _run
 from tests.train.test_ppo_loop import TIMING
@@ -32,13 +31,16 @@ def test_ppo_with_lora_resumes_bit_identically(tmp_path):
     assert [r["step"] for r in train] == list(range(1, 9))
     assert train[4]["kl"] > 0  # the second rollout's policy differs from the reference
     meta = read_metadata(tmp_path / "ref", 8)
-    assert meta["lora_base"]["source"] == "random" and "base" in meta["checksums"]
+    # The base's source is recorded with the policy; the value model reads its backbone.
+    assert meta["roles"]["policy"]["source"] == "random"
+    assert meta["roles"]["value"]["like"] == "policy" and meta["checksums"]["fixed"]
+    assert {k.split("/")[0] for k in meta["checksums"]["fixed"]} == {"policy"}
     # The checkpoint's params item holds adapters and score heads only.
     saved = meta["checksums"]["params"]
     assert saved and all(k.split("/")[-1].endswith(("_lora_a", "_lora_b", "score"))
                          for k in saved), sorted(saved)[:4]
     assert not any(k.startswith("value/backbone/layers/wq") and "lora" not in k for k in saved)
-    _, policy = load_run_model(tmp_path / "ref", model_kind="causal_lm")  # merged, plain
+    _, policy = load_checkpoint(tmp_path / "ref", head="lm")  # merged, plain
     assert policy.config.lora is None
 
     _run(tmp_path, "killed", *LORA, fault="sigkill_after_save:4", expect=-signal.SIGKILL,
@@ -56,14 +58,13 @@ def test_a_changed_base_is_refused_on_resume_and_export(tmp_path):
                 "TrainConfig.steps=2", "TrainConfig.save_every=2")
     _run(tmp_path, "run", *bindings, config=SFT)
     meta = read_metadata(tmp_path / "run")
-    assert meta["lora_base"]["source"] == f"hf:{hf}"
-    load_run_model(tmp_path / "run")  # the base as it was: loads
-    with pytest.raises(CheckpointError, match="load_run_model"):  # params alone are adapters
-        checkpoint.load_model(tmp_path / "run")
+    assert meta["roles"]["policy"]["source"] == f"hf:{hf}"
+    load_checkpoint(tmp_path / "run")  # the base as it was: loads
     save_hf_model("llama3_2", hf, seed=1, vocab_size=512, bos_token_id=1, eos_token_id=2)
     r = _run(tmp_path, "run", *bindings[:3], "TrainConfig.steps=4", config=SFT,
              expect=EXIT_BAD_INPUT)
-    assert "differs from the one the adapters were trained on" in r.stderr, r.stderr[-2000:]
+    assert "(its base) rebuilt from ModelInit.source=" in r.stderr, r.stderr[-2000:]
+    assert "differs from the one this run trained with" in r.stderr, r.stderr[-2000:]
     assert _committed(tmp_path / "run") == [2]
     with pytest.raises(CheckpointError, match="the source changed since"):
-        load_run_model(tmp_path / "run")
+        load_checkpoint(tmp_path / "run")

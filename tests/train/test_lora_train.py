@@ -14,13 +14,12 @@ import pytest
 from flax import traverse_util
 
 from jalign.errors import ConfigError
-from jalign.train.adapters import adapter_count
-from jalign.train.experiment import load_experiment
+from jalign.experiment import load_experiment
+from jalign.models.adapters import adapter_count
+from jalign.models.build import params_of
 from jalign.train.loop import _global_batch
-from jalign.train.partition import ParamLayout
+from jalign.train.roles import NONE, Role, RunModels
 from jalign.train.run import open_run
-from jalign.train.setup import frozen_graphdefs
-from jalign.train.state import params_of
 from jalign.train.step import accumulate, batch_sharding, make_train_step
 
 HERE = Path(__file__).parent
@@ -32,10 +31,14 @@ def _open(tmp_path, config, *bindings):
                                      "TrainConfig.run_name='lora'",
                                      # 8 test devices: adapters sharded over tensor too
                                      "MeshConfig.fsdp=2", "MeshConfig.tensor=4", *bindings])
-    return open_run(exp.algorithm, train_config=exp.train, optimizer_config=exp.optimizer,
-                    data_config=exp.data, eval_data_config=None, model_config=exp.model,
-                    model_init=exp.model_init, mesh_config=exp.mesh,
-                    operative_config=exp.operative, lora_config=exp.lora)
+    return open_run(exp.recipe, dataclasses.replace(exp.configs, eval_data=None),
+                    operative=exp.operative)
+
+
+def _step(run, models=None, **kwargs):
+    return make_train_step(run.recipe.loss_fn, run.optimizer, models or run.models,
+                           mesh=run.mesh, state_sharding=kwargs.pop("shardings", run.shardings),
+                           global_batch=run.global_batch, **kwargs)
 
 
 def _nbytes(tree) -> int:
@@ -45,70 +48,57 @@ def _nbytes(tree) -> int:
 def test_only_adapters_train_and_the_optimizer_holds_two_moments_each(tmp_path):
     run = _open(tmp_path, SFT, "LoraConfig.rank=4", "LoraConfig.targets=('q', 'v', 'down')")
     state = run.state
-    trained = traverse_util.flatten_dict(state.params)
+    trained = traverse_util.flatten_dict(state.params["policy"])
     assert trained and all(k[-1].endswith(("_lora_a", "_lora_b")) for k in trained)
-    n = adapter_count(state.params)
+    n = adapter_count(state.params["policy"])
     assert n == sum(int(v.size) for v in trained.values())
     # AdamW: mu and nu per adapter entry; the rest of its state is scalar counts.
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(int(x.size) for x in moments) == 2 * n
-    base = traverse_util.flatten_dict(state.base)
-    assert ("embed",) in base and ("layers", "wq") in base and state.frozen is None
+    base = traverse_util.flatten_dict(state.fixed["policy"])
+    assert ("embed",) in base and ("layers", "wq") in base and set(state.fixed) == {"policy"}
 
     # Gradients: one per adapter entry, nothing for the base (the step's output structure).
     batch = _global_batch(run.source.next(state), batch_sharding(run.mesh, run.global_batch))
     out, grads = jax.eval_shape(lambda s, b: accumulate(
-        run.algo.loss_fn, run.graphdef, s.params, b, jax.random.key(0), 1, mesh=run.mesh,
-        base_entries=run.layout.base_entries(s.base)), state, batch)
+        run.recipe.loss_fn, run.models, s.params, s.fixed, b, jax.random.key(0), 1,
+        mesh=run.mesh), state, batch)
     assert jax.tree.structure(grads) == jax.tree.structure(state.params)
 
     # The compiled step's scratch memory holds no gradient of the base: full fine-tuning's
     # step needs at least the base's size (its gradients) more scratch per device than the
     # LoRA step on the same batch (activations are alike in both).
-    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
-                           state_sharding=run.shardings, global_batch=run.global_batch,
-                           layout=run.layout, donate=False)
+    step = _step(run, donate=False)
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     full = _open(tmp_path / "full", SFT)
-    full_step = make_train_step(full.algo.loss_fn, full.optimizer, full.graphdef,
-                                mesh=full.mesh, state_sharding=full.shardings,
-                                global_batch=full.global_batch, donate=False)
+    full_step = _step(full, donate=False)
     full_temp = full_step.lower(full.state, batch).compile().memory_analysis().temp_size_in_bytes
-    base_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.base))
+    base_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.fixed))
     assert full_temp - temp >= base_bytes, (full_temp, temp, base_bytes)
 
 
 def test_dpo_reference_is_the_base_without_adapters(tmp_path):
     """The same losses and updates as DPO with an explicit frozen copy of the initial model,
     while the state holds one model."""
-    from jalign.models.build import abstract_model
-    from jalign.train.setup import ModelInit, load_initial_model
+    from jalign import sources
 
     lora = ("LoraConfig.rank=4", "LoraConfig.alpha=16", "OptimizerConfig.learning_rate=0.01")
     run = _open(tmp_path / "a", DPO, *lora)
-    assert run.state.frozen is None and run.frozen_configs is None
-    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
-                           state_sharding=run.shardings, global_batch=run.global_batch,
-                           frozen_graphdefs=frozen_graphdefs(run.layout), layout=run.layout,
-                           donate=False)
+    assert set(run.state.fixed) == {"policy"}  # the reference reads the policy's base
+    step = _step(run, donate=False)
 
-    # The explicit copy: the initial model as a full DPO run loads it, in state.frozen.
-    @dataclasses.dataclass(frozen=True)
-    class ExplicitCopy(ParamLayout):
-        def frozen_params(self, state):
-            return state.frozen
-
-    _, initial = load_initial_model(ModelInit(), run.model_config.replace(lora=None), run.mesh)
+    # The explicit copy: the initial model as a full DPO run loads it, as a frozen role of
+    # its own (not started like the policy, so not a view of its base).
+    plain = run.model_config.replace(lora=None)
+    _, initial = sources.load("random", config=plain, mesh=run.mesh)
     copy = jax.tree.map(jnp.copy, params_of(initial))
-    explicit = ExplicitCopy(run.model_config, run.algo.model_kind, run.algo.frozen_models)
-    plain_def = {"reference": abstract_model(run.model_config.replace(lora=None))[0]}
-    shardings = run.shardings._replace(frozen={"reference": jax.tree.map(
+    explicit = RunModels((run.models.role("policy"), Role("reference", trains=NONE)),
+                         {"policy": run.model_config, "reference": plain})
+    shardings = run.shardings._replace(fixed={**run.shardings.fixed, "reference": jax.tree.map(
         lambda x: x.sharding, copy)})
-    step_copy = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
-                                state_sharding=shardings, global_batch=run.global_batch,
-                                frozen_graphdefs=plain_def, layout=explicit, donate=False)
+    step_copy = _step(run, explicit, shardings=shardings, donate=False)
     sh = batch_sharding(run.mesh, run.global_batch)
-    a, b = run.state, run.state._replace(frozen={"reference": copy})
+    a, b = run.state, run.state._replace(fixed={**run.state.fixed, "reference": copy})
     assert _nbytes(b) - _nbytes(a) == _nbytes(copy)  # the copy is a whole model more
     for i in range(3):
         batch = _global_batch(run.source.next(a), sh)
@@ -125,12 +115,10 @@ def test_dpo_reference_is_the_base_without_adapters(tmp_path):
 def test_a_quantised_base_trains_its_adapters(tmp_path, kind):
     run = _open(tmp_path, SFT, "LoraConfig.rank=4", f"LoraConfig.quantize='{kind}'",
                 "LoraConfig.block_size=32", "OptimizerConfig.learning_rate=0.01")
-    layers = run.state.base["layers"]
+    layers = run.state.fixed["policy"]["layers"]
     assert layers["wq"].dtype == (jnp.int8 if kind == "int8" else jnp.uint8)
     assert "wq_scale" in layers
-    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
-                           state_sharding=run.shardings, global_batch=run.global_batch,
-                           layout=run.layout)
+    step = _step(run)
     sh = batch_sharding(run.mesh, run.global_batch)
     state, losses = run.state, []
     batch = _global_batch(run.source.next(run.state), sh)
@@ -162,20 +150,20 @@ def test_every_algorithm_trains_adapters_only(tmp_path, config):
     does not (bit for bit)."""
     run = _open(tmp_path, str(HERE / config), "LoraConfig.rank=2",
                 "OptimizerConfig.learning_rate=0.01", "OptimizerConfig.warmup_steps=0")
-    names = {k[-1] for k in traverse_util.flatten_dict(run.state.params)}
+    (role,) = run.models.trained
+    names = {k[-1] for k in traverse_util.flatten_dict(run.state.params[role])}
     want = {f"{w}_lora_{ab}" for w in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
             for ab in "ab"}
-    assert names == (want | {"score"} if run.algo.model_kind == "scalar_head" else want)
-    step = make_train_step(run.algo.loss_fn, run.optimizer, run.graphdef, mesh=run.mesh,
-                           state_sharding=run.shardings, global_batch=run.global_batch,
-                           frozen_graphdefs=frozen_graphdefs(run.layout), layout=run.layout)
-    before = jax.tree.map(np.asarray, run.state.params)
-    base_before = jax.tree.map(np.asarray, run.state.base)
+    assert names == (want | {"score"} if run.models.role(role).head == "scalar" else want)
+    step = _step(run)
+    before = jax.tree.map(np.asarray, run.state.params[role])
+    base_before = jax.tree.map(np.asarray, run.state.fixed)
     state, m = step(run.state, _global_batch(run.source.next(run.state),
                                              batch_sharding(run.mesh, run.global_batch)))
     assert np.isfinite(float(m["loss"])) and bool(m["finite"])
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.base),
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.fixed),
                  base_before)  # exact: the step never writes the base
-    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params, before)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params[role],
+                         before)
     layers = moved["layers"] if "layers" in moved else moved["backbone"]["layers"]
     assert all(layers[n] for n in want if n.endswith("_b")), moved

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jalign.checkpoint import load_model
 from jalign.models.build import create_model
 from jalign.models.config import preset
-from jalign.models.heads import PolicyValueModel
+from jalign.sources import load_checkpoint
 from jalign.train.loop import EXIT_PREEMPTED
 from tests.numerics import f32_tolerance, llama_logp_bound
 from tests.train.test_loop import _committed, _records as records, _run
@@ -34,9 +33,9 @@ def _policy_at(run_dir: Path, step: int):
     """The policy a rollout starting after ``step`` sampled with: a checkpoint, or at step
     0 the random initial model (ModelInit.seed 0)."""
     if step:
-        return load_model(run_dir, step=step, model_kind="causal_lm")[1]
+        return load_checkpoint(run_dir, step=step, head="lm")[1]
     config = preset("tiny").replace(vocab_size=512, scan_layers=False)  # tiny_sft.gin
-    return create_model(config, seed=0, model_cls=PolicyValueModel).policy
+    return create_model(config, seed=0)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -110,14 +109,18 @@ def test_a_ppo_checkpoint_loads_as_its_policy_and_value_model(uninterrupted):
     """`jalign convert jalign-to-hf` and `jalign generate` read a PPO run as its policy."""
     import jax
 
+    import orbax.checkpoint as ocp
+
     from jalign.train.state import params_of
 
     _, run_dir = uninterrupted
-    _, both = load_model(run_dir, step=12)
-    _, policy = load_model(run_dir, step=12, model_kind="causal_lm")
-    _, value = load_model(run_dir, step=12, model_kind="scalar_head")
+    with ocp.CheckpointManager(run_dir / "checkpoints") as mngr:  # the raw params item
+        both = mngr.restore(12, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    _, policy = load_checkpoint(run_dir, step=12, head="lm")
+    _, value = load_checkpoint(run_dir, step=12, head="scalar")
+    assert set(both["params"]) == {"policy", "value"}
     for part, model in (("policy", policy), ("value", value)):
-        want = jax.tree.leaves(params_of(getattr(both, part)))
+        want = jax.tree.leaves(both["params"][part])
         got = jax.tree.leaves(params_of(model))
         assert len(got) == len(want) > 0
         for a, b in zip(got, want):  # exact by construction: the same arrays read back

@@ -22,16 +22,16 @@ def _step1_loss_bound() -> float:
     there): each of the four summed response log-probs (<= 64 tokens) is off by at most the
     float32 bound of the tiny model's chain (computed from its initial weights), the loss
     is softplus(-beta * margin) with |softplus'| <= 1, so beta * 4 such bounds."""
+    from jalign import sources
     from jalign.config import model_config, parse
     from jalign.sharding import MeshConfig, make_mesh
-    from jalign.train.setup import ModelInit, load_initial_model
     from tests.numerics import f32_tolerance, llama_logp_bound
 
     parse([DPO], ["MeshConfig.fsdp=-1"])
     config = model_config()
     parse([])
-    _, model = load_initial_model(ModelInit(), config, make_mesh(MeshConfig(1, 1, 1),
-                                                                 jax.devices()[:1]))
+    _, model = sources.load("random", config=config, mesh=make_mesh(MeshConfig(1, 1, 1),
+                                                                    jax.devices()[:1]))
     b = llama_logp_bound(model, 64, tokens=64)
     return 0.1 * 4 * f32_tolerance(b["terms"], b["scale"], b["depth"])
 
@@ -84,22 +84,23 @@ def test_precomputed_reference_run_matches_and_resumes_from_cache(tmp_path, dpo_
 
 
 def test_reward_model_run(tmp_path):
-    from jalign.checkpoint import load_model, read_model_kind
+    from jalign.checkpoint import read_roles
     from jalign.models.heads import ScalarHeadModel
+    from jalign.sources import load_checkpoint as load_model
 
     _run(tmp_path, "rm", "TrainConfig.eval_every=8", config=RM)
     run_dir = tmp_path / "rm"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_accuracy" in r for r in records)
     assert all("accuracy" in r and "margin" in r for r in records if "loss" in r)
-    assert read_model_kind(run_dir) == "scalar_head"
+    assert [(r.name, r.head) for r in read_roles(run_dir).roles] == [("reward", "scalar")]
     _, model = load_model(run_dir)
     assert isinstance(model, ScalarHeadModel)
     from jalign.cli import main
     assert main(["generate", str(run_dir), "--prompt", "1 + 1"]) == 2  # not a causal LM
-    # An RM run directory cannot be resumed as a DPO run (a different model kind).
+    # An RM run directory cannot be resumed as a DPO run (other models).
     r = _run(tmp_path, "rm", config=DPO, expect=2)  # a config error, before any compile
-    assert "scalar_head" in r.stderr and "Traceback" not in r.stderr
+    assert "reward (scalar head)" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_path):
@@ -113,8 +114,10 @@ def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_p
     from tests.train.test_loop import ROOT, _cmd, _env
     _run(tmp_path, "noref", "TrainConfig.steps=4", config=DPO)
     meta = read_metadata(tmp_path / "noref", 4)
-    assert meta["frozen_rebuilt"] and meta["frozen"] == ["reference"]
-    assert meta["checksums"]["frozen"]  # what the rebuilt reference must equal
+    assert meta["frozen_rebuilt"] and meta["roles"]["reference"]["trains"] == "none"
+    # what the rebuilt reference must equal
+    assert meta["checksums"]["fixed"] and all(
+        k.startswith("reference/") for k in meta["checksums"]["fixed"])
     assert not [k for k in meta["checksums"]["train_state"] if "reference" in k]
     assert not list((tmp_path / "noref" / "checkpoints" / "4" / "train_state").glob("*frozen*"))
     r = subprocess.run(_cmd(tmp_path, "noref", "TrainConfig.steps=6", "ModelInit.seed=1",
@@ -132,9 +135,10 @@ def test_dpo_from_a_run_that_trains_on_still_resumes(tmp_path):
     _run(tmp_path, "sft_src", "TrainConfig.steps=2", "TrainConfig.save_every=2")
     src = f"ModelInit.source='jalign:{tmp_path / 'sft_src'}'"
     _run(tmp_path, "dpo", src, "TrainConfig.steps=2", "TrainConfig.save_every=2", config=DPO)
-    assert read_metadata(tmp_path / "dpo", 2)["initial_model_step"] == 2
+    pinned = f"jalign:{tmp_path / 'sft_src'}@2"
+    assert read_metadata(tmp_path / "dpo", 2)["roles"]["policy"]["source"] == pinned
     _run(tmp_path, "sft_src", "TrainConfig.steps=4", "TrainConfig.save_every=2")  # trains on
     r = _run(tmp_path, "dpo", src, "TrainConfig.steps=4", "TrainConfig.save_every=2",
              config=DPO)
     assert "resumed" in r.stdout and _committed(tmp_path / "dpo") == [2, 4]
-    assert read_metadata(tmp_path / "dpo", 4)["initial_model_step"] == 2
+    assert read_metadata(tmp_path / "dpo", 4)["roles"]["policy"]["source"] == pinned

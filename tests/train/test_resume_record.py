@@ -1,10 +1,10 @@
 """Config records across versions: a setting added since a checkpoint was written is not
-a change while it is at its default; the frozen models of old checkpoints' metadata."""
+a change while it is at its default; the roles of old checkpoints' metadata."""
 
 import pytest
 
-from jalign.checkpoint import stored_frozen_models
 from jalign.errors import ConfigError
+from jalign.train.roles import stored_roles
 from jalign.losses.sft import SFTConfig
 from jalign.train.resume import changes, check_resume, config_record, default_record
 from jalign.train.train_config import TrainConfig
@@ -37,9 +37,8 @@ def test_a_run_recorded_before_lora_existed_resumes():
     lacks both, and a run without adapters resumes it (found resuming a real old run)."""
     from jalign.models.config import preset
     from jalign.models.lora import LoraConfig
-    from jalign.train.run import resume_defaults
-    from jalign.train.resume import model_record
-    from jalign.train.setup import EXECUTION_FIELDS, ModelInit
+    from jalign.sources import EXECUTION_FIELDS, ModelInit
+    from jalign.train.resume import model_record, resume_defaults
 
     configs = {"TrainConfig": TrainConfig(), "LoraConfig": LoraConfig()}
     model = preset("tiny")
@@ -57,9 +56,35 @@ def test_a_run_recorded_before_lora_existed_resumes():
                      defaults=resume_defaults(lora, model))
 
 
+def _frozen(metadata):
+    return tuple(r.name for r in stored_roles(metadata).roles if not r.trained)
+
+
 def test_frozen_models_of_old_and_new_metadata():
-    assert stored_frozen_models({"reference": "in_step"}) == ("reference",)
-    assert stored_frozen_models({"reference": "precomputed"}) == ()
-    assert stored_frozen_models({"reference": None}) == ()
-    assert stored_frozen_models({"frozen": ["reference"]}) == ("reference",)
-    assert stored_frozen_models({"frozen": []}) == ()
+    assert _frozen({"reference": "in_step"}) == ("reference",)
+    assert _frozen({"reference": "precomputed"}) == ()
+    assert _frozen({"reference": None}) == ()
+    assert _frozen({"frozen": ["reference"]}) == ("reference",)
+    assert _frozen({"frozen": []}) == ()
+    new = {"layout": 2, "roles": {"policy": {"head": "lm", "trains": "all"},
+                                  "reference": {"head": "lm", "trains": "none",
+                                                "like": "policy"}}}
+    assert _frozen(new) == ("reference",)
+
+
+def test_roles_of_old_model_kinds():
+    """What checkpoints written before roles trained, by the model kind they recorded."""
+    def roles(metadata):
+        stored = stored_roles(metadata)
+        return [(r.name, r.head, r.trains) for r in stored.roles], stored.bare
+    assert roles({}) == ([("policy", "lm", "all")], True)
+    assert roles({"model_kind": "scalar_head"}) == ([("reward", "scalar", "all")], True)
+    assert roles({"model_kind": "policy_value", "frozen": ["reference"]}) == (
+        [("policy", "lm", "all"), ("value", "scalar", "all"), ("reference", "lm", "none")],
+        False)
+    pointer = {"source": "jalign:/runs/sft", "step": 5, "seed": 3, "value_init": "policy",
+               "use_execution_config": True}
+    stored = stored_roles({"model_kind": "causal_lm", "lora_base": pointer})
+    assert [(r.name, r.trains) for r in stored.roles] == [("policy", "adapters")]
+    assert stored.records["policy"]["source"] == "jalign:/runs/sft@5"
+    assert stored.records["policy"]["seed"] == 3

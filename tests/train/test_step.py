@@ -13,6 +13,8 @@ from jalign.models.build import abstract_model, create_model
 from jalign.models.config import preset
 from jalign.sharding import MeshConfig, logical_to_spec, make_mesh
 from jalign.train.optimizer import OptimizerConfig, make_optimizer
+from jalign.train.recipe import custom
+from jalign.train.roles import RunModels
 from jalign.train.state import init_state, model_param_shardings, params_of, state_shardings
 from jalign.train.step import accumulate, make_train_step
 from tests.numerics import abs_sum, f32_tolerance, llama_grad_bound, llama_logp_bound
@@ -22,6 +24,9 @@ OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, clip
 # Plain SGD makes the update proportional to the gradient; Adam divides by sqrt(v) and so
 # turns rounding-level gradients (1e-12 vs 0) into full-size steps of either sign.
 SGD = OptimizerConfig(name="sgd", learning_rate=1e-1, b1=0.0, clip_norm=None)
+MODELS = RunModels.single(CONFIG)  # one role, "policy", training everything
+LOSS = custom(sft_loss).loss_fn     # sft_loss on it
+P = "policy"
 
 
 def _batch(seed=0, rows=8, length=16):
@@ -36,22 +41,23 @@ def _batch(seed=0, rows=8, length=16):
             "segment_ids": np.ones_like(ids), "positions": np.broadcast_to(np.arange(length), ids.shape).copy()}
 
 
-def _setup(mesh, accum, rows=8, seed=0, opt=OPT):
-    model = create_model(CONFIG, seed=seed, mesh=mesh)
-    graphdef, abstract = abstract_model(CONFIG, mesh)
-    params = params_of(model)
+def _setup(mesh, accum, rows=8, seed=0, opt=OPT, config=CONFIG):
+    model = create_model(config, seed=seed, mesh=mesh)
+    _, abstract = abstract_model(config, mesh)
+    params = {P: params_of(model)}
     tx, lr = make_optimizer(opt, params, total_steps=10)
     state = init_state(params, tx, seed=0)
     shardings = state_sharding_for(state, abstract, mesh)
     state = jax.device_put(state, shardings)
-    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=shardings,
-                           global_batch=rows, accum_steps=accum, schedule=lr)
+    step = make_train_step(LOSS, tx, RunModels.single(config), mesh=mesh,
+                           state_sharding=shardings, global_batch=rows, accum_steps=accum,
+                           schedule=lr)
     return state, step, shardings
 
 
 def state_sharding_for(state, abstract, mesh):
     abstract_state = jax.eval_shape(lambda s: s, state)
-    return state_shardings(abstract_state, model_param_shardings(abstract, mesh), mesh)
+    return state_shardings(abstract_state, {P: model_param_shardings(abstract, mesh)}, mesh)
 
 
 def _run(mesh, accum, steps=2, opt=OPT):
@@ -60,7 +66,7 @@ def _run(mesh, accum, steps=2, opt=OPT):
     for i in range(steps):
         state, metrics = step(state, _batch(seed=i))
         losses.append(float(metrics["loss"]))
-    return jax.device_get(state.params), losses
+    return jax.device_get(state.params[P]), losses
 
 
 # ------------------------------------------------------------------ float32 bounds
@@ -128,7 +134,7 @@ def bounds():
     g0, tol_g0 = _gradient_and_tolerance(as_model(leaves0), p0, b0)
 
     # SGD (momentum off): p1 = p0 - lr0 g0, p2 = p1 - lr1 g1(p1).
-    _, lr = make_optimizer(SGD, p0, total_steps=10)
+    _, lr = make_optimizer(SGD, {P: p0}, total_steps=10)
     lr0, lr1 = float(lr(0)), float(lr(1))
     p1 = [p - lr0 * g for p, g in zip(leaves0, g0)]
     g1, tol_g1 = _gradient_and_tolerance(as_model(p1), as_params(p1), b1)
@@ -146,9 +152,9 @@ def bounds():
     # up to lr |f(g +- t) - f(g)|, f(x) = x / (|x| + eps) -- up to 2 lr where t reaches past
     # 0 (the sign may flip: the reason the parameters are compared under SGD), plus its own
     # rounding. Exact zeros (embedding rows no token reads) have no terms: 0 in every run.
-    tx, adam_lr = make_optimizer(OPT, p0, total_steps=10)
+    tx, adam_lr = make_optimizer(OPT, {P: p0}, total_steps=10)
     alr = float(adam_lr(0))
-    updates, _ = tx.update(as_params(g0), tx.init(p0), p0)
+    updates, _ = tx.update({P: as_params(g0)}, tx.init({P: p0}), {P: p0})
     adam_p1 = [p + np.asarray(u, np.float64) for p, u in zip(leaves0, jax.tree.leaves(updates))]
     adam_g1, _ = _gradient_and_tolerance(as_model(adam_p1), as_params(adam_p1), b1)
     f = lambda x: x / (np.abs(x) + OPT.eps)  # noqa: E731
@@ -183,14 +189,13 @@ def single():
 def test_accumulation_equals_full_batch(bounds):
     """Gradients and update of 4 micro-batches of 2 == 1 batch of 8 (unequal token counts)."""
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, _ = abstract_model(CONFIG)
-    params = params_of(create_model(CONFIG, seed=0))
+    params = {P: params_of(create_model(CONFIG, seed=0))}
     batch = jax.tree.map(jnp.asarray, _batch(0))
     rng = jax.random.key(0)
 
     full_loss, full = None, None
     for accum in (1, 4):
-        out, g = jax.jit(lambda p, b, a=accum: accumulate(sft_loss, graphdef, p, b, rng, a,
+        out, g = jax.jit(lambda p, b, a=accum: accumulate(LOSS, MODELS, p, None, b, rng, a,
                                                            mesh=mesh))(params, batch)
         loss = float(out.total / out.weight)
         g = jax.tree.map(lambda x: np.asarray(x / out.weight), g)
@@ -232,16 +237,16 @@ def test_sharded_step_equals_single_device(single, single_sgd, bounds, shape):
     mesh = make_mesh(MeshConfig(*shape))
     # Adam: shardings of params and moments, and the losses of two steps.
     state, step, shardings = _setup(mesh, accum=2)
-    wq = state.params["layers"]["wq"]
+    wq = state.params[P]["layers"]["wq"]
     assert wq.sharding.spec == logical_to_spec(("layers", "embed", "q_heads", "head_dim"), wq.shape, mesh)
     assert "fsdp" in wq.sharding.spec and "tensor" in wq.sharding.spec
-    mu = state.opt_state[0][0].mu["layers"]["wq"]  # chain(adamw=chain(adam, decay, lr))
+    mu = state.opt_state[0][0].mu[P]["layers"]["wq"]  # chain(adamw=chain(adam, decay, lr))
     assert mu.sharding == wq.sharding  # optimizer moments follow their parameter
     losses = []
     for i in range(2):
         state, metrics = step(state, _batch(seed=i))
         losses.append(float(metrics["loss"]))
-    assert state.params["layers"]["wq"].sharding == wq.sharding
+    assert state.params[P]["layers"]["wq"].sharding == wq.sharding
     _assert_losses_close(losses, single[1], bounds["adam_losses"], "adam")  # see bounds
     # SGD: parameters after two steps (the update is proportional to the gradient, so
     # this compares gradients; Adam would magnify rounding-level gradients to full steps).
@@ -254,7 +259,8 @@ def test_nonfinite_update_leaves_state_bit_unchanged():
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     state, step, _ = _setup(mesh, accum=1)
     state, _ = step(state, _batch(0))
-    params = dict(state.params, embed=state.params["embed"].at[5].set(jnp.nan))
+    policy = state.params[P]
+    params = {P: dict(policy, embed=policy["embed"].at[5].set(jnp.nan))}
     poisoned = state._replace(params=params)
     batch = _batch(1)
     batch["input_ids"][0, 3] = 5  # the NaN row is used
@@ -272,14 +278,8 @@ def test_nonfinite_update_leaves_state_bit_unchanged():
 def test_bf16_compute_keeps_fp32_master_weights():
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     cfg16 = CONFIG.replace(dtype="bfloat16", param_dtype="float32")
-    model = create_model(cfg16, seed=0, mesh=mesh)
-    graphdef, abstract = abstract_model(cfg16, mesh)
-    params = params_of(model)
-    tx, _ = make_optimizer(OPT, params, total_steps=10)
-    state = init_state(params, tx, seed=0)
-    sh = state_sharding_for(state, abstract, mesh)
-    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh, global_batch=8)
-    state, metrics = step(jax.device_put(state, sh), _batch(0))
+    state, step, _ = _setup(mesh, accum=1, config=cfg16)
+    state, metrics = step(state, _batch(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     _, fp32_losses = _run(mesh, accum=1, steps=1)
     assert np.isfinite(float(metrics["loss"]))
@@ -291,13 +291,22 @@ def test_bf16_compute_keeps_fp32_master_weights():
 
 
 def test_weight_decay_skips_norms_and_biases():
-    from jalign.train.optimizer import decay_mask, trainable_mask
-    params = params_of(create_model(preset("tiny", attention_bias=True, mlp_bias=True)))
-    mask = decay_mask(params, OPT)
+    from jalign.errors import ConfigError
+    from jalign.train.optimizer import decay_mask
+    from jalign.train.preflight import check_trainable
+    from jalign.train.roles import Role
+    config = preset("tiny", attention_bias=True, mlp_bias=True)
+    params = params_of(create_model(config))
+    mask = decay_mask({P: params}, OPT)[P]
     assert mask["layers"]["wq"] and mask["layers"]["w_down"] and mask["embed"]
     assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
     assert not mask["layers"]["bq"] and not mask["layers"]["b_down"]
-    only_mlp = trainable_mask(params, OptimizerConfig(trainable=r"layers/w_(gate|up|down)$"))
-    assert only_mlp["layers"]["w_up"] and not only_mlp["layers"]["wq"] and not only_mlp["embed"]
-    with pytest.raises(ValueError, match="matches no parameter"):
-        trainable_mask(params, OptimizerConfig(trainable="nothing_like_this"))
+    # Anchored patterns see the path within the model (one trained role).
+    assert not decay_mask({P: params}, OPT.__class__(no_decay=(r"^embed$",)))[P]["embed"]
+    only_mlp = RunModels((Role(P, trains=r"layers/w_(gate|up|down)$"),), {P: config})
+    trained, _ = only_mlp.split(P, params)
+    assert "w_up" in trained["layers"] and "wq" not in trained["layers"]
+    assert "embed" not in trained
+    nothing = OptimizerConfig(trainable="nothing_like_this")
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        check_trainable(RunModels((Role(P, trains=nothing.trainable),), {P: config}), nothing)

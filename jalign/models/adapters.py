@@ -1,11 +1,10 @@
-"""Adapters on a model, in and out: attach fresh ones to a loaded base, merge them back
-into plain weights, and what a LoRA run's checkpoint records about its base.
+"""Adapters on a model, in and out: attach fresh ones to a loaded base, and merge them
+back into plain weights.
 
-A LoRA run's checkpoint stores its adapters (``params``) and records where its base came
-from (``metadata['lora_base']``: the ModelInit source, step and seed) with the checksums
-of that base as the run held it (plain or quantised); ``jalign.train.setup.load_run_model``
-rebuilds the base from the source, refuses it when the checksums differ, and puts the
-adapters on it.
+A LoRA run's checkpoint stores its adapters and records where its base came from (the
+role's model source) with the checksums of that base as the run held it (plain or
+quantised); ``jalign.sources`` rebuilds the base from the source, refuses it when the
+checksums differ, and puts the adapters on it with ``attach``.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import jax
 from flax import nnx, traverse_util
 
 from jalign.models import lora as L
-from jalign.models.build import abstract_model
+from jalign.models.build import abstract_model, params_of
 from jalign.models.lora import LoraConfig
-from jalign.train.state import params_of
 
 
 def _layers_dicts(flat_paths) -> set[tuple]:
@@ -93,14 +91,6 @@ def merge(model):
     nnx.replace_by_pure_dict(abstract, jax.jit(merged_params, static_argnums=1)(
         params_of(model), config))
     return nnx.merge(graphdef, abstract)
-
-
-# ------------------------------------------------------------------ checkpoints
-
-def base_pointer(model_init, value_init: str = "policy") -> dict:
-    """What ``metadata['lora_base']`` records: enough to rebuild the base."""
-    return {"source": model_init.source, "step": model_init.step, "seed": model_init.seed,
-            "use_execution_config": model_init.use_execution_config, "value_init": value_init}
 
 
 def adapter_count(params: dict) -> int:
