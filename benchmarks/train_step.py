@@ -83,6 +83,10 @@ Run from the repo root (about 9 minutes with the defaults on a quiet 2-core mach
     .venv/bin/python benchmarks/train_step.py --breakdown   # + where jalign's step goes
     .venv/bin/python benchmarks/train_step.py --algo dpo    # the DPO step
     .venv/bin/python benchmarks/train_step.py --algo ift    # IFT next to SFT (jalign)
+    # this checkout against the commit before a change, side by side:
+    git archive COMMIT | tar -x -C /tmp/jalign_prev
+    .venv/bin/python benchmarks/train_step.py --only jalign,jalign-other \
+        --jalign-other /tmp/jalign_prev --jalign-other-label COMMIT
 
 ``--algo ift`` times jalign's IFT step (benchmarks/train_step_impls/jalign_ift_worker.py:
 the SFT worker's model and batch, ``make_ift_loss(IFTConfig())``) next to its SFT step,
@@ -122,9 +126,10 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
                   "glibc.malloc.arena_max=1")
+OTHER_ROWS = ("jalign-other", "jalign-other-scan")  # --jalign-other: another jalign checkout
 ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "jalign-glibc",
-        "torch", "trl", "tunix")
-DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix")
+        "torch", "trl", "tunix") + OTHER_ROWS
+DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix") + OTHER_ROWS
 IFT_ROWS = ("sft", "ift", "sft-scan", "ift-scan")
 HOWTO = {
     "trl": "python3.11 -m venv {venv} && {venv}/bin/pip install trl torch==2.13.0",
@@ -228,7 +233,9 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
 
     jalign_env = {"PYTHONPATH": str(REPO)}
     if args.algo == "dpo":
-        rows = plan_dpo(args, common + [f"--prompt={args.prompt}"], py_ok, jalign_env)
+        common = common + [f"--prompt={args.prompt}"]
+        rows = plan_dpo(args, common, py_ok, jalign_env)
+        rows += other_rows(args, "jalign_dpo_worker.py", common, py_ok)
         return select(rows, args.only, DPO_ROWS), {"peak": peak_cmd(args)}
     if args.algo == "ift":
         sft_w, ift_w = str(IMPLS_DIR / "jalign_worker.py"), str(IMPLS_DIR / "jalign_ift_worker.py")
@@ -260,7 +267,25 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("tunix", "Tunix PeftTrainer",
                  [args.tunix_python, str(IMPLS_DIR / "tunix_worker.py")] + common, {},
                  py_ok(args.tunix_python, "tunix")))
+    rows += other_rows(args, "jalign_worker.py", common, py_ok)
     return select(rows, args.only, ROWS), {"peak": peak_cmd(args)}
+
+
+def other_rows(args, worker: str, common: list[str], py_ok) -> list:
+    """``--jalign-other DIR``: the same worker of another jalign checkout (e.g. the commit
+    before a change, from ``git archive COMMIT | tar -x -C DIR``), run with that tree's
+    code (PYTHONPATH) in this venv, next to this checkout's rows."""
+    if not args.jalign_other:
+        return []
+    other = Path(args.jalign_other).resolve()
+    w = other / "benchmarks" / "train_step_impls" / worker
+    reason = py_ok(args.jalign_python, "") or (None if w.exists() else f"{w} not found")
+    env = {"PYTHONPATH": str(other)}
+    name = args.jalign_other_label or other.name
+    return [("jalign-other", f"jalign {name} (unrolled)", [args.jalign_python, str(w)] + common,
+             env, reason),
+            ("jalign-other-scan", f"jalign {name} (scan)",
+             [args.jalign_python, str(w), "--scan"] + common, env, reason)]
 
 
 def plan_dpo(args, common: list[str], py_ok, jalign_env: dict) -> list:
@@ -323,6 +348,11 @@ def main():
                                                           str(VENVS / "trl/bin/python")))
     ap.add_argument("--tunix-python", default=os.environ.get("JALIGN_BENCH_TUNIX_PYTHON",
                                                             str(VENVS / "tunix/bin/python")))
+    ap.add_argument("--jalign-other", default="",
+                    help="another jalign checkout (a directory) whose SFT/DPO worker runs as "
+                         "the rows jalign-other and jalign-other-scan, side by side")
+    ap.add_argument("--jalign-other-label", default="",
+                    help="what to call it in the table (default: the directory's name)")
     ap.add_argument("--jemalloc", default=JEMALLOC)
     ap.add_argument("--peak-n", type=int, default=4096, help="matmul size for the MFU peak")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")

@@ -209,10 +209,15 @@ def cmd_demo(args) -> int:
                     eval_n=args.eval_n, full=args.full)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jalign", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _model_args(p) -> None:
+    p.add_argument("model", help="jalign run/checkpoint directory, or hf:PATH_OR_HUB_ID")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default bundled)")
+    p.add_argument("--chat-template", default=None,
+                   help="template name (jalign, chatml, llama3, llama2) if the tokenizer has none")
 
+
+def _convert_parser(sub) -> None:
     conv = sub.add_parser("convert", help="convert between Hugging Face and jalign checkpoints")
     conv.add_argument("direction", choices=["hf-to-jalign", "jalign-to-hf", "jalign-to-peft"],
                       help="jalign-to-peft: a LoRA run's adapters as a PEFT adapter directory "
@@ -240,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "sequence at its rightmost non-pad token")
     conv.set_defaults(func=cmd_convert)
 
+
+def _train_parser(sub) -> None:
     tr = sub.add_parser("train", help="train from gin configs (resumes a run automatically)")
     tr.add_argument("configs", nargs="+", help="gin files, applied in order")
     tr.add_argument("--gin", action="append", default=[], metavar="BINDING",
@@ -249,15 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "differ from its checkpoint's (the changes are listed and logged)")
     tr.set_defaults(func=cmd_train)
 
-    def model_args(p):
-        p.add_argument("model", help="jalign run/checkpoint directory, or hf:PATH_OR_HUB_ID")
-        p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-        p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default bundled)")
-        p.add_argument("--chat-template", default=None,
-                       help="template name (jalign, chatml, llama3, llama2) if the tokenizer has none")
 
+def _model_parsers(sub) -> None:
+    """generate, eval and pairs: commands on a model (a run or an hf: source)."""
     gen = sub.add_parser("generate", help="sample completions (KV cache, one compiled loop)")
-    model_args(gen)
+    _model_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -267,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="task accuracy and/or loss and perplexity on a dataset")
-    model_args(ev)
+    _model_args(ev)
     ev.add_argument("--task", default=None, help="bundled task for exact-match accuracy (add, mul, reverse)")
     ev.add_argument("--n", type=int, default=512, help="problems (or bundled records) to evaluate")
     ev.add_argument("--show", type=int, default=5, help="sample answers to print")
@@ -281,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pairs = sub.add_parser("pairs", help="preference pairs (JSONL) from a model's own answers "
                                          "to a bundled task: chosen = correct, rejected = its mistake")
-    model_args(pairs)
+    _model_args(pairs)
     pairs.add_argument("--task", required=True, help="bundled task (add, mul, reverse)")
     pairs.add_argument("--out", required=True, help="output .jsonl")
     pairs.add_argument("--n", type=int, default=4000, help="problems")
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "task's synthetic wrong answer)")
     pairs.set_defaults(func=cmd_pairs)
 
+
+def _demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="the bundled end-to-end job (see README)")
     demo.add_argument("--gin", action="append", default=[], metavar="BINDING",
                       help="override a binding of every stage's configs/demo/*.gin (repeatable)")
@@ -310,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only run the HF conversion round trip (into --out)")
     demo.add_argument("--out", default="runs/demo_convert", help="--convert-only output directory")
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_convert_parser, _train_parser, _model_parsers, _demo_parser):
+        add(sub)
     return parser
 
 

@@ -13,9 +13,7 @@ the run's checksums, and joined with the saved part.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from jalign.checkpoint import (CheckpointError, latest_step, read_metadata, read
                                restore_params)
 from jalign.models.adapters import attach, merge
 from jalign.models.build import abstract_model, create_model, params_of
+from jalign.models.families import architecture_differences
 from jalign.models.heads import LM, SCALAR, check_head, fresh_score, scalar_params_from_lm
 from jalign.sharding import DEFAULT_RULES, Rules
 from jalign.train import roles as R
@@ -387,11 +386,7 @@ class InitialModels:
         return self._plain[key]
 
     def _check_architecture(self, name: str, cfg) -> None:
-        want = self.models.configs[name]
-        fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                  "vocab_size", "resolved_head_dim")
-        differ = [f"{f}: {getattr(cfg, f)} vs {getattr(want, f)}" for f in fields
-                  if getattr(cfg, f) != getattr(want, f)]
+        differ = architecture_differences(cfg, self.models.configs[name])
         if differ:
             raise ValueError(f"role {name!r}: its source {str(self.source_of(name)[0])!r} "
                              f"has another architecture than the run's model "
@@ -406,7 +401,3 @@ def describe(source: ModelSource) -> str:
     """A short name for messages and PEFT's ``base_model_name_or_path``: an HF path or hub
     id as given; other sources as written."""
     return source.location if source.scheme == "hf" else str(source)
-
-
-def exists(source: ModelSource) -> bool:
-    return source.scheme == "random" or Path(os.path.expanduser(source.location)).exists()

@@ -34,15 +34,15 @@ def main():
     import jax
     import numpy as np
 
+    from jalign import sources
     from jalign.losses.sft import sft_loss
-    from jalign.models.build import create_model
     from jalign.models.config import LlamaConfig
     from jalign.models.lora import LoraConfig
-    from jalign.sharding import MeshConfig, make_mesh
-    from jalign.train.adapters import attach
+    from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
     from jalign.train.optimizer import OptimizerConfig
-    from jalign.train.partition import ParamLayout
-    from jalign.train.setup import abstract_train_state, build_optimizer, fresh_state
+    from jalign.train.recipe import custom
+    from jalign.train.roles import ADAPTERS, ALL, Role, RunModels
+    from jalign.train.state_init import abstract_train_state, build_optimizer, fresh_state
     from jalign.train.step import make_train_step
 
     before = peak_rss()
@@ -63,13 +63,15 @@ def main():
                           block_size=args.block)
     trained_cfg = cfg.replace(lora=lora)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    layout = ParamLayout(trained_cfg)
+    # One policy role: its adapters train (LoRA/QLoRA), or all of it (full).
+    models = RunModels((Role("policy", trains=ALL if lora is None else ADAPTERS),),
+                       {"policy": trained_cfg})
     opt = OptimizerConfig(name="adamw", learning_rate=1e-4, schedule="constant", b2=0.95,
                           clip_norm=None, warmup_steps=0)
-    tx, _ = build_optimizer(opt, trained_cfg, 1000, layout=layout)
-    graphdef, abstract, sh = abstract_train_state(trained_cfg, tx, mesh, layout=layout)
-    step = make_train_step(sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
-                           global_batch=args.batch, layout=layout)
+    tx, _ = build_optimizer(opt, models, 1000)
+    abstract, sh = abstract_train_state(models, tx, mesh, DEFAULT_RULES)
+    step = make_train_step(custom(sft_loss).loss_fn, tx, models, mesh=mesh, state_sharding=sh,
+                           global_batch=args.batch)
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
     batch = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy()}
@@ -85,20 +87,18 @@ def main():
     def nbytes(tree):
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    out["state_bytes"] = {"trained": nbytes(abstract.params), "base": nbytes(abstract.base),
+    out["state_bytes"] = {"trained": nbytes(abstract.params), "base": nbytes(abstract.fixed),
                           "optimizer": nbytes(abstract.opt_state)}
     out["trained_params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     if not args.abstract:
-        if args.hf:
-            from jalign.convert.hf import load_hf
-            quantize = None if lora is None or not lora.quantize else (lora.quantize, args.block)
-            _, model = load_hf(args.hf, mesh=mesh, quantize=quantize, scan_layers=args.scan)
-        else:
-            model = create_model(cfg, seed=0, mesh=mesh)
-        if lora is not None:
-            model = attach(model, lora, seed=0, mesh=mesh)
-        state = fresh_state(model, tx, 0, sh, layout=layout)
-        del model
+        # The run's own path: the base read from its source (an hf: base quantised while
+        # read), fresh adapters attached, the base donated into the state.
+        source = f"hf:{args.hf}" if args.hf else "random"
+        initial = sources.InitialModels(models, {"policy": {"source": source, "seed": 0}},
+                                        gin_config=cfg, overrides={"scan_layers": args.scan}
+                                        if args.hf else {}, mesh=mesh)
+        state = fresh_state(models, initial, tx, 0, sh)
+        initial.clear()
         batch = jax.device_put(batch)
         import gc
         gc.collect()

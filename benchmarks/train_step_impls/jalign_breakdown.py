@@ -3,7 +3,7 @@
 Times, each as its own jitted function on the benchmark shape (median of --reps calls
 after one compile call; inputs not donated except for the full step):
 
-  full step             make_train_step(sft_loss, ...) as in jalign_worker.py
+  full step             the SFT recipe's make_train_step as in jalign_worker.py
   loss + grads          jax.value_and_grad of sft_loss w.r.t. the params (no optimizer)
   forward (loss)        sft_loss alone
   forward (backbone)    model.backbone: everything but the LM head and the loss
@@ -81,9 +81,9 @@ def main():
               flush=True)
         return med
 
-    params = b.state.params
+    params = b.state.params["policy"]
     batch = b.batch
-    graphdef, mesh = b.graphdef, b.mesh
+    graphdef, mesh = b.models.graphdef("policy"), b.mesh
     print(f"jalign breakdown ({'scan' if args.scan else 'unrolled'} layers), "
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -96,7 +96,7 @@ def main():
         return m["loss"]
 
     t_full = bench("full train step", full, None, flops=fl["total"])
-    params = box["s"].params
+    params = box["s"].params["policy"]
 
     def loss_of(p, bt):
         with use_mesh(mesh):
@@ -211,14 +211,15 @@ def main():
         pass
 
     # Optimizer alone.
-    grads = jax.tree.map(lambda x: x * 1e-3, params)
+    grads = jax.tree.map(lambda x: x * 1e-3, {"policy": params})
     opt_state = box["s"].opt_state
 
     def opt_step(g, o, p):
         upd, o = b.tx.update(g, o, p)
         return optax.apply_updates(p, upd), o
 
-    t_opt = bench("optimizer (AdamW update + apply)", jax.jit(opt_step), grads, opt_state, params)
+    t_opt = bench("optimizer (AdamW update + apply)", jax.jit(opt_step), grads, opt_state,
+                  {"policy": params})
 
     # GEMM floor: every weight matmul, forward and both backward products, alone.
     M = B * T

@@ -3,7 +3,7 @@
 Each line is its own jitted function on the DPO benchmark batch (jalign_dpo_worker: 4
 pairs, 128 + 384 tokens), median of --reps calls after one compile call:
 
-  full step               the benchmarked step: make_train_step(make_dpo_loss(...)) with
+  full step               the benchmarked step: the DPO recipe's make_train_step with
                           the in-step reference (donating, state flowing through)
   full step, no reference the same step with DPOConfig(reference_free=True) and no frozen
                           model: policy forward + backward + AdamW only
@@ -79,7 +79,7 @@ def main():
     from jalign.losses import dpo as D
     from jalign.losses.sft import chunked_log_probs
     from jalign.sharding import use_mesh
-    from jalign.train.step import StepContext
+    from jalign.algos import dpo
 
     QUIET["wait"] = args.quiet_wait
     fl = dpo_flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers,
@@ -89,9 +89,9 @@ def main():
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}", flush=True)
     np_batch = dpo_batch(args)
 
-    def full_step(label, config, reference, flops):
-        b = build(args, args.scan, loss_fn=D.make_dpo_loss(config), batch=np_batch,
-                  reference=reference)
+    def full_step(label, config, reference, flops):  # (the recipe holds a reference
+        b = build(args, args.scan, recipe=dpo.recipe(config), batch=np_batch)  # when needed)
+        assert ("reference" in (b.state.fixed or {})) == reference
         box = {"s": b.state}
 
         def run(_):
@@ -108,14 +108,13 @@ def main():
     t_1chunk, *_ = full_step("full step, 1 LM-head chunk (chunk_tokens=4096)",
                              D.DPOConfig(beta=DPO_BETA, chunk_tokens=4096), True, fl["total"])
 
-    graphdef, mesh, batch = b.graphdef, b.mesh, b.batch
-    params, ref = state.params, state.frozen["reference"]
+    graphdef, mesh, batch = b.models.graphdef("policy"), b.mesh, b.batch
+    params, ref = state.params["policy"], state.fixed["reference"]
     loss_fn = D.make_dpo_loss(base)
 
     def loss_of(p, r, bt):
         with use_mesh(mesh):
-            ctx = StepContext(jax.random.key(0), {"reference": nnx.merge(graphdef, r)}, 0)
-            return loss_fn(nnx.merge(graphdef, p), bt, ctx).total
+            return loss_fn(nnx.merge(graphdef, p), bt, reference=nnx.merge(graphdef, r)).total
 
     t_grad = bench("loss + grads (policy fwd+bwd + reference fwd)",
                    jax.jit(jax.value_and_grad(loss_of)), params, ref, batch, reps=args.reps,

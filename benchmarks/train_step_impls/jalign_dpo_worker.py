@@ -1,8 +1,8 @@
 """DPO worker: jalign's jitted DPO train step with the reference inside it (jalign's venv).
 
-``make_train_step(make_dpo_loss(DPOConfig(beta, "sigmoid")), ...)`` with the frozen
-reference (a copy of the initial policy, its own buffers) in ``TrainState.frozen`` and
-its graphdef in ``frozen_graphdefs``: one jitted, donating call per step runs the
+The DPO recipe (``DPOConfig(beta, "sigmoid")``, reference in the step): the frozen
+reference role (a copy of the initial policy, its own buffers) in ``TrainState.fixed``,
+read by the step: one jitted, donating call per step runs the
 policy's forward + backward over the 2 x pairs sequences (chosen and rejected in one
 batch), the reference's forward over the same sequences, the loss and AdamW. Timed like
 the SFT worker (jalign_worker.serve_step): blocked on the loss.
@@ -43,14 +43,14 @@ def main():
         ap.add_argument("--prompt", type=int, default=DPO_PROMPT, help="prompt tokens per pair")))
     import jax
 
-    from jalign.losses.dpo import REFERENCE_NAME, DPOConfig, make_dpo_loss
+    from jalign.algos import dpo
+    from jalign.losses.dpo import DPOConfig
 
     config = DPOConfig(beta=DPO_BETA, loss_type="sigmoid")
-    b = build(args, args.scan, loss_fn=make_dpo_loss(config), batch=dpo_batch(args),
-              reference=True)
+    b = build(args, args.scan, recipe=dpo.recipe(config), batch=dpo_batch(args))
     # The state is donated: the reference must not share a buffer with the policy.
     pol = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(b.state.params)}
-    ref = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(b.state.frozen[REFERENCE_NAME])}
+    ref = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(b.state.fixed[dpo.REFERENCE])}
     if pol & ref:
         raise SystemExit(f"{len(pol & ref)} reference buffers alias the policy's")
     serve_step(b, f"jalign DPO ({'scan' if args.scan else 'unrolled'})",

@@ -1,6 +1,7 @@
 """Worker (a): jalign's jitted SFT train step (jalign's own venv).
 
-One step = ``make_train_step(sft_loss, ...)`` on a donated state, blocked on the loss.
+One step = ``make_train_step(recipe.loss_fn, ...)`` of the SFT recipe on a donated state,
+built as a run builds it, blocked on the loss.
 Every token but the first of each row is a target (loss_mask all ones; sft_loss drops
 position 0's mask because nothing predicts it).
 """
@@ -15,28 +16,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ADAMW, batch_ids, flops_per_step, serve, worker_args  # noqa: E402
 
 
-def build(args, scan_layers: bool, *, loss_fn=None, batch=None, reference: bool = False,
-          **cfg_overrides):
-    """A namespace with cfg, mesh, graphdef, tx, state (sharded), state_sharding, step
+def build(args, scan_layers: bool, *, recipe=None, batch=None, **cfg_overrides):
+    """A namespace with cfg, mesh, models, tx, state (sharded), state_sharding, step
     (jitted, donating) and batch (on device).
 
-    Defaults: the SFT step (``sft_loss`` on ``batch_ids``). ``loss_fn``/``batch`` (numpy
-    dict, leading dim ``args.batch``) replace them; ``reference=True`` adds a frozen copy of
-    the initial params as ``TrainState.frozen["reference"]`` (own buffers: the state is
-    donated) with the policy's graphdef and shardings, as jalign's DPO training does."""
+    Defaults: the SFT recipe (``sft_loss`` on the policy) on ``batch_ids``. ``recipe``
+    (jalign.algos) / ``batch`` (numpy dict, leading dim ``args.batch``) replace them; the
+    state holds the recipe's roles as a run builds them (a DPO reference: a frozen copy
+    of the initial policy, its own buffers, read by the step)."""
     import types
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jalign.losses.sft import sft_loss
-    from jalign.models.build import abstract_model, create_model
+    from jalign import sources
+    from jalign.algos import sft
+    from jalign.losses.sft import SFTConfig
     from jalign.models.config import LlamaConfig
-    from jalign.sharding import MeshConfig, make_mesh
-    from jalign.train.optimizer import OptimizerConfig, make_optimizer
-    from jalign.train.state import (init_state, model_param_shardings, params_of,
-                                    state_shardings)
+    from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
+    from jalign.train.optimizer import OptimizerConfig
+    from jalign.train.roles import RunModels
+    from jalign.train.state_init import abstract_train_state, build_optimizer, fresh_state
     from jalign.train.step import make_train_step
 
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
@@ -45,25 +45,21 @@ def build(args, scan_layers: bool, *, loss_fn=None, batch=None, reference: bool 
                       max_position_embeddings=max(4096, args.seq), scan_layers=scan_layers,
                       **cfg_overrides)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model = create_model(cfg, seed=0, mesh=mesh)
-    graphdef, abstract = abstract_model(cfg, mesh)
-    params = params_of(model)
-    del model
+    recipe = recipe or sft.recipe(SFTConfig())
+    models = RunModels(recipe.roles, {r.name: cfg for r in recipe.roles})
     opt_cfg = OptimizerConfig(name="adamw", learning_rate=ADAMW["lr"], schedule="constant",
                               b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
                               weight_decay=ADAMW["weight_decay"], clip_norm=None,
                               warmup_steps=0)
-    tx, _ = make_optimizer(opt_cfg, params, total_steps=args.max_steps)
-    frozen = frozen_sh = frozen_defs = None
-    params_sh = model_param_shardings(abstract, mesh)
-    if reference:
-        frozen = {"reference": jax.tree.map(jnp.copy, params)}
-        frozen_sh, frozen_defs = {"reference": params_sh}, {"reference": graphdef}
-    state = init_state(params, tx, seed=0, frozen=frozen)
-    sh = state_shardings(jax.eval_shape(lambda s: s, state), params_sh, mesh, frozen_sh)
-    state = jax.device_put(state, sh)
-    step = make_train_step(loss_fn or sft_loss, tx, graphdef, mesh=mesh, state_sharding=sh,
-                           global_batch=args.batch, frozen_graphdefs=frozen_defs)
+    tx, _ = build_optimizer(opt_cfg, models, total_steps=args.max_steps)
+    _, sh = abstract_train_state(models, tx, mesh, DEFAULT_RULES)
+    records = {r.name: {"source": None if r.like else "random", "seed": 0}
+               for r in models.roles}
+    initial = sources.InitialModels(models, records, gin_config=cfg, overrides={}, mesh=mesh)
+    state = fresh_state(models, initial, tx, 0, sh)
+    initial.clear()
+    step = make_train_step(recipe.loss_fn, tx, models, mesh=mesh, state_sharding=sh,
+                           global_batch=args.batch)
     if batch is None:
         ids = batch_ids(args.batch, args.seq, args.vocab).astype(np.int32)
         batch = {"input_ids": ids, "loss_mask": np.ones_like(ids),
@@ -71,7 +67,7 @@ def build(args, scan_layers: bool, *, loss_fn=None, batch=None, reference: bool 
                  "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32),
                                               ids.shape).copy()}
     batch = jax.device_put(batch)
-    return types.SimpleNamespace(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, state=state,
+    return types.SimpleNamespace(cfg=cfg, mesh=mesh, models=models, tx=tx, state=state,
                                  state_sharding=sh, step=step, batch=batch)
 
 

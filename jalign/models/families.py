@@ -102,3 +102,16 @@ def config_to_dict(config) -> dict:
     if family != DEFAULT_FAMILY:  # the default stays implicit: older readers know it
         out["family"] = family
     return out
+
+
+ARCHITECTURE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                       "intermediate_size", "vocab_size", "resolved_head_dim")
+
+
+def architecture_differences(have, want) -> list[str]:
+    """'field: have vs want' for every shape-deciding field in which two configs differ
+    (another family is a difference too)."""
+    if type(have) is not type(want):
+        return [f"family: {family_of(have).name} vs {family_of(want).name}"]
+    return [f"{f}: {getattr(have, f)} vs {getattr(want, f)}" for f in ARCHITECTURE_FIELDS
+            if getattr(have, f) != getattr(want, f)]

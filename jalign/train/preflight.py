@@ -146,8 +146,7 @@ def check_role_sources(models, overrides) -> None:
     """Every role read from a source of its own has the run's architecture (read from the
     source's config, before any weight is)."""
     from jalign import sources
-    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-              "vocab_size", "resolved_head_dim")
+    from jalign.models.families import architecture_differences
     want = models.configs[models.primary]
     for role in models.roles:
         if role.source is None:
@@ -158,8 +157,7 @@ def check_role_sources(models, overrides) -> None:
                                        overrides=overrides)
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"{binding}={role.source!r}: {e}") from None
-        differ = [f"{f}: {getattr(have, f)} vs {getattr(want, f)}" for f in fields
-                  if getattr(have, f) != getattr(want, f)]
+        differ = architecture_differences(have, want.replace(lora=None))
         if differ:
             raise ConfigError(f"{binding}={role.source!r}: the {role.name} model must have the "
                               f"architecture of the run's model ({'; '.join(differ)})")

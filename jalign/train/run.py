@@ -129,7 +129,8 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
     models = resolve_models(recipe, configs, point)
     data, eval_iter = open_data(configs, point, models)
     ckpt = prepare_run_dir(run_dir, configs.train, operative, point)
-    initial = initial_models(models, point, configs, mesh, rules)
+    records = point.role_records(models)  # each role's pinned source, saved with each step
+    initial = initial_models(models, records, point, configs, mesh, rules)
     ctx = SourceContext(mesh=mesh, rules=rules, seed=configs.train.seed, models=models,
                         initial=initial.model, initial_key=lambda n: _initial_key(initial, n),
                         run_dir=run_dir, eval_data=eval_iter,
@@ -151,7 +152,7 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
                source=source, eval_iter=eval_iter, eval_start=eval_start,
                optimizer=built.optimizer, schedule=built.schedule, shardings=built.shardings,
                state=built.state, start=start, end=_end_step(configs, source, start, log),
-               log=log, metadata=_run_metadata(models, point))
+               log=log, metadata={"roles": records, "data_shards": point.data_shards})
 
 
 # ------------------------------------------------------------------ 1. checks at start
@@ -282,11 +283,11 @@ def prepare_run_dir(run_dir, tc: TrainConfig, operative: str, point: ResumePoint
 
 # ------------------------------------------------------------------ 5. initial models
 
-def initial_models(models: R.RunModels, point: ResumePoint, configs: RunConfigs, mesh,
-                   rules) -> sources.InitialModels:
+def initial_models(models: R.RunModels, records: dict, point: ResumePoint,
+                   configs: RunConfigs, mesh, rules) -> sources.InitialModels:
     """Each role's initial model, loaded at most once when first asked for (a fresh
     state, a resumed run's fixed parts, a precomputed pass)."""
-    return sources.InitialModels(models, point.role_records(models),
+    return sources.InitialModels(models, records,
                                  default=point.source, gin_config=configs.model,
                                  overrides=_overrides(configs), mesh=mesh, rules=rules)
 
@@ -307,12 +308,6 @@ def _end_step(configs: RunConfigs, source, start: int, log) -> int:
             log(f"note: DataConfig.num_epochs={configs.data.num_epochs} gives {total} batches: "
                 f"training ends at step {end}, before TrainConfig.steps={tc.steps}")
     return end
-
-
-def _run_metadata(models: R.RunModels, point: ResumePoint) -> dict:
-    """What every checkpoint of the run records besides its state: the roles (with the
-    pinned sources their fixed parts are rebuilt from) and the data's shard count."""
-    return {"roles": point.role_records(models), "data_shards": point.data_shards}
 
 
 def _describe_training(models: R.RunModels, state, log) -> None:
