@@ -167,3 +167,23 @@ def test_every_algorithm_trains_adapters_only(tmp_path, config):
                          before)
     layers = moved["layers"] if "layers" in moved else moved["backbone"]["layers"]
     assert all(layers[n] for n in want if n.endswith("_b")), moved
+
+
+def test_a_trainable_regex_is_the_same_split_as_adapters(tmp_path):
+    """OptimizerConfig.trainable in a real run: the state's params hold the matched
+    parameters only, the optimizer state mirrors exactly those (AdamW: two moments each,
+    nothing for the frozen ones), and the rest is the frozen part, which a step never
+    writes."""
+    run = _open(tmp_path, SFT, "OptimizerConfig.trainable='layers/w(q|o)$'",
+                "OptimizerConfig.learning_rate=0.01")
+    trained = traverse_util.flatten_dict(run.state.params["policy"])
+    assert sorted(trained) == [("layers", "wo"), ("layers", "wq")]
+    assert ("layers", "wq") not in traverse_util.flatten_dict(run.state.fixed["policy"])
+    moments = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim > 0]
+    assert sum(int(x.size) for x in moments) == 2 * sum(int(v.size) for v in trained.values())
+    fixed_before = jax.tree.map(np.asarray, run.state.fixed)
+    state, m = _step(run)(run.state, _global_batch(run.source.next(run.state),
+                                                   batch_sharding(run.mesh, run.global_batch)))
+    assert bool(m["finite"])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.fixed),
+                 fixed_before)
