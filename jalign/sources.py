@@ -286,10 +286,7 @@ class RoleRestorer:
         expected = R.fixed_checksums(self.metadata, self.stored)
         out = {}
         for name in names:
-            _, fixed = self.models.split(name, initial.full_tree(name))
-            mine = {k[len(name) + 1:]: v for k, v in expected.items()
-                    if k.startswith(name + "/")}
-            bad = checksum.mismatches(mine, fixed) if mine else []
+            fixed, bad = rebuilt_fixed_part(self.models, initial, name, expected)
             if bad:
                 source = self.stored.records.get(name, {}).get("source")
                 raise CheckpointError(
@@ -306,6 +303,15 @@ class RoleRestorer:
         fixed = self.fixed(own) if own else {}
         saved = self.saved() if self.models.role(name).trained else {}
         return self.models.tree(name, saved, fixed)
+
+
+def rebuilt_fixed_part(models: R.RunModels, initial: "InitialModels", name: str,
+                       expected: dict) -> tuple[dict, list[str]]:
+    """(fixed part of role ``name`` rebuilt from its initial model, the arrays whose
+    checksums differ from ``expected``, {'role/path': checksum}; none recorded: [])."""
+    _, fixed = models.split(name, initial.full_tree(name))
+    mine = {k[len(name) + 1:]: v for k, v in expected.items() if k.startswith(name + "/")}
+    return fixed, (checksum.mismatches(mine, fixed) if mine else [])
 
 
 def _cast_like(tree, target):
@@ -335,9 +341,8 @@ class InitialModels:
         """(source, seed, execution overrides) role ``name`` is read from."""
         role = self.models.role(name)
         if role.like is not None:
-            _, seed, overrides = self.source_of(role.like)
-            own = self.records.get(name, {})
-            return self.source_of(role.like)[0], own.get("seed", seed), overrides
+            source, seed, overrides = self.source_of(role.like)
+            return source, self.records.get(name, {}).get("seed", seed), overrides
         rec = self.records.get(name, {})
         text = rec.get("source") or role.source
         source = ModelSource.parse(text, what=f"role {name!r} source") if text else self.default

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jalign.checkpoint import CheckpointError
+from jalign.sources import rebuilt_fixed_part
 from jalign.errors import ConfigError, first_line
 from jalign.models.build import abstract_model, params_of
 from jalign.train import roles as R
@@ -85,20 +86,16 @@ def fresh_state(models: R.RunModels, initial, optimizer, seed: int, shardings):
 def rebuilt_fixed(models: R.RunModels, initial, names, metadata: dict, run_dir) -> dict:
     """{role: fixed part} of ``names`` rebuilt from their sources, each checked against the
     checksums the step recorded (a source that changed since is refused)."""
-    stored = R.stored_roles(metadata)
-    expected = R.fixed_checksums(metadata, stored)
-    from jalign import checksum
+    expected = R.fixed_checksums(metadata, R.stored_roles(metadata))
     out = {}
     for name in names:
         role = models.role(name)
         where = _where(initial, name)
         try:
-            _, fx = models.split(name, initial.full_tree(name))
+            fx, bad = rebuilt_fixed_part(models, initial, name, expected)
         except (CheckpointError, OSError, ValueError) as e:
             raise ConfigError(f"resuming {run_dir}: the frozen part of role {name!r} is "
                               f"rebuilt from {where}, which fails to load: {first_line(e)}") from None
-        mine = {k[len(name) + 1:]: v for k, v in expected.items() if k.startswith(name + "/")}
-        bad = checksum.mismatches(mine, fx) if mine else []
         if bad:
             what = (f"the frozen models rebuilt from {where} differ from the ones"
                     if not role.trained else
