@@ -177,6 +177,9 @@ def load_checkpoint(directory, *, step: int | None = None, head: str | None = No
     stored_head = stored_role(stored, name).head
     wanted = head or stored_head
     if (stored_head, wanted) == (LM, SCALAR):
+        if adapters:
+            raise CheckpointError(f"{directory}: a causal LM loads as a scalar head only with "
+                                  "its adapters merged (adapters=False)")
         config, lm = load_checkpoint(directory, step=step, mesh=mesh, rules=rules, role=name,
                                      **overrides)
         return config, _scalar_from_lm(lm, seed, mesh, rules)
@@ -288,7 +291,7 @@ class RoleRestorer:
         for name in names:
             fixed, bad = rebuilt_fixed_part(self.models, initial, name, expected)
             if bad:
-                source = self.stored.records.get(name, {}).get("source")
+                source = str(initial.source_of(name)[0])
                 raise CheckpointError(
                     f"{self.directory} step {self.step}: role {name!r}'s frozen part, rebuilt "
                     f"from {source!r}, differs from the one the run trained with ({len(bad)} "
@@ -368,27 +371,33 @@ class InitialModels:
         if like is not None and like.head == role.head and role.trains != R.ADAPTERS:
             return self.model(like.name) if like.trains != R.ADAPTERS else self._plain_model(
                 like.name, like.head)
-        model = self._plain_model(name, role.head)
-        if role.trains == R.ADAPTERS:
-            cfg = self.models.configs[name]
-            model = attach(model, cfg.lora, seed=self.source_of(name)[1], mesh=self.mesh,
-                           rules=self.rules)
-        return model
+        if role.trains != R.ADAPTERS:
+            return self._plain_model(name, role.head)
+        # attach() consumes the model it is given (its kept weights donated, the ones it
+        # quantises freed): a model of this role's own, never one another role reads.
+        model = self._plain_model(name, role.head, keep=False)
+        adapter_roles = [r.name for r in self.models.roles if r.trains == R.ADAPTERS]
+        # Each adapter set its own random A (the first keeps the run's seed).
+        seed = self.source_of(name)[1] + 1_000_003 * adapter_roles.index(name)
+        return attach(model, self.models.configs[name].lora, seed=seed, mesh=self.mesh,
+                      rules=self.rules)
 
-    def _plain_model(self, name: str, head: str):
-        """Role ``name``'s source read with ``head``, without adapters (memoised)."""
+    def _plain_model(self, name: str, head: str, keep: bool = True):
+        """Role ``name``'s source read with ``head``, without adapters (memoised unless
+        not ``keep``)."""
         source, seed, overrides = self.source_of(name)
         lora = self.models.configs[name].lora
         quantize = (lora.quantize, lora.block_size) if lora and lora.quantize else None
         key = (str(source), head, seed, quantize)
-        if key not in self._plain:
-            config = self.gin_config or self.models.configs[name]
-            cfg, model = load(source, head=head, config=config, mesh=self.mesh,
-                              rules=self.rules, seed=seed, overrides=overrides,
-                              quantize=quantize)
-            self._check_architecture(name, cfg)
+        if key in self._plain:
+            return self._plain[key]
+        config = self.gin_config or self.models.configs[name]
+        cfg, model = load(source, head=head, config=config, mesh=self.mesh, rules=self.rules,
+                          seed=seed, overrides=overrides, quantize=quantize)
+        self._check_architecture(name, cfg)
+        if keep:
             self._plain[key] = model
-        return self._plain[key]
+        return model
 
     def _check_architecture(self, name: str, cfg) -> None:
         differ = architecture_differences(cfg, self.models.configs[name])

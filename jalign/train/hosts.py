@@ -33,6 +33,11 @@ def all_states(state: dict) -> list[dict]:
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, sizes)]
 
 
+def from_process_0(value):
+    """Process 0's ``value`` (JSON-able) on every process."""
+    return all_states({"v": value})[0]["v"]
+
+
 def merged(state: dict) -> dict:
     """One state holding every process's: dicts are merged key by key, and every other
     value must be the same on all processes. A batch source's state names per-host parts

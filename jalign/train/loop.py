@@ -290,6 +290,10 @@ class Training:
             eval=self.last_eval, data_stats=getattr(self.source, "stats", {}),
             peak_flops_source=self.peak_source, state=self.state, models=run.models,
             model_config=run.model_config)
+        # The primary role as one model: nnx.merge(summary["graphdef"], summary["params"]).
+        primary = run.models.primary
+        self.summary.update(graphdef=run.models.graphdef(primary),
+                            params=run.models.tree(primary, self.state.params, self.state.fixed))
         return self.summary
 
 

@@ -151,14 +151,19 @@ class ResumePoint:
         from jalign.train.roles import role_record
         stored = self.stored.records if self.stored is not None else {}
         out = {}
-        for role in models.roles:
+        for index, role in enumerate(models.roles):
             source = None
             if role.like is None:
                 current = (ModelSource.parse(role.source, what=role.set_by or role.name)
                            if role.source else self.source)
                 recorded = stored.get(role.name, {}).get("source")
-                source = str(_recorded_step(current, recorded).pinned())
-            out[role.name] = role_record(role, source, self.seed, self.use_execution_config)
+                source = _recorded_step(current, recorded)
+                # A fresh run pins its sources; a resumed one keeps what it recorded (a run
+                # written before roles may have recorded none: its latest step is read
+                # only if its fixed part must be rebuilt).
+                source = str(source.pinned() if self.step is None else source)
+            out[role.name] = role_record(role, source, self.seed, self.use_execution_config,
+                                         index)
         return out
 
 

@@ -256,13 +256,15 @@ LEGACY_KINDS = {
 LEGACY_MODEL = "causal_lm"  # what a checkpoint without a model kind holds
 
 
-def role_record(role: Role, source: str | None, seed: int, use_execution_config: bool) -> dict:
+def role_record(role: Role, source: str | None, seed: int, use_execution_config: bool,
+                index: int = 0) -> dict:
     """What a checkpoint's metadata says about a role (``metadata['roles'][name]``):
     enough to rebuild its fixed part. ``source``: the pinned model source it was read from
-    (for a role ``like`` another: None, the other's source)."""
+    (for a role ``like`` another: None, the other's source); ``index``: its place among
+    the run's roles."""
     return {"head": role.head, "trains": role.trains, "in_step": role.in_step,
             "like": role.like, "source": source, "seed": seed,
-            "use_execution_config": use_execution_config}
+            "use_execution_config": use_execution_config, "index": index}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,12 +306,12 @@ def _legacy_roles(metadata: dict) -> StoredRoles:
     frozen = tuple(Role(n, like="policy", trains=NONE, in_step=kind != "policy_value")
                    for n in frozen_names)
     records = {}
-    for r in trained + frozen:
+    for index, r in enumerate(trained + frozen):
         source = None
         if pointer is not None and r.like is None:
             source = r.source or _pointer_source(pointer)
         records[r.name] = role_record(r, source, (pointer or {}).get("seed", 0),
-                                      (pointer or {}).get("use_execution_config", True))
+                                      (pointer or {}).get("use_execution_config", True), index)
     return StoredRoles(trained + frozen, records, bare=kind != "policy_value", legacy=True)
 
 
@@ -323,7 +325,10 @@ def stored_roles(metadata: dict) -> StoredRoles:
     from the model kind before; a params-only model checkpoint holds one role (its head)."""
     if metadata.get("layout") == LAYOUT:
         roles, records = [], {}
-        for name, rec in metadata["roles"].items():
+        # In the recipe's order (JSON writers may sort the keys): the first trained role
+        # is the run's primary one.
+        ordered = sorted(metadata["roles"].items(), key=lambda kv: kv[1].get("index", 0))
+        for name, rec in ordered:
             roles.append(Role(name, head=rec["head"], like=rec.get("like"),
                               trains=rec["trains"], in_step=rec.get("in_step", True)))
             records[name] = rec

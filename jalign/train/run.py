@@ -30,7 +30,7 @@ from jalign.models.lora import LoraConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
 from jalign.train import roles as R
-from jalign.train.hosts import agree_min, agree_on, check_same_directory
+from jalign.train.hosts import agree_min, agree_on, check_same_directory, from_process_0
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.recipe import Recipe
 from jalign.train.resume import ResumePoint, config_record, model_record, read_resume_point
@@ -129,7 +129,9 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
     models = resolve_models(recipe, configs, point)
     data, eval_iter = open_data(configs, point, models)
     ckpt = prepare_run_dir(run_dir, configs.train, operative, point)
-    records = point.role_records(models)  # each role's pinned source, saved with each step
+    # Each role's pinned source, saved with each step: process 0's (a source run saving
+    # meanwhile could give hosts different latest steps).
+    records = from_process_0(point.role_records(models))
     initial = initial_models(models, records, point, configs, mesh, rules)
     ctx = SourceContext(mesh=mesh, rules=rules, seed=configs.train.seed, models=models,
                         initial=initial.model, initial_key=lambda n: _initial_key(initial, n),
@@ -319,8 +321,11 @@ def _describe_training(models: R.RunModels, state, log) -> None:
     config = models.configs[models.primary]
     total = config.replace(lora=None).num_params()
     lora = config.lora
-    what = (f"LoRA rank {lora.rank} on {', '.join(lora.targets)}" if models.adapters
-            else f"OptimizerConfig.trainable={models.role(parts[0]).trains!r}")
-    log(f"{what}: training {trained:,} parameters ({100 * trained / total:.2f}% of the "
-        f"{total:,} of the base, which is frozen"
-        + (f" and stored as {lora.quantize})" if lora is not None and lora.quantize else ")"))
+    if not models.adapters:
+        log(f"OptimizerConfig.trainable={models.role(parts[0]).trains!r}: training "
+            f"{trained:,} parameters ({100 * trained / total:.2f}% of the model's {total:,}; "
+            "the rest is frozen)")
+        return
+    log(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: training {trained:,} parameters "
+        f"({100 * trained / total:.2f}% of the {total:,} of the base, which is frozen"
+        + (f" and stored as {lora.quantize})" if lora.quantize else ")"))

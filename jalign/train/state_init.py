@@ -57,24 +57,36 @@ def abstract_train_state(models: R.RunModels, optimizer, mesh, rules):
     return abstract, sh
 
 
+def _aliased(parts: dict) -> set:
+    """Names of the parts (``{name: tree}``) that share an array with another part."""
+    owners: dict[int, set] = {}
+    for name, tree in parts.items():
+        for leaf in jax.tree.leaves(tree):
+            owners.setdefault(id(leaf), set()).add(name)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
 def fresh_state(models: R.RunModels, initial, optimizer, seed: int, shardings):
     """The initial TrainState placed with ``shardings`` (optimizer state created in place).
 
-    A fixed part read from another role's initial model (a reference copying the policy)
-    is copied: the step donates the state, and one buffer cannot be donated twice. A
-    trained role's own fixed part (its LoRA base) is donated into the state: no second
-    copy of the base while starting."""
-    params, copies, own = {}, {}, {}
+    A fixed part that shares arrays with another part (a reference read from the policy's
+    initial model, two roles from one source) is copied: the step donates the state, and
+    one buffer cannot be donated twice. A fixed part of its own (a LoRA base) is donated
+    into the state: no second copy of the base while starting."""
+    params, fixed = {}, {}
     for role in models.roles:
         if not role.trained and role.name not in models.stored_fixed:
             continue
-        model = initial.model(role.name)
-        trained, fx = models.split(role.name, params_of(model))
+        trained, fx = models.split(role.name, params_of(initial.model(role.name)))
         if trained is not None:
             params[role.name] = trained
         if fx is not None:
-            aliased = role.like is not None and initial.model(role.like) is model
-            (copies if aliased or not role.trained else own)[role.name] = fx
+            fixed[role.name] = fx
+    parts = {**{("params", n): t for n, t in params.items()},
+             **{("fixed", n): t for n, t in fixed.items()}}
+    shared = {n for kind, n in _aliased(parts) if kind == "fixed"}
+    copies = {n: t for n, t in fixed.items() if n in shared}
+    own = {n: t for n, t in fixed.items() if n not in shared}
 
     def init(p, c, o):
         fixed = {**jax.tree.map(jnp.copy, c), **o}
@@ -104,10 +116,10 @@ def rebuilt_fixed(models: R.RunModels, initial, names, metadata: dict, run_dir) 
             raise ConfigError(f"resuming {run_dir}: {what} this run trained with ({len(bad)} "
                               f"arrays, e.g. {bad[:2]}): the source changed since; restore it, "
                               "or start another TrainConfig.run_name")
-        # Own buffers: several roles may be copies of one initial model, and the step
-        # donates the state.
-        out[name] = jax.tree.map(jnp.copy, fx) if role.like is not None else fx
-    return out
+        out[name] = fx
+    # Own buffers: several roles may read one initial model, and the step donates the state.
+    shared = _aliased(out)
+    return {n: jax.tree.map(jnp.copy, t) if n in shared else t for n, t in out.items()}
 
 
 def _where(initial, name: str) -> str:

@@ -187,3 +187,57 @@ def test_a_trainable_regex_is_the_same_split_as_adapters(tmp_path):
     assert bool(m["finite"])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.fixed),
                  fixed_before)
+
+
+@pytest.mark.parametrize("config", ["tiny_dpo.gin", "tiny_ppo.gin"])
+def test_a_trainable_regex_with_a_frozen_copy_of_the_policy(tmp_path, config):
+    """The reference is read from the policy's initial model, whose frozen rest the policy
+    holds too: the state gets its own copy (one buffer cannot be donated twice), and a
+    step runs (found: a crash in the state's creation)."""
+    run = _open(tmp_path, str(HERE / config), "OptimizerConfig.trainable='w(q|o)$'")
+    ref = {id(x) for x in jax.tree.leaves(run.state.fixed["reference"])}
+    others = {id(x) for x in jax.tree.leaves((run.state.params, run.state.fixed["policy"]))}
+    assert not ref & others
+    if config == "tiny_dpo.gin":
+        batch = _global_batch(run.source.next(run.state),
+                              batch_sharding(run.mesh, run.global_batch))
+        state, m = _step(run)(run.state, batch)
+        assert bool(m["finite"])
+
+
+def test_lora_ppo_gives_the_value_model_adapters_of_its_own(tmp_path):
+    """Policy and value adapters start from different random A (one seed each), as when
+    they were attached to one combined model."""
+    run = _open(tmp_path, str(HERE / "tiny_ppo.gin"), "LoraConfig.rank=2")
+    a_policy = np.asarray(run.state.params["policy"]["layers"]["wq_lora_a"])
+    a_value = np.asarray(run.state.params["value"]["backbone"]["layers"]["wq_lora_a"])
+    assert a_policy.shape == a_value.shape and not np.array_equal(a_policy, a_value)
+
+
+def test_two_roles_from_one_source_get_their_own_arrays(tmp_path):
+    """A teacher read from the very source the policy trains adapters on: attaching the
+    policy's adapters consumes its own copy of the model, never the teacher's, and the
+    QLoRA base's float weights are not kept once quantised."""
+    from jalign import sources
+    from jalign.models.config import preset
+    from jalign.models.lora import LoraConfig
+    from jalign.sharding import MeshConfig, make_mesh
+    from jalign.train.roles import ADAPTERS, role_config
+    from jalign.train.state_init import abstract_train_state, build_optimizer, fresh_state
+    from jalign.train.optimizer import OptimizerConfig
+
+    config = preset("tiny").replace(vocab_size=512)
+    lora = LoraConfig(rank=2, quantize="int8", block_size=16)
+    roles = (Role("policy", trains=ADAPTERS), Role("teacher", trains=NONE))
+    models = RunModels(roles, {r.name: role_config(config, r, roles, lora) for r in roles})
+    records = {r.name: {"source": "random", "seed": 0} for r in roles}
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    initial = sources.InitialModels(models, records, gin_config=config, overrides={}, mesh=mesh)
+    tx, _ = build_optimizer(OptimizerConfig(), models, 10)
+    _, sh = abstract_train_state(models, tx, mesh, sources.DEFAULT_RULES)
+    state = fresh_state(models, initial, tx, 0, sh)
+    assert all(not x.is_deleted() for x in jax.tree.leaves(state))
+    assert state.fixed["policy"]["layers"]["wq"].dtype == jnp.int8
+    assert state.fixed["teacher"]["layers"]["wq"].dtype == jnp.float32
+    # The policy's float model was its own and is gone; only the teacher's is cached.
+    assert len(initial._plain) == 1
