@@ -1,4 +1,5 @@
-"""Tiny Hugging Face Llama checkpoints for tests, built locally with transformers + torch.
+"""Tiny Hugging Face checkpoints of every family (Llama, Qwen2, Qwen3, Mistral) for tests,
+built locally with transformers + torch.
 
 Weights are re-drawn at unit scale (matrices ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm
 weights ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)): HF's default std of 0.02 leaves attention
@@ -34,7 +35,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 
-# name -> transformers LlamaConfig kwargs
+# name -> transformers config kwargs (the family's config class: FAMILY, default Llama)
 CONFIGS = {
     # Llama 2 style: multi-head attention, untied head, default rope.
     "llama2": dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -58,14 +59,42 @@ CONFIGS = {
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                    attention_bias=True, mlp_bias=True,
                    rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    # Qwen2.5 style: q/k/v biases, large rope theta, GQA 3:1, tied embeddings.
+    "qwen2": dict(vocab_size=112, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  tie_word_embeddings=True),
+    # Qwen3 style: per-head q/k RMSNorm, explicit head_dim != hidden/heads, untied.
+    "qwen3": dict(vocab_size=112, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  tie_word_embeddings=False),
+    # Mistral style: a sliding window (8) shorter than the tests' sequences, GQA 2:1.
+    "mistral": dict(vocab_size=112, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    rms_norm_eps=1e-5, sliding_window=8,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    tie_word_embeddings=False),
 }
+# name -> (transformers config class, causal LM class, classifier class) when not Llama
+FAMILY = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+          "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+          "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification")}
+LLAMA = ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification")
+
+
+def hf_classes(name: str):
+    """(config class, causal LM class, sequence classifier class) of a CONFIGS entry."""
+    return tuple(getattr(transformers, c) for c in FAMILY.get(name, LLAMA))
 
 
 def make_hf_model(name: str, seed: int = 0, **overrides):
     kwargs = dict(CONFIGS[name], **overrides)
-    config = transformers.LlamaConfig(**kwargs)
+    config_cls, lm_cls, _ = hf_classes(name)
+    config = config_cls(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = lm_cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():

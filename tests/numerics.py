@@ -101,8 +101,9 @@ def llama_logits_bound(model, length: int) -> dict:
     cfg, norm, head = _llama_parts(model)
     d = cfg.hidden_size
     terms = max(d, cfg.intermediate_size, cfg.num_heads * cfg.resolved_head_dim, length)
-    terms += int(cfg.attention_bias or cfg.mlp_bias)  # a bias adds one term
-    depth = cfg.num_layers * LLAMA_LAYER_REDUCTIONS + 2
+    terms += int(cfg.attention_bias or cfg.mlp_bias or cfg.qkv_bias)  # a bias adds one term
+    # Qwen3's q and k norms: one more reduction (a mean of squares over head_dim) per layer.
+    depth = cfg.num_layers * (LLAMA_LAYER_REDUCTIONS + int(cfg.qk_norm)) + 2
     scale = np.sqrt(d) * np.abs(norm).max() * np.linalg.norm(head, axis=0).max()
     return {"terms": int(terms), "depth": int(depth), "scale": float(scale)}
 

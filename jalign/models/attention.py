@@ -19,15 +19,19 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
-    """Boolean [batch, q_len, kv_len] mask: same segment and key index <= query index.
+def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window: int | None = None):
+    """Boolean [batch, q_len, kv_len] mask: same segment and key index <= query index
+    (and, with a sliding ``window``, less than ``window`` tokens back: query - key < window,
+    transformers' rule).
 
     ``*_index`` are absolute token indices in the row (not RoPE positions, which restart
-    per packed segment), so causality holds across segment boundaries too.
+    per packed segment), so causality holds across segment boundaries too; within one
+    segment index and position differences are equal, so the window is the same.
     """
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    causal = kv_index[:, None, :] <= q_index[:, :, None]
-    return same & causal
+    back = q_index[:, :, None] - kv_index[:, None, :]
+    mask = same & (back >= 0)
+    return mask if window is None else mask & (back < window)
 
 
 def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale):

@@ -60,8 +60,11 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (some Llama derivatives)
     mlp_bias: bool = False
+    qkv_bias: bool = False        # biases on q, k and v only (Qwen2)
+    qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # a key more than this many tokens back is not seen (Mistral)
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
@@ -73,6 +76,9 @@ class LlamaConfig:
     # Adapters on a frozen (optionally quantised) base; None: a plain model. Set by the
     # run from its LoraConfig, never read from Hugging Face.
     lora: LoraConfig | None = None
+    # The model family (jalign.models.families): which Hugging Face architecture this
+    # decoder is read from and written as; its options above say what differs.
+    family: str = "llama"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -90,6 +96,9 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"LlamaConfig.{name}={getattr(self, name)!r}; one of {DTYPES}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"LlamaConfig.sliding_window must be >= 1 or None, got "
+                             f"{self.sliding_window}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -124,6 +133,10 @@ class LlamaConfig:
         attn = d * h * (nq + 2 * nkv) + nq * h * d
         if self.attention_bias:
             attn += h * (nq + 2 * nkv) + d
+        elif self.qkv_bias:
+            attn += h * (nq + 2 * nkv)
+        if self.qk_norm:
+            attn += 2 * h
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
@@ -164,6 +177,12 @@ _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
 _LLAMA3_1 = dict(_LLAMA3, rope_scaling=_LLAMA3_SCALING, max_position_embeddings=131072,
                  eos_token_id=(128001, 128008, 128009))
 
+_QWEN = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+             bos_token_id=151643, eos_token_id=151645)
+_MISTRAL = dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                num_kv_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,
+                bos_token_id=1, eos_token_id=2, family="mistral")
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama2_7b": LlamaConfig(**_LLAMA2, hidden_size=4096, intermediate_size=11008,
                              num_layers=32, num_heads=32, num_kv_heads=32),
@@ -189,6 +208,33 @@ PRESETS: dict[str, LlamaConfig] = {
                                hidden_size=3072, intermediate_size=8192, num_layers=28,
                                num_heads=24, num_kv_heads=8, head_dim=128,
                                tie_word_embeddings=True),
+    # SmolLM2 (a Llama): 135M, tied, chatml's ids.
+    "smollm2_135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                                rope_theta=100000.0, max_position_embeddings=8192,
+                                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=2),
+    # Qwen2.5: q/k/v biases, rope theta 1e6 (Instruct's end-of-turn id as EOS).
+    "qwen2_5_0_5b": LlamaConfig(**_QWEN, vocab_size=151936, hidden_size=896,
+                                intermediate_size=4864, num_layers=24, num_heads=14,
+                                num_kv_heads=2, tie_word_embeddings=True,
+                                family="qwen2", qkv_bias=True),
+    "qwen2_5_7b": LlamaConfig(**_QWEN, vocab_size=152064, hidden_size=3584,
+                              intermediate_size=18944, num_layers=28, num_heads=28,
+                              num_kv_heads=4, family="qwen2", qkv_bias=True),
+    # Qwen3 (dense): q/k norms, head_dim 128.
+    "qwen3_0_6b": LlamaConfig(**dict(_QWEN, max_position_embeddings=40960), vocab_size=151936,
+                              hidden_size=1024, intermediate_size=3072, num_layers=28,
+                              num_heads=16, num_kv_heads=8, head_dim=128,
+                              tie_word_embeddings=True, family="qwen3", qk_norm=True),
+    "qwen3_8b": LlamaConfig(**dict(_QWEN, max_position_embeddings=40960), vocab_size=151936,
+                            hidden_size=4096, intermediate_size=12288, num_layers=36,
+                            num_heads=32, num_kv_heads=8, head_dim=128, family="qwen3",
+                            qk_norm=True),
+    # Mistral 7B v0.1 (a 4096-token sliding window) and v0.3 (none; 32768 tokens).
+    "mistral_7b": LlamaConfig(**_MISTRAL, vocab_size=32000, rope_theta=10000.0,
+                              sliding_window=4096),
+    "mistral_7b_v0_3": LlamaConfig(**_MISTRAL, vocab_size=32768, rope_theta=1000000.0),
     # Tiny sizes for tests and the bundled demo (vocab matches the committed tokenizer
     # once it exists; tests override it freely).
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -119,7 +119,7 @@ def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
     mask_bt = prompt_mask.astype(jnp.int32)
     positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0)
     index_bt = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
-    attn_mask = make_mask(mask_bt, mask_bt, index_bt, index_bt)
+    attn_mask = make_mask(mask_bt, mask_bt, index_bt, index_bt, window=cfg.sliding_window)
     cos, sin = rope_angles(positions_bt, cfg)
 
     def layer(p, x, k_all, v_all, i):
@@ -169,6 +169,9 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
     valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((token_ids.shape[0], 1), bool), idx, axis=1)
     attn_mask = valid[:, None, :]  # [B, 1, max_len]
+    if cfg.sliding_window is not None:  # slots (left padding is invalid) count tokens back
+        back = idx - jnp.arange(valid.shape[1], dtype=jnp.int32)
+        attn_mask = attn_mask & (back < cfg.sliding_window)[None, None, :]
     cos, sin = rope_angles(state.positions[:, None], cfg)
 
     def layer(p, x, k_all, v_all, i):

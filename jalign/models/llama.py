@@ -34,8 +34,10 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
 }
-ATTN_BIAS_AXES = {"bq": ("q_heads", "head_dim"), "bk": ("kv_heads", "head_dim"),
-                  "bv": ("kv_heads", "head_dim"), "bo": ("norm",)}
+QKV_BIAS_AXES = {"bq": ("q_heads", "head_dim"), "bk": ("kv_heads", "head_dim"),
+                 "bv": ("kv_heads", "head_dim")}
+ATTN_BIAS_AXES = {**QKV_BIAS_AXES, "bo": ("norm",)}
+QK_NORM_AXES = {"q_norm": ("head_dim",), "k_norm": ("head_dim",)}
 MLP_BIAS_AXES = {"b_gate": ("mlp",), "b_up": ("mlp",), "b_down": ("norm",)}
 
 
@@ -46,8 +48,12 @@ def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"attn_norm": (d,), "wq": (d, nq, h), "wk": (d, nkv, h), "wv": (d, nkv, h),
               "wo": (nq, h, d), "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f),
               "w_down": (f, d)}
+    if config.attention_bias or config.qkv_bias:
+        shapes.update(bq=(nq, h), bk=(nkv, h), bv=(nkv, h))
     if config.attention_bias:
-        shapes.update(bq=(nq, h), bk=(nkv, h), bv=(nkv, h), bo=(d,))
+        shapes.update(bo=(d,))
+    if config.qk_norm:
+        shapes.update(q_norm=(h,), k_norm=(h,))
     if config.mlp_bias:
         shapes.update(b_gate=(f,), b_up=(f,), b_down=(d,))
     return shapes
@@ -57,6 +63,10 @@ def layer_axes(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
     axes = dict(LAYER_AXES)
     if config.attention_bias:
         axes.update(ATTN_BIAS_AXES)
+    elif config.qkv_bias:
+        axes.update(QKV_BIAS_AXES)
+    if config.qk_norm:
+        axes.update(QK_NORM_AXES)
     if config.mlp_bias:
         axes.update(MLP_BIAS_AXES)
     return axes
@@ -88,12 +98,14 @@ def _project(p: dict, name: str, x_bt_in, bias_name: str):
 
 
 def project_qkv(p: dict, x_btd, cos_bth, sin_bth, eps):
-    """Pre-norm and the q/k/v projections with RoPE applied: shared by the full forward
-    and the KV-cache decode path."""
+    """Pre-norm and the q/k/v projections (with Qwen3's per-head norms on q and k) and
+    RoPE applied: shared by the full forward and the KV-cache decode path."""
     h_btd = rms_norm(x_btd, p["attn_norm"], eps)
     q_btnh = _project(p, "wq", h_btd, "bq")
     k_btgh = _project(p, "wk", h_btd, "bk")
     v_btgh = _project(p, "wv", h_btd, "bv")
+    if "q_norm" in p:  # over head_dim, each head alike
+        q_btnh, k_btgh = rms_norm(q_btnh, p["q_norm"], eps), rms_norm(k_btgh, p["k_norm"], eps)
     q_btnh = constrain(q_btnh, ("batch", "length", "act_heads", None))
     k_btgh = constrain(k_btgh, ("batch", "length", "act_kv_heads", None))
     v_btgh = constrain(v_btgh, ("batch", "length", "act_kv_heads", None))
@@ -279,7 +291,8 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = positions_from_segments(segment_ids)
-        mask_bts = make_mask(segment_ids, segment_ids, index_bt, index_bt)
+        mask_bts = make_mask(segment_ids, segment_ids, index_bt, index_bt,
+                             window=self.config.sliding_window)
         cos_bth, sin_bth = rope_angles(positions, self.config)
         x_btd = self.layers(x_btd, cos_bth, sin_bth, mask_bts)
         return rms_norm(x_btd, self.final_norm[...].astype(x_btd.dtype), self.config.rms_norm_eps)

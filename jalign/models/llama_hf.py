@@ -1,5 +1,6 @@
-"""Llama's parameters under their Hugging Face names: the tensor map of the ``llama``
-family (``jalign.models.families``).
+"""The decoder's parameters under their Hugging Face names: the tensor map of the Llama,
+Qwen2, Qwen3 and Mistral families (``jalign.models.families``), which name their tensors
+alike (Qwen2's q/k/v biases and Qwen3's q/k norms where the config has them).
 
 Each ``TensorMap`` pairs one jalign parameter path with the HF tensor(s) it comes from and
 the reshapes between the two layouts (transformers' weights are [out, in]; jalign's are
@@ -75,11 +76,15 @@ def tensor_maps(config: LlamaConfig, prefix: str = "model.", *,
         TensorMap(("layers", "w_down"), layer + "mlp.down_proj.weight", (d, f),
                   lambda w: w.T, lambda w: w.T),
     ]
-    if config.attention_bias:
+    if config.attention_bias or config.qkv_bias:
         per_layer += [vec("bq", "self_attn.q_proj.bias", nq * h),
                       vec("bk", "self_attn.k_proj.bias", nkv * h),
-                      vec("bv", "self_attn.v_proj.bias", nkv * h),
-                      vec("bo", "self_attn.o_proj.bias", d)]
+                      vec("bv", "self_attn.v_proj.bias", nkv * h)]
+    if config.attention_bias:
+        per_layer.append(vec("bo", "self_attn.o_proj.bias", d))
+    if config.qk_norm:
+        per_layer += [vec("q_norm", "self_attn.q_norm.weight", h),
+                      vec("k_norm", "self_attn.k_norm.weight", h)]
     if config.mlp_bias:
         per_layer += [vec("b_gate", "mlp.gate_proj.bias", f), vec("b_up", "mlp.up_proj.bias", f),
                       vec("b_down", "mlp.down_proj.bias", d)]

@@ -1,4 +1,5 @@
-"""Logit parity with transformers' LlamaForCausalLM, on import and after export."""
+"""Logit parity with transformers' causal LMs of every family (Llama, Qwen2, Qwen3,
+Mistral), on import and after export."""
 
 import logging
 
@@ -9,14 +10,15 @@ import transformers
 
 from jalign.convert.hf import load_hf, save_hf
 from jalign.models.build import forward
-from tests.hf_models import (EXPORT_MAX_DLOGIT, IMPORT_MAX_DLOGIT, WarningCapture, hf_logits,
-                             save_hf_model)
+from tests.hf_models import (EXPORT_MAX_DLOGIT, IMPORT_MAX_DLOGIT, WarningCapture, hf_classes,
+                             hf_logits, save_hf_model)
 from tests.numerics import assert_f32_close, f32_tolerance, llama_logits_bound
 
 
 # (config name, sequence length). llama3_1 runs 80 tokens: longer than its
 # original_max_position_embeddings (32), where llama3 scaling matters.
-CASES = [("llama2", 40), ("llama3_1", 80), ("llama3_2", 64), ("biased", 30)]
+CASES = [("llama2", 40), ("llama3_1", 80), ("llama3_2", 64), ("biased", 30), ("qwen2", 40),
+         ("qwen3", 40), ("mistral", 40)]  # mistral: 40 tokens through a window of 8
 
 
 def _ids(vocab, length, batch=2, seed=0):
@@ -48,7 +50,7 @@ def test_import_and_export_match_transformers(tmp_path, name, length):
             tmp_path / "export", output_loading_info=True)
     finally:
         tf_logger.removeHandler(capture)
-    assert type(reloaded) is transformers.LlamaForCausalLM
+    assert type(reloaded) is hf_classes(name)[1]
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"] and not info["error_msgs"], info
     assert not capture.records, [r.getMessage() for r in capture.records]

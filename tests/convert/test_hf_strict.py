@@ -91,11 +91,16 @@ def test_old_style_rope_keys_are_read(good_dir, tmp_path):
 
 
 def test_unsupported_architecture_is_named(good_dir, tmp_path):
-    def mistral(c):
-        c["model_type"] = "mistral"
-        c["architectures"] = ["MistralForCausalLM"]
-    with pytest.raises(ConversionError, match="model_type='mistral'"):
-        load_hf(_copy(good_dir, tmp_path, edit_config=mistral))
+    def gemma(c):  # (mistral was the example here until it became a family)
+        c["model_type"] = "gemma2"
+        c["architectures"] = ["Gemma2ForCausalLM"]
+    with pytest.raises(ConversionError, match="model_type='gemma2'"):
+        load_hf(_copy(good_dir, tmp_path, edit_config=gemma))
+
+    def mixed(c):  # a llama config naming another family's class
+        c["architectures"] = ["Qwen2ForCausalLM"]
+    with pytest.raises(ConversionError, match="Qwen2ForCausalLM"):
+        load_hf(_copy(good_dir, tmp_path / "mixed", edit_config=mixed))
 
 
 class _Canary:
