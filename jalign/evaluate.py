@@ -69,6 +69,11 @@ def dataset_loss(model, data_config: DataConfig, *, max_batches: int = 50) -> di
         batches += 1
         if batches >= max_batches:
             break
+    if batches == 0:
+        from jalign.data.formats import DataError
+        raise DataError(f"{data_config.path}: no complete batch of batch_size="
+                        f"{data_config.batch_size} ({it.stats.get('examples', 0)} examples); "
+                        "lower the batch size")
     loss = total / max(weight, 1e-9)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": weight,
             "batches": batches}

@@ -2,8 +2,9 @@
 (training, evaluation, generation, conversion, reward scoring, the demo, benchmarks).
 
 Sources: ``random`` (the gin model config, freshly initialised), ``hf:PATH_OR_HUB_ID`` (a
-Hugging Face safetensors checkpoint) and ``jalign:DIR[@STEP]`` (a jalign checkpoint or run
-directory, its latest step unless ``@STEP``). A run's roles (``jalign.train.roles``) are
+Hugging Face safetensors checkpoint), ``gguf:FILE`` (a llama.cpp/Ollama file, dequantised)
+and ``jalign:DIR[@STEP]`` (a jalign checkpoint or run directory, its latest step unless
+``@STEP``). A run's roles (``jalign.train.roles``) are
 read from it by head: the trained role with that head, or a causal LM read as a scalar
 head (its LM head dropped, a fresh score). A role whose frozen part was not saved (LoRA
 adapters, a trainable regex) is rebuilt from the source its run recorded, checked against
@@ -29,7 +30,7 @@ from jalign.models.heads import LM, SCALAR, check_head, fresh_score, scalar_para
 from jalign.sharding import DEFAULT_RULES, Rules
 from jalign.train import roles as R
 
-SCHEMES = ("random", "hf", "jalign")
+SCHEMES = ("random", "hf", "jalign", "gguf")
 EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 _STEP = re.compile(r"^(.*)@(\d+)$")
 
@@ -51,8 +52,8 @@ class ModelSource:
         scheme, sep, location = text.partition(":")
         if not sep or scheme not in SCHEMES[1:]:
             if default_scheme is None:
-                raise ValueError(f"{what}={text!r}: use 'random', 'hf:PATH_OR_HUB_ID' or "
-                                 "'jalign:DIR[@STEP]'")
+                raise ValueError(f"{what}={text!r}: use 'random', 'hf:PATH_OR_HUB_ID', "
+                                 "'gguf:FILE' or 'jalign:DIR[@STEP]'")
             scheme, location = default_scheme, text
         if not location:
             raise ValueError(f"{what}={text!r}: no path after '{scheme}:'")
@@ -89,8 +90,8 @@ class ModelSource:
 class ModelInit:
     """Where a run's model comes from (gin: ``ModelInit.source = 'hf:...'``).
 
-    ``source``: ``random`` (the gin model config), ``hf:PATH_OR_HUB_ID`` or
-    ``jalign:DIR[@STEP]``. ``step``: the checkpoint step of a jalign source (also written
+    ``source``: ``random`` (the gin model config), ``hf:PATH_OR_HUB_ID``, ``gguf:FILE``
+    (or ``gguf:PACKAGE/FILE``, a file an installed package ships) or ``jalign:DIR[@STEP]``. ``step``: the checkpoint step of a jalign source (also written
     ``@STEP``). Execution fields (dtype, param_dtype, scan_layers, remat_policy,
     attention_impl) of the gin model config apply to every source when
     ``use_execution_config`` is set, so a bf16 run can start from an fp32 checkpoint."""
@@ -128,6 +129,9 @@ def read_config(source: ModelSource, gin_config=None, overrides: dict | None = N
     if source.scheme == "hf":
         from jalign.convert.hf import read_hf_config, resolve_directory
         return read_hf_config(resolve_directory(source.location, config_only=True), **overrides)
+    if source.scheme == "gguf":
+        from jalign.convert.gguf import GGUFFile, config_from_gguf
+        return config_from_gguf(GGUFFile(source.location), **overrides)
     return read_model_config(source.location, source.step).replace(lora=None, **overrides)
 
 
@@ -152,11 +156,13 @@ def load(source: ModelSource | str, *, head: str = LM, config=None, mesh=None,
     if source.scheme == "random":
         cfg = config.replace(lora=None, **overrides)
         return cfg, create_model(cfg, seed=seed, mesh=mesh, rules=rules, head=head)
-    if source.scheme == "hf":
+    if source.scheme in ("hf", "gguf"):
+        from jalign.convert.gguf import load_gguf
         from jalign.convert.hf import load_hf
         dtype, compute = overrides.pop("param_dtype", None), overrides.pop("dtype", None)
-        cfg, model = load_hf(source.location, mesh=mesh, dtype=dtype, compute_dtype=compute,
-                             rules=rules, head=head, seed=seed, quantize=quantize, **overrides)
+        loader = load_hf if source.scheme == "hf" else load_gguf
+        cfg, model = loader(source.location, mesh=mesh, dtype=dtype, compute_dtype=compute,
+                            rules=rules, head=head, seed=seed, quantize=quantize, **overrides)
         return cfg, model
     return load_checkpoint(source.location, step=source.step, head=head, mesh=mesh,
                            rules=rules, seed=seed, adapters=adapters, role=role, **overrides)
@@ -415,3 +421,47 @@ def describe(source: ModelSource) -> str:
     """A short name for messages and PEFT's ``base_model_name_or_path``: an HF path or hub
     id as given; other sources as written."""
     return source.location if source.scheme == "hf" else str(source)
+
+
+# ------------------------------------------------------------------ the model's tokenizer
+
+TOKENIZER_DIR = "tokenizer"  # where a run (or a converted checkpoint) keeps its tokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_spec(source: ModelSource | str) -> str:
+    """The tokenizer that comes with a model source (a ``load_tokenizer`` argument): a
+    ``random`` model's is the bundled one; an ``hf:`` checkpoint's its own files (a hub id:
+    its repo); a ``gguf:`` file's the one its metadata describes; a ``jalign:`` run's the
+    one it trained with (``DIR/tokenizer``; runs written before they kept one: the
+    ``DataConfig.tokenizer`` they recorded, the bundled one if none). ValueError when the
+    source has none (an HF directory without tokenizer files)."""
+    from pathlib import Path
+    if isinstance(source, str):
+        source = ModelSource.parse(source, what="model source")
+    if source.scheme == "random":
+        return "bundled"
+    if source.scheme == "gguf":
+        return f"gguf:{source.location}"
+    path = Path(source.location)
+    if source.scheme == "hf":
+        if not path.exists():
+            return source.location  # a hub id: its repo's tokenizer
+        if any((path / f).exists() for f in _TOKENIZER_FILES):
+            return str(path)
+        raise ValueError(f"hf:{source.location} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
+                         "; name the tokenizer to use (a directory, a hub id, gguf:FILE or "
+                         "'bundled')")
+    if (path / TOKENIZER_DIR).is_dir():
+        return str(path / TOKENIZER_DIR)
+    return _recorded_tokenizer(source) or "bundled"
+
+
+def _recorded_tokenizer(source: ModelSource) -> str | None:
+    """The DataConfig.tokenizer a run recorded (runs that kept no tokenizer of their own)."""
+    from jalign.checkpoint import read_config_record
+    try:
+        record = read_config_record(source.location, source.step) or {}
+    except (CheckpointError, OSError, ValueError):
+        return None
+    return record.get("DataConfig.tokenizer")

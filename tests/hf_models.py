@@ -109,12 +109,22 @@ def make_hf_model(name: str, seed: int = 0, **overrides):
     return model
 
 
-def save_hf_model(name: str, path, seed: int = 0, dtype=None, **overrides):
+def save_hf_model(name: str, path, seed: int = 0, dtype=None, tokenizer: bool = False,
+                  **overrides):
+    """Save a CONFIGS model; with ``tokenizer`` the bundled tokenizer's files go with it
+    (as a real checkpoint's do: a run from it then uses them as the model's own)."""
     model = make_hf_model(name, seed, **overrides)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
+    if tokenizer:
+        save_bundled_tokenizer(path)
     return model
+
+
+def save_bundled_tokenizer(path) -> None:
+    from jalign.data.tokenize import load_tokenizer
+    load_tokenizer("bundled").save_pretrained(str(path))
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:

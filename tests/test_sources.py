@@ -96,3 +96,27 @@ def test_one_loader_reads_every_source_with_either_head(tmp_path):
     save_model(tmp_path / "rm", CONFIG, create_model(CONFIG, seed=2, head="scalar"))
     with pytest.raises(Exception, match="scalar head"):
         sources.load(f"jalign:{tmp_path / 'rm'}", head="lm")
+
+
+def test_the_tokenizer_follows_the_model_source(tmp_path):
+    """A model's tokenizer unless another is named: a random model's is the bundled one,
+    an hf: directory's its own files (none there: an error naming the fix), a gguf file's
+    its metadata, a jalign run's the copy it trained with (runs from before it kept one:
+    what it recorded, else the bundled one)."""
+    from jalign.data.tokenize import load_tokenizer
+    from jalign.data.tokenizer_files import save_tokenizer
+    assert sources.tokenizer_spec("random") == "bundled"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    with pytest.raises(ValueError, match="has no tokenizer files.*'bundled'"):
+        sources.tokenizer_spec(f"hf:{hf}")
+    load_tokenizer().save_pretrained(str(hf))
+    assert sources.tokenizer_spec(f"hf:{hf}") == str(hf)
+    assert sources.tokenizer_spec("hf:someone/some-model") == "someone/some-model"  # a hub id
+    assert sources.tokenizer_spec("gguf:/models/x.gguf") == "gguf:/models/x.gguf"
+    run = tmp_path / "run"
+    save_tokenizer(load_tokenizer(), run / sources.TOKENIZER_DIR, "{{ messages }}")
+    assert sources.tokenizer_spec(f"jalign:{run}") == str(run / "tokenizer")
+    assert load_tokenizer(str(run / "tokenizer")).chat_template == "{{ messages }}"
+    assert not list(tmp_path.rglob("*.tmp-*"))  # written aside, moved into place
+    assert sources.tokenizer_spec(f"jalign:{tmp_path / 'old_run'}") == "bundled"

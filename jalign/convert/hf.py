@@ -242,7 +242,17 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     config_overrides["dtype"] = str(jnp.dtype(compute_dtype).name) if compute_dtype else param_dtype
     config = read_hf_config(directory, param_dtype=param_dtype, **config_overrides)
     validate(ckpt, config, file_head, uses_lm_head=head == LM)
+    return build_model(ckpt, config, file_head, head, seed=seed, mesh=mesh, rules=rules,
+                       quantize=quantize)
 
+
+def build_model(reader, config, file_head: str, head: str, *, seed: int = 0, mesh=None,
+                rules: Rules = DEFAULT_RULES, quantize: tuple[str, int] | None = None):
+    """``(config, model)`` from ``reader.read(hf_name) -> numpy`` (a checkpoint's tensors
+    under their Hugging Face names and layout, already validated against ``config``),
+    placed shard by shard; ``reader`` is closed at the end. A scalar head from a causal-LM
+    file (``file_head`` lm) reads the backbone and starts a fresh score (``seed``)."""
+    directory = reader.directory
     graphdef, abstract = abstract_model(config, mesh, rules, head=head)
     flat = dict(nnx.to_flat_state(abstract))
     default_sharding = SingleDeviceSharding(jax.devices()[0])
@@ -267,7 +277,7 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
     try:
         for m in maps:
             def read(i, m=m):
-                return m.to_jalign(ckpt.read(m.hf_name.format(i=i) if i is not None else m.hf_name))
+                return m.to_jalign(reader.read(m.hf_name.format(i=i) if i is not None else m.hf_name))
 
             values[m.jalign_path] = place(m.jalign_path, read, m.stacked)
             path = m.jalign_path
@@ -275,9 +285,9 @@ def load_hf(path, *, head: str = "lm", seed: int = 0, mesh: Mesh | None = None, 
                 values.update(_quantize_placed(m.jalign_path, values.pop(m.jalign_path),
                                                q_flat, quantize, mesh is not None))
     finally:
-        ckpt.close()
+        reader.close()
     if head != file_head:
-        print(f"load_hf: {directory} is a causal LM; its LM head is dropped and the score "
+        print(f"{directory} is a causal LM; its LM head is dropped and the score "
               f"head is freshly initialised (seed={seed})", flush=True)
         score = np.asarray(fresh_score(config, seed))
         values[("score",)] = place(("score",), lambda _: score, False)
@@ -333,8 +343,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def save_hf(config: LlamaConfig, model, path, *, dtype=None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-            pad_token_id: int | None = None) -> Path:
-    """Export as a transformers checkpoint directory (sharded safetensors, config.json).
+            pad_token_id: int | None = None, tokenizer=None,
+            chat_template: str | None = None) -> Path:
+    """Export as a transformers checkpoint directory (sharded safetensors, config.json and,
+    with ``tokenizer``, its files and ``chat_template``: a self-contained directory
+    ``AutoTokenizer``/``AutoModelForCausalLM`` load).
 
     A ``Llama`` becomes a ``LlamaForCausalLM`` (plus generation_config.json); a
     ``ScalarHeadModel`` becomes a ``LlamaForSequenceClassification`` with one label
@@ -377,5 +390,9 @@ def save_hf(config: LlamaConfig, model, path, *, dtype=None,
         write_sharded(plan, tmp, max_shard_bytes)
         _write_json(tmp / "config.json", config_to_hf(described, np_dtype.name, head))
         if head == LM:  # a classifier does not generate
-            _write_json(tmp / "generation_config.json", generation_config_to_hf(described))
+            _write_json(tmp / "generation_config.json",
+                        generation_config_to_hf(described, tokenizer))
+        if tokenizer is not None:
+            from jalign.data.tokenizer_files import write_tokenizer
+            write_tokenizer(tokenizer, tmp, chat_template)
     return out

@@ -238,10 +238,16 @@ def _check_exportable(config) -> None:
                               f"{sorted(extra)}: export it as a family that has them")
 
 
-def generation_config_to_hf(config: LlamaConfig) -> dict:
+def generation_config_to_hf(config: LlamaConfig, tokenizer=None) -> dict:
+    """generation_config.json: the config's special ids; generation also stops at the
+    tokenizer's end-of-sequence token (what a chat template ends a turn with) if the
+    config names another."""
     eos = config.eos_token_id
-    out = {"bos_token_id": config.bos_token_id,
-           "eos_token_id": list(eos) if isinstance(eos, tuple) else eos}
+    eos = list(eos) if isinstance(eos, tuple) else eos
+    end = getattr(tokenizer, "eos_token_id", None)
+    if end is not None and end not in (eos if isinstance(eos, list) else [eos]):
+        eos = [*(eos if isinstance(eos, list) else [] if eos is None else [eos]), end]
+    out = {"bos_token_id": config.bos_token_id, "eos_token_id": eos}
     if config.pad_token_id is not None:
         out["pad_token_id"] = config.pad_token_id
     return out

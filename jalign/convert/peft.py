@@ -82,9 +82,11 @@ def adapter_config(model, base_name: str) -> dict:
     }
 
 
-def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
+def save_peft(model, path, *, base_name: str, overwrite: bool = False,
+              tokenizer=None) -> Path:
     """Write ``model``'s adapters (a causal LM or scalar head carrying ``config.lora``) as
-    a PEFT LoRA directory; written beside ``path`` and moved into place at the end."""
+    a PEFT LoRA directory (with ``tokenizer``'s files, as PEFT adapters are shared);
+    written beside ``path`` and moved into place at the end."""
     lora = model.config.lora
     if lora is None or not lora.enabled:
         raise ValueError("the model has no LoRA adapters to export (LoraConfig.rank=0); "
@@ -99,6 +101,9 @@ def save_peft(model, path, *, base_name: str, overwrite: bool = False) -> Path:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(
             json.dumps(adapter_config(model, base_name), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            from jalign.data.tokenizer_files import write_tokenizer
+            write_tokenizer(tokenizer, tmp)
     return out
 
 

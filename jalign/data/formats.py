@@ -41,16 +41,15 @@ class FieldError(DataError):
         super().__init__(f"{field}={value!r}: {message}")
 
 
-# A single file has no splits: it is the training split. Reading it for any other split
-# would evaluate on the training data without saying so.
-FILE_SPLIT = "train"
-
-
 def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, Any]]:
     """Records from a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory, or a
     hub dataset name (needs network). JSON is parsed here, one record at a time, so that
     records of mixed shape (a string in one, a list in the next) are fine and a broken
-    line is reported by number. A split that the source does not have is a FieldError."""
+    line is reported by number. A source with splits (a JSON object of them, a
+    DatasetDict, a hub dataset) gives ``split``, and a split it does not have is a
+    FieldError; a single file without splits (.jsonl, .parquet, a JSON list) is one split,
+    read whole whatever ``split`` names: a held-out file given as the eval data is the
+    eval data (a run refuses its training file as its eval data: ``is_unsplit_file``)."""
     p = Path(path)
     if p.is_file():
         if p.suffix == ".json":
@@ -61,20 +60,16 @@ def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, An
             if isinstance(data, dict):  # {"data": [...]} or {split: [...]}
                 if split in data:
                     data = data[split]
-                elif "data" in data and split == FILE_SPLIT:
+                elif "data" in data:
                     data = data["data"]
                 else:
                     raise FieldError("split", split, f"{p} has no such key; it has "
                                      f"{sorted(data)}")
-            elif split != FILE_SPLIT:
-                raise _no_splits(p, split)
             if not isinstance(data, list):
                 raise DataError(f"{p}: expected a JSON list of records")
             return data
         if p.suffix not in (".jsonl", ".parquet"):
             raise DataError(f"{p}: unsupported file type {p.suffix!r} (.json, .jsonl, .parquet)")
-        if split != FILE_SPLIT:
-            raise _no_splits(p, split)
         if p.suffix == ".jsonl":
             return _read_jsonl(p)
         import datasets
@@ -89,9 +84,7 @@ def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, An
             if split not in ds:
                 raise FieldError("split", split, f"{p} has splits {sorted(ds)}")
             ds = ds[split]
-        elif split != FILE_SPLIT:
-            raise _no_splits(p, split)
-        return ds
+        return ds  # a Dataset: one split, as a single file
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and p.suffix not in (".json", ".jsonl",
                                                                              ".parquet"):
         return _read_hub(str(path), split)
@@ -99,10 +92,19 @@ def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, An
                      "name (owner/name)")
 
 
-def _no_splits(p: Path, split: str) -> FieldError:
-    return FieldError("split", split, f"{p} is a single file without splits (it is the "
-                      f"{FILE_SPLIT!r} split); point this config's path at a separate "
-                      "held-out file instead")
+def is_unsplit_file(path: str) -> bool:
+    """A local file or saved Dataset that is one split (.jsonl, .parquet, a JSON list, a
+    save_to_disk Dataset): as eval data next to the same path as training data, it would
+    measure the training records."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "dataset_info.json").is_file()  # a DatasetDict keeps dataset_dict.json
+    if not p.is_file():
+        return False
+    if p.suffix in (".jsonl", ".parquet"):
+        return True
+    with open(p, "rb") as f:
+        return p.suffix == ".json" and f.read(4096).lstrip().startswith(b"[")
 
 
 def _read_hub(name: str, split: str):

@@ -75,8 +75,13 @@ class TokenizeConfig:
 
 
 def load_tokenizer(name_or_path: str | None = None):
-    """A fast tokenizer from a local directory, a hub name, or the bundled one (None).
-    Never runs repository code."""
+    """A fast tokenizer from a local directory, a hub name, ``gguf:FILE`` (built from the
+    file's metadata) or the bundled one (``bundled`` or None). Never runs repository code.
+    (Which tokenizer a run uses when none is named follows its model:
+    ``jalign.sources.tokenizer_spec``.)"""
+    if str(name_or_path).startswith("gguf:"):
+        from jalign.convert.gguf import GGUFFile, tokenizer_from_gguf
+        return tokenizer_from_gguf(GGUFFile(str(name_or_path)[len("gguf:"):]))
     if name_or_path in (None, "bundled"):
         # jalign's own tokenizer.json needs no model-specific class; loading it directly
         # skips AutoTokenizer's imports (transformers' configs, and torch where installed).

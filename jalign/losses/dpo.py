@@ -37,6 +37,13 @@ from jalign.losses.sft import target_log_probs
 from jalign.losses.types import LossOutput
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+# A pair is won (rewards/accuracy) only when its reward margin exceeds this fraction of
+# the magnitudes it was computed from (beta x the summed |log-probs| differenced): two
+# float32 programs (policy and reference, or two batch layouts) agree on a summed log-prob
+# to about 1e-6 of its size, so at the start, where the policy is the reference, margins
+# of that size are noise, not preference. 2^-13 (~1.2e-4) leaves a factor of ~100 over
+# that noise; smaller margins are counted as rewards/ties.
+TIE_RTOL = 2.0 ** -13
 
 
 def _lengths(x, name):
@@ -48,8 +55,9 @@ def _lengths(x, name):
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              reference_free: bool = False, gamma: float = 0.5, chosen_lengths=None,
-             rejected_lengths=None, dpop_lambda: float = 0.0):
-    """(per-pair losses [pairs], aux dict of per-pair metrics). See the module docstring."""
+             rejected_lengths=None, dpop_lambda: float = 0.0, tie_rtol: float = TIE_RTOL):
+    """(per-pair losses [pairs], aux dict of per-pair metrics). See the module docstring;
+    ``tie_rtol``: see TIE_RTOL."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}; one of {LOSS_TYPES}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -92,11 +100,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
             ratio = log_odds(avg_c) - log_odds(avg_r)
             losses = -beta * jax.nn.log_sigmoid(ratio)
             chosen_reward, rejected_reward = beta * avg_c, beta * avg_r
+    if loss_type in ("simpo", "orpo"):
+        magnitude = beta * (jnp.abs(avg_c) + jnp.abs(avg_r))
+    else:
+        magnitude = beta * (jnp.abs(pc) + jnp.abs(rc) + jnp.abs(pr) + jnp.abs(rr))
+    margin = chosen_reward - rejected_reward
+    tie = jnp.abs(margin) <= tie_rtol * magnitude
     aux = {
         "rewards/chosen": chosen_reward,
         "rewards/rejected": rejected_reward,
-        "rewards/accuracy": (chosen_reward > rejected_reward).astype(jnp.float32),
-        "rewards/margin": chosen_reward - rejected_reward,
+        "rewards/accuracy": ((margin > 0) & ~tie).astype(jnp.float32),
+        "rewards/ties": tie.astype(jnp.float32),
+        "rewards/margin": margin,
         "logps/chosen": pc,
         "logps/rejected": pr,
         # How far the policy moved from the reference (a sampled KL-style statistic).
@@ -144,6 +159,7 @@ class DPOConfig:
     reference: str = "in_step"
     span: str = "response"
     chunk_tokens: int = 2048
+    tie_rtol: float = TIE_RTOL  # margins within this of their magnitude are ties
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -163,6 +179,8 @@ class DPOConfig:
                              f"{self.sft_weight}, {self.chunk_tokens}")
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta must be positive, got {self.beta}")
+        if not 0 <= self.tie_rtol < 1:
+            raise ValueError(f"DPOConfig.tie_rtol must be in [0, 1), got {self.tie_rtol}")
 
     @property
     def needs_reference(self) -> bool:
@@ -250,7 +268,7 @@ def make_dpo_loss(config: DPOConfig):
         losses, aux = dpo_loss(pc, pr, rc, rr, beta=config.beta, loss_type=config.loss_type,
                                label_smoothing=config.label_smoothing,
                                reference_free=config.reference_free, gamma=config.gamma,
-                               dpop_lambda=config.dpop_lambda,
+                               dpop_lambda=config.dpop_lambda, tie_rtol=config.tie_rtol,
                                chosen_lengths=lc if use_lengths else None,
                                rejected_lengths=lr if use_lengths else None)
         n = jnp.asarray(pc.shape[0], jnp.float32)

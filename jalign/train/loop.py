@@ -77,15 +77,16 @@ def fetch_metrics(metrics: dict) -> dict:
 
 def train(recipe: Recipe | Callable, configs: RunConfigs, *, operative: str = "",
           rules=DEFAULT_RULES, on_log: Callable[[dict], None] | None = None,
-          allow_config_change: bool = False) -> dict:
+          allow_config_change: bool = False, show_operative: bool = False) -> dict:
     """Run (or resume) a training run; returns a summary. Raises Preempted / NonFiniteError,
     and ConfigError (before anything is loaded or compiled) for a problem in the config.
+    ``show_operative``: print the operative config (of the models trained) at the start.
 
     ``recipe``: a Recipe (roles, loss, data kind, ...) or a plain loss function
     ``loss(model, batch, ctx)`` on conversation data."""
     recipe = recipe if isinstance(recipe, Recipe) else custom(recipe)
     run = open_run(recipe, configs, operative=operative, rules=rules,
-                   allow_config_change=allow_config_change)
+                   allow_config_change=allow_config_change, show_operative=show_operative)
     return run_loop(run, on_log=on_log)
 
 
@@ -126,6 +127,7 @@ class Training:
         self.pending: list[Pending] = []
         self.last_ready = time.perf_counter()
         self.last_eval = None
+        self.last_record = None
         self.ended = None
         self.saved = False
         self.bar = None
@@ -138,7 +140,8 @@ class Training:
             try:
                 self._open_bar()
                 if self.evaluator.enabled and self.tc.eval_at_start and run.start == 0:
-                    self.writer.write(self.evaluator(self.state, 0))  # the baseline
+                    self.last_eval = self.evaluator(self.state, 0)  # the baseline
+                    self.writer.write(self.last_eval)
                 for step in range(run.start, run.end):
                     if not self._one_step(step, preemption):
                         break
@@ -201,6 +204,8 @@ class Training:
     def _evaluate(self, step: int) -> None:
         self.last_eval = self.evaluator(self.state, step)
         self.writer.write(self.last_eval)
+        if self.bar is not None:
+            self._show()
         if self.on_log is not None:
             self.on_log(self.last_eval)
 
@@ -235,10 +240,18 @@ class Training:
         self.writer.write(record)
         if self.on_log is not None and (p.step % self.tc.log_every == 0 or p.step == self.run.end):
             self.on_log(record)
+        self.last_record = record
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(refresh=False, loss=f"{m['loss']:.4f}",
-                                 tok_s=f"{record['tokens_per_second_per_device'] * self.n_dev:,.0f}")
+            self._show()
+
+    def _show(self) -> None:
+        """The progress bar's postfix: the latest step's metrics and evaluation."""
+        record = self.last_record or {}
+        fields = M.console_fields(record, self.last_eval)
+        if record:
+            fields["tok_s"] = f"{record['tokens_per_second_per_device'] * self.n_dev:,.0f}"
+        self.bar.set_postfix(fields, refresh=False)  # in CONSOLE_METRICS' order
 
     def _nonfinite(self, record: dict, m: dict) -> None:
         record["skipped_nonfinite"] = 1

@@ -12,9 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense peak FLOP/s per device by device_kind substring (bf16 unless noted).
+# Declared dense peak FLOP/s per device, by device_kind substring (bf16 for accelerators):
+# MFU is comparable between runs only against a fixed peak, never one timed at each start
+# (a loaded machine reads low). TrainConfig.peak_flops overrides it.
 KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
                "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# A CPU core's declared float32 peak: FLOPs per cycle by vector ISA (two FMA units of
+# 16, 8 or 4 lanes, 2 FLOPs each) at a declared 2.5 GHz: the ISA is read, the clock (which
+# turbo and load move) is not.
+CPU_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32, "sse2": 16}
+CPU_DECLARED_HZ = 2.5e9
 
 
 def train_flops_per_token(config, seq_len: int) -> float:
@@ -27,31 +34,58 @@ def train_flops_per_token(config, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * nq * h * seq_len
 
 
-@functools.lru_cache(maxsize=None)  # once per process: it takes about a second on CPU
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 n x n matmul on the default device (for CPU MFU)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times))
+def cpu_peak_per_core() -> tuple[float, str]:
+    """(declared float32 FLOP/s of one core, the ISA it assumes) from /proc/cpuinfo."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    isa = next((k for k in CPU_FLOPS_PER_CYCLE if k in flags), "sse2")
+    return CPU_FLOPS_PER_CYCLE[isa] * CPU_DECLARED_HZ, isa
 
 
 def peak_flops_per_device(configured: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where it comes from): configured, else the declared
+    table (a CPU device: its cores' declared peak)."""
     if configured:
         return configured, "configured"
     kind = jax.devices()[0].device_kind
     for name, peak in KNOWN_PEAKS.items():
         if name in kind:
-            return peak, f"spec sheet ({kind})"
+            return peak, f"declared ({kind})"
     if jax.default_backend() == "cpu":
-        # One CPU device spans all cores; measure what one matmul reaches here.
-        return measure_matmul_peak() / len(jax.devices()), "measured fp32 matmul"
-    return None, f"unknown device {kind!r}"
+        import os
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        per_core, isa = cpu_peak_per_core()
+        # The devices share the process's cores (the forced host device count splits them).
+        return (per_core * cores / len(jax.devices()),
+                f"declared CPU float32: {cores} cores x {isa} at {CPU_DECLARED_HZ / 1e9:g} GHz")
+    return None, f"unknown device {kind!r} (set TrainConfig.peak_flops)"
+
+
+# What the console shows of a step (and of the latest evaluation), in this order: the
+# progress bar's postfix, or a line per logged step without it.
+CONSOLE_METRICS = (("loss", "loss", "{:.4f}"), ("rewards/accuracy", "acc", "{:.3f}"),
+                   ("rewards/ties", "ties", "{:.2f}"), ("accuracy", "acc", "{:.3f}"),
+                   ("reward", "reward", "{:.3f}"), ("kl", "kl", "{:.3g}"),
+                   ("eval_loss", "eval_loss", "{:.4f}"),
+                   ("eval_rewards/accuracy", "eval_acc", "{:.3f}"),
+                   ("eval_accuracy", "eval_acc", "{:.3f}"),
+                   ("eval_reward", "eval_reward", "{:.3f}"), ("mfu", "mfu", "{:.1%}"))
+
+
+def console_fields(*records: dict) -> dict:
+    """{label: text} of the CONSOLE_METRICS the records hold (the first record holding a
+    key gives it)."""
+    out = {}
+    for key, label, fmt in CONSOLE_METRICS:
+        for record in records:
+            if record and key in record and label not in out:
+                out[label] = fmt.format(record[key])
+                break
+    return out
 
 
 class MetricsWriter:

@@ -104,15 +104,17 @@ def open_data(config: DataConfig, binding: str, **kwargs):
         raise ConfigError(f"{binding} (path={config.path!r}): {e}") from None
 
 
-def check_vocab(iterator, model_config, binding: str) -> None:
-    """Token ids the model's embedding cannot hold would be clamped silently by XLA."""
-    top = iterator.stats.get("max_token_id", -1)
+def check_vocab(iterator, model_config, named: str) -> None:
+    """The tokenizer fits the model: token ids the embedding cannot hold would be clamped
+    silently by XLA. ``named``: how the tokenizer binding reads ('DataConfig.tokenizer=...')."""
+    size = len(iterator.chat.tokenizer)
+    top = max(iterator.stats.get("max_token_id", -1), size - 1)
     vocab_size = model_config.vocab_size
     if top >= vocab_size:
         raise ConfigError(
-            f"{binding}.tokenizer={iterator.config.tokenizer!r} produces token id {top}, but "
-            f"the model has {type(model_config).__name__}.vocab_size={vocab_size}: use the "
-            "model's tokenizer")
+            f"{named} has {size} tokens (ids up to {top}), but the model has "
+            f"{type(model_config).__name__}.vocab_size={vocab_size}: use the model's "
+            "tokenizer")
 
 
 def check_trainable(models, optimizer_config) -> None:

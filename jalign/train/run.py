@@ -25,12 +25,14 @@ import jax
 from jalign import sources
 from jalign.checkpoint import CheckpointError, TrainCheckpointer, resolve_run_dir
 from jalign.data.pipeline import DataConfig
+from jalign.data.tokenizer_files import save_tokenizer
 from jalign.errors import ConfigError, first_line
 from jalign.models.lora import LoraConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
 from jalign.train import preflight as P
 from jalign.train import roles as R
 from jalign.train.hosts import agree_min, agree_on, check_same_directory, from_process_0
+from jalign.train.operative import operative_for_models
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.recipe import Recipe
 from jalign.train.resume import ResumePoint, config_record, model_record, read_resume_point
@@ -117,7 +119,7 @@ def _log_main(text: str) -> None:
 
 def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
              rules=DEFAULT_RULES, allow_config_change: bool = False,
-             make_source: Callable | None = None) -> Run:
+             make_source: Callable | None = None, show_operative: bool = False) -> Run:
     """Open (resume or start) the run the configs describe. Raises ConfigError, before
     anything is loaded or compiled and before the run directory is created, for a problem
     in the config. ``make_source(data_iterator) -> BatchSource`` replaces the recipe's
@@ -127,11 +129,15 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
     mesh, run_dir = check_start(recipe, configs, rules)
     point = find_resume(recipe, configs, run_dir, allow_config_change, log)
     models = resolve_models(recipe, configs, point)
-    data, eval_iter = open_data(configs, point, models)
-    ckpt = prepare_run_dir(run_dir, configs.train, operative, point)
     # Each role's pinned source, saved with each step: process 0's (a source run saving
     # meanwhile could give hosts different latest steps).
     records = from_process_0(point.role_records(models))
+    operative = operative_for_models(operative, models, records)
+    if operative and show_operative:
+        log("operative config:\n" + operative)
+    configs, named = resolve_tokenizers(configs, point, run_dir)
+    data, eval_iter = open_data(configs, point, models, named)
+    ckpt = prepare_run_dir(run_dir, configs.train, operative, point, data.chat)
     initial = initial_models(models, records, point, configs, mesh, rules)
     ctx = SourceContext(mesh=mesh, rules=rules, seed=configs.train.seed, models=models,
                         initial=initial.model, initial_key=lambda n: _initial_key(initial, n),
@@ -249,7 +255,35 @@ def resolve_models(recipe: Recipe, configs: RunConfigs, point: ResumePoint) -> R
 
 # ------------------------------------------------------------------ 4. data
 
-def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels):
+def resolve_tokenizers(configs: RunConfigs, point: ResumePoint, run_dir) -> tuple:
+    """(configs with every DataConfig.tokenizer named, {binding: how it was chosen}).
+
+    None is the model's own tokenizer (``sources.tokenizer_spec``: an ``hf:``/``gguf:``
+    model's files, a ``jalign:`` run's, the bundled one for a random model); a resumed run
+    keeps the one it trained with (its run directory's copy; runs written before they kept
+    one used the bundled tokenizer for None)."""
+    spec = None
+    if point.step is not None:
+        own = run_dir / sources.TOKENIZER_DIR
+        spec = str(own) if own.is_dir() else "bundled"
+    named = {}
+    out = {}
+    for binding, field in (("DataConfig", "data"), ("eval/DataConfig", "eval_data")):
+        dc = getattr(configs, field)
+        if dc is None or dc.tokenizer is not None:
+            named[binding] = f"{binding}.tokenizer={None if dc is None else dc.tokenizer!r}"
+            continue
+        if spec is None:
+            try:
+                spec = sources.tokenizer_spec(point.source)
+            except ValueError as e:
+                raise ConfigError(f"{binding}.tokenizer=None: {e}") from None
+        out[field] = dataclasses.replace(dc, tokenizer=spec)
+        named[binding] = f"{binding}.tokenizer=None (the model's own: {spec!r})"
+    return dataclasses.replace(configs, **out), named
+
+
+def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels, named: dict):
     """(train iterator, eval iterator or None), tokenized and checked against the model."""
     vocab = models.configs[models.primary]  # its vocabulary size bounds the token ids
     processes = jax.process_count()
@@ -257,15 +291,19 @@ def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels):
     tc = configs.train
     data = P.open_data(configs.data, "DataConfig", progress=tc.progress and shard["process_index"] == 0,
                        shards=point.data_shards, **shard)
-    P.check_vocab(data, vocab, "DataConfig")
+    P.check_vocab(data, vocab, named["DataConfig"])
     eval_iter, ec = None, configs.eval_data
+    if ec is not None and _same_unsplit_data(configs.data.path, ec.path):
+        raise ConfigError(f"eval/DataConfig.path={ec.path!r} is the training data "
+                          "(DataConfig.path), a file without splits: evaluating on it "
+                          "measures the records trained on; give a held-out file")
     if ec is not None:
         # The train stream's shard count when it divides the eval batch: the same eval
         # rows after a resume on another process count.
         eval_shards = ec.shards or (point.data_shards if ec.batch_size % point.data_shards == 0
                                     else None)
         eval_iter = P.open_data(ec, "eval/DataConfig", shards=eval_shards, **shard)
-        P.check_vocab(eval_iter, vocab, "eval/DataConfig")
+        P.check_vocab(eval_iter, vocab, named["eval/DataConfig"])
         if agree_min(eval_iter.total_batches()) == 0:
             raise ConfigError(
                 f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
@@ -273,13 +311,24 @@ def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels):
     return data, eval_iter
 
 
-def prepare_run_dir(run_dir, tc: TrainConfig, operative: str, point: ResumePoint):
-    """The run directory (created now that every check passed), its operative config and
-    the checkpointer."""
+def _same_unsplit_data(train_path: str, eval_path: str) -> bool:
+    from pathlib import Path
+
+    from jalign.data.formats import is_unsplit_file
+    return is_unsplit_file(train_path) and Path(train_path).resolve() == Path(eval_path).resolve()
+
+
+def prepare_run_dir(run_dir, tc: TrainConfig, operative: str, point: ResumePoint, chat):
+    """The run directory (created now that every check passed), its operative config, the
+    tokenizer it trains with (a ``jalign:`` source or an export of the run reads it back)
+    and the checkpointer."""
     run_dir.mkdir(parents=True, exist_ok=True)
     check_same_directory(run_dir, "TrainConfig.output_root")
-    if jax.process_index() == 0 and operative:
-        (run_dir / "operative_config.gin").write_text(operative)
+    if jax.process_index() == 0:
+        if operative:
+            (run_dir / "operative_config.gin").write_text(operative)
+        if not (run_dir / sources.TOKENIZER_DIR).is_dir():  # a resumed run keeps its own
+            save_tokenizer(chat.tokenizer, run_dir / sources.TOKENIZER_DIR, chat.template)
     return point.ckpt or TrainCheckpointer(run_dir, keep=tc.keep, async_save=tc.async_save)
 
 

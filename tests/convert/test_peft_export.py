@@ -15,7 +15,7 @@ from jalign.sources import load_checkpoint
 from jalign.cli import main
 from jalign.models.build import forward
 from jalign.models.adapters import merge
-from tests.hf_models import EXPORT_MAX_DLOGIT, make_hf_model
+from tests.hf_models import EXPORT_MAX_DLOGIT, make_hf_model, save_bundled_tokenizer
 from tests.numerics import assert_f32_close, llama_logits_bound
 from tests.train.test_loop import _run
 
@@ -40,6 +40,7 @@ def _hf_base(path, name):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(0.15)
     model.save_pretrained(path)
+    save_bundled_tokenizer(path)
 
 
 def _check(out, ref, bound_model, length):
@@ -59,7 +60,7 @@ def test_lora_run_exports_merged_and_as_peft_adapter(tmp_path, name):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == (
         "LORA", "CAUSAL_LM", 4, 8.0)
-    assert config["base_model_name_or_path"] == str(hf)
+    assert config["base_model_name_or_path"] == str(hf.resolve())
     assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj",
                                                 "q_proj", "v_proj"]
 

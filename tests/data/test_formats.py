@@ -148,3 +148,21 @@ def test_hh_rlhf_mismatched_prefix_is_bad():
     with pytest.raises(BadRecord, match="differ before their final"):
         formats.hh_rlhf_adapter({"chosen": "\n\nHuman: a\n\nAssistant: b",
                                  "rejected": "\n\nHuman: c\n\nAssistant: d"}, {})
+
+
+def test_a_file_without_splits_is_read_whole_for_any_split(tmp_path):
+    """A held-out file given as the eval data is the eval data: its split ('test' in the
+    algo configs, 'eval' in `jalign eval`) does not matter; a file with splits gives the
+    one named, and a split it lacks is an error naming it."""
+    whole = list(formats.read_records(str(SAMPLES / "messages.jsonl")))
+    for split in ("train", "test", "eval"):
+        assert list(formats.read_records(str(SAMPLES / "messages.jsonl"), split=split)) == whole
+    (tmp_path / "list.json").write_text(json.dumps(whole))
+    assert formats.read_records(str(tmp_path / "list.json"), split="test") == whole
+    (tmp_path / "splits.json").write_text(json.dumps({"train": whole[:1], "test": whole[1:]}))
+    assert formats.read_records(str(tmp_path / "splits.json"), split="test") == whole[1:]
+    with pytest.raises(formats.FieldError, match="split='eval'.*has no such key"):
+        formats.read_records(str(tmp_path / "splits.json"), split="eval")
+    assert formats.is_unsplit_file(str(SAMPLES / "messages.jsonl"))
+    assert formats.is_unsplit_file(str(tmp_path / "list.json"))
+    assert not formats.is_unsplit_file(str(tmp_path / "splits.json"))

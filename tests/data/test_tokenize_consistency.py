@@ -1,7 +1,8 @@
 """Pairs, prompts and SFT see the same tokens: a pair's prompt + response is exactly the
 SFT encoding of that conversation, and the prompt generation starts from is the pair's
 prompt. Checked on the bundled byte-level BPE and on SentencePiece (Mistral), with every
-named template and a custom one whose prompt ends in a space."""
+named template and a custom one whose prompt ends in a space, and on a real model's vocabulary
+(SmolLM2's 49,152-token byte-level BPE, from its GGUF file) with its own chat template."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from jalign.data.packing import pad_pair
 from jalign.data.tokenize import (NAMED_TEMPLATES, ChatTokenizer, TokenizeConfig,
                                   load_tokenizer, tokenize_conversation, tokenize_preference)
 from tests.data.tokenizers import sentencepiece_tokenizer
+from tests.smollm import smollm_gguf
 
 # A reply that follows "Assistant: ": SentencePiece merges that space into '▁It'.
 CUSTOM = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: "
@@ -34,14 +36,25 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
     return {"bundled_bpe": load_tokenizer(),
-            "sentencepiece": sentencepiece_tokenizer(tmp_path_factory.mktemp("spm"))}
+            "sentencepiece": sentencepiece_tokenizer(tmp_path_factory.mktemp("spm")),
+            "smollm_gguf": load_tokenizer(f"gguf:{smollm_gguf()}")}
 
 
 @pytest.mark.parametrize("template", TEMPLATES,
                          ids=[t if t in NAMED_TEMPLATES else "custom" for t in TEMPLATES])
-@pytest.mark.parametrize("which", ["bundled_bpe", "sentencepiece"])
+@pytest.mark.parametrize("which", ["bundled_bpe", "sentencepiece", "smollm_gguf"])
 def test_pair_tokens_are_the_sft_tokens(tokenizers, which, template):
-    chat = ChatTokenizer(tokenizers[which], template)
+    _check_one_encoding(ChatTokenizer(tokenizers[which], template), template)
+
+
+def test_pair_tokens_are_the_sft_tokens_with_smollms_own_template(tokenizers):
+    """The template a GGUF file carries (chatml with a default system turn)."""
+    chat = ChatTokenizer(tokenizers["smollm_gguf"])
+    assert "<|im_start|>" in chat.template and len(chat.tokenizer) == 49152
+    _check_one_encoding(chat, "chatml")  # ends its prompt where chatml does
+
+
+def _check_one_encoding(chat, template):
     cfg = TokenizeConfig(max_length=512)
     for record in RECORDS:
         pair = tokenize_preference(chat, record, cfg)

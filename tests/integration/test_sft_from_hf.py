@@ -27,12 +27,22 @@ def _jalign(*args, expect=0):
 
 def test_sft_from_hf_then_export_generate_eval(tmp_path, capsys):
     hf_src = tmp_path / "hf_src"
-    save_hf_model("llama3_2", hf_src, vocab_size=512, bos_token_id=1, eos_token_id=2)
-    _jalign("train", CONFIG, "--gin", f"TrainConfig.output_root='{tmp_path}'",
+    save_hf_model("llama3_2", hf_src, vocab_size=512, bos_token_id=1, eos_token_id=2,
+                  tokenizer=True)
+    r = _jalign("train", CONFIG, "--gin", f"TrainConfig.output_root='{tmp_path}'",
             "--gin", "TrainConfig.run_name='from_hf'", "--gin", f"ModelInit.source='hf:{hf_src}'",
             "--gin", "TrainConfig.steps=3", "--gin", "TrainConfig.save_every=3")
     run_dir = tmp_path / "from_hf"
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The operative config, printed and saved, describes the model trained (the HF
+    # checkpoint's 48-wide layers), not the gin file's 64-wide one it never built.
+    operative = (run_dir / "operative_config.gin").read_text()
+    shown = r.stdout[r.stdout.index("operative config:"):]
+    for text in (operative, shown):
+        assert "LlamaConfig.hidden_size = 48" in text and "hidden_size = 64" not in text
+        assert f"as read from hf:{hf_src}" in text
+    # The tokenizer it trained with (the checkpoint's own) is kept with the run.
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
     # The trained model changed, and exports to a directory transformers loads cleanly.
@@ -70,3 +80,12 @@ def test_sft_from_hf_then_export_generate_eval(tmp_path, capsys):
     out = json.loads(stdout[stdout.index("{"):])
     assert out["task"]["total"] == 16 and 0.0 <= out["task"]["accuracy"] <= 1.0
     assert out["data"]["loss"] > 0 and out["data"]["batches"] == 2
+    # A held-out file is the eval data, with `jalign eval`'s default --split.
+    samples = ROOT / "jalign" / "assets" / "samples" / "messages.jsonl"
+    assert main(["eval", str(run_dir), "--data", str(samples), "--max-length", "64"]) == 2
+    assert "no complete batch of batch_size=8" in capsys.readouterr().err  # not a loss of 0
+    assert main(["eval", str(run_dir), "--data", str(samples), "--max-length", "64",
+                 "--batch-size", "2"]) == 0
+    stdout = capsys.readouterr().out
+    out = json.loads(stdout[stdout.index("{"):])
+    assert out["data"]["tokens"] > 0

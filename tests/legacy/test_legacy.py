@@ -80,7 +80,9 @@ def test_an_old_checkpoint_evaluates_generates_and_converts(work, monkeypatch, t
     if name == "lora":
         assert main(["convert", "jalign-to-peft", path, str(tmp_path / "peft")]) == 0
         config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == "base_hf" and config["r"] == 2
+        # a local base by its absolute path: PEFT finds it from wherever it loads
+        assert config["base_model_name_or_path"] == str(Path("base_hf").resolve())
+        assert config["r"] == 2
 
 
 @pytest.mark.parametrize("name", ["sft", "rm", "ppo", "lora"])
@@ -218,7 +220,7 @@ def test_an_old_run_trained_with_a_trainable_regex_is_refused_in_one_line(work):
                        "ModelInit.source='jalign:")
 
 
-def test_old_hf_and_peft_exports_still_load(work, monkeypatch):
+def test_old_hf_and_peft_exports_still_load(work, monkeypatch, capsys):
     """What the old `jalign convert` wrote: HF exports load (as the runs they came from),
     and the PEFT adapter loads onto its HF base in peft, computing the LoRA run's logits."""
     import peft
@@ -231,7 +233,12 @@ def test_old_hf_and_peft_exports_still_load(work, monkeypatch):
         _, exported = load_hf(export, head=_head(run))
         _, model = sources.load_checkpoint(_path(run), head=_head(run))
         assert checksum.checksums(params_of(exported)) == checksum.checksums(params_of(model))
-    assert main(["eval", "hf:export_hf", "--task", "add", "--n", "4", "--show", "0"]) == 0
+    # Old exports carry no tokenizer: named, they run; unnamed, one line says so (the
+    # bundled one is no longer assumed for an hf: model).
+    assert main(["eval", "hf:export_hf", "--task", "add", "--n", "4", "--show", "0"]) == 2
+    assert "hf:export_hf has no tokenizer files" in capsys.readouterr().err
+    assert main(["eval", "hf:export_hf", "--task", "add", "--n", "4", "--show", "0",
+                 "--tokenizer", "bundled"]) == 0
     base = transformers.AutoModelForCausalLM.from_pretrained("base_hf", dtype=torch.float32)
     adapted = peft.PeftModel.from_pretrained(base, "export_peft").eval()
     ids = np.arange(3, 19, dtype=np.int64).reshape(2, 8) * 7 % 500 + 3

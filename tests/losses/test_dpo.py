@@ -129,6 +129,31 @@ def test_policy_equal_to_reference_gives_ln2():
     np.testing.assert_array_equal(np.asarray(aux["rewards/margin"]), 0.0)
 
 
+def test_float_noise_margins_are_ties_not_wins():
+    """Policy == reference computed by two programs: the log-probs differ by float noise
+    (1e-6 of ~50); those pairs are ties, neither won nor lost. A margin above the
+    tolerance (TIE_RTOL x beta x the summed |log-probs|) is a win or a loss."""
+    from jalign.losses.dpo import TIE_RTOL
+    pc = np.array([-50.0, -50.0, -50.0, -50.0, -50.0], np.float32)
+    pr = np.array([-60.0, -60.0, -60.0, -60.0, -60.0], np.float32)
+    noise = np.array([1e-6, -1e-6, 3e-6, 0.0, 0.0], np.float32) * 50
+    # the fifth pair is clearly preferred: its chosen log-prob rose by 0.1
+    rc = pc - noise - np.array([0, 0, 0, 0, 0.1], np.float32)
+    _, aux = dpo_loss(pc, pr, rc, pr, beta=0.1)
+    np.testing.assert_array_equal(np.asarray(aux["rewards/ties"]), [1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(aux["rewards/accuracy"]), [0, 0, 0, 0, 1])
+    # the tolerance is relative to the magnitudes: 0.1 x 2^-13 x 220 = 2.7e-3 here
+    assert 0.1 * TIE_RTOL * 220 < 0.1 * 0.1
+    _, aux = dpo_loss(pc, pr, rc, pr, beta=0.1, tie_rtol=0.0)  # every nonzero margin counts
+    np.testing.assert_array_equal(np.asarray(aux["rewards/accuracy"]), [1, 0, 1, 0, 1])
+    # SimPO/ORPO: the length-normalised log-probs are the magnitudes
+    lengths = np.full(5, 10.0, np.float32)
+    zero = np.zeros(5, np.float32)  # no reference
+    _, aux = dpo_loss(pc, pc + noise, zero, zero, beta=2.0, loss_type="simpo",
+                      chosen_lengths=lengths, rejected_lengths=lengths)
+    np.testing.assert_array_equal(np.asarray(aux["rewards/ties"]), [1, 1, 1, 1, 1])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(PC, PR, RC, RR, loss_type="kto")

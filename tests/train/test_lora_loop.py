@@ -53,14 +53,16 @@ def test_ppo_with_lora_resumes_bit_identically(tmp_path):
 
 def test_a_changed_base_is_refused_on_resume_and_export(tmp_path):
     hf = tmp_path / "hf"
-    save_hf_model("llama3_2", hf, vocab_size=512, bos_token_id=1, eos_token_id=2)
+    save_hf_model("llama3_2", hf, vocab_size=512, bos_token_id=1, eos_token_id=2,
+                  tokenizer=True)
     bindings = ("LoraConfig.rank=4", f"ModelInit.source='hf:{hf}'", "TrainConfig.eval_batches=0",
                 "TrainConfig.steps=2", "TrainConfig.save_every=2")
     _run(tmp_path, "run", *bindings, config=SFT)
     meta = read_metadata(tmp_path / "run")
     assert meta["roles"]["policy"]["source"] == f"hf:{hf}"
     load_checkpoint(tmp_path / "run")  # the base as it was: loads
-    save_hf_model("llama3_2", hf, seed=1, vocab_size=512, bos_token_id=1, eos_token_id=2)
+    save_hf_model("llama3_2", hf, seed=1, vocab_size=512, bos_token_id=1, eos_token_id=2,
+                  tokenizer=True)
     r = _run(tmp_path, "run", *bindings[:3], "TrainConfig.steps=4", config=SFT,
              expect=EXIT_BAD_INPUT)
     assert "(its base) rebuilt from ModelInit.source=" in r.stderr, r.stderr[-2000:]

