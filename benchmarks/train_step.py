@@ -11,7 +11,8 @@ weight decay, constant lr, no gradient clipping), every token but the first a ta
                       MALLOC_CONF=thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1)
   jalign + glibc      jalign (unrolled) with stock glibc malloc told never to mmap or trim
                       (GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=
-                      4294967296:glibc.malloc.arena_max=1): the same effect without jemalloc
+                      4294967296:glibc.malloc.arena_max=1, what the jalign command sets;
+                      --glibc-tunables times another): the same effect without jemalloc
   transformers+torch  ``LlamaForCausalLM`` + ``torch.optim.AdamW``, hand-written loop
   TRL SFTTrainer      ``trl.SFTTrainer.train()``, timed by a TrainerCallback
   Tunix PeftTrainer   ``tunix.sft.PeftTrainer.train()`` on Tunix's NNX Llama3, timed by a hook
@@ -124,6 +125,7 @@ VENVS = Path(os.environ.get("JALIGN_BENCH_VENVS",
                             Path.home() / ".cache" / "jalign" / "bench-venvs"))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# What the jalign command sets (jalign.cli.GLIBC_TUNING); --glibc-tunables times another.
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
                   "glibc.malloc.arena_max=1")
 OTHER_ROWS = ("jalign-other", "jalign-other-scan")  # --jalign-other: another jalign checkout
@@ -258,7 +260,7 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
                  dict(jalign_env, LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF),
                  je_reason))
     rows.append(("jalign-glibc", "jalign (unrolled) + glibc malloc tunables", [jpy, w] + common,
-                 dict(jalign_env, GLIBC_TUNABLES=GLIBC_TUNABLES), py_ok(jpy, "")))
+                 dict(jalign_env, GLIBC_TUNABLES=args.glibc_tunables), py_ok(jpy, "")))
     rows.append(("torch", "transformers + PyTorch", [jpy, str(IMPLS_DIR / "torch_worker.py")]
                  + common, {}, py_ok(jpy, "")))
     rows.append(("trl", "TRL SFTTrainer",
@@ -300,7 +302,7 @@ def plan_dpo(args, common: list[str], py_ok, jalign_env: dict) -> list:
         ("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
          py_ok(jpy, "")),
         ("jalign-glibc", "jalign (unrolled) + glibc malloc tunables", [jpy, w] + common,
-         dict(jalign_env, GLIBC_TUNABLES=GLIBC_TUNABLES), py_ok(jpy, "")),
+         dict(jalign_env, GLIBC_TUNABLES=args.glibc_tunables), py_ok(jpy, "")),
         ("trl", "TRL DPOTrainer", trl, {}, py_ok(args.trl_python, "trl")),
         ("trl-gc", "TRL DPOTrainer, gradient checkpointing (TRL's default)",
          trl + ["--gradient-checkpointing"], {}, py_ok(args.trl_python, "trl")),
@@ -354,6 +356,8 @@ def main():
     ap.add_argument("--jalign-other-label", default="",
                     help="what to call it in the table (default: the directory's name)")
     ap.add_argument("--jemalloc", default=JEMALLOC)
+    ap.add_argument("--glibc-tunables", default=GLIBC_TUNABLES,
+                    help="GLIBC_TUNABLES of the jalign-glibc row")
     ap.add_argument("--peak-n", type=int, default=4096, help="matmul size for the MFU peak")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
     ap.add_argument("--start-timeout", type=float, default=900)
@@ -547,7 +551,7 @@ def main():
                                   "ift_config")
                 if k in i}
         if w.key == "jalign-glibc":
-            keep["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+            keep["GLIBC_TUNABLES"] = args.glibc_tunables
         print(f"  {w.label}: {json.dumps(keep)}")
     waited = sum(sum(w.waited) for w in participants)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s (of which {waited:.0f} s "

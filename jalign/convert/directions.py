@@ -24,6 +24,7 @@ class Loaded:
     config: object
     model: object
     tokenizer: object | None  # a transformers tokenizer (its chat template inside), or None
+    role: str | None = None   # the run's role read (a jalign source)
 
 
 # ------------------------------------------------------------------ readers
@@ -67,11 +68,11 @@ def exported_role(src, step, say) -> str:
 def read_jalign(args, say, adapters: bool = False) -> Loaded:
     """A run's first trained role (a PPO run: its policy) with whatever head it has; a
     LoRA run's base with the adapters merged in (kept apart with ``adapters``)."""
+    role = exported_role(args.src, args.step, say)
     config, model = sources.load_checkpoint(args.src, step=args.step, mesh=args.mesh_shape,
-                                            role=exported_role(args.src, args.step, say),
-                                            adapters=adapters)
+                                            role=role, adapters=adapters)
     source = sources.ModelSource("jalign", str(args.src), args.step)
-    return Loaded(source, config, model, _tokenizer_of(source, say))
+    return Loaded(source, config, model, _tokenizer_of(source, say), role)
 
 
 READERS = {"hf": read_hf, "gguf": read_gguf, "jalign": read_jalign}
@@ -116,7 +117,7 @@ def write_peft(loaded: Loaded, args, say) -> None:
     if config.lora is None or not config.lora.enabled:
         raise ConversionError(f"{args.src} holds no LoRA adapters (trained with "
                               "LoraConfig.rank=0); export it with jalign-to-hf")
-    base = peft.base_source(args.src, args.step, exported_role(args.src, args.step, lambda _: 0))
+    base = peft.base_source(args.src, args.step, loaded.role)
     if config.lora.quantize:
         say(f"note: the adapters were trained on a {config.lora.quantize} base; PEFT applies "
             f"them to the base weights of {sources.describe(base)} as given")

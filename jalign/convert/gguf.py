@@ -165,15 +165,20 @@ def config_from_gguf(f: GGUFFile, **overrides):
     scaling = None
     if key("rope.scaling.type") == "linear":
         from jalign.models.config import RopeScaling
-        scaling = RopeScaling("linear", float(key("rope.scaling.factor")))
+        scaling = RopeScaling("linear", float(np.float32(key("rope.scaling.factor"))))
     tokens = f.meta("tokenizer.ggml.tokens") or []
+    def f32(x):
+        """A float32 metadata value as the decimal it was written from (1e-05, not
+        9.999999747378752e-06); the same float32 either way."""
+        return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
+
     fields = dict(
         vocab_size=int(key("vocab_size") or len(tokens)), hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")), num_layers=int(key("block_count")),
         num_heads=heads, num_kv_heads=int(key("attention.head_count_kv") or heads),
         head_dim=int(head_dim) if head_dim and int(head_dim) != hidden // heads else None,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=f32(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_position_embeddings=int(key("context_length", 2048)),
         tie_word_embeddings="output.weight" not in f.tensors,
         bos_token_id=f.meta("tokenizer.ggml.bos_token_id"),

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 # Declared dense peak FLOP/s per device, by device_kind substring (bf16 for accelerators):
 # MFU is comparable between runs only against a fixed peak, never one timed at each start

@@ -200,3 +200,35 @@ def test_jalign_generate_on_the_gguf_uses_its_tokenizer_and_conversations(smollm
     answer = blocks[0].splitlines()[1]
     assert "Paris" in answer, blocks
     assert blocks[2].splitlines()[1] == answer  # raw ids continue exactly as the prompt
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen2", "qwen3", "mistral"])
+def test_each_family_goes_through_gguf_and_transformers_reads_it(tmp_path, name):
+    """A tiny random model of each family GGUF carries, written as f32 GGUF: jalign reads
+    back the same weights bit for bit, and transformers' GGUF loader reads a model with
+    the original's logits (q/k row order, biases, q/k norms, tied heads all as llama.cpp
+    lays them out). Mistral without a window is llama.cpp's llama."""
+    from jalign import checksum
+    from jalign.convert.hf import load_hf
+    from jalign.data.tokenize import load_tokenizer
+    from jalign.models.build import params_of
+    from tests.hf_models import hf_logits, save_hf_model
+    per_family = {"mistral": {"sliding_window": None},
+                 # transformers' GGUF reader drops qwen3's attention.key_length (jalign
+                 # reads it) and takes Qwen3Config's default head_dim, 128: every real
+                 # Qwen3's, so the tiny model has it too.
+                 "qwen3": {"head_dim": 128}}
+    overrides = {"vocab_size": 512, **per_family.get(name, {})}
+    hf_model = save_hf_model(name, tmp_path / "hf", tokenizer=True, **overrides)
+    config, model = load_hf(tmp_path / "hf")
+    out = save_gguf(config, model, tmp_path / "model.gguf", kind="f32",
+                    tokenizer=load_tokenizer(str(tmp_path / "hf")))
+    _, back = load_gguf(out)
+    assert checksum.checksums(params_of(back)) == checksum.checksums(params_of(model))
+    ids = np.random.default_rng(0).integers(3, 512, (2, 24)).astype(np.int32)
+    ref = hf_logits(hf_model, ids)
+    hf_back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="model.gguf", dtype=torch.float32).eval()
+    bound = llama_logits_bound(model, ids.shape[1])
+    assert_f32_close(hf_logits(hf_back, ids), ref, **bound)
+    assert_f32_close(np.asarray(forward(back, ids)), ref, **bound)

@@ -119,3 +119,20 @@ def test_flops_count_the_roles_passes():
     assert flops("dpo", reference="precomputed") == pytest.approx(base)
     # policy + value; PPO's reference runs in the rollouts, outside the step
     assert flops("ppo") == pytest.approx(base * 2)
+
+
+def test_lora_flops_leave_out_the_frozen_bases_weight_gradients():
+    """MFU counts the FLOPs a step computes: a LoRA (or trainable-regex) role runs the
+    forward and the input gradients through its frozen base, not the weight gradients,
+    so its step is 2 passes where full fine-tuning is 3 (it read 2x full FT's MFU when
+    counted as 3)."""
+    import dataclasses
+
+    from jalign.models.config import preset
+    from jalign.train.roles import RunModels
+    cfg = preset("tiny")
+    recipe = registry.build("sft", registry.entry("sft").CONFIG())
+    full = recipe.flops_per_token(RunModels(recipe.roles, {r.name: cfg for r in recipe.roles}), 64)
+    lora = tuple(dataclasses.replace(r, trains="adapters") for r in recipe.roles)
+    adapted = recipe.flops_per_token(RunModels(lora, {r.name: cfg for r in lora}), 64)
+    assert adapted == pytest.approx(full * 2 / 3)
