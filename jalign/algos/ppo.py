@@ -170,6 +170,7 @@ class PPORecipe(Recipe):
     def check(self, configs) -> None:
         from jalign.rl.rollout import check_config
         check_config(self.config, configs.train, configs.data)
+        self.config.rewards.load_functions()  # each user reward function imports
         lora = configs.lora
         if lora.enabled and lora.value_base == "shared" and self.config.value_init != "policy":
             raise ConfigError(f"LoraConfig.value_base='shared' puts the value model on the "

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jalign.algos import dpo, ift, ppo, rm, sft
+from jalign.algos import dpo, grpo, ift, ppo, rm, sft
 from jalign.errors import ConfigError
 from jalign.train.recipe import Recipe
 
-RECIPES: dict[str, ModuleType] = {"sft": sft, "rm": rm, "dpo": dpo, "ift": ift, "ppo": ppo}
+RECIPES: dict[str, ModuleType] = {"sft": sft, "rm": rm, "dpo": dpo, "ift": ift, "ppo": ppo,
+                                   "grpo": grpo}
 
 
 def config_classes() -> tuple[type, ...]:

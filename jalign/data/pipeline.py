@@ -295,6 +295,7 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
                                   config.batch_size // shards))
     it = ShardedIterator(parts, list(mine), shards)
     it.stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    it.records = records  # for record_fields (every process holds all of them)
     return it
 
 
@@ -339,9 +340,23 @@ class ShardedIterator:
 
     def __init__(self, parts: list[DataIterator], shard_ids: list[int], shards: int):
         self.parts, self.shard_ids, self.shards = parts, shard_ids, shards
+        self.records = None
         self.chat, self.config, self.kind = parts[0].chat, parts[0].config, parts[0].kind
         self.rows = sum(p.rows for p in parts)
         self.stats = _merged_stats([p.stats for p in parts])
+
+    def record_fields(self, indexes) -> dict[str, list]:
+        """The prompt records' columns other than the prompt (``prompt`` data: its ``meta``;
+        e.g. ``answer``) for the records ``indexes`` (any process's: every process holds
+        all records), one list per column aligned with ``indexes`` (None where a record
+        lacks the column)."""
+        if self.kind != "prompt" or self.records is None:
+            return {}
+        _, adapt = formats.adapter(self.config.format)
+        columns = dict(self.config.columns)
+        metas = [adapt(self.records[int(i)], columns)["meta"] for i in indexes]
+        keys = list(dict.fromkeys(k for m in metas for k in m))
+        return {k: [m.get(k) for m in metas] for k in keys}
 
     @property
     def batches(self) -> int:

@@ -13,10 +13,9 @@ Value loss, per token, with returns R and the rollout's values v_old:
 
 Entropy bonus: −coef · H(π(· | context)) per token, H from the logits.
 
-Aggregation (``aggregate``), over tokens where ``mask`` is 1:
-- ``token_mean``: Σ ℓ / number of tokens in the batch (long responses weigh more);
-- ``seq_mean_token_mean``: the mean over sequences of each one's token mean;
-- ``seq_mean_token_sum``: the mean over sequences of each one's token sum.
+Aggregation (``aggregate``, ``jalign.losses.aggregation``), over tokens where ``mask`` is
+1: ``token_mean`` (Σ ℓ / the tokens of the batch), ``seq_mean_token_mean``,
+``seq_mean_token_sum``.
 """
 
 from __future__ import annotations
@@ -24,27 +23,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jalign.losses import sequences
+from jalign.losses import policy
+from jalign.losses.aggregation import aggregate
 from jalign.losses.kl import kl_per_token
 from jalign.losses.sequences import masked_var
 
+# PPO's aggregations (jalign.losses.aggregation has these and the GRPO family's).
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
-
-
-def aggregate(per_token, mask, how: str = "token_mean"):
-    """(total, weight) of masked per-token losses; total / weight is the loss."""
-    if how not in AGGREGATIONS:
-        raise ValueError(f"aggregation {how!r}; one of {AGGREGATIONS}")
-    m = jnp.asarray(mask).astype(jnp.float32)
-    # where, not a product: a NaN or inf at a masked position (a sentinel, padding) must
-    # not reach the sum.
-    x = jnp.where(m > 0, jnp.asarray(per_token, jnp.float32), 0.0)
-    if how == "token_mean":
-        return sequences.reduce(x, m, normalize="tokens")
-    if how == "seq_mean_token_mean":
-        return sequences.reduce(x, m, normalize="sequences")
-    has = (jnp.sum(m, axis=1) > 0).astype(jnp.float32)
-    return jnp.sum(x * m), jnp.sum(has)
 
 
 def _mean(x, m):
@@ -57,23 +42,11 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     """(total, weight, metrics): the clipped policy loss; metrics are (sum, count) pairs:
     ``clip_fraction`` (tokens where the clipped term is the one taken), ``approx_kl``
     (½ (log π − log π_old)², per token), ``ratio``."""
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     m = jnp.asarray(mask).astype(jnp.float32)
-    on = m > 0
-    a = jnp.where(on, jnp.asarray(advantages, jnp.float32), 0.0)
-    log_ratio = jnp.where(on, jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32),
-                          0.0)
-    ratio = jnp.exp(log_ratio)
-    unclipped = -a * ratio
-    clipped = -a * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = jnp.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        loss = jnp.where(a < 0, jnp.minimum(loss, -dual_clip * a), loss)
+    loss, per_token = policy.clip(logp, old_logp, advantages, m, clip_low=clip_low,
+                                  clip_high=clip_high, dual_clip=dual_clip)
     total, weight = aggregate(loss, m, how)
-    metrics = {"clip_fraction": _mean((clipped > unclipped).astype(jnp.float32), m),
-               "approx_kl": _mean(0.5 * log_ratio ** 2, m),
-               "ratio": _mean(ratio, m)}
+    metrics = {name: _mean(value, m) for name, value in per_token.items()}
     return total, weight, metrics
 
 

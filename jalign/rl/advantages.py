@@ -1,4 +1,22 @@
-"""Advantage estimation for PPO, as pure functions of arrays [batch, length].
+"""Advantage estimation: token-level GAE for PPO, and sequence-level estimators for the
+critic-free methods (the GRPO family), chosen by name.
+
+Sequence-level estimators (``get(name)``; ``ESTIMATORS``) are called
+``fn(rewards, group_size=G, **options)`` on n = prompts · G rewards (float [n]; rows of a
+group consecutive: row i is in group i // G) and return n advantages, one per completion
+(every token of a completion takes its sequence's advantage):
+
+- ``grpo`` (Shao et al. 2024, "DeepSeekMath", GRPO; Liu et al. 2025, "Understanding
+  R1-Zero-Like Training", Dr. GRPO for ``scale='none'``): r − its group's mean, divided by
+  the group's standard deviation + eps (``scale='group'``), by the batch's (``'batch'``)
+  or by nothing (``'none'``). The defaults are TRL GRPOTrainer's numerics: the unbiased
+  standard deviation (n − 1), eps 1e-4. A group whose rewards are all equal gets 0.
+- ``rloo`` (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+  Optimization", REINFORCE leave-one-out): r_i − the mean of the other G − 1 rewards of
+  its group.
+- ``reinforce_pp`` (Hu et al. 2025, "REINFORCE++"): r − a baseline (``baseline='group'``:
+  its group's mean, REINFORCE++-baseline; ``'global'``: the batch's mean), then whitened
+  over the batch: (a − mean) / (std + eps), std the population one (n), eps 1e-8.
 
 ``gae``: generalised advantage estimation (Schulman et al. 2016, "High-Dimensional
 Continuous Control Using Generalized Advantage Estimation"). Positions where ``mask`` is
@@ -59,6 +77,66 @@ def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
     if not shift_mean:
         out = out + mean
     return jnp.where(m, out, 0.0)
+
+
+def _groups(rewards, group_size: int, minimum: int = 1):
+    """rewards as float32 [prompts, G], checked."""
+    r = _float(rewards)
+    if r.ndim != 1:
+        raise ValueError(f"rewards must be one per completion, [n]; got shape {r.shape}")
+    if group_size < minimum or r.shape[0] % group_size:
+        raise ValueError(f"{r.shape[0]} rewards do not make groups of group_size={group_size} "
+                         f"(at least {minimum}, dividing the count)")
+    return r.reshape(-1, group_size)
+
+
+def grpo(rewards, *, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """(r − group mean) / (std + eps); std unbiased, of the group (``scale='group'``) or
+    of the whole batch (``'batch'``); ``'none'``: not divided (Dr. GRPO)."""
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"scale={scale!r}; one of {GRPO_SCALES}")
+    g = _groups(rewards, group_size, minimum=2 if scale == "group" else 1)
+    centred = (g - jnp.mean(g, axis=1, keepdims=True)).reshape(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = jnp.repeat(jnp.std(g, axis=1, ddof=1), group_size)
+    else:
+        if g.size < 2:
+            raise ValueError("scale='batch' needs at least 2 rewards for an unbiased std")
+        std = jnp.std(g, ddof=1)
+    return centred / (std + eps)
+
+
+def rloo(rewards, *, group_size: int):
+    """r_i − mean_{j ≠ i} r_j within each group (needs G ≥ 2)."""
+    g = _groups(rewards, group_size, minimum=2)
+    others = (jnp.sum(g, axis=1, keepdims=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def reinforce_pp(rewards, *, group_size: int, baseline: str = "group", eps: float = 1e-8):
+    """r − baseline (``group``: the group's mean; ``global``: the batch's), then whitened
+    over the batch with the population std."""
+    if baseline not in REINFORCE_PP_BASELINES:
+        raise ValueError(f"baseline={baseline!r}; one of {REINFORCE_PP_BASELINES}")
+    g = _groups(rewards, group_size)
+    axis = 1 if baseline == "group" else None
+    a = (g - jnp.mean(g, axis=axis, keepdims=True)).reshape(-1)
+    return (a - jnp.mean(a)) / (jnp.std(a) + eps)
+
+
+GRPO_SCALES = ("group", "batch", "none")
+REINFORCE_PP_BASELINES = ("group", "global")
+ESTIMATORS = {"grpo": grpo, "rloo": rloo, "reinforce_pp": reinforce_pp}
+
+
+def get(name: str):
+    """The sequence-level estimator ``name`` (``ESTIMATORS``)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"advantage estimator {name!r}; one of {tuple(ESTIMATORS)} "
+                         "(PPO's token-level GAE is jalign.rl.advantages.gae)")
+    return ESTIMATORS[name]
 
 
 def clip_scores(scores, limit: float | None):

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.decode import decode_step, init_cache, prefill, split_layers
+from jalign.models.decode import (DecodeState, KVCache, decode_step, init_cache, prefill,
+                                  split_layers)
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
 
 
@@ -78,12 +79,23 @@ def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top
     return jnp.where(done_b, params.pad_id, token), jnp.where(done_b, 0.0, logprob)
 
 
+def _repeat_rows(logits, cache: KVCache, dstate: DecodeState, group_size: int):
+    """Each prompt's prefill state repeated for the G completions of its group (rows of a
+    group consecutive): the prompt is run once, its keys and values copied G times."""
+    rep = functools.partial(jnp.repeat, repeats=group_size)
+    cache = KVCache(k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), valid=rep(cache.valid, axis=0))
+    return rep(logits, axis=0), cache, dstate._replace(positions=rep(dstate.positions, axis=0))
+
+
 def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_new_tokens: int,
-            greedy: bool = False, top_k: int | None = None, use_top_p: bool = False) -> dict:
+            greedy: bool = False, top_k: int | None = None, use_top_p: bool = False,
+            group_size: int = 1) -> dict:
     """Traceable sampler body (call it inside jit; ``generate`` does that for you).
 
-    Returns tokens [B, N] (pad after EOS), lengths [B] (generated tokens incl. EOS),
-    logprobs [B, N] (0 after EOS) and num_steps (tokens the loop actually produced per
+    With ``group_size`` G, each of the B prompts is prefilled once and G completions are
+    sampled from its cache: the rows are B·G, prompt i's completions at rows iG..iG+G-1.
+    Returns tokens [B·G, N] (pad after EOS), lengths [B·G] (generated tokens incl. EOS),
+    logprobs [B·G, N] (0 after EOS) and num_steps (tokens the loop actually produced per
     row: fewer than N when every row finished early).
     """
     n = max_new_tokens
@@ -92,6 +104,9 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     # The last token is sampled but never fed back, so it needs no slot.
     cache = init_cache(model.config, b, p_len + n - 1)
     logits, cache, dstate = prefill(model, prompt_ids, prompt_mask, cache)
+    if group_size > 1:
+        logits, cache, dstate = _repeat_rows(logits, cache, dstate, group_size)
+        b = b * group_size
 
     def record(i, token, logprob, tokens, logprobs, done, lengths):
         tokens = tokens.at[:, i].set(token)
@@ -124,11 +139,12 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_rollout(graphdef, max_new_tokens, greedy, top_k, use_top_p, mesh, rules):
+def _jitted_rollout(graphdef, max_new_tokens, greedy, top_k, use_top_p, mesh, rules,
+                    group_size=1):
     def run(state, prompt_ids, prompt_mask, rng, params):
         model = nnx.merge(graphdef, state)
         kwargs = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                      use_top_p=use_top_p)
+                      use_top_p=use_top_p, group_size=group_size)
         if mesh is None:
             return rollout(model, prompt_ids, prompt_mask, rng, params, **kwargs)
         with use_mesh(mesh, rules):
@@ -139,8 +155,10 @@ def _jitted_rollout(graphdef, max_new_tokens, greedy, top_k, use_top_p, mesh, ru
 
 def make_generate_fn(graphdef, *, max_new_tokens: int, greedy: bool = False,
                      top_k: int | None = None, use_top_p: bool = False,
-                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
-    """Jitted ``fn(state, prompt_ids, prompt_mask, rng, params: SamplingParams) -> dict``.
+                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                     group_size: int = 1):
+    """Jitted ``fn(state, prompt_ids, prompt_mask, rng, params: SamplingParams) -> dict``
+    (``group_size`` completions per prompt: see ``rollout``).
 
     For loops that keep the graphdef and swap the state (an RL run): cached per settings,
     and jit caches per input shape. The mesh is static because activation constraints
@@ -148,18 +166,21 @@ def make_generate_fn(graphdef, *, max_new_tokens: int, greedy: bool = False,
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     return _jitted_rollout(graphdef, int(max_new_tokens), bool(greedy),
                            None if top_k is None else int(top_k), bool(use_top_p), mesh,
-                           tuple(rules))
+                           tuple(rules), int(group_size))
 
 
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, rng, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              eos_id: int | Sequence[int], pad_id: int, mesh: Mesh | None = None,
-             rules: Rules = DEFAULT_RULES) -> dict:
-    """Samples up to ``max_new_tokens`` per left-padded prompt row; see ``rollout``.
+             rules: Rules = DEFAULT_RULES, group_size: int = 1) -> dict:
+    """Samples up to ``max_new_tokens`` per left-padded prompt row (``group_size`` per
+    prompt, its prompt prefilled once); see ``rollout``.
 
     ``temperature == 0`` means greedy. With ``greedy`` the logprobs are still taken
     under ``log_softmax(logits / temperature)`` (temperature 1 when it is 0).
@@ -172,7 +193,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, rng, temper
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     graphdef, state = nnx.split(model)
     fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                          use_top_p=top_p is not None, mesh=mesh, rules=rules)
+                          use_top_p=top_p is not None, mesh=mesh, rules=rules,
+                          group_size=group_size)
     params = sampling_params(temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
     return fn(state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
               rng, params)

@@ -1,9 +1,11 @@
-"""Rewards for RL: a registry of reward functions chosen by name, a reward-model scorer,
-and their weighted combination.
+"""Rewards for RL: a registry of reward functions chosen by name, users' own functions
+(``RewardConfig.functions``, ``jalign.rl.reward_functions``), a reward-model scorer, and
+their weighted combination.
 
-A text reward is ``fn(prompts, completions, lengths, config) -> scores [batch]``:
-``prompts`` the user messages, ``completions`` the decoded responses, ``lengths`` their
-token counts. Registered (``REWARDS``):
+A reward is ``fn(prompts, completions, **fields) -> one float per completion``:
+``prompts`` the user messages, ``completions`` the decoded responses, ``fields`` the
+prompt records' other columns and ``completion_lengths`` (token counts); the built-in
+ones also get ``config`` (the RewardConfig). Registered (``REWARDS``):
 - ``task``: 1 if the completion is the bundled task's exact answer (``jalign.data.tasks``;
   recomputed from the prompt), else 0;
 - ``length``: −``length_coef`` per token beyond ``length_target``;
@@ -17,6 +19,7 @@ The scores are combined as Σ weight_i · score_i; each component is also report
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable, Sequence
 
@@ -33,6 +36,10 @@ class RewardConfig:
 
     names: tuple[str, ...] = ("task",)
     weights: tuple[float, ...] = (1.0,)
+    # Users' reward functions, 'module:function' (jalign.rl.reward_functions), and their
+    # weights (empty: 1 each).
+    functions: tuple[str, ...] = ()
+    function_weights: tuple[float, ...] = ()
     task: str = "add"
     length_coef: float = 0.0
     length_target: int = 0
@@ -46,6 +53,15 @@ class RewardConfig:
         if len(self.names) != len(self.weights):
             raise ValueError(f"RewardConfig.names has {len(self.names)} entries, "
                              f"RewardConfig.weights {len(self.weights)}: give one weight each")
+        from jalign.rl.reward_functions import parse_spec
+        for spec in self.functions:
+            parse_spec(spec)
+        if self.function_weights and len(self.function_weights) != len(self.functions):
+            raise ValueError(f"RewardConfig.functions has {len(self.functions)} entries, "
+                             f"RewardConfig.function_weights {len(self.function_weights)}: "
+                             "give one weight each (or none: 1 each)")
+        if not self.names and not self.functions:
+            raise ValueError("no reward: set RewardConfig.names or RewardConfig.functions")
         known = tuple(REWARDS) + ("reward_model",)
         for name in self.names:
             if name not in known:
@@ -67,17 +83,28 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.format_regex={self.format_regex!r}: {e}") from None
 
 
-def task_reward(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
+    def load_functions(self) -> list[tuple[str, Callable, float]]:
+        """(name, function, weight) of each user function, imported (ConfigError naming
+        the one that does not import)."""
+        from jalign.rl.reward_functions import load_function
+        weights = self.function_weights or (1.0,) * len(self.functions)
+        return [(spec, load_function(spec), float(w)) for spec, w in zip(self.functions, weights)]
+
+
+def task_reward(prompts, completions, completion_lengths=None, config: RewardConfig = None,
+                **fields) -> np.ndarray:
     return np.array([float(tasks.check(config.task, p, c)) for p, c in zip(prompts, completions)],
                     np.float32)
 
 
-def length_penalty(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
-    over = np.maximum(np.asarray(lengths, np.float32) - config.length_target, 0.0)
+def length_penalty(prompts, completions, completion_lengths=None, config: RewardConfig = None,
+                   **fields) -> np.ndarray:
+    over = np.maximum(np.asarray(completion_lengths, np.float32) - config.length_target, 0.0)
     return (-config.length_coef * over).astype(np.float32)
 
 
-def format_reward(prompts, completions, lengths, config: RewardConfig) -> np.ndarray:
+def format_reward(prompts, completions, completion_lengths=None, config: RewardConfig = None,
+                  **fields) -> np.ndarray:
     pattern = re.compile(config.format_regex)
     return np.array([float(bool(pattern.fullmatch(tasks.normalize_completion(c))))
                      for c in completions], np.float32)
@@ -110,20 +137,30 @@ class RewardModelScorer:
 
 
 def combined_rewards(config: RewardConfig, prompts: Sequence, completions: Sequence[str],
-                     lengths, *, tokens=None, scorer: RewardModelScorer | None = None):
+                     lengths, *, tokens=None, scorer: RewardModelScorer | None = None,
+                     fields: dict | None = None, functions=None):
     """(scores [batch], {name: component scores}) = Σ weight · component.
 
     ``tokens``: (input_ids, segment_ids) of prompt + response rows, right-padded, for the
-    ``reward_model`` component (scored by ``scorer``)."""
-    parts = {}
-    for name in config.names:
+    ``reward_model`` component (scored by ``scorer``). ``fields``: the prompt records'
+    columns, each a list aligned with the completions. ``functions``: the user functions
+    (``config.load_functions()``, imported once by the caller; loaded here when None)."""
+    from jalign.rl.reward_functions import call
+    kwargs = {**(fields or {}), "completion_lengths": np.asarray(lengths)}
+    parts, weighted = {}, []
+    for name, weight in zip(config.names, config.weights):
         if name == "reward_model":
             if scorer is None or tokens is None:
                 raise ValueError("the 'reward_model' reward needs a scorer and the token rows")
             parts[name] = scorer(*tokens)
         else:
-            parts[name] = REWARDS[name](prompts, completions, lengths, config)
+            fn = functools.partial(REWARDS[name], config=config)
+            parts[name] = call(f"{name!r} (built in)", fn, prompts, completions, kwargs)
+        weighted.append((name, weight))
+    for spec, fn, weight in (config.load_functions() if functions is None else functions):
+        parts[spec] = call(spec, fn, prompts, completions, kwargs)
+        weighted.append((spec, weight))
     total = np.zeros(len(completions), np.float32)
-    for name, weight in zip(config.names, config.weights):
+    for name, weight in weighted:
         total += np.float32(weight) * parts[name]
     return total, parts

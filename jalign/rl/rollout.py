@@ -1,12 +1,14 @@
-"""Rollouts as a batch source: what turns the generic training loop into PPO.
+"""Rollouts as a batch source: what turns the generic training loop into RL.
 
-At each rollout boundary the source draws a batch of left-padded prompts, samples one
-response per prompt with the current policy (``jalign.rl.generate``), scores the
-responses (``jalign.rl.rewards``: reward functions on the decoded text and/or a reward
-model on the tokens), and then runs one jitted pass over prompt + response that computes
-the policy's log-probs (the "old" ones, by the same code as the training forward), the
-reference's log-probs, the values, the KL-penalised per-token rewards, GAE advantages
-and returns. The rollout stays on the devices; the loop then draws ``epochs`` ×
+At each rollout boundary the source draws a batch of left-padded prompts, samples
+``group_size`` responses per prompt with the current policy (``jalign.rl.generate``; each
+prompt prefilled once), scores the responses (``jalign.rl.rewards``: reward functions on
+the decoded text and/or a reward model on the tokens), and then runs one jitted pass over
+prompt + response that computes what the algorithm's loss trains on (``score_rows``, a
+subclass's): for PPO (``RolloutSource``) the policy's log-probs (the "old" ones, by the
+same code as the training forward), the reference's log-probs, the values, the
+KL-penalised per-token rewards, GAE advantages and returns; for the GRPO family
+(``jalign.rl.group_rollout``) group-relative advantages. The rollout stays on the devices; the loop then draws ``epochs`` ×
 ``minibatches`` minibatches from it (rows shuffled per epoch by a key of the rollout),
 each one ordinary step of the generic train step.
 
@@ -52,18 +54,33 @@ def kl_controller(config):
 
 def check_config(config, train_config, data_config) -> None:
     """Problems knowable before anything is loaded (ConfigError naming the binding)."""
+    name = type(config).__name__
     per = config.steps_per_rollout
-    what = f"PPOConfig.epochs × PPOConfig.minibatches = {per}"
+    what = f"{name}.epochs × {name}.minibatches = {per}"
     if train_config.steps % per:
         raise ConfigError(f"TrainConfig.steps={train_config.steps} must be a multiple of {what} "
                           "(a run ends at a rollout boundary)")
     if train_config.save_every % per:
         raise ConfigError(f"TrainConfig.save_every={train_config.save_every} must be a multiple "
                           f"of {what}: a checkpoint is exact only at a rollout boundary")
-    if data_config.batch_size % (config.minibatches * train_config.accum_steps):
-        raise ConfigError(f"DataConfig.batch_size={data_config.batch_size} (prompts per rollout) "
-                          f"must divide into PPOConfig.minibatches={config.minibatches} × "
+    group = getattr(config, "group_size", 1)
+    rows = data_config.batch_size * group
+    what = (f"DataConfig.batch_size={data_config.batch_size} (prompts per rollout)" if group == 1
+            else f"DataConfig.batch_size x {name}.group_size = {rows} completions per rollout")
+    if rows % (config.minibatches * train_config.accum_steps):
+        raise ConfigError(f"{what} must divide into {name}.minibatches={config.minibatches} × "
                           f"TrainConfig.accum_steps={train_config.accum_steps}")
+
+
+def sampler_mismatch(sampler_logp, trainer_logp, mask) -> dict:
+    """How far the sampler's log-probs of its tokens are from the trainer's (the scoring
+    pass's, same parameters): ``sampler_kl``, the k3 estimate of KL(sampler || trainer)
+    per token (0 when they agree; it grows when sampling runs at another precision or
+    with another kernel), and the largest |difference| of a token's log-prob."""
+    on = mask > 0
+    d = jnp.where(on, trainer_logp - sampler_logp, 0.0)
+    return {"sampler_kl": masked_mean(jnp.exp(d) - d - 1.0, mask),
+            "sampler_logp_max_diff": jnp.max(jnp.abs(d))}
 
 
 def _host(x) -> np.ndarray:
@@ -74,14 +91,20 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-class RolloutSource(BatchSource):
-    """``BatchSource`` of PPO minibatches (see the module docstring). ``config``: the
-    recipe's ``PPOConfig``; ``ctx``: a ``SourceContext`` (mesh, rules, seed, the roles)."""
+class Rollouts(BatchSource):
+    """``BatchSource`` of RL minibatches (see the module docstring). ``config``: the
+    recipe's config (``epochs``, ``minibatches``, sampling settings, ``rewards``); ``ctx``:
+    a ``SourceContext`` (mesh, rules, seed, the roles). A subclass names the roles its
+    scoring pass reads (``SCORED``) and computes the rows' training inputs
+    (``score_rows``)."""
+
+    SCORED: tuple[str, ...] = (POLICY,)
+    group_size = 1
 
     def __init__(self, prompts, config, ctx):
         self.prompts = prompts  # DataIterator of left-padded prompts
         self.config = config
-        self.kl = kl_controller(config)
+        self.kl = self.make_kl_controller()
         self.drawn = 0           # minibatches drawn so far (= optimizer steps)
         self._buffer = None      # the current rollout, on the devices
         self._order: list = []   # row indices of each of its minibatches
@@ -90,9 +113,17 @@ class RolloutSource(BatchSource):
 
     # ------------------------------------------------------------ geometry
 
+    def make_kl_controller(self):
+        return FixedKLController(0.0)
+
+    @property
+    def prompt_rows(self) -> int:
+        return self.prompts.config.batch_size
+
     @property
     def rows(self) -> int:
-        return self.prompts.config.batch_size
+        """Completions per rollout: prompts x group_size."""
+        return self.prompt_rows * self.group_size
 
     @property
     def prompt_length(self) -> int:
@@ -125,7 +156,8 @@ class RolloutSource(BatchSource):
         return self.prompts.stats
 
     def describe(self) -> str:
-        return (f"{self.prompts.batches} rollouts of {self.rows} prompts "
+        group = f" x {self.group_size} completions" if self.group_size > 1 else ""
+        return (f"{self.prompts.batches} rollouts of {self.prompt_rows} prompts{group} "
                 f"({self.prompts.stats['examples']} prompts per process, "
                 f"{self.prompts.config.num_epochs} epoch(s))")
 
@@ -161,7 +193,8 @@ class RolloutSource(BatchSource):
         # With adapters the reference is the base without them (ctx.models knows).
         self.policy_def = ctx.models.graphdef(POLICY)
         self.key = jax.random.fold_in(jax.random.key(ctx.seed), 0x9E0)
-        self.prompt_sh = batch_sharding(ctx.mesh, self.rows, ctx.rules)
+        self.prompt_sh = batch_sharding(ctx.mesh, self.prompt_rows, ctx.rules)
+        self.row_sh = batch_sharding(ctx.mesh, self.rows, ctx.rules)
         self.minibatch_sh = batch_sharding(ctx.mesh, self.batch_rows(), ctx.rules)
         self.replicated = NamedSharding(ctx.mesh, PartitionSpec())
         self.sampling = sampling_params(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -169,12 +202,14 @@ class RolloutSource(BatchSource):
         self.eos_ids = np.atleast_1d(self.chat.eos_id)
         self.sample = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
                                        top_k=cfg.top_k, use_top_p=cfg.top_p is not None,
-                                       mesh=ctx.mesh, rules=ctx.rules)
+                                       mesh=ctx.mesh, rules=ctx.rules,
+                                       group_size=self.group_size)
         self.greedy = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
                                        greedy=True, mesh=ctx.mesh, rules=ctx.rules)
-        self.score = jax.jit(self._score_pass, out_shardings=(self.prompt_sh, self.replicated))
+        self.score = jax.jit(self._score_pass, out_shardings=(self.row_sh, self.replicated))
         self.gather = jax.jit(lambda buf, idx: jax.tree.map(lambda x: x[idx], buf),
                               out_shardings=self.minibatch_sh)
+        self.functions = cfg.rewards.load_functions()
         self.scorer = None
         if "reward_model" in cfg.rewards.names:
             self.scorer = RewardModelScorer.load(cfg.rewards.reward_model, mesh=ctx.mesh)
@@ -187,10 +222,13 @@ class RolloutSource(BatchSource):
     def _trees(self, state, names) -> dict:
         return self.models.trees(state.params, state.fixed, names)
 
-    def _score_pass(self, trees, prompt_ids, prompt_mask, tokens, lengths, scores, kl_coef):
+    def _score_pass(self, trees, prompt_ids, prompt_mask, tokens, lengths, sampler_logp,
+                    scores, kl_coef):
         """The rollout's per-token training inputs and its metrics, in one program."""
         from jalign.sharding import use_mesh
-        cfg = self.config
+        if self.group_size > 1:  # each prompt's row once per completion of its group
+            prompt_ids = jnp.repeat(prompt_ids, self.group_size, axis=0)
+            prompt_mask = jnp.repeat(prompt_mask, self.group_size, axis=0)
         b, p = prompt_ids.shape
         n = tokens.shape[1]
         valid = jnp.arange(n)[None, :] < lengths[:, None]
@@ -199,38 +237,26 @@ class RolloutSource(BatchSource):
         pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
         mask = jnp.concatenate([jnp.zeros((b, p - 1), jnp.float32), valid.astype(jnp.float32)],
                                axis=1)
-        kwargs = dict(temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        # The sampler's log-probs, aligned with the targets like the trainer's.
+        sampled = jnp.concatenate([jnp.zeros((b, p - 1), jnp.float32),
+                                   jnp.where(valid, sampler_logp, 0.0)], axis=1)
+        rows = {"input_ids": ids, "segment_ids": seg, "positions": pos, "response_mask": mask}
         with use_mesh(self.mesh, self.rules):
             models = self.models.merged(trees)
-            policy, value, reference = models[POLICY], models[VALUE], models[REFERENCE]
-            logp, ent = response_log_probs(policy, ids, seg, pos, entropy=True, **kwargs)
-            ref_logp, _ = response_log_probs(reference, ids, seg, pos, **kwargs)
-            values = value(ids, pos, seg)[:, :-1]
-        scores = clip_scores(scores, cfg.score_clip)
-        coef = kl_coef if cfg.kl_in == "reward" else 0.0
-        rewards = penalized_rewards(scores, logp, ref_logp, mask, coef=coef, kind=cfg.kl_estimator)
-        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        on = mask > 0
-        log_ratio = jnp.where(on, logp - ref_logp, 0.0)
-        metrics = {
-            # Per-sequence sums of the sampled log-ratio: the KL the controller targets.
-            "kl": jnp.mean(jnp.sum(log_ratio, axis=1)),
-            "non_score_reward": jnp.mean(jnp.sum(jnp.where(on, rewards, 0.0), axis=1) - scores),
-            "rollout_entropy": masked_mean(ent, mask),
-            "value_mean": masked_mean(values, mask),
-            "value_explained_variance": explained_variance(values, returns, mask),
-            "advantage_mean": masked_mean(advantages, mask),
-            "advantage_std": jnp.sqrt(masked_mean((advantages - masked_mean(advantages, mask)) ** 2,
-                                                  mask)),
-            "returns_mean": masked_mean(returns, mask),
-        }
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        buffer = {"input_ids": ids, "segment_ids": seg, "positions": pos, "response_mask": mask,
-                  "old_logp": logp, "ref_logp": ref_logp, "old_values": values,
-                  "advantages": advantages, "returns": returns,
-                  "kl_coef": jnp.full((b,), kl_coef, jnp.float32)}
-        return buffer, metrics
+            extras, metrics = self.score_rows(models, rows, sampled, scores, kl_coef)
+        metrics.update(sampler_mismatch(sampled, extras["old_logp"], mask))
+        return {**rows, **extras}, metrics
+
+    def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
+        """(per-row training inputs beyond ``rows``, metrics), traced inside the scoring
+        pass: the subclass's algorithm."""
+        raise NotImplementedError
+
+    def log_probs(self, model, rows, entropy: bool = False):
+        cfg = self.config
+        return response_log_probs(model, rows["input_ids"], rows["segment_ids"], rows["positions"],
+                                  temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens,
+                                  entropy=entropy)
 
     # ------------------------------------------------------------ drawing
 
@@ -238,11 +264,17 @@ class RolloutSource(BatchSource):
         from jalign.sharding import global_rows
         return global_rows(sharding or self.prompt_sh, x)
 
-    def _rewards(self, prompt_ids, prompt_mask, out, evaluation: bool = False):
+    def _rewards(self, prompt_ids, prompt_mask, out, fields: dict, evaluation: bool = False):
         """(scores [rows] on this host, components, response lengths, ended-with-EOS);
-        in ``evaluation`` also the components of ``RewardConfig.eval_names``."""
+        in ``evaluation`` also the components of ``RewardConfig.eval_names``. ``fields``:
+        the prompt records' columns, one per prompt (``_fields``). A prompt with G
+        completions is repeated for each."""
         ids, mask = _host(prompt_ids), _host(prompt_mask)
         tokens, lengths = _host(out["tokens"]), _host(out["lengths"])
+        g = len(tokens) // len(ids)
+        if g > 1:
+            ids, mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
+            fields = {k: [x for x in v for _ in range(g)] for k, v in fields.items()}
         prompts = [self.chat.tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
                    for row, m in zip(ids, mask)]
         completions = decode_text(self.chat, tokens, lengths, self.eos_ids)
@@ -254,10 +286,17 @@ class RolloutSource(BatchSource):
             reward_tokens = (np.concatenate([ids, tokens], 1), np.concatenate([mask, valid], 1))
         rc = self.config.rewards
         scores, parts = combined_rewards(rc, prompts, completions, lengths,
-                                         tokens=reward_tokens, scorer=self.scorer)
+                                         tokens=reward_tokens, scorer=self.scorer,
+                                         fields=fields, functions=self.functions)
         for name in rc.eval_names if evaluation else ():
             parts.setdefault(name, REWARDS[name](prompts, completions, lengths, rc))
         return scores, parts, lengths, ended
+
+    def _fields(self, source, batch, sharding=None) -> dict:
+        """The columns of the records of a prompt batch (all hosts' rows, in row order)."""
+        if "record_index" not in batch:
+            return {}
+        return source.record_fields(_host(self._global(batch["record_index"], sharding)))
 
     def _rollout(self, state) -> None:
         cfg = self.config
@@ -269,7 +308,7 @@ class RolloutSource(BatchSource):
         t0 = time.perf_counter()
         batch = next(self.prompts)  # StopIteration at the end of the prompts
         prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
-        trees = self._trees(state, (POLICY, VALUE, REFERENCE))
+        trees = self._trees(state, self.SCORED)
         policy = trees[POLICY]
         if cfg.rollout_sharding == "replicated":
             # One gather of every weight per rollout, instead of FSDP's per decoded token.
@@ -278,19 +317,21 @@ class RolloutSource(BatchSource):
                           self.sampling)
         jax.block_until_ready(out["tokens"])
         t1 = time.perf_counter()
-        scores, parts, lengths, ended = self._rewards(prompt_ids, prompt_mask, out)
+        scores, parts, lengths, ended = self._rewards(prompt_ids, prompt_mask, out,
+                                                      self._fields(self.prompts, batch))
         raw = scores.copy()
         if cfg.missing_eos_penalty is not None:
             scores = scores - np.float32(cfg.missing_eos_penalty) * (~ended)
         t2 = time.perf_counter()
         device_scores = jax.make_array_from_callback(
-            scores.shape, self.prompt_sh, lambda i: scores[i])
+            scores.shape, self.row_sh, lambda i: scores[i])
         coef = self.kl.value
         self._buffer, metrics = self.score(trees, prompt_ids, prompt_mask, out["tokens"],
-                                           out["lengths"], device_scores, jnp.float32(coef))
+                                           out["lengths"], out["logprobs"], device_scores,
+                                           jnp.float32(coef))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
-        self.kl.update(metrics["kl"], self.rows)
+        self.kl.update(metrics.get("kl", 0.0), self.rows)
         shuffle = jax.random.fold_in(key, _SHUFFLE)
         mb = self.batch_rows()
         self._order = []
@@ -343,7 +384,8 @@ class RolloutSource(BatchSource):
             mask = self._global(batch["prompt_mask"], self.eval_sh)
             out = self.greedy(self._trees(state, (POLICY,))[POLICY], ids, mask, self.key,
                               self.sampling)
-            scores, parts, lengths, _ = self._rewards(ids, mask, out, evaluation=True)
+            fields = self._fields(self.eval_prompts, batch, self.eval_sh)
+            scores, parts, lengths, _ = self._rewards(ids, mask, out, fields, evaluation=True)
             count += len(scores)
             for name, values in [("reward", scores), ("response_length", lengths),
                                  *[(f"reward_{k}", v) for k, v in parts.items()]]:
@@ -352,3 +394,44 @@ class RolloutSource(BatchSource):
             raise ConfigError("eval/DataConfig gave no full batch of prompts")
         return {"step": step, **{f"eval_{k}": v / count for k, v in totals.items()},
                 "eval_prompts": count}
+
+
+class RolloutSource(Rollouts):
+    """PPO's rollouts: one response per prompt; the scoring pass computes the old and the
+    reference log-probs, the values, the KL-penalised per-token rewards and GAE."""
+
+    SCORED = (POLICY, VALUE, REFERENCE)
+
+    def make_kl_controller(self):
+        return kl_controller(self.config)
+
+    def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
+        cfg = self.config
+        mask = rows["response_mask"]
+        logp, ent = self.log_probs(models[POLICY], rows, entropy=True)
+        ref_logp, _ = self.log_probs(models[REFERENCE], rows)
+        values = models[VALUE](rows["input_ids"], rows["positions"], rows["segment_ids"])[:, :-1]
+        scores = clip_scores(scores, cfg.score_clip)
+        coef = kl_coef if cfg.kl_in == "reward" else 0.0
+        rewards = penalized_rewards(scores, logp, ref_logp, mask, coef=coef, kind=cfg.kl_estimator)
+        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        on = mask > 0
+        log_ratio = jnp.where(on, logp - ref_logp, 0.0)
+        metrics = {
+            # Per-sequence sums of the sampled log-ratio: the KL the controller targets.
+            "kl": jnp.mean(jnp.sum(log_ratio, axis=1)),
+            "non_score_reward": jnp.mean(jnp.sum(jnp.where(on, rewards, 0.0), axis=1) - scores),
+            "rollout_entropy": masked_mean(ent, mask),
+            "value_mean": masked_mean(values, mask),
+            "value_explained_variance": explained_variance(values, returns, mask),
+            "advantage_mean": masked_mean(advantages, mask),
+            "advantage_std": jnp.sqrt(masked_mean((advantages - masked_mean(advantages, mask)) ** 2,
+                                                  mask)),
+            "returns_mean": masked_mean(returns, mask),
+        }
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        extras = {"old_logp": logp, "ref_logp": ref_logp, "old_values": values,
+                  "advantages": advantages, "returns": returns,
+                  "kl_coef": jnp.full((mask.shape[0],), kl_coef, jnp.float32)}
+        return extras, metrics

@@ -1,0 +1,201 @@
+"""The GRPO family (RL with verifiable rewards, no value model): GRPO, DAPO, Dr. GRPO,
+RLOO, REINFORCE++, GSPO and CISPO as settings of one recipe.
+
+Roles: ``policy`` (trained) and, only where a KL is used (``beta`` > 0), ``reference``
+(a frozen copy of the initial policy, read by the rollouts' scoring pass, not by the step).
+The batch source is ``jalign.rl.group_rollout.GroupRolloutSource``: each rollout samples
+``group_size`` completions per prompt, scores them with the reward functions
+(``RewardConfig``: built-in and users' own), turns the scores into advantages by the
+estimator ``advantage`` (``jalign.rl.advantages``), then yields ``epochs`` ×
+``minibatches`` train steps of this recipe's loss: the policy loss ``policy_loss``
+(``jalign.losses.policy``) aggregated by ``aggregation`` (``jalign.losses.aggregation``),
+plus β · the k3 KL to the reference with ``kl_in='loss'``.
+
+The variants (configs/algo/*.gin):
+- GRPO (Shao et al. 2024): advantage ``grpo``, clip 0.2, aggregation ``grpo``.
+- DAPO (Yu et al. 2025): clip-higher (0.2 / 0.28), aggregation ``dapo`` (token-level), β 0.
+- Dr. GRPO (Liu et al. 2025): ``scale_rewards='none'``, aggregation ``dr_grpo``.
+- RLOO (Ahmadian et al. 2024): advantage ``rloo``.
+- REINFORCE++ (Hu et al. 2025): advantage ``reinforce_pp``.
+- GSPO (Zheng et al. 2025): policy loss ``gspo`` (sequence ratio), clip 3e-4 / 4e-4.
+- CISPO (MiniMax 2025): policy loss ``cispo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jalign.errors import ConfigError
+from jalign.losses import aggregation, policy
+from jalign.losses.kl import ESTIMATORS, kl_per_token
+from jalign.losses.ppo import response_log_probs
+from jalign.losses.types import LossOutput
+from jalign.rl import advantages
+from jalign.rl.rewards import RewardConfig
+from jalign.train.recipe import POLICY, Recipe
+from jalign.train.roles import NONE, Role
+
+REFERENCE = "reference"
+KL_PLACES = ("loss", "reward")
+ROLLOUT_SHARDINGS = ("train", "replicated")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO-family settings (gin: ``GRPOConfig.group_size = 8``); ``rewards`` is built from
+    the ``RewardConfig`` bindings.
+
+    A rollout samples ``group_size`` completions for each of the ``DataConfig.batch_size``
+    prompts (prompts × G rows) and is trained on for ``epochs`` passes of ``minibatches``
+    optimizer steps: ``TrainConfig.steps`` counts those steps (a multiple of epochs ×
+    minibatches). With one step per rollout the loss is exactly on-policy (ratio 1).
+
+    ``advantage``: the estimator (``grpo``, ``rloo``, ``reinforce_pp``), with
+    ``scale_rewards`` (grpo: ``group``, ``batch``, ``none``) and ``baseline``
+    (reinforce_pp: ``group``, ``global``). ``policy_loss``: ``clip``, ``gspo``, ``cispo``,
+    with ``clip_low``/``clip_high`` (DAPO's clip-higher: 0.2/0.28) and ``dual_clip``.
+    ``aggregation``: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (and PPO's names).
+    ``beta``: the KL coefficient (0: no reference model), estimator ``kl_estimator``,
+    as a loss term (``kl_in='loss'``) or subtracted from the rewards (``'reward'``).
+    ``tis_cap``: truncated importance sampling of the sampler's tokens (None: off).
+    ``temperature``/``top_k``/``top_p``: sampling; ``missing_eos_penalty``: subtracted from
+    the score of a completion that hit ``max_new_tokens`` without EOS."""
+
+    group_size: int = 8
+    epochs: int = 1
+    minibatches: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    advantage: str = "grpo"
+    scale_rewards: str = "group"
+    baseline: str = "group"
+    policy_loss: str = "clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    aggregation: str = "grpo"
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in: str = "loss"
+    tis_cap: float | None = None
+    missing_eos_penalty: float | None = None
+    rollout_sharding: str = "train"
+    chunk_tokens: int = 2048
+    rewards: RewardConfig = RewardConfig()
+
+    def __post_init__(self):
+        for name in ("group_size", "epochs", "minibatches", "max_new_tokens", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"GRPOConfig.temperature must be > 0 (sampling), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"GRPOConfig.top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GRPOConfig.top_p must be in (0, 1], got {self.top_p}")
+        choices = {"advantage": (self.advantage, tuple(advantages.ESTIMATORS)),
+                   "scale_rewards": (self.scale_rewards, advantages.GRPO_SCALES),
+                   "baseline": (self.baseline, advantages.REINFORCE_PP_BASELINES),
+                   "policy_loss": (self.policy_loss, tuple(policy.POLICY_LOSSES)),
+                   "aggregation": (self.aggregation, tuple(aggregation.AGGREGATIONS)),
+                   "kl_estimator": (self.kl_estimator, ESTIMATORS),
+                   "kl_in": (self.kl_in, KL_PLACES),
+                   "rollout_sharding": (self.rollout_sharding, ROLLOUT_SHARDINGS)}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"GRPOConfig.{name}={value!r}; one of {allowed}")
+        needs_two = self.advantage == "rloo" or (self.advantage == "grpo"
+                                                 and self.scale_rewards == "group")
+        if needs_two and self.group_size < 2:
+            raise ValueError(f"GRPOConfig.group_size={self.group_size}: the {self.advantage!r} "
+                             "advantage compares completions of a prompt; it needs at least 2")
+        if self.beta < 0:
+            raise ValueError(f"GRPOConfig.beta must be >= 0, got {self.beta}")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"GRPOConfig.clip_low={self.clip_low} and clip_high="
+                             f"{self.clip_high} must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"GRPOConfig.dual_clip must be > 1, got {self.dual_clip}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"GRPOConfig.tis_cap must be > 0, got {self.tis_cap}")
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.epochs * self.minibatches
+
+
+def _mean(x, m):
+    return jnp.sum(jnp.where(m > 0, x, 0.0)), jnp.sum(m)
+
+
+def make_grpo_loss(config: GRPOConfig):
+    """``loss(models, batch, ctx) -> LossOutput`` of the policy on a rollout minibatch."""
+    loss_of = policy.get(config.policy_loss)
+    on_policy = config.steps_per_rollout == 1
+
+    def grpo_loss(models, batch, ctx):
+        mask = batch["response_mask"]
+        logp, _ = response_log_probs(models[POLICY], batch["input_ids"], batch["segment_ids"],
+                                     batch["positions"], temperature=config.temperature,
+                                     chunk_tokens=config.chunk_tokens)
+        # One update per rollout: the sampling policy is this one (ratio exactly 1).
+        old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
+        per_token, token_metrics = loss_of(logp, old, batch["advantages"], mask,
+                                           clip_low=config.clip_low, clip_high=config.clip_high,
+                                           dual_clip=config.dual_clip)
+        if "tis_weight" in batch:
+            per_token = per_token * batch["tis_weight"]
+        aux = {}
+        if config.beta > 0 and config.kl_in == "loss":
+            on = mask > 0
+            kl = kl_per_token(jnp.where(on, logp, 0.0), jnp.where(on, batch["ref_logp"], 0.0),
+                              config.kl_estimator)
+            per_token = per_token + config.beta * kl
+            aux["kl_loss"] = _mean(config.beta * kl, mask)
+        total, weight = aggregation.aggregate(per_token, mask, config.aggregation,
+                                              max_length=config.max_new_tokens)
+        aux.update({name: _mean(v, mask) for name, v in token_metrics.items()})
+        aux["policy_loss"] = (total, weight)
+        return LossOutput(total, weight, aux)
+
+    return grpo_loss
+
+
+CONFIG = GRPOConfig
+
+
+def roles(config: GRPOConfig) -> tuple[Role, ...]:
+    if config.beta == 0:  # no KL: no reference model is held
+        return (Role(POLICY),)
+    return (Role(POLICY), Role(REFERENCE, like=POLICY, trains=NONE, in_step=False))
+
+
+class GRPORecipe(Recipe):
+    def check(self, configs) -> None:
+        from jalign.rl.rollout import check_config
+        check_config(self.config, configs.train, configs.data)
+        if configs.data.format != "prompt":
+            raise ConfigError(f"DataConfig.format={configs.data.format!r}: GRPO samples "
+                              "completions of prompts; use DataConfig.format='prompt'")
+        self.config.rewards.load_functions()  # each user reward function imports
+
+    def step_rows(self, batch_size: int) -> int:
+        return batch_size * self.config.group_size // self.config.minibatches
+
+    def batch_source(self, data, ctx):
+        from jalign.rl.group_rollout import GroupRolloutSource
+        return GroupRolloutSource(data, self.config, ctx)
+
+
+def recipe(config: GRPOConfig) -> Recipe:
+    return GRPORecipe("grpo", make_grpo_loss(config), roles(config), data_kind="prompt",
+                      weight_name=aggregation.weight_name(config.aggregation), config=config)
+
+
+SUMMARY = ("the GRPO family (GRPO, DAPO, Dr. GRPO, RLOO, REINFORCE++, GSPO, CISPO) on "
+           "prompts: G sampled completions each, group-relative advantages, no value model")

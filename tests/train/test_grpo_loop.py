@@ -1,0 +1,105 @@
+"""A GRPO run as users start it (`jalign train` in a subprocess) with their own reward
+function in a file next to their config: it trains on groups of completions, logs the
+rollout and update metrics, resumes after SIGKILL bit-identically, and a reward function
+that returns NaN stops it with one line naming the function."""
+
+import signal
+import textwrap
+
+import numpy as np
+import pytest
+
+from jalign.cli import EXIT_BAD_INPUT
+from tests.numerics import f32_tolerance, llama_logp_bound
+from tests.train.test_loop import _committed, _records as records, _run
+from tests.train.test_ppo_loop import N, P, _policy_at  # tiny_grpo.gin: the same sizes
+
+TIMING = ("step_seconds", "tokens_per_second_per_device", "mfu", "sample_seconds",
+          "reward_seconds", "score_seconds")
+ROLLOUT = ("reward", "reward_task", "reward_length", "kl", "kl_coef", "response_length",
+           "ended_with_eos", "rollout_entropy", "reward_group_std", "groups_without_signal",
+           "advantage_mean", "advantage_std", "sampler_kl", "sampler_logp_max_diff")
+UPDATE = ("policy_loss", "kl_loss", "clip_fraction", "approx_kl", "ratio", "sequences")
+
+REWARDS = '''
+def digits(prompts, completions, answer, completion_lengths, **fields):
+    """How many digits a completion has (random completions differ), checking that the
+    prompt records' answers and the lengths arrive one per completion."""
+    assert len(answer) == len(completions) == len(completion_lengths) == len(prompts)
+    assert all(isinstance(a, str) and a.isdigit() for a in answer), answer[:3]
+    return [sum(ch.isdigit() for ch in c) / 4 for c in completions]
+
+def broken(prompts, completions, **fields):
+    return [float("nan") if i == 5 else 0.0 for i in range(len(completions))]
+'''
+
+
+def _config(tmp_path, function="digits"):
+    """A user's config directory: their config and their reward module side by side."""
+    d = tmp_path / "my_experiment"
+    d.mkdir(exist_ok=True)
+    (d / "my_rewards.py").write_text(REWARDS)
+    (d / "grpo.gin").write_text(textwrap.dedent(f"""\
+        include 'tests/train/tiny_grpo.gin'
+        RewardConfig.functions = ('my_rewards:{function}',)
+        RewardConfig.function_weights = (1.0,)
+        """))
+    return str(d / "grpo.gin")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    _run(root, "ref", config=_config(root))
+    return records(root / "ref", drop=TIMING), root / "ref"
+
+
+def test_grpo_run_with_a_user_reward_function(uninterrupted):
+    recs, run_dir = uninterrupted
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    rollouts = [r for r in train if "reward" in r]
+    assert [r["step"] for r in rollouts] == [1, 3, 5]  # 2 epochs x 1 minibatch each
+    for r in train:
+        assert set(UPDATE) <= set(r), sorted(r)
+        assert r["sequences"] == 16  # 4 prompts x G = 4 completions, aggregation 'grpo'
+        assert np.isfinite(r["loss"])
+    for r in rollouts:
+        assert set(ROLLOUT) | {"reward_my_rewards:digits"} <= set(r), sorted(r)
+        assert r["kl_coef"] == 0.05
+        # the sampler and the scoring pass read the same parameters: the same log-probs
+        # up to float32 rounding of two programs
+        assert r["sampler_kl"] < 1e-6 and r["sampler_logp_max_diff"] < 1e-3, r
+    # The user's function gives groups different scores: there is something to learn.
+    assert min(r["groups_without_signal"] for r in rollouts) < 1
+    assert any(r["reward_group_std"] > 0 for r in rollouts)
+    # A rollout's first update sees the policy that sampled it: its log-ratios are the
+    # difference of two float32 evaluations of one log-prob (as for PPO).
+    for r in rollouts:
+        e = llama_logp_bound(_policy_at(run_dir, r["step"] - 1), P + N, mean=True)
+        e = f32_tolerance(e["terms"], e["scale"], e["depth"])
+        assert abs(r["ratio"] - 1.0) <= np.expm1(e) and r["approx_kl"] <= 0.5 * e * e, (r, e)
+    assert [r["step"] for r in recs if "eval_reward" in r] == [3, 6]
+
+
+def test_grpo_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
+    recs, _ = uninterrupted
+    config = _config(tmp_path)
+    _run(tmp_path, "killed", fault="sigkill_after_save:2", expect=-signal.SIGKILL, config=config)
+    assert _committed(tmp_path / "killed") == [2]
+    _run(tmp_path, "killed", config=config)
+    # exact by construction: the same rollouts (samples, rewards, advantages) and losses
+    assert records(tmp_path / "killed", drop=TIMING) == recs
+
+
+def test_a_reward_function_returning_nan_stops_the_run_naming_it(tmp_path):
+    r = _run(tmp_path, "nan", config=_config(tmp_path, "broken"), expect=EXIT_BAD_INPUT)
+    lines = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "reward function my_rewards:broken returned nan for row 5" in lines[0], \
+        r.stderr[-2000:]
+
+
+def test_a_reward_function_that_does_not_import_fails_before_anything_loads(tmp_path):
+    r = _run(tmp_path, "missing", config=_config(tmp_path, "nowhere"), expect=EXIT_BAD_INPUT)
+    assert "RewardConfig.functions: 'my_rewards:nowhere'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "missing").exists()  # refused before the run directory
