@@ -61,6 +61,8 @@ class GRPOConfig:
     ``beta``: the KL coefficient (0: no reference model), estimator ``kl_estimator``,
     as a loss term (``kl_in='loss'``) or subtracted from the rewards (``'reward'``).
     ``tis_cap``: truncated importance sampling of the sampler's tokens (None: off).
+    ``dynamic_sampling`` (with ``max_sampling_rounds``), ``mask_truncated`` and
+    ``overlong_buffer``/``overlong_penalty``: DAPO's filtering (jalign.rl.group_rollout).
     ``temperature``/``top_k``/``top_p``: sampling; ``missing_eos_penalty``: subtracted from
     the score of a completion that hit ``max_new_tokens`` without EOS."""
 
@@ -83,13 +85,19 @@ class GRPOConfig:
     kl_estimator: str = "k3"
     kl_in: str = "loss"
     tis_cap: float | None = None
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    mask_truncated: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     missing_eos_penalty: float | None = None
     rollout_sharding: str = "train"
     chunk_tokens: int = 2048
     rewards: RewardConfig = RewardConfig()
 
     def __post_init__(self):
-        for name in ("group_size", "epochs", "minibatches", "max_new_tokens", "chunk_tokens"):
+        for name in ("group_size", "epochs", "minibatches", "max_new_tokens", "chunk_tokens",
+                     "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -121,6 +129,9 @@ class GRPOConfig:
                              f"{self.clip_high} must be >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"GRPOConfig.dual_clip must be > 1, got {self.dual_clip}")
+        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+            raise ValueError(f"GRPOConfig.overlong_buffer={self.overlong_buffer} must be in "
+                             f"[0, max_new_tokens={self.max_new_tokens})")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"GRPOConfig.tis_cap must be > 0, got {self.tis_cap}")
 

@@ -6,7 +6,18 @@ probs (the "old" ones), the reference's where a KL is used (β > 0; with β = 0 
 model is held at all), the KL as a reward penalty (``kl_in='reward'``: β · the sequence's
 summed per-token estimate subtracted from its score) if so configured, and the advantages
 of the configured estimator (``jalign.rl.advantages.get``), one per completion, on every
-token of it. With ``tis_cap`` C it also keeps the truncated importance weight
+token of it.
+
+Filtering (Yu et al. 2025, "DAPO"): ``dynamic_sampling`` keeps only groups whose rewards
+differ (a group of equal rewards has zero advantages: no signal), sampling further batches
+of prompts until the rollout is full or ``max_sampling_rounds`` rounds were sampled (then
+groups without signal fill it; metrics ``sampling_rounds``, ``groups_dropped``,
+``groups_without_signal_kept``); ``mask_truncated`` (overlong filtering) gives no loss to
+a completion that hit ``max_new_tokens`` without EOS; ``overlong_buffer`` L (soft overlong
+punishment) subtracts ``overlong_penalty`` × (length − (max_new_tokens − L)) / L from
+the score of a completion longer than max_new_tokens − L.
+
+With ``tis_cap`` C it also keeps the truncated importance weight
 min(π_trainer / π_sampler, C) of each token (Yao et al. 2025, "Your Efficient RL Framework
 Secretly Brings You Off-Policy RL Training": for a sampler that runs at another precision
 or with other kernels than the trainer).
@@ -16,12 +27,14 @@ from __future__ import annotations
 
 import inspect
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jalign.losses.kl import kl_per_token
 from jalign.rl import advantages as adv
 from jalign.rl.advantages import masked_mean
-from jalign.rl.rollout import POLICY, REFERENCE, Rollouts
+from jalign.rl.rollout import POLICY, REFERENCE, Drawn, Rollouts, _host
 
 
 def estimator_options(config) -> dict:
@@ -46,12 +59,78 @@ class GroupRolloutSource(Rollouts):
         from jalign.rl.kl import FixedKLController
         return FixedKLController(self.config.beta)  # logged as kl_coef
 
+    def adjust(self, scores, lengths, ended) -> np.ndarray:
+        scores = super().adjust(scores, lengths, ended)
+        buffer = self.config.overlong_buffer
+        if buffer:
+            start = self.config.max_new_tokens - buffer
+            over = np.clip((np.asarray(lengths, np.float32) - start) / buffer, 0.0, 1.0)
+            scores = scores - np.float32(self.config.overlong_penalty) * over
+        return scores
+
+    def draw(self, policy, key):
+        """With ``dynamic_sampling``: rounds of sampling until the rollout's groups all have
+        signal (or the cap); groups in the order sampled."""
+        cfg = self.config
+        if not cfg.dynamic_sampling:
+            return super().draw(policy, key)
+        kept, spare, rounds, dropped = [], [], 0, 0
+        while len(kept) < self.prompt_rows and rounds < cfg.max_sampling_rounds:
+            d = self._sample_round(policy, key if rounds == 0 else jax.random.fold_in(key, rounds))
+            rounds += 1
+            groups = d.scores.reshape(-1, self.group_size)
+            signal = groups.max(axis=1) > groups.min(axis=1)
+            dropped += int(np.sum(~signal))
+            for i, has in enumerate(signal):
+                (kept if has else spare).append((d, i))
+        chosen = (kept + spare)[:self.prompt_rows]
+        return self._assemble(chosen), {
+            "sampling_rounds": rounds, "groups_dropped": dropped,
+            "groups_without_signal_kept": max(0, self.prompt_rows - len(kept))}
+
+    def _assemble(self, chosen) -> Drawn:
+        """One Drawn of the groups ``chosen`` ((Drawn, group index) pairs)."""
+        g = self.group_size
+        hosts = {}  # each round's device arrays once on the host
+
+        def host(d, name):
+            key = (id(d), name)
+            if key not in hosts:
+                hosts[key] = _host(getattr(d, name))
+            return hosts[key]
+
+        def prompt_rows(name):
+            return np.stack([host(d, name)[i] for d, i in chosen])
+
+        def group_rows(name, on_host=False):
+            return np.concatenate([(getattr(d, name) if on_host else host(d, name))[i * g:(i + 1) * g]
+                                   for d, i in chosen])
+
+        def device(x, sharding):
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+        parts = {k: np.concatenate([d.parts[k][i * g:(i + 1) * g] for d, i in chosen])
+                 for k in chosen[0][0].parts}
+        rounds = list({id(d): d for d, _ in chosen}.values())
+        return Drawn(device(prompt_rows("prompt_ids"), self.prompt_sh),
+                     device(prompt_rows("prompt_mask"), self.prompt_sh),
+                     device(group_rows("tokens"), self.row_sh),
+                     device(group_rows("token_lengths"), self.row_sh),
+                     device(group_rows("logprobs"), self.row_sh),
+                     group_rows("scores", True), group_rows("raw", True), parts,
+                     group_rows("lengths", True), group_rows("ended", True),
+                     sum(d.sample_seconds for d in rounds), sum(d.reward_seconds for d in rounds))
+
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config
         mask = rows["response_mask"]
+        extras = {}
+        if cfg.mask_truncated:  # overlong filtering: a cut-off completion gets no loss
+            mask = mask * self._ended(rows["input_ids"], mask)[:, None]
+            extras["response_mask"] = mask
         on = mask > 0
         logp, ent = self.log_probs(models[POLICY], rows, entropy=True)
-        extras = {"old_logp": logp}
+        extras["old_logp"] = logp
         metrics = {"rollout_entropy": masked_mean(ent, mask)}
         if cfg.beta > 0:
             ref_logp, _ = self.log_probs(models[REFERENCE], rows)
@@ -75,3 +154,11 @@ class GroupRolloutSource(Rollouts):
             "advantage_std": jnp.std(a),
         })
         return extras, metrics
+
+    def _ended(self, ids, mask):
+        """1.0 for rows whose last completion token is an EOS, else 0.0."""
+        idx = jnp.arange(mask.shape[1])
+        last = jnp.max(jnp.where(mask > 0, idx, -1), axis=1)
+        token = jnp.take_along_axis(ids[:, 1:], jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+        ended = jnp.any(token[:, None] == self.sampling.eos_ids[None, :], axis=-1) & (last >= 0)
+        return ended.astype(mask.dtype)

@@ -26,6 +26,7 @@ the rollout's index, so a resumed run samples exactly what an uninterrupted one 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,23 @@ def check_config(config, train_config, data_config) -> None:
     if rows % (config.minibatches * train_config.accum_steps):
         raise ConfigError(f"{what} must divide into {name}.minibatches={config.minibatches} × "
                           f"TrainConfig.accum_steps={train_config.accum_steps}")
+
+
+class Drawn(NamedTuple):
+    """A rollout's sampled completions and rewards, before the scoring pass."""
+
+    prompt_ids: jax.Array     # [prompts, P] global, left-padded
+    prompt_mask: jax.Array
+    tokens: jax.Array         # [rows, N] global (rows = prompts x group size)
+    token_lengths: jax.Array  # [rows]
+    logprobs: jax.Array       # [rows, N]: the sampler's
+    scores: np.ndarray        # [rows] what is trained on (rewards, adjusted)
+    raw: np.ndarray           # [rows] the rewards
+    parts: dict               # reward name -> [rows]
+    lengths: np.ndarray       # [rows] on the host
+    ended: np.ndarray         # [rows] ended with EOS
+    sample_seconds: float
+    reward_seconds: float
 
 
 def sampler_mismatch(sampler_logp, trainer_logp, mask) -> dict:
@@ -298,6 +316,38 @@ class Rollouts(BatchSource):
             return {}
         return source.record_fields(_host(self._global(batch["record_index"], sharding)))
 
+    def _policy_for_sampling(self, trees):
+        policy = trees[POLICY]
+        if self.config.rollout_sharding == "replicated":
+            # One gather of every weight per rollout, instead of FSDP's per decoded token.
+            policy = jax.device_put(policy, self.replicated)
+        return policy
+
+    def _sample_round(self, policy, key) -> Drawn:
+        """A batch of prompts, its completions and their rewards (adjusted: ``adjust``)."""
+        t0 = time.perf_counter()
+        batch = next(self.prompts)  # StopIteration at the end of the prompts
+        prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
+        out = self.sample(policy, prompt_ids, prompt_mask, key, self.sampling)
+        jax.block_until_ready(out["tokens"])
+        t1 = time.perf_counter()
+        raw, parts, lengths, ended = self._rewards(prompt_ids, prompt_mask, out,
+                                                   self._fields(self.prompts, batch))
+        scores = self.adjust(raw, lengths, ended)
+        return Drawn(prompt_ids, prompt_mask, out["tokens"], out["lengths"], out["logprobs"],
+                     scores, raw, parts, lengths, ended, t1 - t0, time.perf_counter() - t1)
+
+    def adjust(self, scores, lengths, ended) -> np.ndarray:
+        """The scores trained on, from the rewards: ``missing_eos_penalty`` subtracted from
+        a completion that hit max_new_tokens without EOS."""
+        penalty = self.config.missing_eos_penalty
+        return scores if penalty is None else scores - np.float32(penalty) * (~ended)
+
+    def draw(self, policy, key) -> tuple[Drawn, dict]:
+        """The rollout's completions (one round of sampling here; a subclass may sample
+        more and choose) and metrics about the drawing."""
+        return self._sample_round(policy, key), {}
+
     def _rollout(self, state) -> None:
         cfg = self.config
         index = self.drawn // cfg.steps_per_rollout
@@ -305,29 +355,16 @@ class Rollouts(BatchSource):
         # Timed from when the policy exists (the last update done), so that
         # sample_seconds is sampling only.
         jax.block_until_ready(state.params)
-        t0 = time.perf_counter()
-        batch = next(self.prompts)  # StopIteration at the end of the prompts
-        prompt_ids, prompt_mask = self._global(batch["prompt_ids"]), self._global(batch["prompt_mask"])
         trees = self._trees(state, self.SCORED)
-        policy = trees[POLICY]
-        if cfg.rollout_sharding == "replicated":
-            # One gather of every weight per rollout, instead of FSDP's per decoded token.
-            policy = jax.device_put(policy, self.replicated)
-        out = self.sample(policy, prompt_ids, prompt_mask, jax.random.fold_in(key, _SAMPLE),
-                          self.sampling)
-        jax.block_until_ready(out["tokens"])
-        t1 = time.perf_counter()
-        scores, parts, lengths, ended = self._rewards(prompt_ids, prompt_mask, out,
-                                                      self._fields(self.prompts, batch))
-        raw = scores.copy()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - np.float32(cfg.missing_eos_penalty) * (~ended)
+        d, draw_metrics = self.draw(self._policy_for_sampling(trees),
+                                    jax.random.fold_in(key, _SAMPLE))
         t2 = time.perf_counter()
+        scores = d.scores
         device_scores = jax.make_array_from_callback(
             scores.shape, self.row_sh, lambda i: scores[i])
         coef = self.kl.value
-        self._buffer, metrics = self.score(trees, prompt_ids, prompt_mask, out["tokens"],
-                                           out["lengths"], out["logprobs"], device_scores,
+        self._buffer, metrics = self.score(trees, d.prompt_ids, d.prompt_mask, d.tokens,
+                                           d.token_lengths, d.logprobs, device_scores,
                                            jnp.float32(coef))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
@@ -338,12 +375,12 @@ class Rollouts(BatchSource):
         for epoch in range(cfg.epochs):
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle, epoch), self.rows))
             self._order += [perm[i * mb:(i + 1) * mb] for i in range(cfg.minibatches)]
-        metrics.update({"reward": float(np.mean(raw)), "score": float(np.mean(scores)),
-                        "kl_coef": coef, "response_length": float(np.mean(lengths)),
-                        "ended_with_eos": float(np.mean(ended)), "rollout": index + 1,
-                        "sample_seconds": t1 - t0, "reward_seconds": t2 - t1,
-                        "score_seconds": t3 - t2})
-        metrics.update({f"reward_{name}": float(np.mean(v)) for name, v in parts.items()})
+        metrics.update({"reward": float(np.mean(d.raw)), "score": float(np.mean(scores)),
+                        "kl_coef": coef, "response_length": float(np.mean(d.lengths)),
+                        "ended_with_eos": float(np.mean(d.ended)), "rollout": index + 1,
+                        "sample_seconds": d.sample_seconds, "reward_seconds": d.reward_seconds,
+                        "score_seconds": t3 - t2, **draw_metrics})
+        metrics.update({f"reward_{name}": float(np.mean(v)) for name, v in d.parts.items()})
         self._pending_metrics = metrics
 
     def next(self, state) -> dict:

@@ -29,12 +29,17 @@ def digits(prompts, completions, answer, completion_lengths, **fields):
     assert all(isinstance(a, str) and a.isdigit() for a in answer), answer[:3]
     return [sum(ch.isdigit() for ch in c) / 4 for c in completions]
 
+def even_answers_only(prompts, completions, answer, **fields):
+    """Signal only in the groups of prompts whose answer is even: the others all score 0."""
+    return [digits([p], [c], [a], [1])[0] if int(a) % 2 == 0 else 0.0
+            for p, c, a in zip(prompts, completions, answer)]
+
 def broken(prompts, completions, **fields):
     return [float("nan") if i == 5 else 0.0 for i in range(len(completions))]
 '''
 
 
-def _config(tmp_path, function="digits"):
+def _config(tmp_path, function="digits", *bindings):
     """A user's config directory: their config and their reward module side by side."""
     d = tmp_path / "my_experiment"
     d.mkdir(exist_ok=True)
@@ -43,7 +48,7 @@ def _config(tmp_path, function="digits"):
         include 'tests/train/tiny_grpo.gin'
         RewardConfig.functions = ('my_rewards:{function}',)
         RewardConfig.function_weights = (1.0,)
-        """))
+        """) + "\n".join(bindings) + "\n")
     return str(d / "grpo.gin")
 
 
@@ -103,3 +108,31 @@ def test_a_reward_function_that_does_not_import_fails_before_anything_loads(tmp_
     r = _run(tmp_path, "missing", config=_config(tmp_path, "nowhere"), expect=EXIT_BAD_INPUT)
     assert "RewardConfig.functions: 'my_rewards:nowhere'" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "missing").exists()  # refused before the run directory
+
+
+def test_dynamic_sampling_keeps_groups_with_signal_and_filters_overlong(tmp_path):
+    """DAPO's filtering: groups whose rewards are all equal are dropped and more prompts
+    sampled (at most 3 rounds), truncated completions get no loss, and the soft overlong
+    penalty lowers the score of long completions."""
+    config = _config(tmp_path, "even_answers_only", "RewardConfig.names = ('task',)",
+                     "RewardConfig.weights = (1.0,)", "GRPOConfig.dynamic_sampling = True",
+                     "GRPOConfig.max_sampling_rounds = 3", "GRPOConfig.mask_truncated = True",
+                     "GRPOConfig.overlong_buffer = 2", "GRPOConfig.overlong_penalty = 0.5",
+                     "TrainConfig.eval_every = 0")
+    _run(tmp_path, "dapo", config=config)
+    rollouts = [r for r in records(tmp_path / "dapo", drop=TIMING) if "sampling_rounds" in r]
+    assert len(rollouts) == 3
+    for r in rollouts:
+        assert 1 <= r["sampling_rounds"] <= 3
+        # What the scoring pass saw without signal is what the drawing had to keep.
+        assert r["groups_without_signal"] == pytest.approx(r["groups_without_signal_kept"] / 4)
+        if r["sampling_rounds"] < 3:
+            assert r["groups_without_signal_kept"] == 0
+        # Scores: the reward minus 0.5 x (length - 4) / 2 for completions over 4 tokens.
+        assert r["score"] <= r["reward"]
+    assert sum(r["groups_dropped"] for r in rollouts) > 0  # odd answers are dropped
+    # Every completion of the random policy runs to max_new_tokens without EOS: with
+    # overlong filtering none of them is trained on.
+    train = [r for r in records(tmp_path / "dapo", drop=TIMING) if "loss" in r]
+    if all(r["ended_with_eos"] == 0 for r in rollouts):
+        assert all(r["sequences"] == 0 and r["loss"] == 0 for r in train), train
