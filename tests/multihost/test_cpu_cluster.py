@@ -278,3 +278,28 @@ def test_ppo_rollouts_two_processes_equal_one_process(tmp_path):
             if k in a:
                 assert abs(a[k] - b[k]) <= TOL, (a["step"], k, a[k], b[k])
     assert any("reward" in r for r in two) and any("eval_reward" in r for r in two)
+
+
+def test_grpo_rollouts_two_processes_equal_one_process(tmp_path):
+    """Group sampling across hosts: each host samples its prompts' groups; a user reward
+    function reads every row's record columns (each host holds all records); the group
+    advantages and losses are computed on global arrays: 2 x 2 == 1 x 4 over two rollouts
+    and the greedy evaluation."""
+    from tests.train.test_grpo_loop import _config
+    config = _config(tmp_path)
+    run = ("TrainConfig.steps=4", "TrainConfig.save_every=4", "TrainConfig.eval_every=4",
+           "MeshConfig.fsdp=4")
+    cluster(tmp_path, "two", config, *run)
+    single(tmp_path, "one", config, *run, "DataConfig.shards=2")
+    two, one = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                for n in ("two", "one"))
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one):
+        for k in ("reward", "reward_my_rewards:digits", "response_length", "groups_without_signal",
+                  "eval_reward", "eval_response_length"):
+            if k in a:
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])
+        for k in ("loss", "kl", "policy_loss", "advantage_std"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= TOL, (a["step"], k, a[k], b[k])
+    assert sum("reward" in r for r in two) == 2 and any("eval_reward" in r for r in two)
