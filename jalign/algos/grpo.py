@@ -117,9 +117,10 @@ class GRPOConfig:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"GRPOConfig.{name}={value!r}; one of {allowed}")
-        needs_two = self.advantage == "rloo" or (self.advantage == "grpo"
-                                                 and self.scale_rewards == "group")
-        if needs_two and self.group_size < 2:
+        # Every baseline but reinforce_pp's global one is the group's: one completion per
+        # prompt would be its own baseline, every advantage 0 and nothing trained.
+        group_baseline = not (self.advantage == "reinforce_pp" and self.baseline == "global")
+        if group_baseline and self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size={self.group_size}: the {self.advantage!r} "
                              "advantage compares completions of a prompt; it needs at least 2")
         if self.beta < 0:

@@ -268,8 +268,13 @@ def preference_adapter(record, columns) -> dict:
 def prompt_adapter(record, columns) -> dict:
     prompt = check_messages(_as_messages(_field(record, "prompt", columns), "user", "prompt"),
                             "prompt", end_with="user")
-    meta_columns = {v for k, v in columns.items() if k != "prompt"} | {"answer"}
-    meta = {k: record[k] for k in meta_columns if isinstance(record, Mapping) and k in record}
+    # Every other column of the record (a reward function's fields), and each mapped one
+    # also under its jalign name.
+    meta = {}
+    if isinstance(record, Mapping):
+        prompt_column = columns.get("prompt", "prompt")
+        meta = {k: v for k, v in record.items() if k != prompt_column}
+        meta.update({k: record[v] for k, v in columns.items() if k != "prompt" and v in record})
     return {"prompt": prompt, "meta": meta}
 
 

@@ -295,7 +295,8 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
                                   config.batch_size // shards))
     it = ShardedIterator(parts, list(mine), shards)
     it.stats["tokenize_seconds"] = round(time.time() - t0, 3)
-    it.records = records  # for record_fields (every process holds all of them)
+    if kind == "prompt":
+        it.records = records  # for record_fields (every process holds all of them)
     return it
 
 
@@ -354,6 +355,8 @@ class ShardedIterator:
             return {}
         _, adapt = formats.adapter(self.config.format)
         columns = dict(self.config.columns)
+        if any(int(i) < 0 for i in indexes):
+            raise ValueError("record_fields: a prompt row without its record index")
         metas = [adapt(self.records[int(i)], columns)["meta"] for i in indexes]
         keys = list(dict.fromkeys(k for m in metas for k in m))
         return {k: [m.get(k) for m in metas] for k in keys}

@@ -9,14 +9,15 @@ devices together). ``max_length``: the longest completion a rollout can sample.
 - ``token_mean`` (alias ``dapo``; Yu et al. 2025, "DAPO", token-level policy gradient
   loss): Σ ℓ / the active tokens of the whole global, accumulated batch. Long completions
   weigh in proportion to their tokens, and accumulated steps equal the full batch exactly.
-- ``seq_mean_token_mean`` (alias ``grpo``; Shao et al. 2024, "DeepSeekMath"): each
-  sequence's token mean, then the mean over sequences.
+- ``grpo`` (Shao et al. 2024, "DeepSeekMath"): each row's token mean, then the mean over
+  all rows (a completion left with no token, e.g. masked as truncated, counts as 0, as in
+  TRL). ``seq_mean_token_mean`` (PPO's): the same over the sequences with tokens.
 - ``seq_mean_token_sum``: each sequence's token sum, then the mean over sequences.
 - ``bnpo`` (TRL's name: token mean over the local batch): Σ ℓ / the active tokens of each
   micro-batch, then the mean over micro-batches (with no accumulation, ``token_mean``).
 - ``dr_grpo`` (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
-  Perspective", Dr. GRPO): Σ ℓ / (sequences × max_length), a constant normaliser, so no
-  length bias.
+  Perspective", Dr. GRPO): Σ ℓ / (rows × max_length), a constant normaliser (every row
+  counted, with tokens or not), so no length bias.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def seq_mean_token_sum(per_token, mask, *, max_length=None):
     return jnp.sum(x * m), _sequences(m)
 
 
+def grpo(per_token, mask, *, max_length=None):
+    x, m = _masked(per_token, mask)
+    per_row = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return jnp.sum(per_row), jnp.float32(m.shape[0])
+
+
 def bnpo(per_token, mask, *, max_length=None):
     x, m = _masked(per_token, mask)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0), jnp.float32(1.0)
@@ -62,7 +69,7 @@ def dr_grpo(per_token, mask, *, max_length=None):
     if max_length is None or max_length < 1:
         raise ValueError(f"the dr_grpo aggregation needs max_length >= 1, got {max_length}")
     x, m = _masked(per_token, mask)
-    return jnp.sum(x * m) / float(max_length), _sequences(m)
+    return jnp.sum(x * m) / float(max_length), jnp.float32(m.shape[0])
 
 
 # name -> (function, what its weight counts)
@@ -70,7 +77,7 @@ AGGREGATIONS = {
     "token_mean": (token_mean, "response_tokens"),
     "dapo": (token_mean, "response_tokens"),
     "seq_mean_token_mean": (seq_mean_token_mean, "sequences"),
-    "grpo": (seq_mean_token_mean, "sequences"),
+    "grpo": (grpo, "sequences"),
     "seq_mean_token_sum": (seq_mean_token_sum, "sequences"),
     "bnpo": (bnpo, "batches"),
     "dr_grpo": (dr_grpo, "sequences"),

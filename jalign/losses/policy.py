@@ -17,8 +17,9 @@ sequence-level advantage repeated on its tokens) and ``mask`` 1 on completion to
   geometric mean of its token ratios, differentiable), on every token of the sequence.
 - ``cispo`` (MiniMax 2025, "MiniMax-M1", CISPO): ℓ = −sg(min(ρ, 1 + ε_high)) A log π: the
   importance weight is clipped and carries no gradient, so every token keeps a gradient
-  (no token is dropped by the clip). ``clip_low`` is not used (the paper sets no lower
-  bound).
+  (no token is dropped by the clip). The cap is 1 + ``clip_high`` (the paper's
+  ε_high; TRL's ``epsilon_high`` is the cap itself: its 5.0 is clip_high 4.0 here).
+  ``clip_low`` is not used (the paper sets no lower bound).
 """
 
 from __future__ import annotations

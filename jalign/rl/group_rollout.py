@@ -59,6 +59,10 @@ class GroupRolloutSource(Rollouts):
         from jalign.rl.kl import FixedKLController
         return FixedKLController(self.config.beta)  # logged as kl_coef
 
+    def total(self) -> int | None:
+        """Unknown with dynamic sampling: a rollout reads as many prompt batches as it needs."""
+        return None if self.config.dynamic_sampling else super().total()
+
     def adjust(self, scores, lengths, ended) -> np.ndarray:
         scores = super().adjust(scores, lengths, ended)
         buffer = self.config.overlong_buffer
@@ -135,9 +139,12 @@ class GroupRolloutSource(Rollouts):
         if cfg.beta > 0:
             ref_logp, _ = self.log_probs(models[REFERENCE], rows)
             extras["ref_logp"] = ref_logp
-            kl = jnp.sum(jnp.where(on, kl_per_token(logp, ref_logp, cfg.kl_estimator), 0.0), axis=1)
-            metrics["kl"] = jnp.mean(kl)
+            # Logged as PPO logs it (the sampled log-ratio summed per sequence); the
+            # configured estimator is what is penalised.
+            metrics["kl"] = jnp.mean(jnp.sum(jnp.where(on, logp - ref_logp, 0.0), axis=1))
             if cfg.kl_in == "reward":
+                kl = jnp.sum(jnp.where(on, kl_per_token(logp, ref_logp, cfg.kl_estimator), 0.0),
+                             axis=1)
                 scores = scores - cfg.beta * kl
         groups = scores.reshape(-1, self.group_size)
         std = jnp.std(groups, axis=1)

@@ -10,7 +10,9 @@ template's text, special tokens left out);
 ``completions``: the decoded completions; ``fields``: the prompt records' other columns
 (e.g. ``answer``), each a list aligned with the completions, and ``completion_lengths``
 (tokens). Accept ``**fields`` to ignore what you do not use. Completions of one prompt are
-consecutive (a group, for the GRPO family).
+consecutive (a group, for the GRPO family). Every process of a multi-host run calls it on
+all rows: it must return the same values for the same inputs (checked; a difference stops
+the run).
 
 The module is imported from the directories of the run's config files, the working
 directory and ``PYTHONPATH``, in that order, when the run starts: a name that does not
@@ -105,17 +107,25 @@ def call(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[
         raise RewardError(f"reward function {name} raised {type(e).__name__}: "
                           f"{first_line(e)}") from e
     try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError) as e:
+        out = list(out)
+    except TypeError:
         raise RewardError(f"reward function {name} returned {type(out).__name__}, not one "
-                          f"number per completion ({first_line(e)})") from None
-    if len(values) != n:
-        raise RewardError(f"reward function {name} returned {len(values)} values for {n} "
+                          "number per completion") from None
+    if len(out) != n:
+        raise RewardError(f"reward function {name} returned {len(out)} values for {n} "
                           "completions")
-    for row, v in enumerate(values):
-        if not math.isfinite(v):
-            raise RewardError(f"reward function {name} returned {v} for row {row} (prompt "
-                              f"{_short(prompts[row])}, completion {_short(completions[row])})")
+    values = []
+    for row, v in enumerate(out):
+        try:
+            v = float(v)
+            shown = str(v)
+        except (TypeError, ValueError):
+            v, shown = None, repr(out[row])
+        if v is None or not math.isfinite(v):
+            raise RewardError(f"reward function {name} returned {shown} for row {row} "
+                              f"(prompt {_short(prompts[row])}, completion "
+                              f"{_short(completions[row])})")
+        values.append(v)
     return np.asarray(values, np.float32)
 
 

@@ -146,6 +146,11 @@ def combined_rewards(config: RewardConfig, prompts: Sequence, completions: Seque
     columns, each a list aligned with the completions. ``functions``: the user functions
     (``config.load_functions()``, imported once by the caller; loaded here when None)."""
     from jalign.rl.reward_functions import call
+    clash = {"completion_lengths", "config"} & set(fields or {})
+    if clash:
+        raise ValueError(f"the prompt records have columns named {sorted(clash)}, which the "
+                         "reward functions' own keyword arguments use: rename them "
+                         "(DataConfig.columns)")
     kwargs = {**(fields or {}), "completion_lengths": np.asarray(lengths)}
     parts, weighted = {}, []
     for name, weight in zip(config.names, config.weights):

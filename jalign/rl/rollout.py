@@ -101,6 +101,23 @@ def sampler_mismatch(sampler_logp, trainer_logp, mask) -> dict:
             "sampler_logp_max_diff": jnp.max(jnp.abs(d))}
 
 
+def _same_on_every_process(scores: np.ndarray) -> None:
+    """Every process scores all rows itself: a reward that is not a pure function of its
+    inputs (randomness, a remote judge) would give the processes different rollouts. Check
+    that it did not."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from jalign.rl.reward_functions import RewardError
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(scores, np.float32)))
+    differ = np.flatnonzero(np.any(every != every[:1], axis=0))
+    if differ.size:
+        raise RewardError(f"the rewards of {differ.size} rows (first: row {differ[0]}) differ "
+                          "between processes: every process scores all rows, so reward "
+                          "functions must return the same values for the same inputs")
+
+
 def _host(x) -> np.ndarray:
     """The whole of a (possibly multi-process) array on this host."""
     if jax.process_count() > 1:
@@ -192,7 +209,8 @@ class Rollouts(BatchSource):
                               "by another algorithm")
         if state["drawn"] % self.config.steps_per_rollout:
             raise ConfigError(f"the checkpoint was saved {state['drawn']} steps in, inside a "
-                              f"rollout of {self.config.steps_per_rollout} steps: PPOConfig."
+                              f"rollout of {self.config.steps_per_rollout} steps: "
+                              f"{type(self.config).__name__}."
                               "epochs or minibatches changed since")
         self.prompts.set_state(state["prompts"])
         self.drawn = int(state["drawn"])
@@ -308,6 +326,7 @@ class Rollouts(BatchSource):
                                          fields=fields, functions=self.functions)
         for name in rc.eval_names if evaluation else ():
             parts.setdefault(name, REWARDS[name](prompts, completions, lengths, rc))
+        _same_on_every_process(scores)
         return scores, parts, lengths, ended
 
     def _fields(self, source, batch, sharding=None) -> dict:
@@ -407,7 +426,7 @@ class Rollouts(BatchSource):
         (and ``eval_reward_<name>`` per component: the task checker's is exact-match
         accuracy), ``eval_response_length``."""
         if self.eval_prompts is None:
-            raise ConfigError("PPO evaluation needs eval/DataConfig (prompt data)")
+            raise ConfigError("evaluating rollouts needs eval/DataConfig (prompt data)")
         self.eval_prompts.set_state(self.eval_start)
         totals: dict[str, float] = {}
         count = 0

@@ -13,10 +13,11 @@ MASK = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)  # row 3
 
 @pytest.mark.parametrize("name, total, weight", [
     ("token_mean", 10.0, 4.0), ("dapo", 10.0, 4.0),              # 10 / 4 tokens
-    ("seq_mean_token_mean", 6.0, 2.0), ("grpo", 6.0, 2.0),       # (6/3 + 4/1) / 2 sequences
+    ("seq_mean_token_mean", 6.0, 2.0),                           # (6/3 + 4/1) / 2 sequences
+    ("grpo", 6.0, 3.0),                                          # (6/3 + 4/1 + 0) / 3 rows
     ("seq_mean_token_sum", 10.0, 2.0),                           # (6 + 4) / 2 sequences
     ("bnpo", 2.5, 1.0),                                          # this batch's token mean
-    ("dr_grpo", 2.5, 2.0),                                       # 10 / (2 sequences x 4)
+    ("dr_grpo", 2.5, 3.0),                                       # 10 / (3 rows x 4)
 ])
 def test_aggregations_by_hand(name, total, weight):
     t, w = aggregation.aggregate(X, MASK, name, max_length=4)

@@ -32,6 +32,12 @@ def nan_in_row_2(prompts, completions, **fields):
 def not_numbers(prompts, completions, **fields):
     return ["high"] * len(completions)
 
+def none_in_row_1(prompts, completions, **fields):
+    return [1.0, None, 0.0][:len(completions)]
+
+def not_a_list(prompts, completions, **fields):
+    return 3
+
 def no_args():
     return []
 
@@ -72,7 +78,9 @@ def test_user_functions_are_weighted_with_the_built_in_ones(module_dir):
     ("raises", r"reward function .*:raises raised KeyError: 'score'"),
     ("too_few", r"returned 2 values for 3 completions"),
     ("nan_in_row_2", r"returned nan for row 2 \(prompt '3\+3\?', completion '6 '\)"),
-    ("not_numbers", r"returned list, not one number per completion"),
+    ("not_numbers", r"returned 'high' for row 0"),
+    ("none_in_row_1", r"returned None for row 1 \(prompt '2\+2\?'"),
+    ("not_a_list", r"returned int, not one number per completion"),
 ])
 def test_a_bad_return_names_the_function_and_row(module_dir, fn, match):
     cfg = RewardConfig(names=(), weights=(), functions=(f"{module_dir}:{fn}",))
@@ -106,3 +114,15 @@ def test_built_in_rewards_go_through_the_same_checks():
     cfg = RewardConfig(names=("length",), weights=(1.0,), length_coef=math.inf, length_target=0)
     with pytest.raises(rf.RewardError, match=r"'length' \(built in\) returned -inf for row 0"):
         combined_rewards(cfg, PROMPTS, COMPLETIONS, [1, 2, 3])
+
+
+def test_every_column_of_a_prompt_record_is_a_field(module_dir):
+    """A MATH-style record's own columns (here 'solution', 'level') reach the function."""
+    from jalign.data import formats
+    kind, adapt = formats.adapter("prompt")
+    record = {"problem": [{"role": "user", "content": "1+1?"}], "solution": "2", "level": 3}
+    meta = adapt(record, {"prompt": "problem"})["meta"]
+    assert meta == {"solution": "2", "level": 3}
+    with pytest.raises(ValueError, match="completion_lengths"):
+        combined_rewards(RewardConfig(), PROMPTS, COMPLETIONS, [1, 2, 3],
+                         fields={"completion_lengths": [1, 2, 3]})
