@@ -34,6 +34,7 @@ from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import response_log_probs
 from jalign.losses.types import LossOutput
 from jalign.rl import advantages
+from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
 from jalign.train.recipe import POLICY, Recipe
 from jalign.train.roles import NONE, Role
@@ -100,12 +101,7 @@ class GRPOConfig:
                      "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"GRPOConfig.temperature must be > 0 (sampling), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"GRPOConfig.top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"GRPOConfig.top_p must be in (0, 1], got {self.top_p}")
+        check_sampling("GRPOConfig", self.temperature, self.top_k, self.top_p)
         choices = {"advantage": (self.advantage, tuple(advantages.ESTIMATORS)),
                    "scale_rewards": (self.scale_rewards, advantages.GRPO_SCALES),
                    "baseline": (self.baseline, advantages.REINFORCE_PP_BASELINES),

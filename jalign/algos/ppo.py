@@ -19,6 +19,7 @@ from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import AGGREGATIONS, aggregate, policy_loss, response_log_probs, value_loss
 from jalign.losses.types import LossOutput
 from jalign.models.heads import SCALAR
+from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
 from jalign.sources import ModelSource
 from jalign.train.recipe import POLICY, Recipe
@@ -88,12 +89,7 @@ class PPOConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"PPOConfig.{name} must be positive, got {value}")
-        if self.temperature <= 0:
-            raise ValueError(f"PPOConfig.temperature must be > 0 (sampling), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"PPOConfig.top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p}")
+        check_sampling("PPOConfig", self.temperature, self.top_k, self.top_p)
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ValueError(f"PPOConfig.kl_coef={self.kl_coef} must be >= 0 and kl_target="
                              f"{self.kl_target} > 0")

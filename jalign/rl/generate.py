@@ -48,6 +48,17 @@ def sampling_params(*, temperature: float = 1.0, top_p: float | None = None,
                           jnp.asarray(eos), jnp.int32(pad_id))
 
 
+def check_sampling(owner: str, temperature: float, top_k: int | None, top_p: float | None):
+    """ValueError naming ``owner``'s field (e.g. 'PPOConfig') for sampling settings that
+    cannot sample."""
+    if temperature <= 0:
+        raise ValueError(f"{owner}.temperature must be > 0 (sampling), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{owner}.top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{owner}.top_p must be in (0, 1], got {top_p}")
+
+
 def filter_logits(logits_bv, top_k: int | None, top_p=None):
     """Sets tokens outside the top-k, then outside the top-p nucleus, to -inf.
 

@@ -77,6 +77,8 @@ def changes(old: dict, new: dict, defaults: dict | None = None) -> tuple[list[st
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
         if a == b or (key not in old and key in defaults and defaults[key] == b):
             continue
+        if isinstance(a, dict) and isinstance(b, dict) and _same_but_added(a, b, defaults.get(key)):
+            continue
         binding, field = key.rsplit(".", 1)
         line = f"{key}: {a!r} -> {b!r}"
         if SAFE.get(binding) == "*" or field in SAFE.get(binding, ()):
@@ -85,6 +87,17 @@ def changes(old: dict, new: dict, defaults: dict | None = None) -> tuple[list[st
         else:
             unsafe.append(line)
     return safe, unsafe
+
+
+def _same_but_added(old: dict, new: dict, default) -> bool:
+    """A nested config (e.g. PPOConfig.rewards) equal to the old one but for fields added
+    since, each at its default."""
+    if not isinstance(default, dict):
+        return False
+    missing = object()
+    added = {k: v for k, v in new.items() if k not in old}
+    return ({k: v for k, v in new.items() if k in old} == old
+            and all(default.get(k, missing) == v for k, v in added.items()))
 
 
 def check_resume(old: dict | None, new: dict, *, step: int, allow: bool, log,

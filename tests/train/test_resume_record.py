@@ -32,6 +32,25 @@ def test_a_new_setting_away_from_its_default_is_refused():
         check_resume(old, new, step=4, allow=False, log=print, defaults=defaults)
 
 
+def test_a_nested_config_with_a_field_added_since_resumes():
+    """PPOConfig.rewards gained RewardConfig.functions/function_weights after PPO runs were
+    saved: at their defaults the old run resumes; set, it is a change."""
+    from jalign.algos.ppo import PPOConfig
+    from jalign.rl.rewards import RewardConfig
+    configs = {"PPOConfig": PPOConfig()}
+    new, defaults = config_record(configs), default_record(configs)
+    old = {k: v for k, v in new.items()}
+    old["PPOConfig.rewards"] = {k: v for k, v in new["PPOConfig.rewards"].items()
+                                if k not in ("functions", "function_weights")}
+    assert changes(old, new, defaults) == ([], [])
+    changed = config_record({"PPOConfig": PPOConfig(rewards=RewardConfig(
+        functions=("m:f",)))})
+    assert changes(old, changed, defaults)[1][0].startswith("PPOConfig.rewards:")
+    # an old field changed is a change, whatever was added
+    changed = config_record({"PPOConfig": PPOConfig(rewards=RewardConfig(length_coef=0.5))})
+    assert changes(old, changed, defaults)[1][0].startswith("PPOConfig.rewards:")
+
+
 def test_a_run_recorded_before_lora_existed_resumes():
     """A checkpoint written before LoraConfig and LlamaConfig.lora existed: its record
     lacks both, and a run without adapters resumes it (found resuming a real old run)."""
