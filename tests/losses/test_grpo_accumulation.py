@@ -35,14 +35,14 @@ def _rollout(seed=0):
             "old_logp": np.where(mask > 0, -5.0 + rng.normal(0, 0.1, mask.shape), 0.0).astype(np.float32)}
 
 
-def _loss(aggregation, accum):
+def _loss(aggregation, accum, rows=slice(None)):
     model = create_model(CONFIG, seed=0)
     params = {"policy": params_of(model)}
     # two updates per rollout: the ratio is against the rollout's old log-probs
     loss_fn = make_grpo_loss(GRPOConfig(aggregation=aggregation, epochs=2, clip_low=0.2,
                                         clip_high=0.28))
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    batch = jax.tree.map(jnp.asarray, _rollout())
+    batch = jax.tree.map(lambda x: jnp.asarray(x[rows]), _rollout())
     out, _ = jax.jit(lambda p, b: accumulate(loss_fn, RunModels.single(CONFIG), p, None, b,
                                              jax.random.key(0), accum, mesh=mesh))(params, batch)
     return float(out.total / out.weight), model
@@ -54,17 +54,23 @@ def test_dapo_accumulated_equals_the_full_batch_and_bnpo_does_not():
     rows = _rollout()
     m = rows["response_mask"]
     # Each term is -A * clip(rho) with rho = exp(logp - old): a log-prob error e (its own
-    # float32 bound) moves rho by at most rho * e, so a term by |A| * 1.28 * e (ratios are
-    # clipped at 1.28 where it matters, and the unclipped pessimistic term is at most
-    # |A| rho with rho here < 2); then the mean over the tokens rounds on its own.
+    # float32 bound) moves rho by at most rho * e, so a term by |A| * max_rho * e (max_rho:
+    # this data's largest ratio, computed); then the mean over the tokens rounds on its own.
     e = f32_tolerance(**llama_logp_bound(model, LENGTH))
-    max_rho = 2.0
+    from jalign.losses.ppo import response_log_probs
+    logp, _ = response_log_probs(model, rows["input_ids"], rows["segment_ids"],
+                                 rows["positions"], temperature=1.0, chunk_tokens=2048)
+    max_rho = float(np.max(np.where(m > 0, np.exp(np.asarray(logp) - rows["old_logp"]), 0.0)))
+    max_rho = max(max_rho, 1.28) * np.exp(e)  # this data's largest ratio, within its error
     bound = (np.abs(rows["advantages"]).max() * max_rho * e
              + f32_tolerance(int(m.sum()), np.abs(rows["advantages"]).max() * max_rho))
     assert abs(accumulated - full) <= bound, (accumulated, full, bound)
     assert accumulated != 0
-    # bnpo: the mean of 4 micro-batches' own token means, not the batch's token mean.
+    # bnpo: the mean of the 4 micro-batches' own token means (micro-batch i holds rows i::4;
+    # each is the dapo loss of its rows alone), not the batch's token mean.
     bnpo_full, _ = _loss("bnpo", 1)
     bnpo_accumulated, _ = _loss("bnpo", 4)
     assert abs(bnpo_full - full) <= bound  # one micro-batch: the same token mean
-    assert abs(bnpo_accumulated - bnpo_full) > bound
+    each = [_loss("dapo", 1, slice(i, None, 4))[0] for i in range(4)]  # rows i::4
+    assert abs(bnpo_accumulated - np.mean(each)) <= bound
+    assert abs(np.mean(each) - full) > 0  # unequal token counts: the two differ

@@ -72,9 +72,6 @@ def test_grpo_run_with_a_user_reward_function(uninterrupted):
     for r in rollouts:
         assert set(ROLLOUT) | {"reward_my_rewards:digits"} <= set(r), sorted(r)
         assert r["kl_coef"] == 0.05
-        # the sampler and the scoring pass read the same parameters: the same log-probs
-        # up to float32 rounding of two programs
-        assert r["sampler_kl"] < 1e-6 and r["sampler_logp_max_diff"] < 1e-3, r
     # The user's function gives groups different scores: there is something to learn.
     assert min(r["groups_without_signal"] for r in rollouts) < 1
     assert any(r["reward_group_std"] > 0 for r in rollouts)
@@ -84,6 +81,12 @@ def test_grpo_run_with_a_user_reward_function(uninterrupted):
         e = llama_logp_bound(_policy_at(run_dir, r["step"] - 1), P + N, mean=True)
         e = f32_tolerance(e["terms"], e["scale"], e["depth"])
         assert abs(r["ratio"] - 1.0) <= np.expm1(e) and r["approx_kl"] <= 0.5 * e * e, (r, e)
+        # The sampler and the scoring pass read the same parameters: each token's two
+        # log-probs differ by at most 2e (two float32 evaluations of one log-prob, each
+        # within e), and k3 = exp(d) - d - 1 <= d^2 for |d| <= 1.
+        one = llama_logp_bound(_policy_at(run_dir, r["step"] - 1), P + N)
+        d = 2 * f32_tolerance(one["terms"], one["scale"], one["depth"])
+        assert r["sampler_logp_max_diff"] <= d and r["sampler_kl"] <= d * d, (r, d)
     assert [r["step"] for r in recs if "eval_reward" in r] == [3, 6]
 
 
