@@ -28,7 +28,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jalign.errors import ConfigError
 from jalign.losses import aggregation, policy
 from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import response_log_probs
@@ -187,9 +186,6 @@ class GRPORecipe(Recipe):
     def check(self, configs) -> None:
         from jalign.rl.rollout import check_config
         check_config(self.config, configs.train, configs.data)
-        if configs.data.format != "prompt":
-            raise ConfigError(f"DataConfig.format={configs.data.format!r}: GRPO samples "
-                              "completions of prompts; use DataConfig.format='prompt'")
         self.config.rewards.load_functions()  # each user reward function imports
 
     def step_rows(self, batch_size: int) -> int:
