@@ -75,6 +75,60 @@ def pair_ids(pairs: int, prompt: int, seq: int, vocab: int, seed: int = 0):
     return p, c, r
 
 
+# GRPO benchmark (benchmarks/grpo_iteration.py): one iteration = sample GRPO_GROUP
+# completions of GRPO_COMPLETION tokens for each of GRPO_PROMPTS prompts of GRPO_PROMPT
+# random words, score them with ``even_word_reward``, compute group advantages (group
+# mean and std), one AdamW update on the GRPO_PROMPTS x GRPO_GROUP rows (token-level
+# "dapo" loss, clip 0.2, beta 0: no reference model). Prompts are text of the toy word
+# tokenizer (trl_worker.toy_tokenizer(split_words=True)): word i is token i.
+GRPO_PROMPTS = 4
+GRPO_GROUP = 8
+GRPO_PROMPT = 64
+GRPO_COMPLETION = 128
+GRPO_CLIP = 0.2
+
+
+def grpo_args(ap) -> None:
+    """The GRPO workers' extra options (``worker_args(grpo_args)``)."""
+    ap.add_argument("--prompts", type=int, default=GRPO_PROMPTS)
+    ap.add_argument("--group", type=int, default=GRPO_GROUP)
+    ap.add_argument("--prompt-len", type=int, default=GRPO_PROMPT)
+    ap.add_argument("--completion", type=int, default=GRPO_COMPLETION)
+
+
+def grpo_prompt_texts(count: int, length: int, vocab: int, seed: int = 0) -> list[str]:
+    """``count`` prompts of ``length`` words (token ids >= 4: no special token), the same
+    for every implementation."""
+    import numpy as np
+    ids = np.random.default_rng(seed).integers(4, vocab, size=(count, length))
+    return [" ".join(f"t{i}" for i in row) for row in ids]
+
+
+def even_word_reward(completions) -> list[float]:
+    """The benchmark's reward: the fraction of a completion's words that are even-numbered
+    tokens ("t6" yes, "t7" no; special tokens are skipped by the decoders). Cheap and
+    different across the completions of a group, so advantages are not all zero."""
+    out = []
+    for text in completions:
+        words = [w for w in text.split() if w[:1] == "t" and w[1:].isdigit()]
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words) / len(words) if words else 0.0)
+    return out
+
+
+def even_word_reward_fn(prompts, completions, **fields) -> list[float]:
+    """``even_word_reward`` with the signature of a jalign user reward function."""
+    return even_word_reward(completions)
+
+
+def grpo_flops(vocab, hidden, intermediate, layers, heads, kv_heads, rows, prompt, completion,
+               head_dim=None) -> dict:
+    """Matmul FLOPs of the update of one GRPO iteration: fwd + bwd over ``rows`` sequences of
+    prompt + completion tokens (``flops_per_step``). Sampling and scoring are not counted:
+    their cost depends on how each implementation decodes (KV cache, shared prefill)."""
+    return flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, rows,
+                          prompt + completion, head_dim)
+
+
 class Channel:
     """The worker's side of the protocol."""
 
@@ -139,7 +193,7 @@ def minor_faults() -> int:
 
 def serve(step, warmup: int, info: dict):
     """Drive a loop we own: ``step()`` runs one full step and returns after the device
-    finished it."""
+    finished it (optionally returning ``{phase: seconds}``, sent along with the times)."""
     chan = Channel()
     t0 = time.perf_counter()
     warm = []
@@ -153,19 +207,21 @@ def serve(step, warmup: int, info: dict):
         cmd, k = chan.recv()
         if cmd != "run":
             chan.exit()
-        times, faults = [], []
+        times, faults, phases = [], [], []
         for _ in range(k):
             f, s = minor_faults(), time.perf_counter()
-            step()
+            parts = step()
             times.append(time.perf_counter() - s)
             faults.append(minor_faults() - f)
-        chan.send("times", times=times, faults=faults)
+            phases.append(parts if isinstance(parts, dict) else {})
+        chan.send("times", times=times, faults=faults, phases=phases)
 
 
 class Gate:
     """Drive a loop someone else owns (a Trainer): call ``begin()`` when a step starts
     and ``end()`` when it has finished; the gate reports to the driver and blocks for the
-    next command at the right moments."""
+    next command at the right moments. ``phases`` (a dict) may be filled during a step with
+    seconds per phase; it is sent with the step's time and cleared by ``begin()``."""
 
     def __init__(self, warmup: int, info: dict):
         self.chan = Channel()
@@ -176,11 +232,14 @@ class Gate:
         self.times = []
         self.faults = []
         self.warm = []
+        self.phases = {}
+        self._phases = []
         self._t = None
         self._f = 0
         self._t_start = time.perf_counter()
 
     def begin(self):
+        self.phases = {}
         self._f = minor_faults()
         self._t = time.perf_counter()
 
@@ -198,17 +257,18 @@ class Gate:
         else:
             self.times.append(dt)
             self.faults.append(df)
+            self._phases.append(dict(self.phases))
             self.pending -= 1
             if self.pending > 0:
                 return
-            self.chan.send("times", times=self.times, faults=self.faults)
+            self.chan.send("times", times=self.times, faults=self.faults, phases=self._phases)
         self._wait()
 
     def _wait(self):
         cmd, k = self.chan.recv()
         if cmd != "run" or k <= 0:
             self.chan.exit()
-        self.pending, self.times, self.faults = k, [], []
+        self.pending, self.times, self.faults, self._phases = k, [], [], []
 
 
 def flops_per_step(vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jalign.losses import aggregation, policy
 from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import response_log_probs
+from jalign.losses.policy import tis_weight
 from jalign.losses.types import LossOutput
 from jalign.rl import advantages
 from jalign.rl.generate import check_sampling
@@ -135,29 +136,61 @@ class GRPOConfig:
     def steps_per_rollout(self) -> int:
         return self.epochs * self.minibatches
 
+    @property
+    def policy_in_scoring(self) -> bool:
+        """Whether the rollout's scoring pass runs the policy: for the old log-probs of a
+        rollout trained on by several steps, or for a KL penalty on the rewards. With one
+        step per rollout (and the KL, if any, in the loss) the step's own forward gives the
+        sampling policy's log-probs (ratio exactly 1), so that forward is not run twice:
+        the step reports the entropy and the sampler mismatch, and weights TIS."""
+        return self.steps_per_rollout > 1 or (self.beta > 0 and self.kl_in == "reward")
+
 
 def _mean(x, m):
     return jnp.sum(jnp.where(m > 0, x, 0.0)), jnp.sum(m)
+
+
+def _rollout_metrics(logp, entropy, batch, mask) -> dict:
+    """What the scoring pass reports when it runs the policy, from the step's own forward
+    on the rollout (one step per rollout): entropy, the sampler's mismatch
+    (``jalign.rl.rollout.sampler_mismatch``), and the sequence-summed log-ratio to the
+    reference (``kl``) where there is one."""
+    on = mask > 0
+    d = jnp.where(on, logp - batch["sampler_logp"], 0.0)
+    out = {"rollout_entropy": _mean(entropy, mask),
+           "sampler_kl": _mean(jnp.exp(d) - d - 1.0, mask),
+           "sampler_logp_diff_max": (jnp.max(jnp.abs(d)), jnp.float32(1.0))}
+    if "ref_logp" in batch:
+        out["kl"] = (jnp.sum(jnp.where(on, logp - batch["ref_logp"], 0.0)),
+                     jnp.float32(mask.shape[0]))
+    return out
 
 
 def make_grpo_loss(config: GRPOConfig):
     """``loss(models, batch, ctx) -> LossOutput`` of the policy on a rollout minibatch."""
     loss_of = policy.get(config.policy_loss)
     on_policy = config.steps_per_rollout == 1
+    scored = config.policy_in_scoring  # else this forward is the rollout's only one
 
     def grpo_loss(models, batch, ctx):
         mask = batch["response_mask"]
-        logp, _ = response_log_probs(models[POLICY], batch["input_ids"], batch["segment_ids"],
-                                     batch["positions"], temperature=config.temperature,
-                                     chunk_tokens=config.chunk_tokens)
+        logp, entropy = response_log_probs(
+            models[POLICY], batch["input_ids"], batch["segment_ids"], batch["positions"],
+            temperature=config.temperature, chunk_tokens=config.chunk_tokens,
+            entropy=not scored, last=config.max_new_tokens)
         # One update per rollout: the sampling policy is this one (ratio exactly 1).
         old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
         per_token, token_metrics = loss_of(logp, old, batch["advantages"], mask,
                                            clip_low=config.clip_low, clip_high=config.clip_high,
                                            dual_clip=config.dual_clip)
-        if "tis_weight" in batch:
-            per_token = per_token * batch["tis_weight"]
         aux = {}
+        if not scored:
+            aux.update(_rollout_metrics(old, jax.lax.stop_gradient(entropy), batch, mask))
+            if config.tis_cap is not None:
+                per_token = per_token * tis_weight(old, batch["sampler_logp"], mask,
+                                                   config.tis_cap)
+        elif "tis_weight" in batch:
+            per_token = per_token * batch["tis_weight"]
         if config.beta > 0 and config.kl_in == "loss":
             on = mask > 0
             kl = kl_per_token(jnp.where(on, logp, 0.0), jnp.where(on, batch["ref_logp"], 0.0),

@@ -83,3 +83,9 @@ def get(name: str):
     if name not in POLICY_LOSSES:
         raise ValueError(f"policy loss {name!r}; one of {tuple(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
+
+
+def tis_weight(logp, sampler_logp, mask, cap):
+    """Truncated importance sampling (Yao et al. 2025): the weight min(π_trainer(t) /
+    π_sampler(t), C) of each sampled token t, 0 off the mask."""
+    return jnp.where(mask > 0, jnp.minimum(jnp.exp(logp - sampler_logp), cap), 0.0)

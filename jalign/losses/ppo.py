@@ -97,12 +97,19 @@ def explained_variance(values, returns, mask):
 
 
 def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperature: float,
-                       chunk_tokens: int, entropy: bool = False):
+                       chunk_tokens: int, entropy: bool = False, last: int | None = None):
     """(log π(token t+1 | ≤ t) at ``temperature`` [B, T-1], the entropy of that
-    distribution [B, T-1] or None), ``chunk_tokens`` tokens of logits at a time."""
+    distribution [B, T-1] or None), ``chunk_tokens`` tokens of logits at a time.
+
+    ``last``: only the last ``last`` targets get the vocabulary projection (a rollout row
+    is a fixed-length prompt and then the response's ``last`` slots); the positions
+    before are 0. The LM head is then not run on the prompt, whose log-probs no loss reads."""
     from jalign.losses.sft import map_token_chunks
     hidden_btd = policy.backbone(ids_bt, positions_bt, segment_ids_bt)
     b, t, d = hidden_btd.shape
+    skip = 0 if last is None else t - 1 - last
+    if not 0 <= skip < t - 1:
+        raise ValueError(f"last={last} response targets do not fit rows of {t} tokens")
     w_dv = policy.lm_head_weight().astype(hidden_btd.dtype)
 
     def one(h_cd, t_c):
@@ -113,6 +120,10 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
             return logp, jnp.zeros_like(logp)
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
-    logp, ent = map_token_chunks(one, hidden_btd[:, :-1].reshape(-1, d),
-                                 ids_bt[:, 1:].reshape(-1), chunk_tokens, remat=True)
-    return logp.reshape(b, t - 1), (ent.reshape(b, t - 1) if entropy else None)
+    logp, ent = map_token_chunks(one, hidden_btd[:, skip:-1].reshape(-1, d),
+                                 ids_bt[:, skip + 1:].reshape(-1), chunk_tokens, remat=True)
+
+    def rows(x):
+        return jnp.pad(x.reshape(b, t - 1 - skip), ((0, 0), (skip, 0)))
+
+    return rows(logp), (rows(ent) if entropy else None)

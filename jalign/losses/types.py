@@ -17,6 +17,26 @@ class LossOutput(NamedTuple):
     total: jax.Array   # float32 scalar: sum of per-unit losses
     weight: jax.Array  # float32 scalar: number of units
     aux: dict          # metric name -> (sum, count) pairs, reduced the same way
+    #                    (a name ending in MAX_SUFFIX: (largest value, 1), reduced by max)
 
     def mean(self) -> jax.Array:
         return self.total / self.weight
+
+
+# Metrics that are a largest value, not a mean, say so by name; the sums of their parts
+# would mean nothing, so combining parts (micro-batches, eval batches) takes the larger.
+MAX_SUFFIX = "_max"
+
+
+def combine_aux(a: dict, b: dict, add=None, maximum=None) -> dict:
+    """The aux metrics of two parts of a batch, combined: (sum, count) pairs added, those
+    named ``*_max`` by the larger value. ``add``/``maximum``: jnp's (default) or floats'."""
+    import jax.numpy as jnp
+    add = add or jnp.add
+    maximum = maximum or jnp.maximum
+    out = {}
+    for name, (s, c) in a.items():
+        s2, c2 = b[name]
+        out[name] = ((maximum(s, s2), maximum(c, c2)) if name.endswith(MAX_SUFFIX)
+                     else (add(s, s2), add(c, c2)))
+    return out

@@ -1,12 +1,15 @@
 """The GRPO family's rollouts: G completions per prompt, group-relative advantages.
 
 Each prompt of a rollout is prefilled once and ``group_size`` completions are sampled
-from its cache (rows of a group consecutive). The scoring pass computes the policy's log-
-probs (the "old" ones), the reference's where a KL is used (β > 0; with β = 0 no reference
-model is held at all), the KL as a reward penalty (``kl_in='reward'``: β · the sequence's
-summed per-token estimate subtracted from its score) if so configured, and the advantages
-of the configured estimator (``jalign.rl.advantages.get``), one per completion, on every
-token of it.
+from its cache (rows of a group consecutive). The scoring pass computes the reference's
+log-probs where a KL is used (β > 0; with β = 0 no reference model is held at all), the
+policy's (the "old" ones) where they are needed before the update (several steps per
+rollout, or the KL as a reward penalty, ``kl_in='reward'``: β · the sequence's summed
+per-token estimate subtracted from its score), and the advantages of the configured
+estimator (``jalign.rl.advantages.get``), one per completion, on every token of it. With
+one step per rollout the step's own forward is the sampling policy's: the policy is not
+run a second time here (``GRPOConfig.policy_in_scoring``); the step reports the entropy
+and the sampler mismatch instead.
 
 Filtering (Yu et al. 2025, "DAPO"): ``dynamic_sampling`` keeps only groups whose rewards
 differ (a group of equal rewards has zero advantages: no signal), sampling further batches
@@ -32,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jalign.losses.kl import kl_per_token
+from jalign.losses.policy import tis_weight
+from jalign.losses.ppo import response_log_probs
 from jalign.rl import advantages as adv
 from jalign.rl.advantages import masked_mean
 from jalign.rl.rollout import POLICY, REFERENCE, Drawn, Rollouts, _host
@@ -125,20 +130,35 @@ class GroupRolloutSource(Rollouts):
                      group_rows("lengths", True), group_rows("ended", True),
                      sum(d.sample_seconds for d in rounds), sum(d.reward_seconds for d in rounds))
 
+    def log_probs(self, model, rows, entropy: bool = False):
+        cfg = self.config  # the LM head on the response slots only (as the GRPO loss)
+        return response_log_probs(model, rows["input_ids"], rows["segment_ids"],
+                                  rows["positions"], temperature=cfg.temperature,
+                                  chunk_tokens=cfg.chunk_tokens, entropy=entropy,
+                                  last=cfg.max_new_tokens)
+
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config
         mask = rows["response_mask"]
-        extras = {}
+        extras, metrics = {}, {}
         if cfg.mask_truncated:  # overlong filtering: a cut-off completion gets no loss
             mask = mask * self._ended(rows["input_ids"], mask)[:, None]
             extras["response_mask"] = mask
         on = mask > 0
-        logp, ent = self.log_probs(models[POLICY], rows, entropy=True)
-        extras["old_logp"] = logp
-        metrics = {"rollout_entropy": masked_mean(ent, mask)}
         if cfg.beta > 0:
-            ref_logp, _ = self.log_probs(models[REFERENCE], rows)
-            extras["ref_logp"] = ref_logp
+            extras["ref_logp"], _ = self.log_probs(models[REFERENCE], rows)
+        if not cfg.policy_in_scoring:
+            # The step's forward is the sampling policy's (one step per rollout): it
+            # compares the sampler's log-probs with its own (grpo._rollout_metrics).
+            extras["sampler_logp"] = sampler_logp
+        else:
+            logp, ent = self.log_probs(models[POLICY], rows, entropy=True)
+            extras["old_logp"] = logp
+            metrics["rollout_entropy"] = masked_mean(ent, mask)
+            if cfg.tis_cap is not None:
+                extras["tis_weight"] = tis_weight(logp, sampler_logp, mask, cfg.tis_cap)
+        if cfg.beta > 0 and cfg.policy_in_scoring:
+            ref_logp = extras["ref_logp"]
             # Logged as PPO logs it (the sampled log-ratio summed per sequence); the
             # configured estimator is what is penalised.
             metrics["kl"] = jnp.mean(jnp.sum(jnp.where(on, logp - ref_logp, 0.0), axis=1))
@@ -150,9 +170,6 @@ class GroupRolloutSource(Rollouts):
         std = jnp.std(groups, axis=1)
         a = self.estimate(scores, group_size=self.group_size, **self.options)
         extras["advantages"] = jnp.where(on, a[:, None], 0.0)
-        if cfg.tis_cap is not None:
-            extras["tis_weight"] = jnp.where(
-                on, jnp.minimum(jnp.exp(logp - sampler_logp), cfg.tis_cap), 0.0)
         metrics.update({
             "reward_group_std": jnp.mean(std),
             # groups whose completions all scored alike: no signal (zero advantages)

@@ -98,7 +98,7 @@ def sampler_mismatch(sampler_logp, trainer_logp, mask) -> dict:
     on = mask > 0
     d = jnp.where(on, trainer_logp - sampler_logp, 0.0)
     return {"sampler_kl": masked_mean(jnp.exp(d) - d - 1.0, mask),
-            "sampler_logp_max_diff": jnp.max(jnp.abs(d))}
+            "sampler_logp_diff_max": jnp.max(jnp.abs(d))}
 
 
 def _same_on_every_process(scores: np.ndarray) -> None:
@@ -280,7 +280,8 @@ class Rollouts(BatchSource):
         with use_mesh(self.mesh, self.rules):
             models = self.models.merged(trees)
             extras, metrics = self.score_rows(models, rows, sampled, scores, kl_coef)
-        metrics.update(sampler_mismatch(sampled, extras["old_logp"], mask))
+        if "old_logp" in extras:  # else the train step compares (one step per rollout)
+            metrics.update(sampler_mismatch(sampled, extras["old_logp"], mask))
         return {**rows, **extras}, metrics
 
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jalign.losses.types import combine_aux
 from jalign.data.formats import rows_per_example
 from jalign.sharding import DEFAULT_RULES, global_rows
 from jalign.train import metrics as M
@@ -338,15 +339,13 @@ class Evaluator:
         run = self.run
         run.eval_iter.set_state(run.eval_start)
         total = weight = 0.0
-        aux: dict[str, list[float]] = {}
+        aux: dict[str, tuple[float, float]] = {}
         for _, batch in zip(range(self.batches), run.eval_iter):
             out = self.eval_fn(state, _global_batch(batch, self.sharding))
             total += float(out.total)
             weight += float(out.weight)
-            for name, (s, c) in jax.device_get(out.aux).items():
-                acc = aux.setdefault(name, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(c)
+            part = {k: (float(s), float(c)) for k, (s, c) in jax.device_get(out.aux).items()}
+            aux = combine_aux(aux, part, add=float.__add__, maximum=max) if aux else part
         weight_name = run.recipe.weight_name
         if weight == 0:
             ec = run.configs.eval_data

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jalign.losses.types import LossOutput
+from jalign.losses.types import LossOutput, combine_aux
 from jalign.sharding import DEFAULT_RULES, Rules, logical_to_spec, use_mesh
 from jalign.train.state import TrainState
 
@@ -54,7 +54,7 @@ def _split_micro(batch: dict, accum: int) -> dict:
 
 
 def _sum_outputs(a: LossOutput, b: LossOutput) -> LossOutput:
-    return LossOutput(a.total + b.total, a.weight + b.weight, jax.tree.map(jnp.add, a.aux, b.aux))
+    return LossOutput(a.total + b.total, a.weight + b.weight, combine_aux(a.aux, b.aux))
 
 
 def _metrics(out: LossOutput) -> dict:

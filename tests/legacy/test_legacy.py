@@ -121,7 +121,7 @@ def _same_programs() -> bool:
 
 # Logged since the fixtures were made: DPO's pairs counted as ties (issue 22); how far the
 # sampler's log-probs are from the trainer's, each rollout (issue 23).
-ADDED_METRICS = {"rewards/ties", "sampler_kl", "sampler_logp_max_diff"}
+ADDED_METRICS = {"rewards/ties", "sampler_kl", "sampler_logp_diff_max"}
 
 
 def _records(run_dir: Path) -> list[dict]:

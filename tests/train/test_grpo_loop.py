@@ -18,7 +18,7 @@ TIMING = ("step_seconds", "tokens_per_second_per_device", "mfu", "sample_seconds
           "reward_seconds", "score_seconds")
 ROLLOUT = ("reward", "reward_task", "reward_length", "kl", "kl_coef", "response_length",
            "ended_with_eos", "rollout_entropy", "reward_group_std", "groups_without_signal",
-           "advantage_mean", "advantage_std", "sampler_kl", "sampler_logp_max_diff")
+           "advantage_mean", "advantage_std", "sampler_kl", "sampler_logp_diff_max")
 UPDATE = ("policy_loss", "kl_loss", "clip_fraction", "approx_kl", "ratio", "sequences")
 
 REWARDS = '''
@@ -86,7 +86,7 @@ def test_grpo_run_with_a_user_reward_function(uninterrupted):
         # within e), and k3 = exp(d) - d - 1 <= d^2 for |d| <= 1.
         one = llama_logp_bound(_policy_at(run_dir, r["step"] - 1), P + N)
         d = 2 * f32_tolerance(one["terms"], one["scale"], one["depth"])
-        assert r["sampler_logp_max_diff"] <= d and r["sampler_kl"] <= d * d, (r, d)
+        assert r["sampler_logp_diff_max"] <= d and r["sampler_kl"] <= d * d, (r, d)
     assert [r["step"] for r in recs if "eval_reward" in r] == [3, 6]
 
 
