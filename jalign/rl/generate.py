@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.decode import (DecodeState, KVCache, decode_step, init_cache, prefill,
-                                  split_layers)
+from jalign.models.decode import DecodeState, decode_step, init_cache, prefill, split_layers
+from jalign.models.group_decode import group_cache, group_decode_step
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
 
 
@@ -90,12 +90,17 @@ def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top
     return jnp.where(done_b, params.pad_id, token), jnp.where(done_b, 0.0, logprob)
 
 
-def _repeat_rows(logits, cache: KVCache, dstate: DecodeState, group_size: int):
-    """Each prompt's prefill state repeated for the G completions of its group (rows of a
-    group consecutive): the prompt is run once, its keys and values copied G times."""
-    rep = functools.partial(jnp.repeat, repeats=group_size)
-    cache = KVCache(k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), valid=rep(cache.valid, axis=0))
-    return rep(logits, axis=0), cache, dstate._replace(positions=rep(dstate.positions, axis=0))
+def _group_prefill(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int):
+    """Each prompt prefilled once; its keys and values stay one copy, read once per group
+    at each token (``jalign.models.group_decode``; faster than G copies of the cache where
+    the prompt is a sizeable part of the slots, docs/benchmarks.md), and each of its G rows
+    gets its own completion slots."""
+    b, p_len = prompt_ids.shape
+    logits, prompt_cache, dstate = prefill(model, prompt_ids, prompt_mask,
+                                           init_cache(model.config, b, p_len))
+    cache = group_cache(prompt_cache, group_size, max_new_tokens - 1)
+    rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
+    return rep(logits), cache, DecodeState(index=jnp.int32(0), positions=rep(dstate.positions))
 
 
 def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_new_tokens: int,
@@ -113,11 +118,13 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     b, p_len = prompt_ids.shape
     pick = functools.partial(_pick, params=params, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     # The last token is sampled but never fed back, so it needs no slot.
-    cache = init_cache(model.config, b, p_len + n - 1)
-    logits, cache, dstate = prefill(model, prompt_ids, prompt_mask, cache)
-    if group_size > 1:
-        logits, cache, dstate = _repeat_rows(logits, cache, dstate, group_size)
-        b = b * group_size
+    if group_size == 1:
+        cache = init_cache(model.config, b, p_len + n - 1)
+        logits, cache, dstate = prefill(model, prompt_ids, prompt_mask, cache)
+        step = decode_step
+    else:
+        logits, cache, dstate = _group_prefill(model, prompt_ids, prompt_mask, group_size, n)
+        b, step = b * group_size, group_decode_step
 
     def record(i, token, logprob, tokens, logprobs, done, lengths):
         tokens = tokens.at[:, i].set(token)
@@ -140,7 +147,7 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     def body(carry):
         i, cache, dstate, tokens, logprobs, done, lengths = carry
         # Finished rows keep feeding pad: harmless, their outputs are discarded.
-        logits, cache, dstate = decode_step(model, tokens[:, i - 1], cache, dstate, layers)
+        logits, cache, dstate = step(model, tokens[:, i - 1], cache, dstate, layers)
         token, logprob = pick(logits, jax.random.fold_in(rng, i), done)
         return (i + 1, cache, dstate, *record(i, token, logprob, tokens, logprobs, done, lengths))
 

@@ -1,6 +1,8 @@
 """Group sampling (the GRPO family): each prompt is prefilled once and its G completions
-sampled from copies of its cache; the tokens are those of G independent samplings of the
-repeated prompt with the same keys."""
+sampled from its cache (the prompt's keys and values shared by the group,
+jalign.models.group_decode); the tokens are those of G independent samplings of the
+repeated prompt with the same keys (which run the plain cache, jalign.models.decode),
+and the log-probs equal theirs within the float32 bound."""
 
 import jax
 import numpy as np
@@ -16,9 +18,11 @@ PROMPT_LENS = (9, 4)
 P = max(PROMPT_LENS)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return create_model(preset("tiny"), seed=7)
+@pytest.fixture(scope="module", params=[None, 5], ids=["full", "window5"])
+def model(request):
+    """The tiny model, and with a sliding window of 5 (Mistral's kind of attention), which
+    the sampled tokens cross in both the prompt's and the completion's slots."""
+    return create_model(preset("tiny", sliding_window=request.param), seed=7)
 
 
 @pytest.fixture(scope="module")
