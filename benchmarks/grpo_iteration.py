@@ -82,21 +82,15 @@ def plan(args) -> list:
 def start(rows, args, logs: Path) -> tuple[list, dict]:
     workers, skipped = [], {}
     for key, label, cmd, env_extra, reason in rows:
-        if reason:
-            print(f"[{label}] not run: {reason}", flush=True)
-            skipped[key] = (label, reason)
-            continue
         env = dict(os.environ, **env_extra)
         if key == "jalign-malloc":
             env.pop("GLIBC_TUNABLES", None)
         t0 = time.perf_counter()
-        w = ts.Worker(key, label, cmd, env, logs / f"grpo-{key}.log")
-        msg = w.wait("ready", args.start_timeout)
-        if msg is None:
-            print(f"[{label}] not run: {w.error}", flush=True)
-            skipped[key] = (label, w.error)
+        w = ts.launch(key, label, cmd, env, reason, logs / f"grpo-{key}.log",
+                      args.start_timeout, skipped)
+        if w is None:
             continue
-        w.info, w.phases = msg["info"], []
+        w.phases = []
         warm = ", ".join(f"{t:.1f}" for t in w.info.get("warmup_times", []))
         print(f"[{label}] ready in {time.perf_counter() - t0:.0f} s (warmup iterations: "
               f"{warm} s)", flush=True)

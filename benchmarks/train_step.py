@@ -208,6 +208,22 @@ class Worker:
                 self.proc.wait()
 
 
+def launch(key: str, label: str, cmd, env: dict, reason: str | None, log_path: Path,
+           timeout: float, skipped: dict) -> Worker | None:
+    """Start one row's worker and wait for it to be ready (its ``info`` set); None, with
+    the reason printed and kept in ``skipped``, for a row that cannot run or failed."""
+    if not reason:
+        w = Worker(key, label, cmd, env, log_path)
+        msg = w.wait("ready", timeout)
+        if msg is not None:
+            w.info = msg["info"]
+            return w
+        reason = w.error
+    print(f"[{label}] not run: {reason}", flush=True)
+    skipped[key] = (label, reason)
+    return None
+
+
 def mem_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -412,21 +428,14 @@ def main():
     workers: list[Worker] = []
     skipped: dict[str, tuple[str, str]] = {}
     for key, label, cmd, env_extra, reason in rows:
-        if reason:
-            print(f"[{label}] not run: {reason}", flush=True)
-            skipped[key] = (label, reason)
-            continue
         env = dict(os.environ, **env_extra)
         if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
         t0 = time.perf_counter()
-        w = Worker(key, label, cmd, env, logs / f"{'dpo-' if dpo else ''}{key}.log")
-        msg = w.wait("ready", args.start_timeout)
-        if msg is None:
-            print(f"[{label}] not run: {w.error}", flush=True)
-            skipped[key] = (label, w.error)
+        w = launch(key, label, cmd, env, reason, logs / f"{'dpo-' if dpo else ''}{key}.log",
+                   args.start_timeout, skipped)
+        if w is None:
             continue
-        w.info = msg["info"]
         warm = ", ".join(f"{t:.1f}" for t in w.info.get("warmup_times", []))
         extra_txt = (f", compile {w.info['compile_s']:.1f} s, XLA cost-analysis flops "
                      f"{w.info['xla_flops'] / 1e9:.1f} G" if "compile_s" in w.info else "")
