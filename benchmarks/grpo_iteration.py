@@ -99,7 +99,7 @@ def start(rows, args, logs: Path) -> tuple[list, dict]:
 
 
 def rounds(workers, args) -> None:
-    for r in range(args.rounds):
+    for r in range(args.rounds if workers else 0):
         order = workers[r % len(workers):] + workers[:r % len(workers)]
         for w in order:
             if w.error:
