@@ -142,7 +142,9 @@ class GRPOConfig:
         rollout trained on by several steps, or for a KL penalty on the rewards. With one
         step per rollout (and the KL, if any, in the loss) the step's own forward gives the
         sampling policy's log-probs (ratio exactly 1), so that forward is not run twice:
-        the step reports the entropy and the sampler mismatch, and weights TIS."""
+        the step reports the entropy and the sampler mismatch, and weights TIS. (Trained
+        adapters with dropout also keep it: that forward is not the sampler's policy,
+        ``GroupRolloutSource``.)"""
         return self.steps_per_rollout > 1 or (self.beta > 0 and self.kl_in == "reward")
 
 
@@ -170,10 +172,12 @@ def make_grpo_loss(config: GRPOConfig):
     """``loss(models, batch, ctx) -> LossOutput`` of the policy on a rollout minibatch."""
     loss_of = policy.get(config.policy_loss)
     on_policy = config.steps_per_rollout == 1
-    scored = config.policy_in_scoring  # else this forward is the rollout's only one
 
     def grpo_loss(models, batch, ctx):
         mask = batch["response_mask"]
+        # The rollout source ran no policy forward (policy_in_scoring): this one is the
+        # rollout's only one; it says so by handing over the sampler's log-probs.
+        scored = "sampler_logp" not in batch
         logp, entropy = response_log_probs(
             models[POLICY], batch["input_ids"], batch["segment_ids"], batch["positions"],
             temperature=config.temperature, chunk_tokens=config.chunk_tokens,

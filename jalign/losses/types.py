@@ -30,13 +30,14 @@ MAX_SUFFIX = "_max"
 
 def combine_aux(a: dict, b: dict, add=None, maximum=None) -> dict:
     """The aux metrics of two parts of a batch, combined: (sum, count) pairs added, those
-    named ``*_max`` by the larger value. ``add``/``maximum``: jnp's (default) or floats'."""
+    named ``*_max`` (largest values, never negative: a zero start is neutral) by the
+    larger value. ``add``/``maximum``: jnp's (default) or floats'."""
     import jax.numpy as jnp
     add = add or jnp.add
     maximum = maximum or jnp.maximum
-    out = {}
-    for name, (s, c) in a.items():
-        s2, c2 = b[name]
+    out = {**a, **b}  # a metric only one part has stays as it is
+    for name in a.keys() & b.keys():
+        (s, c), (s2, c2) = a[name], b[name]
         out[name] = ((maximum(s, s2), maximum(c, c2)) if name.endswith(MAX_SUFFIX)
                      else (add(s, s2), add(c, c2)))
     return out

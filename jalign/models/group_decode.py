@@ -4,10 +4,10 @@ Group sampling (the GRPO family) prefills each prompt once; copying its cache G 
 (one per completion) would make every decoded token read the prompt's keys and values G
 times over. Here the cache has two parts: the prompt's, one copy per prompt
 ([layers, B, kv_heads, P, head_dim], as ``decode.prefill`` writes it), and the
-completions', one per row ([layers, B, kv_heads, G, N, head_dim]: a group's rows next to
-each other under each kv head, the order the attention matmuls read them in, so no
-transpose of the cache at any token). Each step attends over both with one softmax: the
-prompt's slots as a matmul of the group's G queries against one copy of the prompt's keys.
+completions', one per row ([layers, B·G, kv_heads, N, head_dim]: ``decode``'s head-major
+layout, sharded over rows like it, read by the attention matmuls without a transpose).
+Each step attends over both with one softmax: the prompt's slots as a matmul of the
+group's G queries against one copy of the prompt's keys.
 
 The math is ``decode.decode_step``'s (the full forward's per-layer functions); only the
 attention's layout and summation order differ. Rows are B·G, prompt i's completions at
@@ -22,17 +22,16 @@ import jax
 import jax.numpy as jnp
 
 from jalign.models.attention import MASK_VALUE
-from jalign.models.decode import DecodeState, KVCache, _final_logits, _run_layers
+from jalign.models.decode import (_CACHE_AXES, DecodeState, KVCache, _final_logits, _run_layers,
+                                  _write)
 from jalign.models.llama import finish_layer, project_qkv
 from jalign.models.rope import rope_angles
 from jalign.sharding import constrain
 
-_GEN_AXES = ("layers", "batch", "act_kv_heads", None, "length", None)
-
 
 class GroupCache(NamedTuple):
     prompt: KVCache   # k, v [layers, B, kv_heads, P, head_dim]; valid [B, P]
-    k: jax.Array      # [layers, B, kv_heads, G, N, head_dim]: the completions' keys
+    k: jax.Array      # [layers, B·G, kv_heads, N, head_dim]: the completions' keys
     v: jax.Array      # same as k
     valid: jax.Array  # [B·G, N] bool: completion slot holds a fed token
 
@@ -40,42 +39,34 @@ class GroupCache(NamedTuple):
 def group_cache(prompt: KVCache, group_size: int, slots: int) -> GroupCache:
     """The prompts' prefilled cache plus ``slots`` empty completion slots per row."""
     layers, b, g, _, h = prompt.k.shape
-    shape = (layers, b, g, group_size, max(slots, 1), h)
-    zeros = constrain(jnp.zeros(shape, prompt.k.dtype), _GEN_AXES)
-    return GroupCache(prompt, zeros, zeros, jnp.zeros((b * group_size, shape[4]), bool))
+    shape = (layers, b * group_size, g, max(slots, 1), h)
+    zeros = constrain(jnp.zeros(shape, prompt.k.dtype), _CACHE_AXES)
+    return GroupCache(prompt, zeros, zeros, jnp.zeros((shape[1], shape[3]), bool))
 
 
-def _write(cache_all, layer, new_bthk, start, group_size):
-    """Stores one layer's new keys (or values) [B·G, 1, kv_heads, H] at completion slot
-    ``start``; in place inside while_loop (only the new token moves)."""
-    bg, t, g, h = new_bthk.shape
-    new = new_bthk.astype(cache_all.dtype).reshape(bg // group_size, group_size, t, g, h)
-    new = new.transpose(0, 3, 1, 2, 4)[None]  # [1, B, kv, G, T, H]
-    return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, 0, 0, start, 0))
-
-
-def _attention(q_btnh, kp_bgsh, vp_bgsh, mask_p_bs, kc_bgGsh, vc_bgGsh, mask_c_bs):
-    """Softmax attention of B·G query rows over their group's prompt slots and their own
-    completion slots (one softmax over both), as ``decode._cached_attention`` computes it
-    over one cache."""
+def _attention(q_btnh, kp_bgsh, vp_bgsh, mask_p_bs, kc_bgsh, vc_bgsh, mask_c_bs):
+    """Softmax attention of B·G query rows over their group's prompt slots [B, kv, P, H]
+    and their own completion slots [B·G, kv, N, H] (one softmax over both), as
+    ``decode._cached_attention`` computes it over one cache."""
     bg, t, n, h = q_btnh.shape
     b, g = kp_bgsh.shape[:2]
     G = bg // b  # noqa: N806 (the group size)
-    q = q_btnh.reshape(b, G, t, g, n // g, h).transpose(0, 3, 1, 4, 2, 5)  # [b,g,G,r,t,h]
+    q = q_btnh.reshape(b, G, t, g, n // g, h).transpose(0, 1, 3, 4, 2, 5)  # [b,G,g,r,t,h]
+    kc = kc_bgsh.reshape(b, G, *kc_bgsh.shape[1:])  # rows of a group are consecutive
+    vc = vc_bgsh.reshape(b, G, *vc_bgsh.shape[1:])
     scale = h ** -0.5
-    sp = jnp.einsum("bgGrth,bgsh->bgGrts", q, kp_bgsh,
-                    preferred_element_type=jnp.float32) * scale
-    sc = jnp.einsum("bgGrth,bgGsh->bgGrts", q, kc_bgGsh,
-                    preferred_element_type=jnp.float32) * scale
+    f32 = jnp.float32
+    sp = jnp.einsum("bGgrth,bgsh->bGgrts", q, kp_bgsh, preferred_element_type=f32) * scale
+    sc = jnp.einsum("bGgrth,bGgsh->bGgrts", q, kc, preferred_element_type=f32) * scale
     sp = jnp.where(mask_p_bs[:, None, None, None, None, :], sp, MASK_VALUE)
-    mask_c = mask_c_bs.reshape(b, G, -1)[:, None, :, None, None, :]
-    sc = jnp.where(mask_c, sc, MASK_VALUE)
+    sc = jnp.where(mask_c_bs.reshape(b, G, 1, 1, 1, -1), sc, MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([sp, sc], axis=-1), axis=-1)
     pp = probs[..., :sp.shape[-1]].astype(vp_bgsh.dtype)
-    pc = probs[..., sp.shape[-1]:].astype(vc_bgGsh.dtype)
-    out = (jnp.einsum("bgGrts,bgsh->bgGrth", pp, vp_bgsh)
-           + jnp.einsum("bgGrts,bgGsh->bgGrth", pc, vc_bgGsh))
-    return out.transpose(0, 2, 4, 1, 3, 5).reshape(bg, t, n, h)
+    pc = probs[..., sp.shape[-1]:].astype(vc.dtype)
+    # Both halves summed in float32 and rounded once (as one einsum over one cache is).
+    out = (jnp.einsum("bGgrts,bgsh->bGgrth", pp, vp_bgsh, preferred_element_type=f32)
+           + jnp.einsum("bGgrts,bGgsh->bGgrth", pc, vc, preferred_element_type=f32))
+    return out.astype(q_btnh.dtype).transpose(0, 1, 4, 2, 3, 5).reshape(bg, t, n, h)
 
 
 def _masks(cfg, cache: GroupCache, valid_c, idx):
@@ -99,7 +90,6 @@ def group_decode_step(model, token_ids, cache: GroupCache, state: DecodeState,
     cfg = model.config
     eps = cfg.rms_norm_eps
     idx = state.index
-    group_size = cache.k.shape[3]
     valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((token_ids.shape[0], 1), bool), idx, axis=1)
     mask_p, mask_c = _masks(cfg, cache, valid, idx)
@@ -107,8 +97,7 @@ def group_decode_step(model, token_ids, cache: GroupCache, state: DecodeState,
 
     def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
-        k_all = _write(k_all, i, k, idx, group_size)
-        v_all = _write(v_all, i, v, idx, group_size)
+        k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
 
         def at(a):
             return jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)

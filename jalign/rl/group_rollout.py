@@ -58,6 +58,10 @@ class GroupRolloutSource(Rollouts):
         self.SCORED = (POLICY, REFERENCE) if config.beta > 0 else (POLICY,)
         self.estimate = adv.get(config.advantage)
         self.options = estimator_options(config)
+        from jalign.train.step import adapter_dropout
+        # A forward with adapter dropout on is not the sampling policy: the step's own
+        # log-probs cannot stand in for the old ones then.
+        self.policy_in_scoring = config.policy_in_scoring or adapter_dropout(ctx.models)
         super().__init__(prompts, config, ctx)
 
     def make_kl_controller(self):
@@ -147,7 +151,7 @@ class GroupRolloutSource(Rollouts):
         on = mask > 0
         if cfg.beta > 0:
             extras["ref_logp"], _ = self.log_probs(models[REFERENCE], rows)
-        if not cfg.policy_in_scoring:
+        if not self.policy_in_scoring:
             # The step's forward is the sampling policy's (one step per rollout): it
             # compares the sampler's log-probs with its own (grpo._rollout_metrics).
             extras["sampler_logp"] = sampler_logp
@@ -157,7 +161,7 @@ class GroupRolloutSource(Rollouts):
             metrics["rollout_entropy"] = masked_mean(ent, mask)
             if cfg.tis_cap is not None:
                 extras["tis_weight"] = tis_weight(logp, sampler_logp, mask, cfg.tis_cap)
-        if cfg.beta > 0 and cfg.policy_in_scoring:
+        if cfg.beta > 0 and self.policy_in_scoring:
             ref_logp = extras["ref_logp"]
             # Logged as PPO logs it (the sampled log-ratio summed per sequence); the
             # configured estimator is what is penalised.

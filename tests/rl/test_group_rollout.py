@@ -113,3 +113,19 @@ def test_response_only_log_probs_are_the_full_rows_last_slots(on_policy):
     assert_f32_close(ent[:, -N:], full_ent[:, -N:], **bound)
     with pytest.raises(ValueError, match="last=30"):
         response_log_probs(*args, **kw, last=P + N)
+
+
+def test_adapter_dropout_keeps_the_scoring_forward(monkeypatch):
+    """A train forward with adapter dropout is not the sampling policy: with it, one step
+    per rollout still takes the old log-probs (and entropy, mismatch, TIS) from the
+    scoring pass, and the loss reads them from the batch."""
+    import jalign.train.step as step
+    monkeypatch.setattr(step, "adapter_dropout", lambda models: True)
+    src, state, policy, reference, cfg = _source(beta=0.05, tis_cap=2.0)
+    assert cfg.steps_per_rollout == 1 and src.policy_in_scoring
+    batch = jax.device_get(src.next(state))
+    assert "old_logp" in batch and "tis_weight" in batch and "sampler_logp" not in batch
+    assert {"rollout_entropy", "sampler_kl", "kl"} <= set(src.step_metrics())
+    out = make_grpo_loss(cfg)({"policy": policy, "reference": reference},
+                              jax.tree.map(np.asarray, batch), StepContext(jax.random.key(0), 0))
+    assert "sampler_kl" not in out.aux and np.isfinite(float(out.total))

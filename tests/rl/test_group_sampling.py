@@ -18,10 +18,10 @@ PROMPT_LENS = (9, 4)
 P = max(PROMPT_LENS)
 
 
-@pytest.fixture(scope="module", params=[None, 5], ids=["full", "window5"])
+@pytest.fixture(scope="module", params=[None, 3], ids=["full", "window3"])
 def model(request):
-    """The tiny model, and with a sliding window of 5 (Mistral's kind of attention), which
-    the sampled tokens cross in both the prompt's and the completion's slots."""
+    """The tiny model, and with a sliding window of 3 (Mistral's kind of attention), which
+    the sampled tokens cross in both the prompt's and the completion's slots (N = 6)."""
     return create_model(preset("tiny", sliding_window=request.param), seed=7)
 
 
