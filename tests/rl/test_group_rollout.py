@@ -8,6 +8,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jalign.algos.grpo import GRPOConfig, make_grpo_loss, roles
 from jalign.data.pipeline import DataConfig, build_iterator
@@ -45,6 +46,24 @@ def _source(**grpo):
     return src, state, policy, reference, cfg
 
 
+def _jitted(fn, *modules):
+    """``fn(*modules, *args)`` under jit, as the train step runs it (the modules' weights
+    are FSDP-sharded over the test devices; op-by-op execution of such a forward is not
+    what runs in training)."""
+    split = [nnx.split(m) for m in modules]
+
+    def run(states, *args):
+        return fn(*[nnx.merge(d, s) for (d, _), s in zip(split, states)], *args)
+
+    return lambda *args: jax.jit(run)([s for _, s in split], *args)
+
+
+def _loss(cfg, policy, reference, batch):
+    return _jitted(lambda p, r, b: make_grpo_loss(cfg)({"policy": p, "reference": r}, b,
+                                                       StepContext(jax.random.key(0), 0)),
+                   policy, reference)(jax.tree.map(np.asarray, batch))
+
+
 def _score_flops(src, state) -> tuple[float, dict]:
     """(XLA's FLOP count of the rollout's scoring program, the first minibatch)."""
     seen = []
@@ -77,9 +96,7 @@ def test_one_step_per_rollout_does_not_run_the_policy_twice(on_policy):
 
 def test_the_step_reports_entropy_mismatch_and_kl_from_its_own_forward(on_policy):
     _, batch, _, policy, reference, cfg = on_policy
-    models = {"policy": policy, "reference": reference}
-    out = make_grpo_loss(cfg)(models, jax.tree.map(np.asarray, batch),
-                              StepContext(jax.random.key(0), 0))
+    out = _loss(cfg, policy, reference, batch)
     m = {k: float(s) / float(c) for k, (s, c) in jax.device_get(out.aux).items()}
     assert {"rollout_entropy", "sampler_kl", "sampler_logp_diff_max", "kl"} <= set(m), sorted(m)
     # The sampler and the step read the same parameters: each token's two log-probs are
@@ -102,17 +119,19 @@ def test_response_only_log_probs_are_the_full_rows_last_slots(on_policy):
     from jalign.losses.ppo import response_log_probs
     from tests.numerics import assert_f32_close
     _, batch, _, policy, *_ = on_policy
-    args = (policy, batch["input_ids"], batch["segment_ids"], batch["positions"])
+    args = (batch["input_ids"], batch["segment_ids"], batch["positions"])
     kw = dict(temperature=1.0, chunk_tokens=16, entropy=True)
-    full_lp, full_ent = jax.device_get(response_log_probs(*args, **kw))
-    lp, ent = jax.device_get(response_log_probs(*args, **kw, last=N))
+    full_lp, full_ent = jax.device_get(_jitted(
+        lambda m, *a: response_log_probs(m, *a, **kw), policy)(*args))
+    lp, ent = jax.device_get(_jitted(
+        lambda m, *a: response_log_probs(m, *a, **kw, last=N), policy)(*args))
     assert lp.shape == full_lp.shape and ent.shape == full_ent.shape
     assert not lp[:, :-N].any() and not ent[:, :-N].any()
     bound = llama_logp_bound(policy, P + N)
     assert_f32_close(lp[:, -N:], full_lp[:, -N:], **bound)
     assert_f32_close(ent[:, -N:], full_ent[:, -N:], **bound)
     with pytest.raises(ValueError, match="last=30"):
-        response_log_probs(*args, **kw, last=P + N)
+        _jitted(lambda m, *a: response_log_probs(m, *a, **kw, last=P + N), policy)(*args)
 
 
 def test_adapter_dropout_keeps_the_scoring_forward(monkeypatch):
@@ -126,6 +145,5 @@ def test_adapter_dropout_keeps_the_scoring_forward(monkeypatch):
     batch = jax.device_get(src.next(state))
     assert "old_logp" in batch and "tis_weight" in batch and "sampler_logp" not in batch
     assert {"rollout_entropy", "sampler_kl", "kl"} <= set(src.step_metrics())
-    out = make_grpo_loss(cfg)({"policy": policy, "reference": reference},
-                              jax.tree.map(np.asarray, batch), StepContext(jax.random.key(0), 0))
+    out = _loss(cfg, policy, reference, batch)
     assert "sampler_kl" not in out.aux and np.isfinite(float(out.total))
