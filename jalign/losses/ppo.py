@@ -97,19 +97,29 @@ def explained_variance(values, returns, mask):
 
 
 def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperature: float,
-                       chunk_tokens: int, entropy: bool = False, last: int | None = None):
+                       chunk_tokens: int, entropy: bool = False, last: int | None = None,
+                       group_size: int = 1):
     """(log π(token t+1 | ≤ t) at ``temperature`` [B, T-1], the entropy of that
     distribution [B, T-1] or None), ``chunk_tokens`` tokens of logits at a time.
 
     ``last``: only the last ``last`` targets get the vocabulary projection (a rollout row
     is a fixed-length prompt and then the response's ``last`` slots); the positions
-    before are 0. The LM head is then not run on the prompt, whose log-probs no loss reads."""
+    before are 0. The LM head is then not run on the prompt, whose log-probs no loss reads.
+    ``group_size`` G > 1 (with ``last``): rows come in groups of G consecutive rows with
+    the same prompt (the T - ``last`` first tokens), which then runs once per group
+    (``jalign.models.group_forward``)."""
     from jalign.losses.sft import map_token_chunks
-    hidden_btd = policy.backbone(ids_bt, positions_bt, segment_ids_bt)
-    b, t, d = hidden_btd.shape
+    b, t = ids_bt.shape
     skip = 0 if last is None else t - 1 - last
     if not 0 <= skip < t - 1:
         raise ValueError(f"last={last} response targets do not fit rows of {t} tokens")
+    if group_size > 1 and last is not None:
+        from jalign.models.group_forward import group_target_hidden
+        hidden_btd = group_target_hidden(policy, ids_bt, segment_ids_bt, positions_bt,
+                                         group_size=group_size, completion_len=last)
+    else:
+        hidden_btd = policy.backbone(ids_bt, positions_bt, segment_ids_bt)[:, skip:-1]
+    d = hidden_btd.shape[-1]
     w_dv = policy.lm_head_weight().astype(hidden_btd.dtype)
 
     def one(h_cd, t_c):
@@ -120,7 +130,7 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
             return logp, jnp.zeros_like(logp)
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
-    logp, ent = map_token_chunks(one, hidden_btd[:, skip:-1].reshape(-1, d),
+    logp, ent = map_token_chunks(one, hidden_btd.reshape(-1, d),
                                  ids_bt[:, skip + 1:].reshape(-1), chunk_tokens, remat=True)
 
     def rows(x):

@@ -225,19 +225,24 @@ class DecoderLayers(nnx.Module):
                 out["lora_keep"] = jnp.full((cfg.num_layers,), 1.0 - lora.dropout, jnp.float32)
         return out
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts):
+    def run(self, layer, x, *args):
+        """``x = layer(p, x, *args)`` for every layer's parameters ``p``, scanned or unrolled
+        and rematerialised as the config says (``x`` may be a tuple of arrays)."""
         cfg = self.config
         params = self.stacked()
-        layer = functools.partial(decoder_layer, config=cfg)
         if cfg.scan_layers:
-            body = _with_remat(lambda x, p: (layer(p, x, cos_bth, sin_bth, mask_bts), None),
-                               cfg.remat_policy, scanned=True)
-            x_btd, _ = jax.lax.scan(body, x_btd, params)
-            return x_btd
+            body = _with_remat(lambda c, p: (layer(p, c, *args), None), cfg.remat_policy,
+                               scanned=True)
+            x, _ = jax.lax.scan(body, x, params)
+            return x
         body = _with_remat(layer, cfg.remat_policy, scanned=False)
         for i in range(cfg.num_layers):
-            x_btd = body({k: v[i] for k, v in params.items()}, x_btd, cos_bth, sin_bth, mask_bts)
-        return x_btd
+            x = body({k: v[i] for k, v in params.items()}, x, *args)
+        return x
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts):
+        layer = functools.partial(decoder_layer, config=self.config)
+        return self.run(layer, x_btd, cos_bth, sin_bth, mask_bts)
 
 
 class Llama(nnx.Module):
