@@ -1,4 +1,5 @@
-"""One GRPO iteration (sample + score + update) on CPU: jalign vs TRL's GRPOTrainer.
+"""One GRPO iteration (sample + score + update) on CPU: jalign vs TRL's GRPOTrainer and
+Tunix's GRPOLearner.
 
 Every implementation trains the same Llama shape as benchmarks/train_step.py (vocab 8192,
 hidden 512, intermediate 1408, 8 layers, 8 q / 8 kv heads, untied; 34.1M parameters,
@@ -16,14 +17,19 @@ betas 0.9/0.95, no clipping) of the token-level ("dapo") clipped loss, clip 0.2,
   jalign (malloc)   the same without them (stock glibc malloc)
   TRL GRPOTrainer   ``trl.GRPOTrainer.train()``, its own generation backend (transformers'
                     ``generate`` on CPU), gradient checkpointing off (TRL's default is on)
+  Tunix GRPOLearner ``tunix.rl.grpo.GRPOLearner.train()`` on Tunix's NNX Llama3 (the same
+                    shape, float32), an ``RLCluster`` with no reference model and Tunix's
+                    "vanilla" rollout (its own sampler) sharing the actor's one-device mesh,
+                    ``loss_agg_mode='token-mean'`` (= dapo), epsilon 0.2, beta 0
 
 The worker protocol and the driver are benchmarks/train_step.py's (long-lived workers,
 the order rotating every round, a wait for a quiet machine before each timed iteration,
 other processes' CPU use recorded). Each worker also reports its iteration's phases:
 sampling, rewards, the scoring before the update, and the update (details in
-train_step_impls/jalign_grpo_worker.py and trl_grpo_worker.py). TRL's venv: see
-benchmarks/train_step.py. Tunix's GRPO learner is not in this table (see
-docs/benchmarks.md).
+train_step_impls/jalign_grpo_worker.py, trl_grpo_worker.py and tunix_grpo_worker.py).
+TRL's and Tunix's venvs: see benchmarks/train_step.py (``--trl-python``,
+``--tunix-python``); Tunix's GRPO path needs nothing beyond the packages listed there
+for its SFT row.
 
     .venv/bin/python benchmarks/grpo_iteration.py
     .venv/bin/python benchmarks/grpo_iteration.py --only jalign,trl --rounds 2 --completion 256
@@ -47,7 +53,7 @@ sys.path.insert(0, str(ts.IMPLS_DIR))
 from common import (GRPO_COMPLETION, GRPO_GROUP, GRPO_PROMPT, GRPO_PROMPTS, HZ,  # noqa: E402
                     SHAPE, cpu_busy, grpo_flops, proc_cpu, wait_quiet)
 
-ROWS = ("jalign", "jalign-malloc", "trl")
+ROWS = ("jalign", "jalign-malloc", "trl", "tunix")
 PHASES = ("sample", "reward", "score", "update")
 
 
@@ -58,7 +64,7 @@ def plan(args) -> list:
                       f"--max-steps={args.warmup + args.rounds + 10}",
                       f"--prompts={args.prompts}", f"--group={args.group}",
                       f"--prompt-len={args.prompt_len}", f"--completion={args.completion}"]
-    jpy, tpy = args.jalign_python, args.trl_python
+    jpy, tpy, xpy = args.jalign_python, args.trl_python, args.tunix_python
 
     def missing(py, key):
         if Path(py).exists():
@@ -75,7 +81,10 @@ def plan(args) -> list:
             ("jalign-malloc", "jalign (stock glibc malloc)", [jpy, jw] + common, env,
              missing(jpy, "")),
             ("trl", "TRL GRPOTrainer", [tpy, str(ts.IMPLS_DIR / "trl_grpo_worker.py")] + common,
-             {}, missing(tpy, "trl"))]
+             {}, missing(tpy, "trl")),
+            ("tunix", "Tunix GRPOLearner",
+             [xpy, str(ts.IMPLS_DIR / "tunix_grpo_worker.py")] + common, {},
+             missing(xpy, "tunix"))]
     return ts.select(rows, args.only, ROWS)
 
 
@@ -152,15 +161,17 @@ def table(workers, skipped, rows, args) -> None:
               f"{fl['total'] / ph['update'] / 1e9:.1f} | {statistics.median(w.others):.2f} |")
     print("\nspeed vs TRL = TRL's median / the row's median (>1: faster). Phases: medians "
           "over the rounds; sample = generating the completions (jalign: one prefill per "
-          "prompt, G completions from its cache; TRL: generate on the prompts repeated G "
-          "times), reward = the reward function (jalign: also decoding), score = what runs "
-          "between rewards and the update (jalign: the scoring program, advantages; TRL: "
-          "the rest of _generate_and_score_completions), update = loss, backward, AdamW.")
+          "prompt, G completions from its cache; TRL and Tunix: their samplers on the "
+          "prompts repeated G times), reward = the reward function (jalign: also decoding), "
+          "score = what runs between rewards and the update (jalign: the scoring program, "
+          "advantages; TRL: the rest of _generate_and_score_completions; Tunix: the rest of "
+          "_generate_and_compute_advantage), update = loss, backward, AdamW.")
     print("\nversions / settings:")
     for w in workers:
         keep = {k: w.info[k] for k in ("versions", "threads", "gradient_checkpointing",
                                        "loss_type", "input_shape", "prompt_tokens",
-                                       "first_response_length") if k in w.info}
+                                       "first_response_length", "reference_model")
+                if k in w.info}
         print(f"  {w.label}: {json.dumps(keep)}")
 
 
@@ -181,6 +192,8 @@ def main() -> None:
     ap.add_argument("--jalign-python", default=os.environ.get("JALIGN_BENCH_PYTHON", sys.executable))
     ap.add_argument("--trl-python", default=os.environ.get("JALIGN_BENCH_TRL_PYTHON",
                                                           str(ts.VENVS / "trl/bin/python")))
+    ap.add_argument("--tunix-python", default=os.environ.get("JALIGN_BENCH_TUNIX_PYTHON",
+                                                            str(ts.VENVS / "tunix/bin/python")))
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--quiet-below", type=float, default=0.3)
     ap.add_argument("--quiet-wait", type=float, default=5)

@@ -43,14 +43,18 @@ beta 0 and one iteration Tunix computes neither reference nor old log-probs), ``
 ``update_actor`` (loss, backward, AdamW, Tunix's metric buffering), ``other`` = the rest
 (the queue, trajectory ids, metric buffering between).
 
-Differences from the other rows that stay: Tunix's sampler uses a fixed seed (PRNGKey(0)
-when ``RolloutConfig.seed`` is None) folded with the decoding step, so every iteration
-draws from the same random stream (the weights change, so the samples do too); its
-decode attends over all KV-cache slots every step; its GRPO loss also computes the
-entropy of every completion position from the full logits (a log-softmax and softmax
-over the vocabulary; jalign's loss reports entropy too, TRL's does not compute it with
-beta 0 unless asked), and the model projects the LM head on every position, prompt
-included, then slices the completion's.
+Differences from the other rows that stay: Tunix's sampler draws with a fixed key
+(PRNGKey(0) when ``RolloutConfig.seed`` is None, which the learner passes unchanged every
+time) folded with the decoding step, so every iteration reuses the same random stream
+(the rows of a group still differ, and the weights change between iterations, so the
+samples drift apart slowly; timing depends on it only through where a row samples EOS);
+its decode attends over all KV-cache slots at every step (as jalign's; TRL's cache
+grows); its prefill projects the LM head on every prompt position; its GRPO loss
+projects the head on every position too, then slices the completion's, and computes the
+entropy of every completion position from the full logits for its metrics; advantages
+divide by the group's std (ddof 1) + 1e-6; a sampled pad id (0) is masked out of the
+loss. The row runs without the glibc malloc tunables of the ``jalign`` row (like the TRL
+row and "jalign (stock glibc malloc)").
 """
 
 from __future__ import annotations

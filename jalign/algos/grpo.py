@@ -28,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jalign.errors import ConfigError
 from jalign.losses import aggregation, policy
 from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import response_log_probs
@@ -65,7 +66,11 @@ class GRPOConfig:
     ``dynamic_sampling`` (with ``max_sampling_rounds``), ``mask_truncated`` and
     ``overlong_buffer``/``overlong_penalty``: DAPO's filtering (jalign.rl.group_rollout).
     ``temperature``/``top_k``/``top_p``: sampling; ``missing_eos_penalty``: subtracted from
-    the score of a completion that hit ``max_new_tokens`` without EOS."""
+    the score of a completion that hit ``max_new_tokens`` without EOS.
+    ``share_prompt``: the forward passes (train step, scoring) run each prompt's tokens once
+    for its group (``jalign.models.group_forward``: the same values up to float32 summation
+    order, the prompt's layer work divided by G); it needs whole groups in every
+    micro-batch: DataConfig.batch_size divisible by minibatches × TrainConfig.accum_steps."""
 
     group_size: int = 8
     epochs: int = 1
@@ -94,6 +99,7 @@ class GRPOConfig:
     missing_eos_penalty: float | None = None
     rollout_sharding: str = "train"
     chunk_tokens: int = 2048
+    share_prompt: bool = True
     rewards: RewardConfig = RewardConfig()
 
     def __post_init__(self):
@@ -135,6 +141,11 @@ class GRPOConfig:
     @property
     def steps_per_rollout(self) -> int:
         return self.epochs * self.minibatches
+
+    @property
+    def forward_group(self) -> int:
+        """Rows per prompt that the forward passes run as one group (1: row by row)."""
+        return self.group_size if self.share_prompt else 1
 
     @property
     def policy_in_scoring(self) -> bool:
@@ -181,7 +192,7 @@ def make_grpo_loss(config: GRPOConfig):
         logp, entropy = response_log_probs(
             models[POLICY], batch["input_ids"], batch["segment_ids"], batch["positions"],
             temperature=config.temperature, chunk_tokens=config.chunk_tokens,
-            entropy=not scored, last=config.max_new_tokens)
+            entropy=not scored, last=config.max_new_tokens, group_size=config.forward_group)
         # One update per rollout: the sampling policy is this one (ratio exactly 1).
         old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
         per_token, token_metrics = loss_of(logp, old, batch["advantages"], mask,
@@ -223,6 +234,14 @@ class GRPORecipe(Recipe):
     def check(self, configs) -> None:
         from jalign.rl.rollout import check_config
         check_config(self.config, configs.train, configs.data)
+        cfg, parts = self.config, self.config.minibatches * configs.train.accum_steps
+        if cfg.forward_group > 1 and configs.data.batch_size % parts:
+            raise ConfigError(
+                f"GRPOConfig.share_prompt runs each prompt once for its group, so every "
+                f"micro-batch needs whole groups: DataConfig.batch_size={configs.data.batch_size}"
+                f" prompts must divide into GRPOConfig.minibatches={cfg.minibatches} × "
+                f"TrainConfig.accum_steps={configs.train.accum_steps} (or set "
+                "GRPOConfig.share_prompt=False)")
         self.config.rewards.load_functions()  # each user reward function imports
 
     def step_rows(self, batch_size: int) -> int:

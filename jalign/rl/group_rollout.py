@@ -62,6 +62,7 @@ class GroupRolloutSource(Rollouts):
         # A forward with adapter dropout on is not the sampling policy: the step's own
         # log-probs cannot stand in for the old ones then.
         self.policy_in_scoring = config.policy_in_scoring or adapter_dropout(ctx.models)
+        self.accum_steps = ctx.accum_steps
         super().__init__(prompts, config, ctx)
 
     def make_kl_controller(self):
@@ -134,12 +135,34 @@ class GroupRolloutSource(Rollouts):
                      group_rows("lengths", True), group_rows("ended", True),
                      sum(d.sample_seconds for d in rounds), sum(d.reward_seconds for d in rounds))
 
+    def step_orders(self, shuffle) -> list[np.ndarray]:
+        """Without ``share_prompt`` the rows are shuffled one by one (``Rollouts``). With
+        it, whole groups are: every epoch a permutation of the prompts, cut into
+        ``minibatches`` steps, and within a step the rows laid out so that the step's
+        micro-batches (``jalign.train.step._split_micro`` takes rows m, m + A, m + 2A, ...
+        for micro-batch m of A) each get whole groups, a group's rows consecutive."""
+        cfg, g = self.config, self.group_size
+        if cfg.forward_group == 1:
+            return super().step_orders(shuffle)
+        accum = self.accum_steps
+        per_step = self.prompt_rows // cfg.minibatches
+        order = []
+        for epoch in range(cfg.epochs):
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle, epoch),
+                                                     self.prompt_rows))
+            for i in range(cfg.minibatches):
+                groups = perm[i * per_step:(i + 1) * per_step]
+                rows = (groups[:, None] * g + np.arange(g)).reshape(accum, -1)  # [micro, row]
+                order.append(rows.T.reshape(-1))  # micro-batch m's k-th row at k·A + m
+        return order
+
     def log_probs(self, model, rows, entropy: bool = False):
-        cfg = self.config  # the LM head on the response slots only (as the GRPO loss)
+        cfg = self.config  # the LM head on the response slots only (as the GRPO loss); the
+        # rollout's rows in sampling order: groups whole and consecutive
         return response_log_probs(model, rows["input_ids"], rows["segment_ids"],
                                   rows["positions"], temperature=cfg.temperature,
                                   chunk_tokens=cfg.chunk_tokens, entropy=entropy,
-                                  last=cfg.max_new_tokens)
+                                  last=cfg.max_new_tokens, group_size=cfg.forward_group)
 
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config

@@ -389,12 +389,7 @@ class Rollouts(BatchSource):
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         self.kl.update(metrics.get("kl", 0.0), self.rows)
-        shuffle = jax.random.fold_in(key, _SHUFFLE)
-        mb = self.batch_rows()
-        self._order = []
-        for epoch in range(cfg.epochs):
-            perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle, epoch), self.rows))
-            self._order += [perm[i * mb:(i + 1) * mb] for i in range(cfg.minibatches)]
+        self._order = self.step_orders(jax.random.fold_in(key, _SHUFFLE))
         metrics.update({"reward": float(np.mean(d.raw)), "score": float(np.mean(scores)),
                         "kl_coef": coef, "response_length": float(np.mean(d.lengths)),
                         "ended_with_eos": float(np.mean(d.ended)), "rollout": index + 1,
@@ -402,6 +397,16 @@ class Rollouts(BatchSource):
                         "score_seconds": t3 - t2, **draw_metrics})
         metrics.update({f"reward_{name}": float(np.mean(v)) for name, v in d.parts.items()})
         self._pending_metrics = metrics
+
+    def step_orders(self, shuffle) -> list[np.ndarray]:
+        """The rollout's rows of each of its train steps: every epoch a permutation (keyed
+        by ``shuffle`` and the epoch) cut into ``minibatches`` steps."""
+        cfg, mb = self.config, self.batch_rows()
+        order = []
+        for epoch in range(cfg.epochs):
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle, epoch), self.rows))
+            order += [perm[i * mb:(i + 1) * mb] for i in range(cfg.minibatches)]
+        return order
 
     def next(self, state) -> dict:
         if self.at_boundary() or self._buffer is None:

@@ -143,7 +143,7 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
                         initial=initial.model, initial_key=lambda n: _initial_key(initial, n),
                         run_dir=run_dir, eval_data=eval_iter,
                         eval_batches=configs.train.eval_batches,
-                        progress=configs.train.progress and jax.process_index() == 0, log=log)
+                        accum_steps=configs.train.accum_steps, progress=configs.train.progress and jax.process_index() == 0, log=log)
     source = complete((make_source or (lambda d: recipe.batch_source(d, ctx)))(data), data)
     step_rows = recipe.step_rows(configs.data.batch_size)
     if source.batch_rows() != step_rows:  # a bug in the source, not a config problem

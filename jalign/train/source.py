@@ -31,6 +31,7 @@ class SourceContext:
     run_dir: Any                     # where a source may cache what it computed
     eval_data: Any = None            # the eval DataIterator (None: no evaluation)
     eval_batches: int = 0
+    accum_steps: int = 1             # TrainConfig.accum_steps: micro-batches per train step
     progress: bool = False
     log: Callable[[str], None] = print
 

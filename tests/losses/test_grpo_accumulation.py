@@ -40,8 +40,10 @@ def _loss(aggregation, accum, rows=slice(None)):
     params = {"policy": params_of(model)}
     # two updates per rollout: the ratio is against the rollout's old log-probs; the rows
     # are a PROMPT-token prompt and LENGTH - PROMPT response slots, as a rollout's
+    # (each row its own prompt: not groups, so the prompt is not shared)
     loss_fn = make_grpo_loss(GRPOConfig(aggregation=aggregation, epochs=2, clip_low=0.2,
-                                        clip_high=0.28, max_new_tokens=LENGTH - PROMPT))
+                                        clip_high=0.28, max_new_tokens=LENGTH - PROMPT,
+                                        share_prompt=False))
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     batch = jax.tree.map(lambda x: jnp.asarray(x[rows]), _rollout())
     out, _ = jax.jit(lambda p, b: accumulate(loss_fn, RunModels.single(CONFIG), p, None, b,

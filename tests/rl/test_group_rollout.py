@@ -25,7 +25,7 @@ from tests.numerics import f32_tolerance, llama_logp_bound
 PROMPTS, G, P, N = 4, 4, 24, 6
 
 
-def _source(**grpo):
+def _source(accum_steps=1, **grpo):
     config = preset("tiny").replace(vocab_size=512, scan_layers=False)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     policy = create_model(config, seed=3, mesh=mesh)
@@ -39,7 +39,7 @@ def _source(**grpo):
     run_roles = roles(cfg)
     models = RunModels(run_roles, {r.name: config for r in run_roles})
     ctx = SourceContext(mesh=mesh, rules=DEFAULT_RULES, seed=0, models=models, initial=None,
-                        initial_key=None, run_dir=None)
+                        initial_key=None, run_dir=None, accum_steps=accum_steps)
     src = GroupRolloutSource(prompts, cfg, ctx)
     fixed = {"reference": params_of(reference)} if cfg.beta > 0 else {}
     state = types.SimpleNamespace(params={"policy": params_of(policy)}, fixed=fixed)
@@ -147,3 +147,46 @@ def test_adapter_dropout_keeps_the_scoring_forward(monkeypatch):
     assert {"rollout_entropy", "sampler_kl", "kl"} <= set(src.step_metrics())
     out = _loss(cfg, policy, reference, batch)
     assert "sampler_kl" not in out.aux and np.isfinite(float(out.total))
+
+
+def test_steps_hold_whole_groups_in_every_micro_batch():
+    """With ``share_prompt`` each train step's rows are whole groups, shuffled as groups,
+    laid out so that the step's strided micro-batch split gives each micro-batch whole
+    groups with consecutive rows; every row once per epoch."""
+    from jalign.train.step import _split_micro
+    src, state, *_ = _source(accum_steps=2, epochs=2, minibatches=2, beta=0.05)
+    src.next(state)  # samples the rollout
+    orders = src._order
+    assert len(orders) == 4 and all(len(o) == PROMPTS * G // 2 for o in orders)
+    for epoch in (orders[:2], orders[2:]):
+        assert sorted(np.concatenate(epoch)) == list(range(PROMPTS * G))
+    for order in orders:
+        for micro in np.asarray(_split_micro({"r": order}, 2)["r"]):
+            groups = micro.reshape(-1, G)
+            assert (groups // G == groups[:, :1] // G).all(), micro  # one group per G rows
+            assert (groups % G == np.arange(G)).all(), micro          # in sampling order
+    assert any((np.concatenate(orders[:2]) != np.concatenate(orders[2:]))), "not shuffled"
+
+
+def test_shared_prompt_log_probs_of_each_micro_batch_equal_row_by_row():
+    """On each micro-batch of a step as the train step splits it (2 accumulated), the
+    response log-probs with the prompt run once per group equal the row-by-row forward's
+    within the float32 bound (a micro-batch without whole groups would mix prompts: O(1)
+    off). The gradients' equality is tests/models/test_group_forward.py's."""
+    from jalign.losses.ppo import response_log_probs
+    from jalign.train.step import _split_micro
+    from tests.numerics import assert_f32_close
+    src, state, policy, *_ = _source(accum_steps=2, epochs=2)
+    batch = jax.device_get(src.next(state))
+    for micro in jax.tree.map(np.asarray, [
+            {k: v[m] for k, v in _split_micro(batch, 2).items()} for m in range(2)]):
+        args = (micro["input_ids"], micro["segment_ids"], micro["positions"])
+        kw = dict(temperature=1.0, chunk_tokens=16, last=N)
+        shared, _ = jax.device_get(_jitted(
+            lambda m, *a: response_log_probs(m, *a, **kw, group_size=G), policy)(*args))
+        rows, _ = jax.device_get(_jitted(
+            lambda m, *a: response_log_probs(m, *a, **kw), policy)(*args))
+        on = micro["response_mask"] > 0
+        assert on.any()
+        assert_f32_close(np.where(on, shared, 0), np.where(on, rows, 0),
+                         **llama_logp_bound(policy, P + N))

@@ -30,3 +30,27 @@ def test_one_completion_per_prompt_with_a_global_baseline_is_allowed():
 def test_a_reference_model_only_with_a_kl():
     assert [r.name for r in roles(GRPOConfig())] == ["policy"]
     assert [r.name for r in roles(GRPOConfig(beta=0.04))] == ["policy", "reference"]
+
+
+def test_a_shared_prompt_needs_whole_groups_in_every_micro_batch():
+    """8 completions of 6 prompts divide into 4 micro-batches of rows (12 each), but 6
+    prompts do not: with share_prompt that is refused at start, naming the bindings; row
+    by row it trains."""
+    import types
+
+    from jalign.algos.grpo import recipe
+    from jalign.data.pipeline import DataConfig
+    from jalign.errors import ConfigError
+    from jalign.train.train_config import TrainConfig
+
+    def configs(**grpo):
+        return types.SimpleNamespace(train=TrainConfig(steps=4, save_every=4, accum_steps=2),
+                                     data=DataConfig(batch_size=6),
+                                     grpo=GRPOConfig(minibatches=2, **grpo))
+
+    c = configs()
+    with pytest.raises(ConfigError, match=r"batch_size=6 prompts must divide into "
+                       r"GRPOConfig.minibatches=2 × TrainConfig.accum_steps=2"):
+        recipe(c.grpo).check(c)
+    c = configs(share_prompt=False)
+    recipe(c.grpo).check(c)
