@@ -34,7 +34,7 @@ from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import response_log_probs
 from jalign.losses.policy import tis_weight
 from jalign.losses.types import LossOutput
-from jalign.rl import advantages
+from jalign.rl import advantages, draws
 from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
 from jalign.train.recipe import POLICY, Recipe
@@ -70,7 +70,8 @@ class GRPOConfig:
     ``share_prompt``: the forward passes (train step, scoring) run each prompt's tokens once
     for its group (``jalign.models.group_forward``: the same values up to float32 summation
     order, the prompt's layer work divided by G); it needs whole groups in every
-    micro-batch: DataConfig.batch_size divisible by minibatches × TrainConfig.accum_steps."""
+    micro-batch: DataConfig.batch_size divisible by minibatches × TrainConfig.accum_steps.
+    ``sampler_draw``: how the sampler draws a token (``jalign.rl.draws``)."""
 
     group_size: int = 8
     epochs: int = 1
@@ -100,6 +101,7 @@ class GRPOConfig:
     rollout_sharding: str = "train"
     chunk_tokens: int = 2048
     share_prompt: bool = True
+    sampler_draw: str = "inverse_cdf"
     rewards: RewardConfig = RewardConfig()
 
     def __post_init__(self):
@@ -115,7 +117,8 @@ class GRPOConfig:
                    "aggregation": (self.aggregation, tuple(aggregation.AGGREGATIONS)),
                    "kl_estimator": (self.kl_estimator, ESTIMATORS),
                    "kl_in": (self.kl_in, KL_PLACES),
-                   "rollout_sharding": (self.rollout_sharding, ROLLOUT_SHARDINGS)}
+                   "rollout_sharding": (self.rollout_sharding, ROLLOUT_SHARDINGS),
+                   "sampler_draw": (self.sampler_draw, tuple(draws.DRAWS))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"GRPOConfig.{name}={value!r}; one of {allowed}")

@@ -19,6 +19,7 @@ from jalign.losses.kl import ESTIMATORS, kl_per_token
 from jalign.losses.ppo import AGGREGATIONS, aggregate, policy_loss, response_log_probs, value_loss
 from jalign.losses.types import LossOutput
 from jalign.models.heads import SCALAR
+from jalign.rl import draws
 from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
 from jalign.sources import ModelSource
@@ -52,7 +53,9 @@ class PPOConfig:
     ``jalign:DIR`` / ``hf:PATH`` of the policy's architecture. ``missing_eos_penalty``:
     subtracted from the score of a response that hit ``max_new_tokens`` without EOS.
     ``rollout_sharding``: ``train`` (sample with the training layout) or ``replicated``
-    (gather the policy once per rollout, then decode without per-token all-gathers)."""
+    (gather the policy once per rollout, then decode without per-token all-gathers).
+    ``sampler_draw``: how a token is drawn (``jalign.rl.draws``; ``gumbel``, the default,
+    samples what earlier jalign versions sampled, so older runs resume exactly)."""
 
     epochs: int = 4
     minibatches: int = 1
@@ -80,6 +83,7 @@ class PPOConfig:
     value_init: str = "policy"
     rollout_sharding: str = "train"
     chunk_tokens: int = 2048
+    sampler_draw: str = "gumbel"
     rewards: RewardConfig = RewardConfig()
 
     def __post_init__(self):
@@ -98,6 +102,7 @@ class PPOConfig:
         choices = {"kl_estimator": (self.kl_estimator, ESTIMATORS),
                    "kl_in": (self.kl_in, KL_PLACES),
                    "aggregation": (self.aggregation, AGGREGATIONS),
+                   "sampler_draw": (self.sampler_draw, tuple(draws.DRAWS)),
                    "rollout_sharding": (self.rollout_sharding, ROLLOUT_SHARDINGS)}
         for name, (value, allowed) in choices.items():
             if value not in allowed:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from jalign.models.decode import DecodeState, decode_step, init_cache, prefill, split_layers
 from jalign.models.group_decode import group_cache, group_decode_step
+from jalign.rl import draws
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
 
 
@@ -77,14 +78,16 @@ def filter_logits(logits_bv, top_k: int | None, top_p=None):
     return logits_bv
 
 
-def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top_p):
-    """(token [B], its log-probability [B]); pad and 0 on rows already done."""
+def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top_p,
+          draw="gumbel"):
+    """(token [B], its log-probability [B]); pad and 0 on rows already done. ``draw``:
+    ``jalign.rl.draws``."""
     scaled = logits_bv.astype(jnp.float32) / params.temperature
     if greedy:
         token = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
     else:
         filtered = filter_logits(scaled, top_k, params.top_p if use_top_p else None)
-        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        token = draws.get(draw)(filtered, key)
     logprobs_bv = jax.nn.log_softmax(scaled, axis=-1)
     logprob = jnp.take_along_axis(logprobs_bv, token[:, None], axis=-1)[:, 0]
     return jnp.where(done_b, params.pad_id, token), jnp.where(done_b, 0.0, logprob)
@@ -105,7 +108,7 @@ def _group_prefill(model, prompt_ids, prompt_mask, group_size: int, max_new_toke
 
 def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_new_tokens: int,
             greedy: bool = False, top_k: int | None = None, use_top_p: bool = False,
-            group_size: int = 1) -> dict:
+            group_size: int = 1, draw: str = "gumbel") -> dict:
     """Traceable sampler body (call it inside jit; ``generate`` does that for you).
 
     With ``group_size`` G, each of the B prompts is prefilled once and G completions are
@@ -116,7 +119,8 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     """
     n = max_new_tokens
     b, p_len = prompt_ids.shape
-    pick = functools.partial(_pick, params=params, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    pick = functools.partial(_pick, params=params, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                             draw=draw)
     # The last token is sampled but never fed back, so it needs no slot.
     if group_size == 1:
         cache = init_cache(model.config, b, p_len + n - 1)
@@ -158,11 +162,11 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
 
 @functools.lru_cache(maxsize=64)
 def _jitted_rollout(graphdef, max_new_tokens, greedy, top_k, use_top_p, mesh, rules,
-                    group_size=1):
+                    group_size=1, draw="gumbel"):
     def run(state, prompt_ids, prompt_mask, rng, params):
         model = nnx.merge(graphdef, state)
         kwargs = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                      use_top_p=use_top_p, group_size=group_size)
+                      use_top_p=use_top_p, group_size=group_size, draw=draw)
         if mesh is None:
             return rollout(model, prompt_ids, prompt_mask, rng, params, **kwargs)
         with use_mesh(mesh, rules):
@@ -174,9 +178,10 @@ def _jitted_rollout(graphdef, max_new_tokens, greedy, top_k, use_top_p, mesh, ru
 def make_generate_fn(graphdef, *, max_new_tokens: int, greedy: bool = False,
                      top_k: int | None = None, use_top_p: bool = False,
                      mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                     group_size: int = 1):
+                     group_size: int = 1, draw: str = "gumbel"):
     """Jitted ``fn(state, prompt_ids, prompt_mask, rng, params: SamplingParams) -> dict``
-    (``group_size`` completions per prompt: see ``rollout``).
+    (``group_size`` completions per prompt: see ``rollout``; ``draw``: how a token is
+    drawn from its distribution, ``jalign.rl.draws``).
 
     For loops that keep the graphdef and swap the state (an RL run): cached per settings,
     and jit caches per input shape. The mesh is static because activation constraints
@@ -188,15 +193,16 @@ def make_generate_fn(graphdef, *, max_new_tokens: int, greedy: bool = False,
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    draws.get(draw)  # a known name
     return _jitted_rollout(graphdef, int(max_new_tokens), bool(greedy),
                            None if top_k is None else int(top_k), bool(use_top_p), mesh,
-                           tuple(rules), int(group_size))
+                           tuple(rules), int(group_size), draw)
 
 
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, rng, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              eos_id: int | Sequence[int], pad_id: int, mesh: Mesh | None = None,
-             rules: Rules = DEFAULT_RULES, group_size: int = 1) -> dict:
+             rules: Rules = DEFAULT_RULES, group_size: int = 1, draw: str = "gumbel") -> dict:
     """Samples up to ``max_new_tokens`` per left-padded prompt row (``group_size`` per
     prompt, its prompt prefilled once); see ``rollout``.
 
@@ -212,7 +218,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, rng, temper
     graphdef, state = nnx.split(model)
     fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                           use_top_p=top_p is not None, mesh=mesh, rules=rules,
-                          group_size=group_size)
+                          group_size=group_size, draw=draw)
     params = sampling_params(temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
     return fn(state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
               rng, params)

@@ -239,7 +239,7 @@ class Rollouts(BatchSource):
         self.sample = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
                                        top_k=cfg.top_k, use_top_p=cfg.top_p is not None,
                                        mesh=ctx.mesh, rules=ctx.rules,
-                                       group_size=self.group_size)
+                                       group_size=self.group_size, draw=cfg.sampler_draw)
         self.greedy = make_generate_fn(self.policy_def, max_new_tokens=cfg.max_new_tokens,
                                        greedy=True, mesh=ctx.mesh, rules=ctx.rules)
         self.score = jax.jit(self._score_pass, out_shardings=(self.row_sh, self.replicated))

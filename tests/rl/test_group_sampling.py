@@ -36,7 +36,7 @@ def prompts(model):
     return ids, mask
 
 
-def _sample(model, ids, mask, group_size, monkeypatch):
+def _sample(model, ids, mask, group_size, monkeypatch, draw):
     """The sampler's output and the batch shapes its prefill was traced with."""
     traced = []
     real = gen.prefill
@@ -48,17 +48,19 @@ def _sample(model, ids, mask, group_size, monkeypatch):
     monkeypatch.setattr(gen, "prefill", counting)
     gen._jitted_rollout.cache_clear()  # trace afresh, through the counter
     out = gen.generate(model, ids, mask, max_new_tokens=N, rng=jax.random.key(3),
-                       temperature=1.0, eos_id=EOS, pad_id=PAD, group_size=group_size)
+                       temperature=1.0, eos_id=EOS, pad_id=PAD, group_size=group_size,
+                       draw=draw)
     return jax.device_get(out), traced
 
 
+@pytest.mark.parametrize("draw", ["gumbel", "inverse_cdf"])
 def test_one_prefill_per_prompt_and_the_tokens_of_independent_samplings(model, prompts,
-                                                                         monkeypatch):
+                                                                         monkeypatch, draw):
     ids, mask = prompts
-    grouped, traced = _sample(model, ids, mask, G, monkeypatch)
+    grouped, traced = _sample(model, ids, mask, G, monkeypatch, draw)
     assert traced == [(len(PROMPT_LENS), P)]  # one prefill, of the B prompts, not B * G
     repeated, traced_rep = _sample(model, np.repeat(ids, G, 0), np.repeat(mask, G, 0), 1,
-                                   monkeypatch)
+                                   monkeypatch, draw)
     assert traced_rep == [(len(PROMPT_LENS) * G, P)]
     assert grouped["tokens"].shape == (len(PROMPT_LENS) * G, N)
     np.testing.assert_array_equal(grouped["tokens"], repeated["tokens"])

@@ -17,6 +17,7 @@ from jalign.algos.grpo import GRPOConfig, roles
     ({"dual_clip": 1.0}, "GRPOConfig.dual_clip"),
     ({"overlong_buffer": 64}, "GRPOConfig.overlong_buffer=64"),            # = max_new_tokens
     ({"tis_cap": 0.0}, "GRPOConfig.tis_cap"),
+    ({"sampler_draw": "multinomial"}, "GRPOConfig.sampler_draw='multinomial'"),
 ])
 def test_bad_settings_are_named(overrides, match):
     with pytest.raises(ValueError, match=match):
