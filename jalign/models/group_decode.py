@@ -84,15 +84,19 @@ def _masks(cfg, cache: GroupCache, valid_c, idx):
 
 
 def group_decode_step(model, token_ids, cache: GroupCache, state: DecodeState,
-                      layers: list[dict] | None = None):
+                      layers: list[dict] | None = None, slots: int | None = None):
     """Feeds one token per row [B·G] at completion slot ``state.index``; returns
-    (logits [B·G, V], cache, state). ``layers``: ``decode.split_layers(model)``."""
+    (logits [B·G, V], cache, state). ``layers``: ``decode.split_layers(model)``.
+    ``slots`` (static): attend over the first ``slots`` completion slots only (they must
+    hold every fed token, ``state.index`` < ``slots``): the later ones are empty, and
+    reading them costs as much memory traffic per token as the weights do."""
     cfg = model.config
     eps = cfg.rms_norm_eps
     idx = state.index
     valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((token_ids.shape[0], 1), bool), idx, axis=1)
     mask_p, mask_c = _masks(cfg, cache, valid, idx)
+    mask_c = mask_c[:, :slots]
     cos, sin = rope_angles(state.positions[:, None], cfg)
 
     def layer(p, x, k_all, v_all, i):
@@ -102,8 +106,8 @@ def group_decode_step(model, token_ids, cache: GroupCache, state: DecodeState,
         def at(a):
             return jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 
-        o = _attention(q, at(cache.prompt.k), at(cache.prompt.v), mask_p, at(k_all), at(v_all),
-                       mask_c)
+        o = _attention(q, at(cache.prompt.k), at(cache.prompt.v), mask_p,
+                       at(k_all)[:, :, :slots], at(v_all)[:, :, :slots], mask_c)
         return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer,

@@ -148,16 +148,34 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
         i, *_, done, _lengths = carry
         return (i < n) & ~jnp.all(done)
 
-    def body(carry):
+    def body(carry, read):
         i, cache, dstate, tokens, logprobs, done, lengths = carry
         # Finished rows keep feeding pad: harmless, their outputs are discarded.
-        logits, cache, dstate = step(model, tokens[:, i - 1], cache, dstate, layers)
+        logits, cache, dstate = step(model, tokens[:, i - 1], cache, dstate, layers, **read)
         token, logprob = pick(logits, jax.random.fold_in(rng, i), done)
         return (i + 1, cache, dstate, *record(i, token, logprob, tokens, logprobs, done, lengths))
 
-    steps, _, _, tokens, logprobs, _, lengths = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), cache, dstate, *out))
+    carry = (jnp.int32(1), cache, dstate, *out)
+    # Group sampling reads only the completion slots filled so far, in a few segments of
+    # the token loop, each compiled for its own number of slots (plain decoding reads the
+    # whole cache: its programs, and so its samples, stay as they were).
+    for end in (_segment_ends(n) if group_size > 1 else (n,)):
+        read = {"slots": max(end - 1, 1)} if group_size > 1 else {}
+        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end),
+                                   functools.partial(body, read=read), carry)
+    steps, _, _, tokens, logprobs, _, lengths = carry
     return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "num_steps": steps}
+
+
+SEGMENT_TOKENS = 32  # a group sampler's loop is cut in segments of at least this many tokens
+MAX_SEGMENTS = 4     # (each one more compiled copy of the decode step)
+
+
+def _segment_ends(n: int) -> list[int]:
+    """Where the group sampler's token-loop segments end (the last at ``n``): token i of
+    a segment ending at e feeds completion slot i - 1 < e - 1 slots."""
+    k = max(1, min(MAX_SEGMENTS, n // SEGMENT_TOKENS))
+    return [-(-n * j // k) for j in range(1, k + 1)]
 
 
 @functools.lru_cache(maxsize=64)

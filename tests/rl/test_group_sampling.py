@@ -53,9 +53,12 @@ def _sample(model, ids, mask, group_size, monkeypatch, draw):
     return jax.device_get(out), traced
 
 
-@pytest.mark.parametrize("draw", ["gumbel", "inverse_cdf"])
-def test_one_prefill_per_prompt_and_the_tokens_of_independent_samplings(model, prompts,
-                                                                         monkeypatch, draw):
+@pytest.mark.parametrize("draw, segment_tokens", [("gumbel", 32), ("inverse_cdf", 2)])
+def test_one_prefill_per_prompt_and_the_tokens_of_independent_samplings(
+        model, prompts, monkeypatch, draw, segment_tokens):
+    """(With segments of 2 tokens the group sampler's loop runs in 3 segments, reading 1,
+    3, then 5 completion slots.)"""
+    monkeypatch.setattr(gen, "SEGMENT_TOKENS", segment_tokens)
     ids, mask = prompts
     grouped, traced = _sample(model, ids, mask, G, monkeypatch, draw)
     assert traced == [(len(PROMPT_LENS), P)]  # one prefill, of the B prompts, not B * G
