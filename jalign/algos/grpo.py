@@ -250,6 +250,14 @@ class GRPORecipe(Recipe):
     def step_rows(self, batch_size: int) -> int:
         return batch_size * self.config.group_size // self.config.minibatches
 
+    def flops_per_step(self, models, seq_len: int, rows: int) -> float:
+        """With ``share_prompt`` the prompt's tokens run once per group: rows ×
+        completion + groups × prompt tokens."""
+        cfg = self.config
+        n = cfg.max_new_tokens
+        tokens = rows * n + rows // cfg.forward_group * (seq_len - n)
+        return self.flops_per_token(models, seq_len) * tokens
+
     def batch_source(self, data, ctx):
         from jalign.rl.group_rollout import GroupRolloutSource
         return GroupRolloutSource(data, self.config, ctx)

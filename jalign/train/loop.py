@@ -120,7 +120,7 @@ class Training:
         seq_len = run.row_length
         self.rows_per_step = run.global_batch * rows_per_example(run.recipe.data_kind)
         self.tokens_per_step = self.rows_per_step * seq_len
-        self.flops_per_step = run.recipe.flops_per_token(run.models, seq_len) * self.tokens_per_step
+        self.flops_per_step = run.recipe.flops_per_step(run.models, seq_len, self.rows_per_step)
         self.peak, self.peak_source = M.peak_flops_per_device(self.tc.peak_flops)
         self.n_dev = run.mesh.devices.size
         self.writer = M.MetricsWriter(run.run_dir, resume_step=run.start, enabled=run.is_main)

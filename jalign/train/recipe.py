@@ -62,6 +62,11 @@ class Recipe:
         per_pass = train_flops_per_token(models.configs[models.primary], seq_len) / 3
         return per_pass * self.passes(models)
 
+    def flops_per_step(self, models, seq_len: int, rows: int) -> float:
+        """Training FLOPs of a step of ``rows`` rows of ``seq_len`` tokens (for MFU); a
+        recipe whose forward skips part of the rows' tokens counts less."""
+        return self.flops_per_token(models, seq_len) * rows * seq_len
+
 
 def custom(loss_fn: Callable) -> Recipe:
     """A recipe of one plain loss ``loss_fn(model, batch, ctx)`` on conversation data,

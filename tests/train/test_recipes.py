@@ -136,3 +136,21 @@ def test_lora_flops_leave_out_the_frozen_bases_weight_gradients():
     lora = tuple(dataclasses.replace(r, trains="adapters") for r in recipe.roles)
     adapted = recipe.flops_per_token(RunModels(lora, {r.name: cfg for r in lora}), 64)
     assert adapted == pytest.approx(full * 2 / 3)
+
+
+def test_grpo_step_flops_count_a_shared_prompt_once_per_group():
+    """With share_prompt, MFU counts the prompt's tokens once per group of G rows: 32 rows
+    of 48 prompt + 16 completion tokens at G 8 are 32·16 + 4·48 token passes, not 32·64."""
+    from jalign.models.config import preset
+    from jalign.train.roles import RunModels
+    cfg = preset("tiny")
+
+    def step(**grpo):
+        recipe = registry.build("grpo", registry.entry("grpo").CONFIG(max_new_tokens=16, **grpo))
+        ms = RunModels(recipe.roles, {r.name: cfg for r in recipe.roles})
+        return recipe.flops_per_step(ms, 64, 32), recipe.flops_per_token(ms, 64)
+
+    shared, per_token = step()
+    assert shared == pytest.approx(per_token * (32 * 16 + 4 * 48))
+    rows, _ = step(share_prompt=False)
+    assert rows == pytest.approx(per_token * 32 * 64)
