@@ -106,6 +106,16 @@ def _drop_package_path_reader() -> None:
         r for r in gin.config._FILE_READERS if r[1] is not resource_reader.system_path_file_exists]
 
 
+def config_file(path: str | os.PathLike) -> Path:
+    """The file a config path names: relative to the working directory, else to the
+    repository root (so the repository's configs/ work from anywhere)."""
+    if Path(path).exists():
+        return Path(path)
+    if (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    raise ConfigError(f"config file {path} does not exist")
+
+
 def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ()) -> None:
     """Reset gin and parse ``config_files`` then ``bindings`` (later ones win).
 
@@ -118,13 +128,10 @@ def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str
     for location in (os.getcwd(), str(REPO_ROOT)):
         if location not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (no public getter)
             gin.add_config_file_search_path(location)
-    for path in config_files:
-        if not Path(path).exists() and not (REPO_ROOT / path).exists():
-            raise ConfigError(f"config file {path} does not exist")
+    files = [str(config_file(p)) for p in config_files]
     try:
         gin.parse_config_files_and_bindings(
-            [str(p if Path(p).exists() else REPO_ROOT / p) for p in config_files],
-            list(bindings), finalize_config=False, skip_unknown=False)
+            files, list(bindings), finalize_config=False, skip_unknown=False)
     except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
         raise ConfigError(f"bad gin configuration: {e}") from None
 

@@ -31,12 +31,10 @@ class Experiment:
 
 
 def load_experiment(config_files: Sequence[str], bindings: Sequence[str] = ()) -> Experiment:
-    from pathlib import Path
-
     from jalign.rl import reward_functions
     jconfig.parse(config_files, bindings)
     # A reward function's module may sit next to the config that names it.
-    reward_functions.set_search_dirs([Path(f).parent for f in config_files if Path(f).exists()])
+    reward_functions.set_search_dirs([jconfig.config_file(f).parent for f in config_files])
     tc = jconfig.build("TrainConfig")
     recipe = jconfig.algorithm(tc.algorithm)
     # Eval reads the same source's eval split once, in order, unless eval/ bindings differ.

@@ -35,10 +35,14 @@ TINY_MODEL = ["LlamaConfig.hidden_size=64", "LlamaConfig.intermediate_size=128",
 TINY_DEMO = ["TrainConfig.steps=2", "TrainConfig.save_every=2", "TrainConfig.eval_every=0",
              "TrainConfig.eval_batches=1", "TrainConfig.progress=False",
              "DataConfig.bundled_size=64", "eval/DataConfig.bundled_size=32",
-             "DataConfig.batch_size=16", "ModelInit.step=None"] + TINY_MODEL
+             "DataConfig.batch_size=16", "eval/DataConfig.batch_size=16",
+             "ModelInit.step=None"] + TINY_MODEL
 TINY_ARGS = {"eval": ["--n", "16", "--max-batches", "1", "--batch-size", "8"],
              "pairs": ["--n", "16"], "generate": ["--max-new-tokens", "4"],
              "demo": ["--eval-n", "16"]}
+
+
+SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 
 
 def _strip_comment(line: str) -> str:
@@ -57,7 +61,11 @@ def _strip_comment(line: str) -> str:
 def readme_commands(text: str) -> list[str]:
     """The `jalign ...` commands of the README, in order of appearance."""
     commands = []
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    # Every fenced block, with its info string, so that one in another language (a
+    # ```python example) is skipped whole instead of pairing its closing fence with the
+    # next block's opening one.
+    fenced = re.findall(r"^```([\w+-]*)[ \t]*\n(.*?)^```", text, re.S | re.M)
+    blocks = [body for lang, body in fenced if lang in SHELL_BLOCKS]
     for block in blocks:
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
@@ -66,7 +74,7 @@ def readme_commands(text: str) -> list[str]:
                 m = re.match(r"(?:\S*/)?jalign\s+(\S+)", part)
                 if m and m.group(1) in SUBCOMMANDS:
                     commands.append(re.sub(r"^\S*/jalign", "jalign", part))
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     for inline in re.findall(r"`(jalign [^`]+)`", prose):
         words = inline.split()
         if len(words) > 1 and words[1] in SUBCOMMANDS and "..." not in inline \
@@ -104,6 +112,15 @@ def _with_tiny_overrides(argv: list[str]) -> list[str]:
 
 
 COMMANDS = readme_commands(README.read_text())
+
+
+def test_commands_after_a_block_in_another_language_are_found():
+    text = ("Intro `jalign eval runs/x --task add`.\n\n```python\ndef f():\n    pass\n```\n\n"
+            "Prose with `code`.\n\n```bash\njalign demo --stages sft,grpo\n"
+            "jalign train a.gin \\\n  --gin 'X.y=1'  # a comment\n```\n")
+    assert readme_commands(text) == ["jalign demo --stages sft,grpo",
+                                      "jalign train a.gin  --gin 'X.y=1'",
+                                      "jalign eval runs/x --task add"]
 
 
 def test_readme_shows_the_commands_this_test_runs():

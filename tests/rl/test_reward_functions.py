@@ -126,3 +126,25 @@ def test_every_column_of_a_prompt_record_is_a_field(module_dir):
     with pytest.raises(ValueError, match="completion_lengths"):
         combined_rewards(RewardConfig(), PROMPTS, COMPLETIONS, [1, 2, 3],
                          fields={"completion_lengths": [1, 2, 3]})
+
+
+def test_a_config_found_from_another_directory_imports_the_module_next_to_it(
+        tmp_path, monkeypatch):
+    """`jalign train configs/examples/grpo_my_reward.gin` run outside the repository
+    finds the file in the repository (jalign.config.config_file), and its reward module
+    (configs/examples/my_rewards.py) next to it, as the README says."""
+    import sys
+
+    from jalign.experiment import load_experiment
+    from jalign.rl import reward_functions
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("my_rewards", None)
+    try:
+        load_experiment(["configs/examples/grpo_my_reward.gin"])
+        fns = reward_functions.load_function("my_rewards:exact_answer")
+        assert callable(fns) and fns.__module__ == "my_rewards"
+        assert str(reward_functions._search_dirs[0]).endswith("configs/examples")
+    finally:
+        sys.modules.pop("my_rewards", None)
+        reward_functions.set_search_dirs([])
