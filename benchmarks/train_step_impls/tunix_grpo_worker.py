@@ -48,8 +48,8 @@ Differences from the other rows that stay: Tunix's sampler draws with a fixed ke
 time) folded with the decoding step, so every iteration reuses the same random stream
 (the rows of a group still differ, and the weights change between iterations, so the
 samples drift apart slowly; timing depends on it only through where a row samples EOS);
-its decode attends over all KV-cache slots at every step (as jalign's; TRL's cache
-grows); its prefill projects the LM head on every prompt position; its GRPO loss
+its decode attends over all KV-cache slots at every step (jalign's group sampler reads
+only the slots filled so far, in up to 4 segments; TRL's cache grows); its prefill projects the LM head on every prompt position; its GRPO loss
 projects the head on every position too, then slices the completion's, and computes the
 entropy of every completion position from the full logits for its metrics; advantages
 divide by the group's std (ddof 1) + 1e-6; a sampled pad id (0) is masked out of the

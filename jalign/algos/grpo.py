@@ -68,8 +68,8 @@ class GRPOConfig:
     ``temperature``/``top_k``/``top_p``: sampling; ``missing_eos_penalty``: subtracted from
     the score of a completion that hit ``max_new_tokens`` without EOS.
     ``share_prompt``: the forward passes (train step, scoring) run each prompt's tokens once
-    for its group (``jalign.models.group_forward``: the same values up to float32 summation
-    order, the prompt's layer work divided by G); it needs whole groups in every
+    for its group (``jalign.models.group_forward``: the same values up to summation order,
+    the prompt's layer work divided by G); it needs whole groups in every
     micro-batch: DataConfig.batch_size divisible by minibatches × TrainConfig.accum_steps.
     ``sampler_draw``: how the sampler draws a token (``jalign.rl.draws``)."""
 

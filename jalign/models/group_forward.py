@@ -12,14 +12,19 @@ G identical copies.
 
 The per-layer math is the full forward's (``project_qkv``, ``attention``,
 ``finish_layer``, the same remat and scan/unroll), so results differ from
-``Llama.backbone`` on the rows only by floating-point summation order. The prompt's
-layer work (projections, MLP, its attention) falls from B·G·P tokens to B·P.
+``Llama.backbone`` on the rows only by floating-point summation order (in the compute
+dtype: with bf16 compute the G completions' gradients into the prompt's keys and values
+are summed in bf16). The prompt's layer work (projections, MLP, its attention) falls
+from B·G·P tokens to B·P. With adapter dropout in training, a prompt token gets one
+dropout mask for its whole group (the full forward draws one per row): another sample of
+the same noise, not the same values.
 """
 
 from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from jalign.models.attention import attention, make_mask
@@ -28,12 +33,26 @@ from jalign.models.rope import rope_angles
 from jalign.sharding import constrain
 
 
+# Folded into a layer's adapter-dropout key for the prompt's projections: the completions'
+# use the key itself, and both drawing from one key would tie a prompt token's dropout
+# mask to the completion token at the same flat row.
+_PROMPT_DROPOUT = 0x9F0
+
+
+def _prompt_params(p):
+    if "lora_dropout_key" not in p:
+        return p
+    key = jax.random.wrap_key_data(p["lora_dropout_key"])
+    return {**p, "lora_dropout_key": jax.random.key_data(jax.random.fold_in(key, _PROMPT_DROPOUT))}
+
+
 def _group_layer(p, x, angles, masks, *, config, group_size):
     """One decoder layer on (prompt [B, P, d], completions [B·G, N, d])."""
     eps = config.rms_norm_eps
     (cos_p, sin_p, cos_c, sin_c), (mask_p, mask_c) = angles, masks
     x_p, x_c = x
-    q_p, k_p, v_p = project_qkv(p, x_p, cos_p, sin_p, eps)
+    p_p = _prompt_params(p)
+    q_p, k_p, v_p = project_qkv(p_p, x_p, cos_p, sin_p, eps)
     q_c, k_c, v_c = project_qkv(p, x_c, cos_c, sin_c, eps)
     o_p = attention(q_p, k_p, v_p, mask_p, impl=config.attention_impl)
     # Each completion reads its group's prompt keys/values: one copy per row here, for
@@ -41,7 +60,7 @@ def _group_layer(p, x, angles, masks, *, config, group_size):
     k_all = jnp.concatenate([jnp.repeat(k_p, group_size, axis=0), k_c], axis=1)
     v_all = jnp.concatenate([jnp.repeat(v_p, group_size, axis=0), v_c], axis=1)
     o_c = attention(q_c, k_all, v_all, mask_c, impl=config.attention_impl)
-    return finish_layer(p, x_p, o_p, eps), finish_layer(p, x_c, o_c, eps)
+    return finish_layer(p_p, x_p, o_p, eps), finish_layer(p, x_c, o_c, eps)
 
 
 def group_backbone(model, input_ids, segment_ids, positions, *, group_size: int,

@@ -28,12 +28,14 @@ def gumbel(logits_bv, key):
 
 
 def _first_above(cum_bk, u_b, weights_bk):
-    """The first index whose cumulative sum exceeds u, never one of weight 0 (rounding
-    can leave u at or past the last sum: then the last index of positive weight)."""
-    k = jnp.sum(cum_bk <= u_b[:, None], axis=-1)
+    """The first index of positive weight whose cumulative sum exceeds u. Never one of
+    weight 0: XLA sums a cumsum as a tree, so a zero-weight entry's sum may round above
+    its predecessor's, and the sums need not even be monotone; and rounding can leave u
+    at or past the last sum (then the last index of positive weight)."""
+    hit = (cum_bk > u_b[:, None]) & (weights_bk > 0)
     idx = jnp.arange(weights_bk.shape[-1])
     last = jnp.max(jnp.where(weights_bk > 0, idx, 0), axis=-1)
-    return jnp.minimum(k, last)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
 
 
 def inverse_cdf(logits_bv, key):

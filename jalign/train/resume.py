@@ -33,6 +33,14 @@ SAFE = {
 }
 NOTES = {"TrainConfig.steps": "the learning-rate schedule spans the new total"}
 
+# Settings added with a default that behaves otherwise than the code before them did:
+# what a checkpoint written before the field existed ran with. Resuming it with another
+# value is a change (refused unless allowed); binding the old value resumes it exactly.
+BEFORE_FIELD = {
+    "GRPOConfig.sampler_draw": "gumbel",   # inverse_cdf since: other tokens
+    "GRPOConfig.share_prompt": False,      # whole groups shuffled since, prompt run once
+}
+
 
 def _plain(value):
     """JSON-comparable form of a config value (tuples -> lists, dataclasses -> dicts)."""
@@ -75,7 +83,11 @@ def changes(old: dict, new: dict, defaults: dict | None = None) -> tuple[list[st
     defaults = defaults or {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or (key not in old and key in defaults and defaults[key] == b):
+        if key not in old and key in new and key in BEFORE_FIELD:
+            a = BEFORE_FIELD[key]  # the behaviour the older run had
+        elif key not in old and key in defaults and defaults[key] == b:
+            continue
+        if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict) and _same_but_added(a, b, defaults.get(key)):
             continue

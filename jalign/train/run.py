@@ -143,12 +143,18 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
                         initial=initial.model, initial_key=lambda n: _initial_key(initial, n),
                         run_dir=run_dir, eval_data=eval_iter,
                         eval_batches=configs.train.eval_batches,
-                        accum_steps=configs.train.accum_steps, progress=configs.train.progress and jax.process_index() == 0, log=log)
+                        accum_steps=configs.train.accum_steps,
+                        progress=configs.train.progress and jax.process_index() == 0, log=log)
     source = complete((make_source or (lambda d: recipe.batch_source(d, ctx)))(data), data)
     step_rows = recipe.step_rows(configs.data.batch_size)
     if source.batch_rows() != step_rows:  # a bug in the source, not a config problem
         raise RuntimeError(f"{type(source).__name__} makes steps of {source.batch_rows()} rows; "
                            f"the recipe said {step_rows}")
+    # A source that lays rows out for the step's micro-batches (GRPO's whole groups) must
+    # have been told how many there are.
+    if getattr(source, "accum_steps", configs.train.accum_steps) != configs.train.accum_steps:
+        raise RuntimeError(f"{type(source).__name__} lays out {source.accum_steps} micro-batches "
+                           f"per step; TrainConfig.accum_steps={configs.train.accum_steps}")
     eval_start = eval_iter.get_state() if eval_iter is not None else None
     built = build_state(models, initial, configs, mesh, rules, ckpt, point, source, run_dir,
                         log)

@@ -105,3 +105,31 @@ def test_rows_that_are_not_groups_are_refused():
     with pytest.raises(ValueError, match="not groups of 4"):
         group_backbone(model, rows["input_ids"], rows["segment_ids"], rows["positions"],
                        group_size=4, prompt_len=P)
+
+
+def test_adapters_on_a_quantised_base():
+    """LoRA adapters (B made nonzero) on an nf4-quantised base: the adapted projections
+    run in both halves of the group forward as in the full forward; with adapter dropout
+    on, the prompt's projections draw their own masks (not the completions' key)."""
+    from jalign.models.adapters import attach
+    from jalign.models.config import LoraConfig
+    from jalign.models.group_forward import _prompt_params
+    model = attach(_model("gqa_unrolled"), LoraConfig(rank=2, quantize="nf4", block_size=16),
+                   seed=2)
+    for name in ("wq_lora_b", "w_down_lora_b"):
+        leaf = getattr(model.layers, name)
+        leaf[...] = jax.random.normal(jax.random.key(5), leaf[...].shape) * 0.1
+    rows, _ = _rows()
+    args = (rows["input_ids"], rows["segment_ids"], rows["positions"])
+    full_fn, state = _jit(lambda m, i, s, p: m.backbone(i, p, s), model)
+    group_fn, _ = _jit(lambda m, *a: group_backbone(m, *a, group_size=G, prompt_len=P), model)
+    full = np.asarray(full_fn(state, *args))
+    h_p, h_c = map(np.asarray, group_fn(state, *args))
+    bound = llama_hidden_bound(model, P + N)
+    assert_f32_close(h_p, full[::G, :P], **bound)
+    assert_f32_close(h_c, full[:, P:], **bound)
+    p = {"lora_dropout_key": jax.random.key_data(jax.random.key(0)), "wq": 1}
+    folded = _prompt_params(p)
+    assert folded["wq"] == 1 and not np.array_equal(folded["lora_dropout_key"],
+                                                    p["lora_dropout_key"])
+    assert _prompt_params({"wq": 1}) == {"wq": 1}

@@ -40,6 +40,11 @@ def test_rounding_never_picks_a_zero_weight_entry():
         assert int(draws._first_above(cum, jnp.asarray([u]), weights)[0]) == 2
     assert int(draws._first_above(cum, jnp.asarray([0.1]), weights)[0]) == 0
     assert int(draws._first_above(cum, jnp.asarray([0.5]), weights)[0]) == 2
+    # a tree-summed cumsum: the zero-weight entry's sum one rounding above its
+    # predecessor's, the last sum below the one before it
+    rounded = jnp.asarray([[0.5, 0.50000006, 0.75, 0.74999994]], jnp.float32)
+    assert int(draws._first_above(rounded, jnp.asarray([0.5]), weights)[0]) == 2
+    assert int(draws._first_above(rounded, jnp.asarray([0.749999]), weights)[0]) == 2
 
 
 def test_a_row_of_one_token():

@@ -107,3 +107,30 @@ def test_roles_of_old_model_kinds():
     assert [(r.name, r.trains) for r in stored.roles] == [("policy", "adapters")]
     assert stored.records["policy"]["source"] == "jalign:/runs/sft@5"
     assert stored.records["policy"]["seed"] == 3
+
+
+def test_a_grpo_run_saved_before_its_sampler_draw_and_prompt_sharing_resumes_only_as_it_ran():
+    """GRPOConfig.sampler_draw and share_prompt were added with defaults that sample and
+    shuffle otherwise than the code before them: a checkpoint without them ran with
+    'gumbel' and no sharing. Resuming it with the new defaults is refused, naming both;
+    binding the old values resumes it."""
+    import dataclasses
+
+    from jalign.algos.grpo import GRPOConfig
+    saved = config_record({"GRPOConfig": GRPOConfig()})
+    for key in ("GRPOConfig.sampler_draw", "GRPOConfig.share_prompt"):
+        del saved[key]  # what a checkpoint written before these fields holds
+    configs = {"GRPOConfig": GRPOConfig()}
+    new, defaults = config_record(configs), default_record(configs)
+    _, unsafe = changes(saved, new, defaults)
+    assert unsafe == ["GRPOConfig.sampler_draw: 'gumbel' -> 'inverse_cdf'",
+                      "GRPOConfig.share_prompt: False -> True"]
+    with pytest.raises(ConfigError, match="GRPOConfig.sampler_draw"):
+        check_resume(saved, new, step=4, allow=False, log=print, defaults=defaults)
+    as_before = {"GRPOConfig": dataclasses.replace(GRPOConfig(), sampler_draw="gumbel",
+                                                   share_prompt=False)}
+    assert changes(saved, config_record(as_before), default_record(as_before)) == ([], [])
+    # a run of another algorithm (no GRPOConfig in either record) is not affected
+    from jalign.algos.ppo import PPOConfig
+    ppo = {"PPOConfig": PPOConfig()}
+    assert changes(config_record(ppo), config_record(ppo), default_record(ppo)) == ([], [])
