@@ -92,15 +92,7 @@ def main():
                           processing_class=toy_tokenizer(args.vocab, split_words=True),
                           callbacks=[Timer()])
 
-    def timed(name, fn, after=None):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            out = fn(*a, **kw)
-            gate.phases[name] = gate.phases.get(name, 0.0) + time.perf_counter() - t0
-            if after:
-                after(out)
-            return out
-        return wrapper
+    timed = gate.timed
 
     def count_tokens(out):
         completion_ids = out[0]

@@ -163,15 +163,7 @@ def main():
                                  args.completion))
     gate = Gate(args.warmup, info)
 
-    def timed(name, fn, after=None):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            out = fn(*a, **kw)
-            gate.phases[name] = gate.phases.get(name, 0.0) + time.perf_counter() - t0
-            if after:
-                after(out)
-            return out
-        return wrapper
+    timed = gate.timed
 
     def count_tokens(out):
         gate.phases["completion_tokens"] = float(sum(len(t) for t in out.tokens))
