@@ -63,13 +63,17 @@ def _jit(fn, model):
     return jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)), state
 
 
-def test_hidden_states_are_the_full_forwards(model):
+def _both_forwards(model):
+    """(the full forward's hidden states, the group forward's prompt and completion ones)."""
     rows, _ = _rows()
     args = (rows["input_ids"], rows["segment_ids"], rows["positions"])
     full_fn, state = _jit(lambda m, i, s, p: m.backbone(i, p, s), model)
     group_fn, _ = _jit(lambda m, *a: group_backbone(m, *a, group_size=G, prompt_len=P), model)
-    full = np.asarray(full_fn(state, *args))
-    h_p, h_c = map(np.asarray, group_fn(state, *args))
+    return np.asarray(full_fn(state, *args)), *map(np.asarray, group_fn(state, *args))
+
+
+def test_hidden_states_are_the_full_forwards(model):
+    full, h_p, h_c = _both_forwards(model)
     assert h_p.shape == (len(PROMPT_LENS), P, full.shape[-1]) and h_c.shape == (G * 3, N, full.shape[-1])
     bound = llama_hidden_bound(model, P + N)
     assert_f32_close(h_p, full[::G, :P], **bound)
@@ -119,12 +123,7 @@ def test_adapters_on_a_quantised_base():
     for name in ("wq_lora_b", "w_down_lora_b"):
         leaf = getattr(model.layers, name)
         leaf[...] = jax.random.normal(jax.random.key(5), leaf[...].shape) * 0.1
-    rows, _ = _rows()
-    args = (rows["input_ids"], rows["segment_ids"], rows["positions"])
-    full_fn, state = _jit(lambda m, i, s, p: m.backbone(i, p, s), model)
-    group_fn, _ = _jit(lambda m, *a: group_backbone(m, *a, group_size=G, prompt_len=P), model)
-    full = np.asarray(full_fn(state, *args))
-    h_p, h_c = map(np.asarray, group_fn(state, *args))
+    full, h_p, h_c = _both_forwards(model)
     bound = llama_hidden_bound(model, P + N)
     assert_f32_close(h_p, full[::G, :P], **bound)
     assert_f32_close(h_c, full[:, P:], **bound)
