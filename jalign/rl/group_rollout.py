@@ -36,7 +36,6 @@ import numpy as np
 
 from jalign.losses.kl import kl_per_token
 from jalign.losses.policy import tis_weight
-from jalign.losses.ppo import response_log_probs
 from jalign.rl import advantages as adv
 from jalign.rl.advantages import masked_mean
 from jalign.rl.rollout import POLICY, REFERENCE, Drawn, Rollouts, _host
@@ -156,13 +155,10 @@ class GroupRolloutSource(Rollouts):
                 order.append(rows.T.reshape(-1))  # micro-batch m's k-th row at k·A + m
         return order
 
-    def log_probs(self, model, rows, entropy: bool = False):
-        cfg = self.config  # the LM head on the response slots only (as the GRPO loss); the
-        # rollout's rows in sampling order: groups whole and consecutive
-        return response_log_probs(model, rows["input_ids"], rows["segment_ids"],
-                                  rows["positions"], temperature=cfg.temperature,
-                                  chunk_tokens=cfg.chunk_tokens, entropy=entropy,
-                                  last=cfg.max_new_tokens, group_size=cfg.forward_group)
+    def log_prob_options(self) -> dict:
+        # The LM head on the response slots only (as the GRPO loss), and each prompt run
+        # once for its group: the scoring pass sees the rollout's rows in sampling order.
+        return {"last": self.config.max_new_tokens, "group_size": self.config.forward_group}
 
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config

@@ -293,7 +293,11 @@ class Rollouts(BatchSource):
         cfg = self.config
         return response_log_probs(model, rows["input_ids"], rows["segment_ids"], rows["positions"],
                                   temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens,
-                                  entropy=entropy)
+                                  entropy=entropy, **self.log_prob_options())
+
+    def log_prob_options(self) -> dict:
+        """More ``response_log_probs`` options of the scoring pass (a subclass's layout)."""
+        return {}
 
     # ------------------------------------------------------------ drawing
 
