@@ -20,9 +20,11 @@ restarts=0
 while true; do
   "$jalign_cmd" train "$@" &
   child=$!
+  # `wait` returns early (128 + signal) when a trapped signal arrives: wait for the run to
+  # finish saving, then ask once more for its own status (bash keeps it after reaping).
+  wait "$child"
+  while kill -0 "$child" 2>/dev/null; do wait "$child"; done
   wait "$child"; rc=$?
-  # `wait` returns early when a trapped signal arrives: wait for the run to finish saving.
-  while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
   child=0
   if [ "$rc" -ne 75 ] || [ "$stopping" -eq 1 ]; then exit "$rc"; fi
   if [ "$restarts" -ge "$max_restarts" ]; then

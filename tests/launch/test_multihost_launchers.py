@@ -308,10 +308,19 @@ def test_slurm_stops_requeueing_after_max_restarts(slurm_env):
     assert records(slurm_env["fake"] / "scontrol.jsonl") == []
 
 
-def test_slurm_forwards_the_time_limit_signal_and_requeues(slurm_env):
+# A shell that is slow after each `kill` (as on a loaded machine): the forwarded SIGTERM's
+# task is gone, its status already collected by bash, before the script looks for it.
+SLOW_KILL = 'kill() { builtin kill "$@"; local rc=$?; sleep 0.5; return $rc; }\n'
+
+
+@pytest.mark.parametrize("shell", ["plain", "slow_kill"])
+def test_slurm_forwards_the_time_limit_signal_and_requeues(slurm_env, shell, tmp_path):
     """--signal=B:TERM@120 signals the batch shell; it must reach the tasks (via srun)."""
-    p = subprocess.Popen(["bash", str(SLURM), *SLURM_ARGS],
-                         env={**slurm_env["env"], "FAKE_WAIT_TERM": "1"},
+    env = {**slurm_env["env"], "FAKE_WAIT_TERM": "1"}
+    if shell == "slow_kill":  # BASH_ENV is sourced by the non-interactive script's shell
+        (tmp_path / "slow_kill.sh").write_text(SLOW_KILL)
+        env["BASH_ENV"] = str(tmp_path / "slow_kill.sh")
+    p = subprocess.Popen(["bash", str(SLURM), *SLURM_ARGS], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not (slurm_env["fake"] / "srun_started").exists():
