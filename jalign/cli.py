@@ -264,6 +264,35 @@ def _train_parser(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def _plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="per-chip memory of a run's train step, planned and (with "
+                                     "--compile) compiled for the hardware config's TPU slice")
+    pl.add_argument("configs", nargs="+", help="gin files as for `jalign train` (model, "
+                                               "algorithm, a configs/hw file)")
+    pl.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                    help="extra gin binding (repeatable)")
+    pl.add_argument("--compile", action="store_true",
+                    help="compile the train step for MeshConfig.topology (needs the tpu extra: "
+                         "pip install 'jalign[tpu]') or, without one, this host's devices")
+    pl.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    """Exit 0 when the step fits the chip's HBM (or no HBM is known), 1 when it does not."""
+    from jalign.experiment import load_experiment
+    from jalign.plan import compile_step, open_plan, target_of
+    from jalign.plan_report import report
+
+    exp = load_experiment(args.configs, args.gin)
+    planned = open_plan(exp, target_of(exp.configs.mesh, devices_needed=args.compile))
+    if planned.target.devices is None:
+        print("note: libtpu is not installed: the arithmetic plan only (--compile needs it)")
+    program = compile_step(planned) if args.compile else None
+    fits, lines = report(planned, program)
+    print("\n".join(lines), flush=True)
+    return 1 if fits is False else 0
+
+
 def _model_parsers(sub) -> None:
     """generate, eval and pairs: commands on a model (a run or an hf: source)."""
     gen = sub.add_parser("generate", help="sample completions (KV cache, one compiled loop)")
@@ -336,7 +365,7 @@ def _demo_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_convert_parser, _train_parser, _model_parsers, _demo_parser):
+    for add in (_convert_parser, _train_parser, _plan_parser, _model_parsers, _demo_parser):
         add(sub)
     return parser
 

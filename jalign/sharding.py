@@ -57,6 +57,9 @@ class MeshConfig:
     granules (TPU slices, or GPU hosts) the data / fsdp axis spans over the slow
     data-centre network; the rest of each axis stays inside a granule (ICI / NVLink), and
     the tensor axis always does. With both 1 the devices are laid out by ``jax.make_mesh``.
+    ``topology``: the TPU slice the file is written for (``v5e:4x4``; ``jalign.chips``),
+    which ``jalign plan --compile`` compiles for without the hardware (multi-slice: one
+    such slice per ``dcn_data x dcn_fsdp``).
     """
 
     data: int = 1
@@ -65,8 +68,10 @@ class MeshConfig:
     num_devices: int | None = None
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    topology: str | None = None
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
+        self.check_topology()
         if self.num_devices is not None and num_devices != self.num_devices:
             raise ValueError(f"MeshConfig.num_devices={self.num_devices}: this hardware config "
                              f"is for {self.num_devices} devices, but {num_devices} are "
@@ -93,8 +98,27 @@ class MeshConfig:
                                  f"MeshConfig.{axis} (= {size} here)")
         return tuple(sizes)  # type: ignore[return-value]
 
+    def check_topology(self) -> None:
+        """ValueError naming ``MeshConfig.topology`` when it is not a known slice or its
+        chips (times the slices) are not ``num_devices``."""
+        if self.topology is None:
+            return
+        from jalign.chips import chip_count
+        try:
+            chips = chip_count(self.topology, self.slices)
+        except ValueError as e:
+            raise ValueError(f"MeshConfig.topology: {e}") from None
+        if self.num_devices is not None and chips != self.num_devices:
+            raise ValueError(f"MeshConfig.topology={self.topology!r} has {chips} chips"
+                             + (f" in {self.slices} slices" if self.slices > 1 else "")
+                             + f", but MeshConfig.num_devices={self.num_devices}")
+
     def dcn_shape(self) -> tuple[int, int, int]:
         return (self.dcn_data, self.dcn_fsdp, 1)
+
+    @property
+    def slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
 
 
 def abstract_mesh(config: MeshConfig, num_devices: int) -> jax.sharding.AbstractMesh:
@@ -122,9 +146,9 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
         arranged = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devices, process_is_granule=devices[0].platform != "tpu")
         return Mesh(arranged, MESH_AXES, axis_types=axis_types)
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    # The interconnect-aware layout a slice's devices get (ring/torus order on TPU), also
+    # for devices other than this host's own (a deviceless topology's, a subset).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def global_rows(sharding, local) -> jax.Array:

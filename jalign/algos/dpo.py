@@ -14,6 +14,7 @@ import functools
 from jalign.losses import dpo
 from jalign.losses.dpo import DPOConfig
 from jalign.train import reference as precompute
+from jalign.train.batch_spec import float32
 from jalign.train.recipe import POLICY, Recipe
 from jalign.train.roles import NONE, Role
 from jalign.train.source import DatasetSource
@@ -30,6 +31,12 @@ class DPORecipe(Recipe):
                                       span=self.config.span)
             precompute.annotate_splits(data, ctx, score, role=POLICY, key=self.name)
         return DatasetSource(data)
+
+    def batch_spec(self, models, rows: int, length: int) -> dict:
+        spec = super().batch_spec(models, rows, length)
+        if self.config.needs_reference and self.config.reference == "precomputed":
+            spec |= {f"ref_{side}_logps": float32(rows) for side in ("chosen", "rejected")}
+        return spec
 
 
 def recipe(config: DPOConfig) -> Recipe:

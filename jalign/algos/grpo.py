@@ -37,6 +37,7 @@ from jalign.losses.types import LossOutput
 from jalign.rl import advantages, draws
 from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
+from jalign.rl.recipe import RolloutRecipe
 from jalign.train.recipe import POLICY, Recipe
 from jalign.train.roles import NONE, Role
 
@@ -233,7 +234,7 @@ def roles(config: GRPOConfig) -> tuple[Role, ...]:
     return (Role(POLICY), Role(REFERENCE, like=POLICY, trains=NONE, in_step=False))
 
 
-class GRPORecipe(Recipe):
+class GRPORecipe(RolloutRecipe):
     def check(self, configs) -> None:
         from jalign.rl.rollout import check_config
         check_config(self.config, configs.train, configs.data)
@@ -258,9 +259,12 @@ class GRPORecipe(Recipe):
         tokens = rows * n + rows // cfg.forward_group * (seq_len - n)
         return self.flops_per_token(models, seq_len) * tokens
 
-    def batch_source(self, data, ctx):
+    def source_class(self):
         from jalign.rl.group_rollout import GroupRolloutSource
-        return GroupRolloutSource(data, self.config, ctx)
+        return GroupRolloutSource
+
+    def batch_source(self, data, ctx):
+        return self.source_class()(data, self.config, ctx)
 
 
 def recipe(config: GRPOConfig) -> Recipe:

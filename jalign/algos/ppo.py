@@ -23,6 +23,7 @@ from jalign.rl import draws
 from jalign.rl.generate import check_sampling
 from jalign.rl.rewards import RewardConfig
 from jalign.sources import ModelSource
+from jalign.rl.recipe import RolloutRecipe
 from jalign.train.recipe import POLICY, Recipe
 from jalign.train.roles import NONE, Role
 
@@ -167,7 +168,7 @@ def roles(config: PPOConfig) -> tuple[Role, ...]:
     return (Role(POLICY), value, Role(REFERENCE, like=POLICY, trains=NONE, in_step=False))
 
 
-class PPORecipe(Recipe):
+class PPORecipe(RolloutRecipe):
     def check(self, configs) -> None:
         from jalign.rl.rollout import check_config
         check_config(self.config, configs.train, configs.data)
@@ -182,9 +183,12 @@ class PPORecipe(Recipe):
     def step_rows(self, batch_size: int) -> int:
         return batch_size // self.config.minibatches  # a train step is one minibatch
 
-    def batch_source(self, data, ctx):
+    def source_class(self):
         from jalign.rl.rollout import RolloutSource
-        return RolloutSource(data, self.config, ctx)
+        return RolloutSource
+
+    def batch_source(self, data, ctx):
+        return self.source_class()(data, self.config, ctx)
 
 
 def recipe(config: PPOConfig) -> Recipe:

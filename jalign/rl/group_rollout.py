@@ -49,6 +49,13 @@ def estimator_options(config) -> dict:
     return {k: v for k, v in given.items() if k in inspect.signature(fn).parameters}
 
 
+def _policy_in_scoring(config, models) -> bool:
+    """Whether the scoring pass runs the policy. A forward with adapter dropout on is not
+    the sampling policy: the step's own log-probs cannot stand in for the old ones then."""
+    from jalign.train.step import adapter_dropout
+    return config.policy_in_scoring or adapter_dropout(models)
+
+
 class GroupRolloutSource(Rollouts):
     """``BatchSource`` of GRPO-family minibatches (``config``: a ``GRPOConfig``)."""
 
@@ -57,10 +64,7 @@ class GroupRolloutSource(Rollouts):
         self.SCORED = (POLICY, REFERENCE) if config.beta > 0 else (POLICY,)
         self.estimate = adv.get(config.advantage)
         self.options = estimator_options(config)
-        from jalign.train.step import adapter_dropout
-        # A forward with adapter dropout on is not the sampling policy: the step's own
-        # log-probs cannot stand in for the old ones then.
-        self.policy_in_scoring = config.policy_in_scoring or adapter_dropout(ctx.models)
+        self.policy_in_scoring = _policy_in_scoring(config, ctx.models)
         self.accum_steps = ctx.accum_steps
         super().__init__(prompts, config, ctx)
 
@@ -159,6 +163,21 @@ class GroupRolloutSource(Rollouts):
         # The LM head on the response slots only (as the GRPO loss), and each prompt run
         # once for its group: the scoring pass sees the rollout's rows in sampling order.
         return {"last": self.config.max_new_tokens, "group_size": self.config.forward_group}
+
+    @staticmethod
+    def extra_fields(config, models) -> dict:
+        out = {"advantages": False}
+        if config.mask_truncated:
+            out["response_mask"] = False
+        if config.beta > 0:
+            out["ref_logp"] = False
+        if not _policy_in_scoring(config, models):
+            out["sampler_logp"] = False
+        else:
+            out["old_logp"] = False
+            if config.tis_cap is not None:
+                out["tis_weight"] = False
+        return out
 
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config

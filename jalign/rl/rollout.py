@@ -47,6 +47,16 @@ _SAMPLE, _SHUFFLE = 0, 1  # fold_in tags under a rollout's key
 POLICY, VALUE, REFERENCE = "policy", "value", "reference"
 
 
+def prompt_length(data) -> int:
+    """Tokens of a left-padded prompt row given the prompts' ``DataConfig``."""
+    return data.max_prompt_length or data.max_length - 1
+
+
+def row_length(data, config) -> int:
+    """Tokens of a rollout row: the prompt and ``max_new_tokens`` after it."""
+    return prompt_length(data) + config.max_new_tokens
+
+
 def kl_controller(config):
     if config.kl_target is None:
         return FixedKLController(config.kl_coef)
@@ -162,14 +172,31 @@ class Rollouts(BatchSource):
 
     @property
     def prompt_length(self) -> int:
-        c = self.prompts.config
-        return c.max_prompt_length or c.max_length - 1
+        return prompt_length(self.prompts.config)
 
     def batch_rows(self) -> int:
         return self.rows // self.config.minibatches
 
     def row_length(self) -> int:
-        return self.prompt_length + self.config.max_new_tokens
+        return row_length(self.prompts.config, self.config)
+
+    # ------------------------------------------------------------ the batch's layout
+
+    @staticmethod
+    def extra_fields(config, models) -> dict:
+        """{field: per_row} of what ``score_rows`` adds to a rollout's rows (per_row False:
+        one float per target token): the subclass's."""
+        raise NotImplementedError
+
+    @classmethod
+    def batch_spec(cls, config, models, rows: int, length: int) -> dict:
+        """{field: ShapeDtypeStruct} of a train step's minibatch (``Recipe.batch_spec``)."""
+        from jalign.train.batch_spec import float32, int32
+        spec = {k: int32(rows, length) for k in ("input_ids", "segment_ids", "positions")}
+        spec["response_mask"] = float32(rows, length - 1)
+        for name, per_row in cls.extra_fields(config, models).items():
+            spec[name] = float32(rows) if per_row else float32(rows, length - 1)
+        return spec
 
     def total(self) -> int | None:
         prompts = self.prompts.total_batches()
@@ -470,6 +497,11 @@ class RolloutSource(Rollouts):
 
     def make_kl_controller(self):
         return kl_controller(self.config)
+
+    @staticmethod
+    def extra_fields(config, models) -> dict:
+        return {"old_logp": False, "ref_logp": False, "old_values": False, "advantages": False,
+                "returns": False, "kl_coef": True}
 
     def score_rows(self, models, rows, sampler_logp, scores, kl_coef):
         cfg = self.config

@@ -28,6 +28,7 @@ from jalign.data.formats import rows_per_example
 from jalign.sharding import DEFAULT_RULES, global_rows
 from jalign.train import metrics as M
 from jalign.train.hosts import Preemption, agree_min, merged
+from jalign.train.batch_spec import check_batch
 from jalign.train.recipe import Recipe, custom
 from jalign.train.run import Run, RunConfigs, open_run
 from jalign.train.step import batch_sharding, make_eval_step, make_train_step
@@ -103,6 +104,14 @@ class Pending(NamedTuple):
     source_metrics: dict  # the source's host metrics of the batch
 
 
+def recipe_train_step(recipe: Recipe, optimizer, models, mesh, shardings, global_batch: int,
+                      accum_steps: int, rules, schedule):
+    """The jitted train step of a run (and of ``jalign plan``'s compile of it)."""
+    return make_train_step(recipe.loss_fn, optimizer, models, mesh=mesh,
+                           state_sharding=shardings, global_batch=global_batch,
+                           accum_steps=accum_steps, rules=rules, schedule=schedule)
+
+
 class Training:
     """One pass of the loop over a run: compiled steps, metrics one step behind,
     evaluation, checkpoints and preemption."""
@@ -110,11 +119,9 @@ class Training:
     def __init__(self, run: Run, on_log: Callable[[dict], None] | None):
         self.run, self.on_log = run, on_log
         self.tc, self.source, self.state = run.tc, run.source, run.state
-        self.step_fn = make_train_step(run.recipe.loss_fn, run.optimizer, run.models,
-                                       mesh=run.mesh, state_sharding=run.shardings,
-                                       global_batch=run.global_batch,
-                                       accum_steps=self.tc.accum_steps, rules=run.rules,
-                                       schedule=run.schedule)
+        self.step_fn = recipe_train_step(run.recipe, run.optimizer, run.models, run.mesh,
+                                         run.shardings, run.global_batch, self.tc.accum_steps,
+                                         run.rules, run.schedule)
         self.data_sh = batch_sharding(run.mesh, run.global_batch, run.rules)
         self.evaluator = Evaluator(run)
         seq_len = run.row_length
@@ -166,8 +173,13 @@ class Training:
         except StopIteration:  # the count of steps is exact; this is a safety net
             self.ended = step
             return False
+        batch = _global_batch(batch, self.data_sh)
+        if step == self.run.start:  # the batch `jalign plan` compiles the step for
+            spec = self.run.recipe.batch_spec(self.run.models, self.run.global_batch,
+                                              self.run.row_length)
+            check_batch(spec, batch, type(self.source).__name__)
         t_dispatch = time.perf_counter()
-        self.state, metrics = self.step_fn(self.state, _global_batch(batch, self.data_sh))
+        self.state, metrics = self.step_fn(self.state, batch)
         done = step + 1
         self.pending.append(Pending(done, metrics, t_dispatch, self.source.step_metrics()))
         self.drain(keep_last=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from jalign.train.batch_spec import int32
 from jalign.train.metrics import train_flops_per_token
 from jalign.train.roles import ALL, Role
 from jalign.train.source import DatasetSource
@@ -45,6 +46,18 @@ class Recipe:
     def step_rows(self, batch_size: int) -> int:
         """Rows of one train step given ``DataConfig.batch_size`` (checked at start)."""
         return batch_size
+
+    def row_length(self, data) -> int:
+        """Tokens per row of a train step's batch given ``DataConfig`` ``data``."""
+        return data.max_length
+
+    def batch_spec(self, models, rows: int, length: int) -> dict:
+        """{field: jax.ShapeDtypeStruct} of one train step's batch of ``rows`` rows of
+        ``length`` tokens: what ``jalign plan`` compiles the step for without data. The loop
+        checks every run's first batch against it, so it cannot drift from the sources."""
+        from jalign.data.packing import SFT_FIELDS
+        prefixes = ("chosen_", "rejected_") if self.data_kind == "preference" else ("",)
+        return {p + f: int32(rows, length) for p in prefixes for f in SFT_FIELDS}
 
     def passes(self, models) -> float:
         """Forward-pass equivalents of one step per token, for MFU: 3 (forward, input and

@@ -26,7 +26,7 @@ SAFE = {
     "DataConfig": {"prefetch"},
     "eval/DataConfig": "*",  # what is evaluated, never what is trained
     # checkpoints restore onto any mesh
-    "MeshConfig": {"data", "fsdp", "tensor", "num_devices", "dcn_data", "dcn_fsdp"},
+    "MeshConfig": {"data", "fsdp", "tensor", "num_devices", "dcn_data", "dcn_fsdp", "topology"},
     # every model family's config: math-preserving execution choices
     **{cls.__name__: {"scan_layers", "remat_policy", "attention_impl"}
        for cls in config_classes()},

@@ -28,7 +28,7 @@ from jalign.data.pipeline import DataConfig
 from jalign.data.tokenizer_files import save_tokenizer
 from jalign.errors import ConfigError, first_line
 from jalign.models.lora import LoraConfig
-from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh
+from jalign.sharding import DEFAULT_RULES, MeshConfig, abstract_mesh, make_mesh
 from jalign.train import preflight as P
 from jalign.train import roles as R
 from jalign.train.hosts import agree_min, agree_on, check_same_directory, from_process_0
@@ -181,8 +181,11 @@ def normalized(configs: RunConfigs) -> RunConfigs:
     return dataclasses.replace(configs, eval_data=eval_data)
 
 
-def check_start(recipe: Recipe, configs: RunConfigs, rules) -> tuple:
-    """(mesh, run directory) after every check the configs alone allow."""
+def check_start(recipe: Recipe, configs: RunConfigs, rules, devices=None,
+                processes: int | None = None, abstract: int | None = None) -> tuple:
+    """(mesh, run directory) after every check the configs alone allow, for ``devices`` in
+    ``processes`` processes (default: this run's; ``jalign plan``: a topology's), or for
+    an abstract mesh of ``abstract`` devices (no process layout to check)."""
     tc = configs.train
     P.check_lora(configs.lora, configs.optimizer)
     recipe.check(configs)
@@ -191,11 +194,13 @@ def check_start(recipe: Recipe, configs: RunConfigs, rules) -> tuple:
         P.check_data_kind(recipe, configs.eval_data, "eval/DataConfig")
     run_dir = resolve_run_dir(tc.output_root, tc.run_name)
     try:
-        mesh = make_mesh(configs.mesh)
+        mesh = (make_mesh(configs.mesh, devices) if abstract is None
+                else abstract_mesh(configs.mesh, abstract))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    processes = jax.process_count()
-    P.check_batch_blocks(mesh, rules)
+    processes = jax.process_count() if processes is None else processes
+    if abstract is None:
+        P.check_batch_blocks(mesh, rules)
     batch = configs.data.batch_size
     P.check_batch_divides(mesh, batch, "DataConfig.batch_size", accum_steps=tc.accum_steps,
                           rules=rules, processes=processes)
@@ -224,17 +229,24 @@ def find_resume(recipe: Recipe, configs: RunConfigs, run_dir, allow: bool, log) 
                              async_save=configs.train.async_save) if has else None
     step = agree_on(ckpt.latest_step(), f"the latest checkpoint step of {run_dir}") if has else None
     if step is None:
-        init = configs.model_init
-        try:
-            source = init.model_source().pinned()
-            model_config = sources.read_config(source, configs.model, _overrides(configs))
-        except (CheckpointError, OSError, ValueError) as e:
-            raise ConfigError(f"ModelInit.source={init.source!r}: {first_line(e)}") from None
-        return ResumePoint(record=record, source=source, model_config=model_config,
-                           ckpt=ckpt, data_shards=configs.data.shards or jax.process_count(),
-                           seed=init.seed, use_execution_config=init.use_execution_config)
+        return fresh_point(configs, record, ckpt)
     return read_resume_point(ckpt, step, recipe, configs, by_binding, record, allow=allow,
                              log=log)
+
+
+def fresh_point(configs: RunConfigs, record: dict, ckpt=None,
+                processes: int | None = None) -> ResumePoint:
+    """A start from ``ModelInit.source`` (pinned; its architecture read, no weights)."""
+    init = configs.model_init
+    try:
+        source = init.model_source().pinned()
+        model_config = sources.read_config(source, configs.model, _overrides(configs))
+    except (CheckpointError, OSError, ValueError) as e:
+        raise ConfigError(f"ModelInit.source={init.source!r}: {first_line(e)}") from None
+    processes = jax.process_count() if processes is None else processes
+    return ResumePoint(record=record, source=source, model_config=model_config,
+                       ckpt=ckpt, data_shards=configs.data.shards or processes,
+                       seed=init.seed, use_execution_config=init.use_execution_config)
 
 
 def _overrides(configs: RunConfigs) -> dict | None:

@@ -137,6 +137,14 @@ class Built:
     state: object
 
 
+def planned_state(models: R.RunModels, opt_config, mesh, rules, schedule_steps: int):
+    """(optimizer, schedule, abstract state, its shardings): what a run's state is before
+    any array exists (``jalign plan`` compiles for it; a run restores into it)."""
+    optimizer, schedule = build_optimizer(opt_config, models, schedule_steps)
+    abstract, shardings = abstract_train_state(models, optimizer, mesh, rules)
+    return optimizer, schedule, abstract, shardings
+
+
 def build_state(models: R.RunModels, initial, configs, mesh, rules, ckpt, point, source,
                 run_dir, log) -> Built:
     """The optimizer over what trains (its schedule spans the steps the run will take:
@@ -145,8 +153,8 @@ def build_state(models: R.RunModels, initial, configs, mesh, rules, ckpt, point,
     tc = configs.train
     total = source.total()
     schedule_steps = tc.steps if total is None else max(1, min(tc.steps, agree_min(total)))
-    optimizer, schedule = build_optimizer(configs.optimizer, models, schedule_steps)
-    abstract, shardings = abstract_train_state(models, optimizer, mesh, rules)
+    optimizer, schedule, abstract, shardings = planned_state(models, configs.optimizer, mesh,
+                                                             rules, schedule_steps)
     if point.step is None:
         state = fresh_state(models, initial, optimizer, tc.seed, shardings)
         return Built(optimizer, schedule, shardings, state)

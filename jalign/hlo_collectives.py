@@ -1,0 +1,141 @@
+"""The collectives of a compiled program, read from its optimized HLO text.
+
+Each collective is counted as many times as it runs: an instruction inside a while loop's
+body runs once per trip (the layer scan, the loss's chunk loop, XLA:TPU's windowed
+matmuls), so counts and bytes are multiplied by each loop's trip count through every level
+of calls: the count XLA states (``known_trip_count``, XLA:CPU/GPU), else the bound of the
+loop condition's ``compare(i, constant(N)), direction=LT`` (XLA:TPU states none; its
+loops count from 0 by 1). An async pair (``all-gather-start`` / ``-done``) counts once.
+Bytes are the larger of an instruction's operands and results (operand shapes looked up by
+name where the text does not repeat them): what one device sends or receives through the
+collective, within a factor (N - 1) / N of a ring's traffic.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_SHAPE = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w+|bf16|f16|f32|f64|"
+                    r"c64|c128)\[([\d,]*)\]")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)="
+                    r"%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_BITS = {"pred": 8, "s4": 4, "u4": 4}
+
+
+def _bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        bits = _BITS.get(dtype) or (8 if dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)))
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        total += n * bits // 8
+    return total
+
+
+def _computations(hlo: str) -> tuple[dict, str | None]:
+    """({name: [instruction lines]}, the entry computation's name)."""
+    comps, entry, current = {}, None, None
+    for line in hlo.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and "=" not in line.split("{")[0].split("(")[0]:
+                current = m.group(1)
+                comps[current] = []
+                if line.lstrip().startswith("ENTRY"):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+        else:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _condition_bound(lines: list) -> int | None:
+    """N of a loop condition ``compare(i, constant(N)), direction=LT`` (one constant)."""
+    if not any("compare(" in line and "direction=LT" in line for line in lines):
+        return None
+    bounds = [int(m) for line in lines
+              for m in re.findall(r"[su]\d+\[\][^=]*constant\((\d+)\)", line)]
+    return bounds[0] if len(bounds) == 1 else None
+
+
+def _trips(line: str, comps: dict) -> int:
+    stated = _TRIPS.search(line)
+    if stated:
+        return int(stated.group(1))
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+    bound = _condition_bound(comps.get(cond.group(1), [])) if cond else None
+    return bound if bound is not None else 1
+
+
+def _multipliers(comps: dict, entry: str | None) -> dict:
+    """{computation: how many times it runs per call of the entry}."""
+    callers: dict[str, list] = collections.defaultdict(list)
+    for name, lines in comps.items():
+        for line in lines:
+            is_while = re.search(r"\swhile\(", line) is not None
+            trips = _trips(line, comps) if is_while else 1
+            for kind, callee in _CALLS.findall(line):
+                n = trips if kind in ("body", "condition") else 1
+                callers[callee].append((name, n))
+            for group in _BRANCHES.findall(line):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    callers[callee].append((name, 1))
+    memo: dict[str, int] = {}
+
+    def times(name: str, seen=()) -> int:
+        if name == entry or name not in callers:
+            return 1 if name == entry or entry is None else 0
+        if name in memo:
+            return memo[name]
+        if name in seen:  # recursion does not occur in HLO; guard anyway
+            return 0
+        memo[name] = sum(times(c, seen + (name,)) * n for c, n in callers[name])
+        return memo[name]
+
+    return {name: times(name) for name in comps}
+
+
+def collectives(hlo: str) -> dict:
+    """{kind: {"count": runs per step, "bytes": bytes per step}} of every collective kind
+    present in the optimized HLO text ``hlo``."""
+    comps, entry = _computations(hlo)
+    mult = _multipliers(comps, entry)
+    out: dict[str, dict] = {}
+    for name, lines in comps.items():
+        shapes = {}  # instruction name -> its result shape text, for operands given by name
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            results, op, operands = m.groups()
+            shapes[line.split("=", 1)[0].strip().removeprefix("ROOT").strip().lstrip("%")] = results
+            if op.endswith("-done"):
+                continue
+            kind = op[:-len("-start")] if op.endswith("-start") else op
+            if kind not in KINDS:
+                continue
+            operands = operands.split("), ")[0]
+            named = sum(_bytes(shapes.get(n, "")) for n in re.findall(r"%([\w.\-]+)", operands))
+            given = max(_bytes(operands), named)
+            # An async start's result is a tuple of its operand and destination buffers.
+            size = (given or _bytes(results) // 2) if op.endswith("-start") else \
+                max(_bytes(results), given)
+            row = out.setdefault(kind, {"count": 0, "bytes": 0})
+            row["count"] += mult.get(name, 1)
+            row["bytes"] += size * mult.get(name, 1)
+    return out
+
+
+def ici_bytes(found: dict) -> int:
+    """Bytes each device moves over the interconnect for these collectives, roughly: an
+    all-reduce moves its data twice (reduce-scatter, then all-gather), the others once."""
+    return sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in found.items())

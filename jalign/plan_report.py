@@ -1,0 +1,120 @@
+"""What ``jalign plan`` prints: per chip memory (planned and compiled) against HBM, the
+verdict and the knobs that would make a refused step fit, collectives and the roofline."""
+
+from __future__ import annotations
+
+import math
+
+from jalign.chips import GiB
+from jalign.plan import Planned, Program, peak_bytes, roofline
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def describe(p: Planned) -> list[str]:
+    exp, config = p.exp, p.models.configs[p.models.primary]
+    mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.shape.items())
+    tc = exp.configs.train
+    chip = p.target.chip
+    where = p.target.name + (f" ({p.target.count} chips of {chip.name}, {gib(chip.hbm_bytes)} "
+                             "HBM each)" if chip else "")
+    lines = [f"jalign plan: {exp.recipe.name} of a {config.num_params() / 1e9:.2f}B-parameter "
+             f"{type(config).__name__.removesuffix('Config')} on {where}; mesh {mesh}",
+             f"train step: {p.rows} rows x {p.length} tokens (TrainConfig.accum_steps="
+             f"{tc.accum_steps}), remat {config.remat_policy!r}, attention "
+             f"{config.attention_impl!r}, {config.dtype} compute on {config.param_dtype} params"]
+    a = p.arithmetic
+    lines.append(f"arithmetic plan per chip: state {gib(a.state)} + temporaries "
+                 f"{gib(a.temporaries)} = {gib(a.total)} (jalign.memory_plan; the frozen "
+                 "models a recipe holds are not in it)")
+    return lines
+
+
+def hbm_of(p: Planned) -> int | None:
+    return p.target.chip.hbm_bytes if p.target.chip else None
+
+
+def verdict(p: Planned, program: Program) -> tuple[bool | None, list[str]]:
+    """(fits, lines): True/False against the chip's HBM, None when no HBM is known."""
+    hbm = hbm_of(p)
+    if program.refused:
+        over = (f" by {gib(program.over_bytes)}" if program.over_bytes is not None else "")
+        lines = [f"compiled train step: does not fit{over} — the compiler refused it: "
+                 f"{program.refused[:240]}"]
+        return False, lines + knobs(p, program.over_bytes)
+    m = program.memory
+    peak = peak_bytes(m)
+    line = (f"compiled train step ({program.compile_seconds:.0f} s) per chip: arguments "
+            f"{gib(m['argument_size_in_bytes'])}, outputs {gib(m['output_size_in_bytes'])} "
+            f"(aliased {gib(m['alias_size_in_bytes'])}), temporaries "
+            f"{gib(m['temp_size_in_bytes'])}; peak {gib(peak)}")
+    if hbm is None:
+        return None, [line]
+    fits = peak <= hbm
+    line += (f" of {gib(hbm)}: " + (f"fits ({gib(hbm - peak)} free)" if fits
+                                    else f"does not fit by {gib(peak - hbm)}"))
+    return fits, [line] + ([] if fits else knobs(p, peak - hbm))
+
+
+def knobs(p: Planned, over: int | None) -> list[str]:
+    """Settings that bring the step under HBM, estimated from the arithmetic plan (what
+    scales with the micro-batch: activations, recomputation, logits)."""
+    config = p.models.configs[p.models.primary]
+    tc = p.exp.configs.train
+    a = p.arithmetic
+    out = []
+    if config.remat_policy != "full":
+        out.append(f"{type(config).__name__}.remat_policy='full' (keeps no activations "
+                   "but each layer's input)")
+    scaling = a.activations + a.recompute + a.logits
+    rows_per_shard = p.rows // tc.accum_steps // max(1, p.mesh.shape["data"] * p.mesh.shape["fsdp"])
+    if over is not None and scaling > over and rows_per_shard > 1:
+        k = 2 ** math.ceil(math.log2(scaling / (scaling - over)))
+        if rows_per_shard % k == 0:
+            out.append(f"TrainConfig.accum_steps={tc.accum_steps * k} (the same global batch in "
+                       f"micro-batches of {p.rows // tc.accum_steps // k} rows; estimated)")
+    out.append("more chips on MeshConfig.fsdp (the state per chip shrinks with them), "
+               "or LoraConfig (no optimizer state for the frozen weights)")
+    return ["  to fit, try: " + "; ".join(out)]
+
+
+def collective_lines(program: Program) -> list[str]:
+    if not program.collectives:
+        return ["collectives per step: none"]
+    parts = [f"{k} {v['count']} x, {gib(v['bytes'])}" for k, v in
+             sorted(program.collectives.items())]
+    return ["collectives per step and chip (loop trips counted): " + "; ".join(parts)]
+
+
+def roofline_lines(p: Planned, program: Program) -> list[str]:
+    chip = p.target.chip
+    if chip is None or program.memory is None:
+        return []
+    r = roofline(program, chip)
+    ici = (f", ICI >= {r['ici_s'] * 1e3:.1f} ms" if chip.ici_bandwidth else
+           ", ICI not bounded (no bandwidth stated)")
+    return [f"roofline per chip ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+            f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM"
+            + (f", {chip.ici_bandwidth / 1e9:.0f} GB/s ICI" if chip.ici_bandwidth else "")
+            + f"; {chip.source}): {program.flops / 1e12:.2f} TFLOP analytic -> compute >= "
+            f"{r['compute_s'] * 1e3:.1f} ms, HBM >= {r['hbm_s'] * 1e3:.1f} ms{ici}; step >= "
+            f"{r['step_s'] * 1e3:.1f} ms ({r['limit']}-bound), MFU <= {100 * r['mfu']:.0f}%"]
+
+
+def report(p: Planned, program: Program | None) -> tuple[bool | None, list[str]]:
+    lines = describe(p)
+    if program is None:
+        hbm = hbm_of(p)
+        if hbm is None:
+            return None, lines
+        fits = p.arithmetic.total <= hbm
+        return fits, lines + [f"arithmetic verdict: {'fits' if fits else 'does not fit'} "
+                              f"{gib(hbm)} (compile with --compile for the compiler's own "
+                              "numbers)"]
+    fits, more = verdict(p, program)
+    lines += more
+    if program.memory is not None:
+        lines += collective_lines(program) + roofline_lines(p, program)
+    return fits, lines
