@@ -129,8 +129,8 @@ JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
                   "glibc.malloc.arena_max=1")
 OTHER_ROWS = ("jalign-other", "jalign-other-scan")  # --jalign-other: another jalign checkout
-ROWS = ("jalign", "jalign-scan", "jalign-jemalloc", "jalign-scan-jemalloc", "jalign-glibc",
-        "torch", "trl", "tunix") + OTHER_ROWS
+ROWS = ("jalign", "jalign-scan", "jalign-blockwise", "jalign-jemalloc", "jalign-scan-jemalloc",
+        "jalign-glibc", "torch", "trl", "tunix") + OTHER_ROWS
 DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix") + OTHER_ROWS
 IFT_ROWS = ("sft", "ift", "sft-scan", "ift-scan")
 HOWTO = {
@@ -265,6 +265,8 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")))
     rows.append(("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
                  py_ok(jpy, "")))
+    rows.append(("jalign-blockwise", "jalign (unrolled), blockwise attention",
+                 [jpy, w, "--attention", "blockwise"] + common, jalign_env, py_ok(jpy, "")))
     je_reason = py_ok(jpy, "")
     if not Path(args.jemalloc).exists():
         je_reason = (f"{args.jemalloc} not found (apt-get update && apt-get install -y "

@@ -24,11 +24,14 @@ class Chip:
     hbm_bandwidth: float      # bytes/s per chip
     ici_bandwidth: float | None  # bidirectional inter-chip bytes/s per chip (None: not stated)
     source: str
+    # libtpu's chip configuration as JAX uses the chip: v4's two TensorCores as one device
+    # ("megacore"; a deviceless v4 topology otherwise lists one device per core).
+    chip_config: str | None = None
 
 
 CHIPS: dict[str, Chip] = {
     "v4": Chip("v4", 275e12, 32 * GiB, 1200e9, None,
-               "https://cloud.google.com/tpu/docs/v4"),
+               "https://cloud.google.com/tpu/docs/v4", chip_config="megacore"),
     "v5e": Chip("v5e", 197e12, 16 * GiB, 819e9, 400e9,
                 "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("v5p", 459e12, 95 * GiB, 2765e9, 1200e9,

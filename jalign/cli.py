@@ -253,11 +253,16 @@ def _convert_parser(sub) -> None:
     conv.set_defaults(func=cmd_convert)
 
 
+def _config_args(parser, configs_help: str) -> None:
+    """The experiment's gin files and extra bindings (train, plan)."""
+    parser.add_argument("configs", nargs="+", help=configs_help)
+    parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                        help="extra gin binding, e.g. --gin 'TrainConfig.steps=100' (repeatable)")
+
+
 def _train_parser(sub) -> None:
     tr = sub.add_parser("train", help="train from gin configs (resumes a run automatically)")
-    tr.add_argument("configs", nargs="+", help="gin files, applied in order")
-    tr.add_argument("--gin", action="append", default=[], metavar="BINDING",
-                    help="extra gin binding, e.g. --gin 'TrainConfig.steps=100' (repeatable)")
+    _config_args(tr, "gin files, applied in order")
     tr.add_argument("--allow-config-change", action="store_true",
                     help="resume a run although model, data, optimizer or loss bindings "
                          "differ from its checkpoint's (the changes are listed and logged)")
@@ -267,10 +272,7 @@ def _train_parser(sub) -> None:
 def _plan_parser(sub) -> None:
     pl = sub.add_parser("plan", help="per-chip memory of a run's train step, planned and (with "
                                      "--compile) compiled for the hardware config's TPU slice")
-    pl.add_argument("configs", nargs="+", help="gin files as for `jalign train` (model, "
-                                               "algorithm, a configs/hw file)")
-    pl.add_argument("--gin", action="append", default=[], metavar="BINDING",
-                    help="extra gin binding (repeatable)")
+    _config_args(pl, "gin files as for `jalign train` (model, algorithm, a configs/hw file)")
     pl.add_argument("--compile", action="store_true",
                     help="compile the train step for MeshConfig.topology (needs the tpu extra: "
                          "pip install 'jalign[tpu]') or, without one, this host's devices")

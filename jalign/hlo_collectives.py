@@ -6,6 +6,11 @@ matmuls), so counts and bytes are multiplied by each loop's trip count through e
 of calls: the count XLA states (``known_trip_count``, XLA:CPU/GPU), else the bound of the
 loop condition's ``compare(i, constant(N)), direction=LT`` (XLA:TPU states none; its
 loops count from 0 by 1). An async pair (``all-gather-start`` / ``-done``) counts once.
+XLA:TPU also fuses a collective into a loop's compute (``async_collective_fusion``) to
+overlap the two: such a collective (a whole weight's all-gather inside a windowed matmul's
+loop) is taken to run once per entry into that loop, not once per trip (an inference
+from its shape: a per-trip gather of the whole weight would be redundant); the counts are
+estimates there.
 Bytes are the larger of an instruction's operands and results (operand shapes looked up by
 name where the text does not repeat them): what one device sends or receives through the
 collective, within a factor (N - 1) / N of a ring's traffic.
@@ -78,13 +83,21 @@ def _trips(line: str, comps: dict) -> int:
 
 def _multipliers(comps: dict, entry: str | None) -> dict:
     """{computation: how many times it runs per call of the entry}."""
+    trips_of: dict[str, int] = {}  # each loop body's trip count (bodies precede their loops)
+    for lines in comps.values():
+        for line in lines:
+            body = re.search(r"\sbody=%?([\w.\-]+)", line)
+            if body and re.search(r"\swhile\(", line):
+                trips_of[body.group(1)] = _trips(line, comps)
     callers: dict[str, list] = collections.defaultdict(list)
     for name, lines in comps.items():
         for line in lines:
             is_while = re.search(r"\swhile\(", line) is not None
-            trips = _trips(line, comps) if is_while else 1
             for kind, callee in _CALLS.findall(line):
-                n = trips if kind in ("body", "condition") else 1
+                n = trips_of.get(callee, 1) if is_while and kind in ("body", "condition") else 1
+                # a collective fused into a loop body's compute: once per loop, not per trip
+                if callee.startswith("async_collective_fusion") and trips_of.get(name, 1) > 1:
+                    n = 1 / trips_of[name]
                 callers[callee].append((name, n))
             for group in _BRANCHES.findall(line):
                 for callee in re.findall(r"%?([\w.\-]+)", group):
@@ -130,8 +143,8 @@ def collectives(hlo: str) -> dict:
             size = (given or _bytes(results) // 2) if op.endswith("-start") else \
                 max(_bytes(results), given)
             row = out.setdefault(kind, {"count": 0, "bytes": 0})
-            row["count"] += mult.get(name, 1)
-            row["bytes"] += size * mult.get(name, 1)
+            row["count"] += round(mult.get(name, 1))
+            row["bytes"] += round(size * mult.get(name, 1))
     return out
 
 

@@ -15,12 +15,14 @@ state (the step's arguments; donated, so the new state reuses them)
 temporaries (the compiled step's scratch)
   ``grads``       float32 gradients (the step differentiates through a float32 view of
                   every parameter) and the optimizer's float32 updates before they are
-                  added: 2 x 4 bytes per parameter element of the shard.
+                  added: 2 x 4 bytes per parameter element of the shard (on TPU one:
+                  XLA:TPU fuses the update into the gradient's buffer; ``TPU``).
   ``copies``      the compute-dtype cast of every parameter when ``dtype != param_dtype``
                   (the stacked layer weights are cast before the layer scan, and the
                   backward scan reads the cast again), plus with ``fsdp > 1`` the largest
                   weight all-gathered at once (``_gathered``) in the compute dtype with
-                  its float32 gradient before the reduce-scatter.
+                  its float32 gradient before the reduce-scatter (not on TPU, whose
+                  windowed matmuls never gather a weight whole).
   ``activations`` what the forward keeps for the backward: ``num_layers`` x the
                   per-layer residuals of the remat policy (``layer_residuals``) + 4
                   [tokens, embed] tensors outside the layers (embedding output, final
@@ -28,10 +30,9 @@ temporaries (the compiled step's scratch)
   ``recompute``   what is live while the backward works through one layer
                   (``layer_backward``).
   ``logits``      the loss's float32 logits and their gradient: 2 x [rows, vocab / tensor]
-                  x 4 bytes. jalign's losses project ``chunk_tokens`` tokens at a time, so
-                  rows = min(tokens, chunk) (``logits='chunked'``), except that with the
-                  vocab whole and fsdp > 1 every device computes whole chunks (see
-                  ``_head_gathered``); ``logits='full'``: a loss that materialises
+                  x 4 bytes. jalign's losses project about ``chunk_tokens`` of each
+                  device's own tokens at a time, so rows = min(tokens, chunk)
+                  (``logits='chunked'``); ``logits='full'``: a loss that materialises
                   [batch, seq, vocab].
 
 Tokens are per batch shard: ``batch`` rows of ``seq_len`` on each data x fsdp shard (the
@@ -118,9 +119,12 @@ def state_bytes(config, mesh, optimizer=None, rules: Rules = DEFAULT_RULES):
 
 
 def resolve_attention(config, platform: str) -> str:
-    """The attention path a run on ``platform`` takes (``auto``: cuDNN on GPU, else XLA)."""
+    """The attention path a run on ``platform`` takes (``jalign.models.attention``'s
+    ``auto``: splash on TPU, cuDNN on GPU, blockwise on CPU). The fused kernels keep a
+    log-sum-exp per query, never [heads, seq, seq] scores."""
+    from jalign.models.attention import resolve_impl
     if config.attention_impl == "auto":
-        return "cudnn" if platform == "gpu" else "xla"
+        return resolve_impl("auto", platform)
     if config.attention_impl == "cudnn" and platform != "gpu":
         return "xla"  # jax.nn.dot_product_attention's XLA path: it materialises the scores
     return config.attention_impl
@@ -187,15 +191,25 @@ def layer_residuals(config, mesh, seq_len: int, policy: str | None = None,
 
 
 def layer_backward(config, mesh, seq_len: int, attention: str = "xla",
-                   rules: Rules = DEFAULT_RULES) -> float:
+                   rules: Rules = DEFAULT_RULES, score_bytes: int = 16) -> float:
     """Bytes per token live while the backward works through one layer: the larger of
     its attention and MLP blocks (differentiated one after the other), each as large as
     its no-remat residuals (a remat policy recomputes them; without one they stand for
     the gradients of as large tensors), with 16 bytes per score element on the XLA
     attention path: four float32 [heads, seq, seq] buffers are live in the attention's
     backward (probabilities, their gradient, the scores' gradient, a relayout for a
-    matmul), measured in the compiled step on CPU."""
-    return max(_blocks(_dims(config, mesh, rules), seq_len, attention == "xla", score_bytes=16))
+    matmul), measured in the compiled step on CPU (XLA:TPU: one, ``TPU``)."""
+    return max(_blocks(_dims(config, mesh, rules), seq_len, attention == "xla",
+                       score_bytes=score_bytes))
+
+
+# What XLA:TPU does otherwise than XLA:CPU, from the compiled TPU steps of docs/tpu.md
+# (Llama 3.1 8B SFT on v5e:4x4, xla and splash attention): the optimizer's float32 update
+# is fused into the gradient (one float32 buffer per parameter, not two); FSDP matmuls run
+# windowed over the gathered dimension (collective matmuls: no weight is gathered whole);
+# the XLA attention's backward keeps one float32 [heads, seq, seq] buffer, not four.
+TPU = {"grad_buffers": 1, "gathered": False, "score_bytes": 4}
+CPU = {"grad_buffers": 2, "gathered": True, "score_bytes": 16}
 
 
 def _without_fsdp(rules: Rules) -> Rules:
@@ -207,13 +221,12 @@ def _without_fsdp(rules: Rules) -> Rules:
 
 
 def _head_gathered(config, mesh, rules: Rules) -> bool:
-    """Whether the step all-gathers the LM head over fsdp. Measured on the compiled step
-    (jax 0.10, XLA's SPMD partitioner): with the vocab split over tensor it gathers the
-    [embed, vocab / tensor] head; with the vocab whole it keeps the head sharded on its
-    embed dim instead, computing every chunk's logits for all the chunk's tokens on every
-    device as partial sums over that dim and all-reducing them."""
-    return mesh.shape["fsdp"] > 1 and _split(config.vocab_size, "vocab", mesh, rules) \
-        < config.vocab_size
+    """Whether the step all-gathers the LM head over fsdp: always with fsdp > 1, since the
+    loss's chunks run over each device's own rows against the whole [embed, vocab /
+    tensor] head (measured on the compiled step, jax 0.10: XLA:CPU gathers the head;
+    before the chunks followed rows, a whole vocab kept it sharded on its embed dim and
+    every device computed every chunk of the global batch)."""
+    return mesh.shape["fsdp"] > 1
 
 
 def _gathered(config, mesh, rules: Rules) -> int:
@@ -247,23 +260,23 @@ def plan(config, mesh_config: MeshConfig, num_devices: int, *, batch: int,
         raise ValueError(f"logits={logits!r}; 'chunked' or 'full'")
     mesh = abstract_mesh(mesh_config, num_devices)
     params, opt_state, elements = state_bytes(config, mesh, optimizer, rules)
+    compiler = TPU if platform == "tpu" else CPU
     c = config.compute_dtype.itemsize
     copies = elements * c if config.dtype != config.param_dtype else 0
-    copies += _gathered(config, mesh, rules) * (c + 4)
+    if compiler["gathered"]:
+        copies += _gathered(config, mesh, rules) * (c + 4)
     tokens = batch * seq_len
     attention = resolve_attention(config, platform)
     per_layer = layer_residuals(config, mesh, seq_len, attention=attention, rules=rules)
     outside = 4 * config.hidden_size * c  # embedding output, final norm (2), hidden states
     activations = int(tokens * (config.num_layers * per_layer + outside))
-    recompute = int(tokens * layer_backward(config, mesh, seq_len, attention, rules))
+    recompute = int(tokens * layer_backward(config, mesh, seq_len, attention, rules,
+                                            compiler["score_bytes"]))
     vocab = _split(config.vocab_size, "act_vocab", mesh, rules)
-    if logits == "full":
-        rows = tokens
-    elif mesh.shape["fsdp"] > 1 and not _head_gathered(config, mesh, rules):
-        rows = chunk_tokens  # every device computes whole chunks (see _head_gathered)
-    else:
-        rows = min(tokens, chunk_tokens)
-    return Plan(params, opt_state, 2 * 4 * elements, copies, activations, recompute,
+    # the loss's chunks run along each device's own rows (jalign.losses.sft)
+    rows = tokens if logits == "full" else min(tokens, chunk_tokens)
+    return Plan(params, opt_state, compiler["grad_buffers"] * 4 * elements, copies,
+                activations, recompute,
                 2 * 4 * rows * vocab)
 
 
@@ -367,7 +380,7 @@ def compiled_step_memory(config, mesh_config: MeshConfig, *, batch: int,
 # activations: their difference checks the activation count alone.
 CHECK_MODEL = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
                           num_layers=4, num_heads=8, num_kv_heads=4,
-                          max_position_embeddings=4096)
+                          max_position_embeddings=4096, attention_impl="xla")
 CHECK_CASES: dict[str, tuple] = {
     # name: (config, mesh, rows per batch shard, seq_len)
     "fsdp8 none": (CHECK_MODEL, MeshConfig(1, 8, 1), 2, 256),

@@ -50,6 +50,9 @@ def tpu_topology(name: str, slices: int = 1):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     kwargs = {"num_slices": slices} if slices > 1 else {}
+    chip, _ = parse_topology(name)
+    if chip.chip_config:
+        kwargs["chip_config_name"] = chip.chip_config
     return topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
 
 

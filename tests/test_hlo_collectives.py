@@ -34,7 +34,8 @@ def test_a_gather_in_a_scanned_body_counts_once_per_trip():
 
 
 # XLA:TPU's text: no trip count stated (the condition's bound gives it), operands by name
-# only, async collectives as -start / -done pairs, a loop inside a loop.
+# only, async collectives as -start / -done pairs, a loop inside a loop, a collective
+# fused into a loop body's compute.
 TPU_STYLE = """
 HloModule m
 
@@ -45,9 +46,15 @@ HloModule m
   ROOT %lt = pred[]{:T(512)} compare(%i, %constant.1), direction=LT
 }
 
+%async_collective_fusion.7 (w: f32[2,8]) -> f32[16,8] {
+  %w = f32[2,8]{1,0} parameter(0)
+  ROOT %gathered = f32[16,8]{1,0} all-gather(%w), dimensions={0}
+}
+
 %inner_body (p: (u32[], bf16[4,8])) -> (u32[], bf16[4,8]) {
   %p = (u32[], bf16[4,8]{1,0}) parameter(0)
   %x = bf16[4,8]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %f = f32[16,8]{1,0} fusion(%w0), kind=kOutput, calls=%async_collective_fusion.7
   %cp = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[]) collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}
   %cpd = bf16[4,8]{1,0} collective-permute-done(%cp)
   ROOT %t = (u32[], bf16[4,8]{1,0}) tuple(%i, %cpd)
@@ -79,8 +86,10 @@ ENTRY %main (a: f32[2,16]) -> f32[16] {
 
 def test_tpu_style_text_loops_async_pairs_and_named_operands():
     found = collectives(TPU_STYLE)
-    assert found["all-gather"] == {"count": 1, "bytes": 16 * 16 * 4}  # the larger: its result
+    # the entry's gather (its result, the larger) and, once per entry into the inner loop
+    # (4 outer trips), the gather fused into the inner loop's compute
+    assert found["all-gather"] == {"count": 1 + 4, "bytes": 16 * 16 * 4 + 4 * 16 * 8 * 4}
     assert found["all-reduce"] == {"count": 4, "bytes": 4 * 16 * 4}   # 4 outer trips
     # 4 outer x 3 inner trips; the start's operand (bf16[4,8], 64 bytes), not its tuple
     assert found["collective-permute"] == {"count": 12, "bytes": 12 * 4 * 8 * 2}
-    assert ici_bytes(found) == 16 * 16 * 4 + 2 * 4 * 16 * 4 + 12 * 4 * 8 * 2
+    assert ici_bytes(found) == (16 * 16 * 4 + 4 * 16 * 8 * 4) + 2 * 4 * 16 * 4 + 12 * 4 * 8 * 2

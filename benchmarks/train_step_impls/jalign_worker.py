@@ -111,10 +111,13 @@ def serve_step(b, name: str, flops: dict, warmup: int, **extra_info):
 
 
 def main():
-    args = worker_args(lambda ap: ap.add_argument("--scan", action="store_true",
-                                                  help="scan_layers=True (default: unrolled)"))
-    b = build(args, args.scan)
-    serve_step(b, f"jalign ({'scan' if args.scan else 'unrolled'})",
+    def extra(ap):
+        ap.add_argument("--scan", action="store_true", help="scan_layers=True (default: unrolled)")
+        ap.add_argument("--attention", default="xla", help="LlamaConfig.attention_impl")
+
+    args = worker_args(extra)
+    b = build(args, args.scan, attention_impl=args.attention)
+    serve_step(b, f"jalign ({'scan' if args.scan else 'unrolled'}, {args.attention} attention)",
                flops_per_step(args.vocab, args.hidden, args.intermediate, args.layers,
                               args.heads, args.kv_heads, args.batch, args.seq), args.warmup)
 

@@ -166,14 +166,14 @@ def ift_reduce(token_losses, mask, *, gamma: float, segment_ids=None,
     return sequences.reduce(w * losses, mask, segment_ids, normalize=normalize)
 
 
-def greedy_and_log_probs(hidden_nd, w_dv, targets_n, chunk: int = DEFAULT_CHUNK_TOKENS):
-    """(argmax [N], log p(target) [N]) of the float32 logits of N hidden states, ``chunk``
-    tokens at a time (the [N, vocab] logits never exist at once). No gradient."""
+def greedy_and_log_probs(hidden_btd, w_dv, targets_bt, chunk: int = DEFAULT_CHUNK_TOKENS):
+    """(argmax [B, T], log p(target) [B, T]) of the float32 logits of [B, T] hidden states,
+    ``chunk`` tokens at a time (the logits of all tokens never exist at once). No gradient."""
     def one(h_cd, t_c):
         z = _logits(h_cd, w_dv)
         return jnp.argmax(z, axis=-1).astype(jnp.int32), token_log_probs(z[None], t_c[None])[0]
 
-    return map_token_chunks(one, hidden_nd, targets_n, chunk)
+    return map_token_chunks(one, hidden_btd, targets_bt, chunk)
 
 
 def mixed_inputs(model, ids_bt, mask_bt, lam, *, positions_bt=None, segment_ids_bt=None,
@@ -182,17 +182,15 @@ def mixed_inputs(model, ids_bt, mask_bt, lam, *, positions_bt=None, segment_ids_
     [B, T] they mix in, pass 1's log p of the true next tokens [B, T-1])."""
     sg = jax.lax.stop_gradient
     hidden = sg(model.backbone(ids_bt, positions_bt, segment_ids_bt))
-    b, t, d = hidden.shape
     w_dv = sg(model.lm_head_weight()).astype(hidden.dtype)
-    pred, logp_true = greedy_and_log_probs(hidden[:, :-1].reshape(-1, d), w_dv,
-                                           ids_bt[:, 1:].reshape(-1), chunk_tokens)
-    x_hat = jnp.concatenate([ids_bt[:, :1], pred.reshape(b, t - 1)], axis=1)
+    pred, logp_true = greedy_and_log_probs(hidden[:, :-1], w_dv, ids_bt[:, 1:], chunk_tokens)
+    x_hat = jnp.concatenate([ids_bt[:, :1], pred], axis=1)
     x_mix = jnp.where(mask_bt > 0, x_hat, ids_bt)
     table = model.embedding_table()
     table = table if embedding_gradient else sg(table)
     embed = jnp.take(table, ids_bt, axis=0).astype(jnp.float32)
     embed_mix = jnp.take(table, x_mix, axis=0).astype(jnp.float32)
-    return (1.0 - lam) * embed + lam * embed_mix, x_mix, logp_true.reshape(b, t - 1)
+    return (1.0 - lam) * embed + lam * embed_mix, x_mix, logp_true
 
 
 def make_ift_loss(config: IFTConfig):

@@ -119,7 +119,6 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
                                          group_size=group_size, completion_len=last)
     else:
         hidden_btd = policy.backbone(ids_bt, positions_bt, segment_ids_bt)[:, skip:-1]
-    d = hidden_btd.shape[-1]
     w_dv = policy.lm_head_weight().astype(hidden_btd.dtype)
 
     def one(h_cd, t_c):
@@ -130,10 +129,10 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
             return logp, jnp.zeros_like(logp)
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
-    logp, ent = map_token_chunks(one, hidden_btd.reshape(-1, d),
-                                 ids_bt[:, skip + 1:].reshape(-1), chunk_tokens, remat=True)
+    logp, ent = map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
+                                 remat=True)
 
     def rows(x):
-        return jnp.pad(x.reshape(b, t - 1 - skip), ((0, 0), (skip, 0)))
+        return jnp.pad(x, ((0, 0), (skip, 0)))
 
     return rows(logp), (rows(ent) if entropy else None)

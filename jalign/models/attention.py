@@ -11,6 +11,9 @@ padding attends only to padding, so its rows stay finite and are ignored downstr
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,6 +37,49 @@ def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window: int | No
     return mask if window is None else mask & (back < window)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["segment_ids"],
+                   meta_fields=["window"])
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """The mask of self-attention over a row's tokens at indices 0..T-1, undrawn: what the
+    fused kernels read instead of a [batch, T, T] boolean mask. A pytree whose window
+    stays static through scans and remat."""
+
+    segment_ids: jax.Array        # [batch, T]
+    window: int | None = None     # a model config's sliding window
+
+    def dense(self):
+        index = jnp.broadcast_to(jnp.arange(self.segment_ids.shape[1], dtype=jnp.int32),
+                                 self.segment_ids.shape)
+        return make_mask(self.segment_ids, self.segment_ids, index, index, self.window)
+
+
+# Kernels that take a SelfMask; other masks (a KV cache's, a shared prompt's) run on XLA.
+KERNELS = ("splash", "blockwise")
+IMPLS = ("xla", "cudnn", "splash", "blockwise", "auto")
+
+
+def target_platform() -> str:
+    """The platform the program being traced runs on: the active mesh's devices (a TPU
+    topology's when ``jalign plan`` compiles for one), else JAX's default backend."""
+    from jalign.sharding import active_mesh
+    active = active_mesh()
+    if active is not None and hasattr(active[0], "devices"):
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``auto``: splash on TPU, cudnn on GPU, blockwise elsewhere (measured faster than xla
+    on CPU: docs/benchmarks.md, "Attention kernels")."""
+    if impl != "auto":
+        return impl
+    return AUTO.get(platform or target_platform(), "blockwise")
+
+
+AUTO = {"tpu": "splash", "gpu": "cudnn"}
+
+
 def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale):
     b, t, n, h = q_btnh.shape
     g = k_bsgh.shape[2]
@@ -54,17 +100,31 @@ def _dpa_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale, implementation):
 
 
 def attention(q_btnh, k_bsgh, v_bsgh, mask_bts, *, impl: str = "xla"):
-    """Softmax attention with a boolean mask; returns [batch, q_len, q_heads, head_dim].
+    """Softmax attention with a boolean mask [batch, q_len, kv_len] or a ``SelfMask``;
+    returns [batch, q_len, q_heads, head_dim].
 
-    impl: ``xla`` (plain einsums; measured fastest on CPU), ``cudnn`` (the fused GPU
-    kernel via ``jax.nn.dot_product_attention``), or ``auto`` (cudnn on GPU, else xla).
+    impl: ``xla`` (plain einsums, a [T, T] mask), ``cudnn`` (the fused GPU
+    kernel via ``jax.nn.dot_product_attention``), ``splash`` (the TPU's Pallas kernel on a
+    SelfMask; interpret mode off TPU), ``blockwise`` (query blocks with their own backward,
+    plain JAX, on a SelfMask) or ``auto`` (``resolve_impl``). A dense mask always runs on
+    xla or cudnn.
     """
     scale = q_btnh.shape[-1] ** -0.5
-    if impl == "auto":
-        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    if impl == "xla":
-        return _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale)
+    impl = resolve_impl(impl)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; one of {IMPLS}")
+    if isinstance(mask_bts, SelfMask):
+        if impl == "splash":
+            from jalign.models.splash import splash_attention
+            return splash_attention(q_btnh, k_bsgh, v_bsgh, mask_bts.segment_ids,
+                                    window=mask_bts.window,
+                                    interpret=target_platform() != "tpu")
+        if impl == "blockwise":
+            from jalign.models.blockwise import blockwise_attention
+            return blockwise_attention(q_btnh, k_bsgh, v_bsgh, mask_bts.segment_ids,
+                                       mask_bts.window)
+        mask_bts = mask_bts.dense()
     if impl == "cudnn":
-        backend = "cudnn" if jax.default_backend() == "gpu" else None
+        backend = "cudnn" if target_platform() == "gpu" else None
         return _dpa_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale, backend)
-    raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'")
+    return _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_bts, scale)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jalign.models.lora import LoraConfig
 
 ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "blockwise", "auto")  # jalign.models.attention.IMPLS
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,7 +72,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # splash on TPU, cudnn on GPU, blockwise on CPU
     # Adapters on a frozen (optionally quantised) base; None: a plain model. Set by the
     # run from its LoraConfig, never read from Hugging Face.
     lora: LoraConfig | None = None

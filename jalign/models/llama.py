@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jalign.models import lora as L
-from jalign.models.attention import attention, make_mask
+from jalign.models.attention import KERNELS, SelfMask, attention, make_mask, resolve_impl
 from jalign.models.config import LlamaConfig
 from jalign.models.rope import apply_rope, rope_angles
 from jalign.sharding import constrain
@@ -296,8 +296,11 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = positions_from_segments(segment_ids)
-        mask_bts = make_mask(segment_ids, segment_ids, index_bt, index_bt,
-                             window=self.config.sliding_window)
+        if resolve_impl(self.config.attention_impl) in KERNELS:  # drawn block by block
+            mask_bts = SelfMask(segment_ids, self.config.sliding_window)
+        else:  # one [B, T, T] mask for every layer
+            mask_bts = make_mask(segment_ids, segment_ids, index_bt, index_bt,
+                                 window=self.config.sliding_window)
         cos_bth, sin_bth = rope_angles(positions, self.config)
         x_btd = self.layers(x_btd, cos_bth, sin_bth, mask_bts)
         return rms_norm(x_btd, self.final_norm[...].astype(x_btd.dtype), self.config.rms_norm_eps)

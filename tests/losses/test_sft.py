@@ -133,3 +133,67 @@ def test_sft_loss_sequence_normalisation_matches_per_sequence_means():
     # aux nll stays the per-token sum, the same in both normalisations (same program)
     np.testing.assert_array_equal(np.asarray(seqs.aux["nll"]), np.asarray(tokens.aux["nll"]))
     assert float(tokens.weight) == 5
+
+
+def _sharded_chunk_program(chunk: int, flat: bool = False):
+    """grad of a chunked log-prob sum over a batch sharded 8 ways (fsdp), head sharded on
+    its embed dim as the model's is: (compiled program, loss function)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jalign.sharding import DEFAULT_RULES, MeshConfig, make_mesh, use_mesh
+    mesh = make_mesh(MeshConfig(1, 8, 1), jax.devices()[:8])
+    h = jax.ShapeDtypeStruct((8, 64, 8), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+    w = jax.ShapeDtypeStruct((8, 50), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+    t = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=NamedSharding(mesh, P("fsdp")))
+
+    def loss(h, w, t):
+        with use_mesh(mesh, DEFAULT_RULES):
+            if flat:  # the batch flattened into one row of tokens, chunked across rows
+                return jnp.sum(chunked_log_probs(h.reshape(-1, 8), w, t.reshape(-1), chunk)
+                               * jnp.tile(jnp.arange(64.0), 8))
+            return jnp.sum(chunked_log_probs(h, w, t, chunk) * jnp.arange(64.0))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, t).compile(), loss
+
+
+def test_each_device_projects_only_its_own_rows():
+    """Chunks run along each row, so a batch-sharded device never computes (and the mesh
+    never all-reduces) other devices' logits: what moves is the head's weight and its
+    gradient (8 x 50 floats), once per chunk of a row. Chunking the flattened batch made every
+    device run every chunk of the global batch (32 here)."""
+    from jalign.hlo_collectives import collectives
+    compiled, _ = _sharded_chunk_program(chunk=16)  # 4 chunks of 16 tokens per row
+    found = collectives(compiled.as_text())
+    # per chunk: the head's weight gathered (forward) and its gradient reduced (backward)
+    assert all(v["bytes"] <= 4 * 8 * 50 * 4 for v in found.values()), found
+    # Across rows instead, every device runs all 32 chunks of the global batch: XLA:CPU
+    # gathers all the hidden states (8 x 64 x 8 floats) to every device (XLA:TPU reduced
+    # partial logits instead); the row chunks move less than a tenth of that.
+    flat = collectives(_sharded_chunk_program(chunk=16, flat=True)[0].as_text())
+    hidden = 8 * 64 * 8 * 4
+    assert sum(v["bytes"] for v in flat.values()) >= hidden, flat
+    assert sum(v["bytes"] for v in found.values()) < hidden, found
+
+
+def test_row_chunks_on_a_sharded_batch_equal_one_block():
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(8, 64, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 50, (8, 64)), jnp.int32)
+    compiled, loss = _sharded_chunk_program(chunk=16)
+    g_part = compiled(h, w, t)
+    g_full = jax.grad(lambda h, w: jnp.sum(chunked_log_probs(h, w, t, 1 << 20)
+                                           * jnp.arange(64.0)), argnums=(0, 1))(h, w)
+    # As in test_chunked_equals_full_values_and_gradients: per-token 8-term dots and a
+    # 50-term logsumexp, then a sum over the vocabulary (dL/dh) or 8 x 64 tokens (dL/dw).
+    h64, w64, t64 = (np.asarray(x, np.float64) for x in (h, w, t))
+    a = np.arange(64.0)[None, :, None]
+    z = h64 @ w64
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(50)[t64.astype(int)]
+    bound = dict(terms=512 + 2 * TRANSCENDENTAL_TERMS, depth=3)
+    scale_h = float(np.max(a * (np.abs(w64).max() * 2)))
+    scale_w = float(np.max(np.einsum("btd,btv->dv", a * np.abs(h64), onehot + p)))
+    assert_f32_close(g_part[0], g_full[0], **bound, scale=scale_h, err_msg="dL/dh")
+    assert_f32_close(g_part[1], g_full[1], **bound, scale=scale_w, err_msg="dL/dw")
