@@ -97,6 +97,7 @@ class Program:
     over_bytes: int | None       # by how much it did not fit, when the message says
     collectives: dict
     flops: float                 # analytic, per chip
+    compiler_flops: float | None = None  # cost_analysis(): each loop body counted once
 
 
 @dataclasses.dataclass
@@ -197,7 +198,16 @@ def compile_step(planned: Planned) -> Program:
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
         "temp_size_in_bytes", "peak_memory_in_bytes") if hasattr(ma, k)}
     return Program("train step", seconds, memory, None, None, collectives(compiled.as_text()),
-                   flops)
+                   flops, _compiler_flops(compiled))
+
+
+def _compiler_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend reports one
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost["flops"]) if isinstance(cost, dict) and "flops" in cost else None
 
 
 def peak_bytes(memory: dict) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from jalign.chips import GiB
+from jalign.memory_plan import resolve_attention
 from jalign.plan import Planned, Program, peak_bytes, roofline
 
 
@@ -64,7 +65,10 @@ def knobs(p: Planned, over: int | None) -> list[str]:
     config = p.models.configs[p.models.primary]
     tc = p.exp.configs.train
     a = p.arithmetic
-    out = []
+    out = list(p.exp.recipe.memory_knobs())
+    if resolve_attention(config, p.target.platform) == "xla":
+        out.append(f"{type(config).__name__}.attention_impl='auto' (a fused kernel: no "
+                   "[heads, seq, seq] scores)")
     if config.remat_policy != "full":
         out.append(f"{type(config).__name__}.remat_policy='full' (keeps no activations "
                    "but each layer's input)")
@@ -100,7 +104,9 @@ def roofline_lines(p: Planned, program: Program) -> list[str]:
             + (f", {chip.ici_bandwidth / 1e9:.0f} GB/s ICI" if chip.ici_bandwidth else "")
             + f"; {chip.source}): {program.flops / 1e12:.2f} TFLOP analytic -> compute >= "
             f"{r['compute_s'] * 1e3:.1f} ms, HBM >= {r['hbm_s'] * 1e3:.1f} ms{ici}; step >= "
-            f"{r['step_s'] * 1e3:.1f} ms ({r['limit']}-bound), MFU <= {100 * r['mfu']:.0f}%"]
+            f"{r['step_s'] * 1e3:.1f} ms ({r['limit']}-bound), MFU <= {100 * r['mfu']:.0f}%"
+            + (f" (the compiler's cost analysis says {program.compiler_flops / 1e12:.2f} "
+               "TFLOP: it counts each loop body once)" if program.compiler_flops else "")]
 
 
 def report(p: Planned, program: Program | None) -> tuple[bool | None, list[str]]:

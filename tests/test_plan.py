@@ -81,3 +81,22 @@ def test_the_first_batch_of_a_run_is_checked_against_the_recipes_spec():
     check_batch(spec, {"input_ids": jax.ShapeDtypeStruct((2, 8), np.int32)}, "src")
     with pytest.raises(RuntimeError, match="input_ids: .*absent given; loss_mask: absent"):
         check_batch(spec, {"loss_mask": jax.ShapeDtypeStruct((2, 8), np.int32)}, "src")
+
+
+def test_a_step_that_does_not_fit_names_the_knobs(tiny_plan):
+    """A refused step (here: said so with a made-up HBM) lists what would bring it under,
+    the recipe's own settings first."""
+    import dataclasses
+
+    from jalign.plan_report import verdict
+    from jalign.chips import Chip
+    planned, program = tiny_plan
+    small = Chip("tiny", 1e12, 1024, 1e9, 1e9, "test")
+    planned = dataclasses.replace(planned, target=dataclasses.replace(planned.target, chip=small))
+    fits, lines = verdict(planned, program)
+    assert fits is False and "does not fit by" in lines[0]
+    assert "to fit, try:" in lines[-1] and "MeshConfig.fsdp" in lines[-1]
+    exp = load_experiment(["tests/train/tiny_dpo.gin"], ON_8)
+    dpo = open_plan(exp, target_of(exp.configs.mesh, devices_needed=False))
+    assert "DPOConfig.reference='precomputed'" in " ".join(
+        verdict(dataclasses.replace(dpo, target=planned.target), program)[1])

@@ -32,6 +32,12 @@ class DPORecipe(Recipe):
             precompute.annotate_splits(data, ctx, score, role=POLICY, key=self.name)
         return DatasetSource(data)
 
+    def memory_knobs(self) -> list[str]:
+        if self.config.needs_reference and self.config.reference == "in_step":
+            return ["DPOConfig.reference='precomputed' (the reference scores every pair once "
+                    "before training: no second model in the step)"]
+        return []
+
     def batch_spec(self, models, rows: int, length: int) -> dict:
         spec = super().batch_spec(models, rows, length)
         if self.config.needs_reference and self.config.reference == "precomputed":

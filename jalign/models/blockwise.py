@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jalign.models.attention import MASK_VALUE
+from jalign.models.masks import MASK_VALUE
 
 BLOCKS = None  # query blocks per row; None: one per 128 queries, 2 to 8 (blocks_for)
 

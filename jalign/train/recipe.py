@@ -59,6 +59,11 @@ class Recipe:
         prefixes = ("chosen_", "rejected_") if self.data_kind == "preference" else ("",)
         return {p + f: int32(rows, length) for p in prefixes for f in SFT_FIELDS}
 
+    def memory_knobs(self) -> list[str]:
+        """Settings of this recipe that lower a step's memory (``jalign plan`` suggests
+        them when a step does not fit)."""
+        return []
+
     def passes(self, models) -> float:
         """Forward-pass equivalents of one step per token, for MFU: 3 (forward, input and
         weight gradients) per role trained whole, 2 per role with frozen weights (no
