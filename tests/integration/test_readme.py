@@ -19,7 +19,7 @@ from pathlib import Path
 from jalign.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SUBCOMMANDS = ("train", "convert", "generate", "eval", "pairs", "demo")
+SUBCOMMANDS = ("train", "convert", "generate", "eval", "pairs", "demo", "plan")
 # First path components that are local (the repository's folders, what commands write).
 LOCAL_ROOTS = {"configs", "runs", "out", "ckpt", "tests", "launch", "jalign", "benchmarks"}
 
