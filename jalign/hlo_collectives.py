@@ -44,6 +44,11 @@ def _bytes(text: str) -> int:
     return total
 
 
+def _largest(text: str) -> int:
+    """Bytes of the largest single array shape in ``text`` (a tuple's biggest element)."""
+    return max((_bytes(f"{dtype}[{dims}]") for dtype, dims in _SHAPE.findall(text)), default=0)
+
+
 def _computations(hlo: str) -> tuple[dict, str | None]:
     """({name: [instruction lines]}, the entry computation's name)."""
     comps, entry, current = {}, None, None
@@ -139,9 +144,12 @@ def collectives(hlo: str) -> dict:
             operands = operands.split("), ")[0]
             named = sum(_bytes(shapes.get(n, "")) for n in re.findall(r"%([\w.\-]+)", operands))
             given = max(_bytes(operands), named)
-            # An async start's result is a tuple of its operand and destination buffers.
-            size = (given or _bytes(results) // 2) if op.endswith("-start") else \
-                max(_bytes(results), given)
+            if op.endswith("-start"):
+                # An async start's result is a tuple of its operand (the local shard of an
+                # all-gather), its destination (the gathered array) and small contexts.
+                size = max(given, _largest(results))
+            else:
+                size = max(_bytes(results), given)
             row = out.setdefault(kind, {"count": 0, "bytes": 0})
             row["count"] += round(mult.get(name, 1))
             row["bytes"] += round(size * mult.get(name, 1))

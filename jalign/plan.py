@@ -113,7 +113,7 @@ class Planned:
     batch: dict
     rows: int
     length: int
-    arithmetic: object           # memory_plan.Plan of the primary model
+    arithmetic: object           # memory_plan.Plan of the primary model (None with LoRA)
 
 
 def open_plan(exp, target: Target | None = None) -> Planned:
@@ -151,8 +151,11 @@ def open_plan(exp, target: Target | None = None) -> Planned:
     config = models.configs[models.primary]
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     per_shard = max(1, rows * rows_per_example(recipe.data_kind) // tc.accum_steps // shards)
-    arithmetic = arithmetic_plan(config.replace(lora=None), configs.mesh, target.count,
-                                 batch=per_shard, seq_len=length, platform=target.platform)
+    # The arithmetic models full fine-tuning of the primary model (no LoRA: None then).
+    arithmetic = None if config.lora is not None else arithmetic_plan(
+        config, configs.mesh, target.count, batch=per_shard, seq_len=length,
+        platform=target.platform, optimizer=configs.optimizer,
+        chunk_tokens=getattr(recipe.config, "chunk_tokens", 2048))
     return Planned(exp, target, mesh, models, step, state, batch, rows, length, arithmetic)
 
 

@@ -3,8 +3,6 @@ verdict and the knobs that would make a refused step fit, collectives and the ro
 
 from __future__ import annotations
 
-import math
-
 from jalign.chips import GiB
 from jalign.memory_plan import resolve_attention
 from jalign.plan import Planned, Program, peak_bytes, roofline
@@ -27,6 +25,10 @@ def describe(p: Planned) -> list[str]:
              f"{tc.accum_steps}), remat {config.remat_policy!r}, attention "
              f"{config.attention_impl!r}, {config.dtype} compute on {config.param_dtype} params"]
     a = p.arithmetic
+    if a is None:
+        lines.append("arithmetic plan: not modelled for LoRA (jalign.memory_plan plans full "
+                     "fine-tuning); use --compile")
+        return lines
     lines.append(f"arithmetic plan per chip: state {gib(a.state)} + temporaries "
                  f"{gib(a.temporaries)} = {gib(a.total)} (jalign.memory_plan; the frozen "
                  "models a recipe holds are not in it)")
@@ -72,15 +74,18 @@ def knobs(p: Planned, over: int | None) -> list[str]:
     if config.remat_policy != "full":
         out.append(f"{type(config).__name__}.remat_policy='full' (keeps no activations "
                    "but each layer's input)")
-    scaling = a.activations + a.recompute + a.logits
     rows_per_shard = p.rows // tc.accum_steps // max(1, p.mesh.shape["data"] * p.mesh.shape["fsdp"])
+    scaling = 0 if a is None else a.activations + a.recompute + a.logits
     if over is not None and scaling > over and rows_per_shard > 1:
-        k = 2 ** math.ceil(math.log2(scaling / (scaling - over)))
-        if rows_per_shard % k == 0:
+        need = scaling / (scaling - over)  # micro-batches that shrink what scales enough
+        k = next((k for k in range(2, rows_per_shard + 1)
+                  if rows_per_shard % k == 0 and k >= need), None)
+        if k is not None:
             out.append(f"TrainConfig.accum_steps={tc.accum_steps * k} (the same global batch in "
                        f"micro-batches of {p.rows // tc.accum_steps // k} rows; estimated)")
-    out.append("more chips on MeshConfig.fsdp (the state per chip shrinks with them), "
-               "or LoraConfig (no optimizer state for the frozen weights)")
+    out.append("more chips on MeshConfig.fsdp (the state per chip shrinks with them)"
+               + (", or LoraConfig (no optimizer state for the frozen weights)"
+                  if config.lora is None else ""))
     return ["  to fit, try: " + "; ".join(out)]
 
 
@@ -113,7 +118,7 @@ def report(p: Planned, program: Program | None) -> tuple[bool | None, list[str]]
     lines = describe(p)
     if program is None:
         hbm = hbm_of(p)
-        if hbm is None:
+        if hbm is None or p.arithmetic is None:
             return None, lines
         fits = p.arithmetic.total <= hbm
         return fits, lines + [f"arithmetic verdict: {'fits' if fits else 'does not fit'} "

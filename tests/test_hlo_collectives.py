@@ -78,6 +78,8 @@ HloModule m
 ENTRY %main (a: f32[2,16]) -> f32[16] {
   %a = f32[2,16]{1,0} parameter(0)
   %ag = f32[16,16]{1,0} all-gather(%a), dimensions={0}
+  %ags = (f32[2,16]{1,0}, f32[16,16]{1,0}) all-gather-start(%a), dimensions={0}
+  %agd = f32[16,16]{1,0} all-gather-done(%ags)
   %loop = (s32[], f32[16]{0}) while(%init2), condition=%outer_cond, body=%outer_body
   ROOT %r = f32[16]{0} get-tuple-element(%loop), index=1
 }
@@ -86,10 +88,10 @@ ENTRY %main (a: f32[2,16]) -> f32[16] {
 
 def test_tpu_style_text_loops_async_pairs_and_named_operands():
     found = collectives(TPU_STYLE)
-    # the entry's gather (its result, the larger) and, once per entry into the inner loop
-    # (4 outer trips), the gather fused into the inner loop's compute
-    assert found["all-gather"] == {"count": 1 + 4, "bytes": 16 * 16 * 4 + 4 * 16 * 8 * 4}
+    # the entry's gather, sync and async (its result, the larger), and, once per entry
+    # into the inner loop (4 outer trips), the gather fused into the inner loop's compute
+    assert found["all-gather"] == {"count": 2 + 4, "bytes": 2 * 16 * 16 * 4 + 4 * 16 * 8 * 4}
     assert found["all-reduce"] == {"count": 4, "bytes": 4 * 16 * 4}   # 4 outer trips
     # 4 outer x 3 inner trips; the start's operand (bf16[4,8], 64 bytes), not its tuple
     assert found["collective-permute"] == {"count": 12, "bytes": 12 * 4 * 8 * 2}
-    assert ici_bytes(found) == (16 * 16 * 4 + 4 * 16 * 8 * 4) + 2 * 4 * 16 * 4 + 12 * 4 * 8 * 2
+    assert ici_bytes(found) == (2 * 16 * 16 * 4 + 4 * 16 * 8 * 4) + 2 * 4 * 16 * 4 + 12 * 4 * 8 * 2

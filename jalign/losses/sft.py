@@ -75,20 +75,23 @@ def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = Fa
     own rows of a batch sharded over the mesh: chunking the flattened batch instead makes
     every device run every chunk of the global batch (measured on TPU: the head's partial
     logits all-reduced, ~1 TiB per step and chip for 8B on 256 chips)."""
-    if hidden_btd.ndim == 2:
-        out = map_token_chunks(fn, hidden_btd[None], targets_bt[None], chunk, remat=remat)
-        return jax.tree.map(lambda x: x[0], out)
+    flat = hidden_btd.ndim == 2  # tokens of no known rows: chunked as they lie
+    if flat:
+        hidden_btd, targets_bt = hidden_btd[None], targets_bt[None]
     b, t, d = hidden_btd.shape
-    local = max(1, b // _batch_shards(b))  # rows on each device
+    local = 1 if flat else max(1, b // _batch_shards(b))  # rows on each device
     if local * t <= chunk:
         out = fn(hidden_btd.reshape(-1, d), targets_bt.reshape(-1))
-        return jax.tree.map(lambda x: x.reshape(b, t), out)
-    c = max(1, min(t, chunk // local))     # tokens of each row per chunk
-    pad = (-t) % c
-    hidden = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d)
-    targets = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, -1, c)
-    hidden = constrain(hidden.transpose(1, 0, 2, 3), (None, "batch", None, None))
-    targets = constrain(targets.transpose(1, 0, 2), (None, "batch", None))
+        return jax.tree.map(lambda x: x.reshape(t) if flat else x.reshape(b, t), out)
+    n = -(-t // max(1, chunk // local))     # chunks per row
+    c = -(-t // n)                          # tokens of each row per chunk (padding < n)
+    pad = n * c - t
+    hidden = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d)
+    targets = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c)
+    hidden, targets = hidden.transpose(1, 0, 2, 3), targets.transpose(1, 0, 2)
+    if not flat:
+        hidden = constrain(hidden, (None, "batch", None, None))
+        targets = constrain(targets, (None, "batch", None))
 
     def one(args):
         h, tg = args
@@ -96,8 +99,9 @@ def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = Fa
 
     out = jax.lax.map(jax.checkpoint(one) if remat else one, (hidden, targets))
     # [chunks, B * c] -> [B, chunks * c] -> [B, T]
-    return jax.tree.map(lambda x: x.reshape(x.shape[0], b, c).transpose(1, 0, 2)
-                        .reshape(b, -1)[:, :t], out)
+    out = jax.tree.map(lambda x: x.reshape(n, b, c).transpose(1, 0, 2).reshape(b, -1)[:, :t],
+                       out)
+    return jax.tree.map(lambda x: x[0], out) if flat else out
 
 
 def chunked_log_probs(hidden_btd, w_dv, targets_bt, chunk: int = DEFAULT_CHUNK_TOKENS):

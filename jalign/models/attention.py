@@ -23,7 +23,7 @@ def target_platform() -> str:
     topology's when ``jalign plan`` compiles for one), else JAX's default backend."""
     from jalign.sharding import active_mesh
     active = active_mesh()
-    if active is not None and hasattr(active[0], "devices"):
+    if active is not None and isinstance(active[0], jax.sharding.Mesh):  # not an AbstractMesh
         return active[0].devices.flat[0].platform
     return jax.default_backend()
 

@@ -174,7 +174,10 @@ class Training:
             self.ended = step
             return False
         batch = _global_batch(batch, self.data_sh)
-        if step == self.run.start:  # the batch `jalign plan` compiles the step for
+        own = getattr(self.source, "_source", self.source)  # through source.complete's view
+        if step == self.run.start and type(own).__module__.startswith("jalign."):
+            # jalign's own sources make the batch `jalign plan` compiles the step for (a
+            # user's source may lay out its own)
             spec = self.run.recipe.batch_spec(self.run.models, self.run.global_batch,
                                               self.run.row_length)
             check_batch(spec, batch, type(self.source).__name__)

@@ -198,6 +198,11 @@ def check_start(recipe: Recipe, configs: RunConfigs, rules, devices=None,
                 else abstract_mesh(configs.mesh, abstract))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except (NotImplementedError, AssertionError) as e:  # jax.make_mesh on a device layout
+        raise ConfigError(f"MeshConfig {configs.mesh.shape(len(devices or jax.devices()))} "
+                          f"cannot be laid out on these devices' interconnect "
+                          f"({first_line(str(e)) or type(e).__name__}): choose axis sizes "
+                          "that follow the slice's shape") from None
     processes = jax.process_count() if processes is None else processes
     if abstract is None:
         P.check_batch_blocks(mesh, rules)
