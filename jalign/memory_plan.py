@@ -21,8 +21,8 @@ temporaries (the compiled step's scratch)
                   (the stacked layer weights are cast before the layer scan, and the
                   backward scan reads the cast again), plus with ``fsdp > 1`` the largest
                   weight all-gathered at once (``_gathered``) in the compute dtype with
-                  its float32 gradient before the reduce-scatter (not on TPU, whose
-                  windowed matmuls never gather a weight whole).
+                  its float32 gradient before the reduce-scatter (not on TPU slices of
+                  up to 16 fsdp chips, whose windowed matmuls never gather a weight whole).
   ``activations`` what the forward keeps for the backward: ``num_layers`` x the
                   per-layer residuals of the remat policy (``layer_residuals``) + 4
                   [tokens, embed] tensors outside the layers (embedding output, final
@@ -204,12 +204,14 @@ def layer_backward(config, mesh, seq_len: int, attention: str = "xla",
 
 
 # What XLA:TPU does otherwise than XLA:CPU, from the compiled TPU steps of docs/tpu.md
-# (Llama 3.1 8B SFT on v5e:4x4, xla and splash attention): the optimizer's float32 update
-# is fused into the gradient (one float32 buffer per parameter, not two); FSDP matmuls run
-# windowed over the gathered dimension (collective matmuls: no weight is gathered whole);
-# the XLA attention's backward keeps one float32 [heads, seq, seq] buffer, not four.
-TPU = {"grad_buffers": 1, "gathered": False, "score_bytes": 4}
-CPU = {"grad_buffers": 2, "gathered": True, "score_bytes": 16}
+# (fitted on Llama 3.1 8B SFT on v5e:4x4, xla and splash attention; checked on the other
+# rows there): the optimizer's float32 update is fused into the gradient (one float32
+# buffer per parameter, not two); the XLA attention's backward keeps one float32 [heads,
+# seq, seq] buffer, not four; and on up to 16 fsdp chips the FSDP matmuls run windowed
+# (collective matmuls: no weight gathered whole), while on 64 and more XLA gathers whole
+# weights (and the head) as on CPU. 32 chips were not compiled: planned as gathered.
+TPU = {"grad_buffers": 1, "windowed_fsdp": 16, "score_bytes": 4}
+CPU = {"grad_buffers": 2, "windowed_fsdp": 0, "score_bytes": 16}
 
 
 def _without_fsdp(rules: Rules) -> Rules:
@@ -263,7 +265,7 @@ def plan(config, mesh_config: MeshConfig, num_devices: int, *, batch: int,
     compiler = TPU if platform == "tpu" else CPU
     c = config.compute_dtype.itemsize
     copies = elements * c if config.dtype != config.param_dtype else 0
-    if compiler["gathered"]:
+    if mesh.shape["fsdp"] > compiler["windowed_fsdp"]:
         copies += _gathered(config, mesh, rules) * (c + 4)
     tokens = batch * seq_len
     attention = resolve_attention(config, platform)
