@@ -54,10 +54,10 @@ import math
 import jax
 import numpy as np
 
+from jalign.chips import CHIPS as TPU_CHIPS, GiB
 from jalign.models.families import default_config_class, family_of
 from jalign.sharding import DEFAULT_RULES, MeshConfig, Rules, abstract_mesh, logical_to_spec
 
-GiB = 1024 ** 3
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -222,15 +222,6 @@ def _without_fsdp(rules: Rules) -> Rules:
     return tuple((name, drop(axes)) for name, axes in rules)
 
 
-def _head_gathered(config, mesh, rules: Rules) -> bool:
-    """Whether the step all-gathers the LM head over fsdp: always with fsdp > 1, since the
-    loss's chunks run over each device's own rows against the whole [embed, vocab /
-    tensor] head (measured on the compiled step, jax 0.10: XLA:CPU gathers the head;
-    before the chunks followed rows, a whole vocab kept it sharded on its embed dim and
-    every device computed every chunk of the global batch)."""
-    return mesh.shape["fsdp"] > 1
-
-
 def _gathered(config, mesh, rules: Rules) -> int:
     """Elements (per device) of the largest weight gathered over fsdp at once: one
     layer's weights, or the LM head where it is gathered; still split over tensor."""
@@ -243,7 +234,9 @@ def _gathered(config, mesh, rules: Rules) -> int:
     layer = sum(_shard_elements(s, axes[k], mesh, no_fsdp)
                 for k, s in layer_shapes(config).items())
     head = 0
-    if _head_gathered(config, mesh, rules):
+    # The loss's chunks run over each device's own rows against the whole [embed, vocab /
+    # tensor] head, which XLA therefore gathers over fsdp (as compiled, jax 0.10).
+    if mesh.shape["fsdp"] > 1:
         head = _shard_elements((config.hidden_size, config.vocab_size), ("embed", "vocab"),
                                mesh, no_fsdp)
     return max(layer, head)
@@ -300,10 +293,8 @@ def max_batch(config, mesh_config: MeshConfig, num_devices: int, *, seq_len: int
 # Per-chip HBM by hardware-config name prefix (the longest prefix that matches wins).
 CHIPS: dict[str, tuple[str, str, float]] = {  # prefix -> (platform, chip, HBM GiB)
     "gpu": ("gpu", "H100", 80.0),
-    "tpu_v4": ("tpu", "v4", 32.0),
-    "tpu_v5e": ("tpu", "v5e", 16.0),
-    "tpu_v5p": ("tpu", "v5p", 95.0),
-    "tpu_v6e": ("tpu", "v6e", 32.0),
+    # TPU generations from jalign.chips (one table of chip numbers, with sources)
+    **{f"tpu_{name}": ("tpu", name, chip.hbm_bytes / GiB) for name, chip in TPU_CHIPS.items()},
 }
 
 # Llama 3.1 8B and 70B, by hand (the architecture only; execution fields come from the

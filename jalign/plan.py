@@ -88,9 +88,8 @@ def target_of(mesh_config, devices_needed: bool = True) -> Target:
 
 @dataclasses.dataclass
 class Program:
-    """One compiled program's per-chip numbers."""
+    """The compiled train step's per-chip numbers."""
 
-    name: str
     compile_seconds: float
     memory: dict | None          # memory_analysis() fields, bytes per chip
     refused: str | None          # the compiler's out-of-memory message, when it refused
@@ -193,14 +192,14 @@ def compile_step(planned: Planned) -> Program:
         if not _OOM.search(str(e)):
             raise
         message = " ".join(str(e).split())
-        return Program("train step", time.perf_counter() - t0, None, message[:400],
+        return Program(time.perf_counter() - t0, None, message[:400],
                        _over_by(message), {}, flops)
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     memory = {k: int(getattr(ma, k)) for k in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
         "temp_size_in_bytes", "peak_memory_in_bytes") if hasattr(ma, k)}
-    return Program("train step", seconds, memory, None, None, collectives(compiled.as_text()),
+    return Program(seconds, memory, None, None, collectives(compiled.as_text()),
                    flops, _compiler_flops(compiled))
 
 
