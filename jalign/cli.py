@@ -270,27 +270,32 @@ def _train_parser(sub) -> None:
 
 
 def _plan_parser(sub) -> None:
-    pl = sub.add_parser("plan", help="per-chip memory of a run's train step, planned and (with "
-                                     "--compile) compiled for the hardware config's TPU slice")
+    pl = sub.add_parser("plan", help="per-chip memory of a run's train step (and a rollout's "
+                                     "sampler and scoring pass), planned and (with --compile) "
+                                     "compiled for the hardware config's TPU slice")
     _config_args(pl, "gin files as for `jalign train` (model, algorithm, a configs/hw file)")
     pl.add_argument("--compile", action="store_true",
-                    help="compile the train step for MeshConfig.topology (needs the tpu extra: "
+                    help="compile the run's programs for MeshConfig.topology (needs the tpu extra: "
                          "pip install 'jalign[tpu]') or, without one, this host's devices")
     pl.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
-    """Exit 0 when the step fits the chip's HBM (or no HBM is known), 1 when it does not."""
+    """Exit 0 when every compiled program fits the chip's HBM (or no HBM is known), 1 when
+    one does not."""
     from jalign.experiment import load_experiment
-    from jalign.plan import compile_step, open_plan, target_of
+    from jalign.plan import compile_all, open_plan, target_of
     from jalign.plan_report import report
 
     exp = load_experiment(args.configs, args.gin)
     planned = open_plan(exp, target_of(exp.configs.mesh, devices_needed=args.compile))
     if planned.target.devices is None:
         print("note: libtpu is not installed: the arithmetic plan only (--compile needs it)")
-    program = compile_step(planned) if args.compile else None
-    fits, lines = report(planned, program)
+    programs = None
+    if args.compile:
+        programs = compile_all(planned, lambda name: print(
+            f"compiling the {name} for {planned.target.name} ...", file=sys.stderr, flush=True))
+    fits, lines = report(planned, programs)
     print("\n".join(lines), flush=True)
     return 1 if fits is False else 0
 

@@ -68,13 +68,28 @@ def _computations(hlo: str) -> tuple[dict, str | None]:
     return comps, entry
 
 
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)")
+_COMPARE = re.compile(r"compare\(([^)]*)\),\s*direction=(LT|GT)")
+
+
 def _condition_bound(lines: list) -> int | None:
-    """N of a loop condition ``compare(i, constant(N)), direction=LT`` (one constant)."""
-    if not any("compare(" in line and "direction=LT" in line for line in lines):
-        return None
-    bounds = [int(m) for line in lines
-              for m in re.findall(r"[su]\d+\[\][^=]*constant\((\d+)\)", line)]
-    return bounds[0] if len(bounds) == 1 else None
+    """N of a loop condition that compares its counter with a constant N: ``compare(i,
+    N), direction=LT`` (or ``compare(N, i), direction=GT``). The counter may be offset
+    (XLA rotates a loop into ``compare(add(i, 1), N)``) and the condition may also stop
+    the loop early (a sampler's ``& ~all(done)``): N is then an upper bound on the trips.
+    None when no such compare, or several, is found."""
+    constants = dict(m.groups() for m in map(_CONSTANT.match, lines) if m)
+    bounds = []
+    for line in lines:
+        for operands, direction in _COMPARE.findall(line):
+            names = [n.lstrip("%") for n in re.findall(r"%?([\w.\-]+)(?:,|$)",
+                                                        operands.replace(" ", ""))]
+            if len(names) != 2:
+                continue
+            bound = names[1] if direction == "LT" else names[0]
+            if bound in constants:
+                bounds.append(int(constants[bound]))
+    return bounds[0] if len(set(bounds)) == 1 else None
 
 
 def _trips(line: str, comps: dict) -> int:
@@ -88,12 +103,15 @@ def _trips(line: str, comps: dict) -> int:
 
 def _multipliers(comps: dict, entry: str | None) -> dict:
     """{computation: how many times it runs per call of the entry}."""
-    trips_of: dict[str, int] = {}  # each loop body's trip count (bodies precede their loops)
+    trips_of: dict[str, int] = {}  # each loop body's and condition's trip count
     for lines in comps.values():
         for line in lines:
             body = re.search(r"\sbody=%?([\w.\-]+)", line)
             if body and re.search(r"\swhile\(", line):
                 trips_of[body.group(1)] = _trips(line, comps)
+                cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
+                if cond:  # it runs once more than the body: close enough for a count
+                    trips_of[cond.group(1)] = trips_of[body.group(1)]
     callers: dict[str, list] = collections.defaultdict(list)
     for name, lines in comps.items():
         for line in lines:

@@ -6,14 +6,16 @@ builds its step (``recipe_train_step`` with the recipe's ``batch_spec``), withou
 or data:
 
 - the arithmetic plan (``jalign.memory_plan``) of the step's memory per device;
-- with ``--compile``, the train step compiled ahead of time for the target: the TPU slice
+- with ``--compile``, the train step — and a rollout recipe's sampler and scoring pass,
+  built by its rollout source as for a run (``Recipe.planned_programs``) — compiled ahead
+  of time for the target: the TPU slice
   the hardware config names (``MeshConfig.topology``, compiled by libtpu with no TPU
-  attached; the devices laid out as on the slice) or this host's devices. It reports the
-  compiler's own per-chip memory against the chip's HBM (or the compiler's refusal, and by
-  how much), the collectives in the optimized HLO (counted per loop trip), and a roofline:
-  the step's analytic FLOPs (the compiler's cost analysis counts a loop body once) against
-  the chip's peak, its argument and output bytes against HBM bandwidth and its collective
-  bytes against the interconnect (``jalign.chips``).
+  attached; the devices laid out as on the slice) or this host's devices. It reports each
+  program's per-chip memory against the chip's HBM (or the compiler's refusal, and by how
+  much), the collectives in the optimized HLO (counted per loop trip), and a roofline per
+  unit of work (a step, a rollout, a decode step): analytic FLOPs (the compiler's cost
+  analysis counts a loop body once) against the chip's peak, the bytes it reads against
+  HBM bandwidth and its collective bytes against the interconnect (``jalign.chips``).
 """
 
 from __future__ import annotations
@@ -87,16 +89,33 @@ def target_of(mesh_config, devices_needed: bool = True) -> Target:
 
 
 @dataclasses.dataclass
+class ProgramSpec:
+    """A jitted program of a run and what to compile it on: abstract arguments laid out on
+    the target's mesh, and for the roofline its analytic FLOPs per chip and unit of work
+    (``unit``: a step, a rollout, a decode step; the program runs ``units`` of them)."""
+
+    fn: object
+    args: tuple
+    flops: float
+    unit: str = "step"
+    units: int = 1
+    read_bytes: float | None = None  # HBM bytes per chip and unit; None: arguments + outputs
+
+
+@dataclasses.dataclass
 class Program:
-    """The compiled train step's per-chip numbers."""
+    """A compiled program's per-chip numbers."""
 
     compile_seconds: float
     memory: dict | None          # memory_analysis() fields, bytes per chip
     refused: str | None          # the compiler's out-of-memory message, when it refused
     over_bytes: int | None       # by how much it did not fit, when the message says
-    collectives: dict
-    flops: float                 # analytic, per chip
+    collectives: dict            # over the whole program (every unit)
+    flops: float                 # analytic, per chip and unit
     compiler_flops: float | None = None  # cost_analysis(): each loop body counted once
+    unit: str = "step"
+    units: int = 1
+    read_bytes: float | None = None
 
 
 @dataclasses.dataclass
@@ -113,6 +132,7 @@ class Planned:
     rows: int
     length: int
     arithmetic: object           # memory_plan.Plan of the primary model (None with LoRA)
+    programs: dict = dataclasses.field(default_factory=dict)  # the recipe's other programs
 
 
 def open_plan(exp, target: Target | None = None) -> Planned:
@@ -141,12 +161,14 @@ def open_plan(exp, target: Target | None = None) -> Planned:
     rows = recipe.step_rows(configs.data.batch_size)
     length = recipe.row_length(configs.data)
     step = batch = None
+    programs = {}
     if target.devices is not None:
         step = recipe_train_step(recipe, optimizer, models, mesh, shardings, rows,
                                  tc.accum_steps, rules, schedule)
         sh = batch_sharding(mesh, rows, rules)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
                  for k, v in recipe.batch_spec(models, rows, length).items()}
+        programs = recipe.planned_programs(models, configs, mesh, rules, state)
     config = models.configs[models.primary]
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     per_shard = max(1, rows * rows_per_example(recipe.data_kind) // tc.accum_steps // shards)
@@ -155,7 +177,8 @@ def open_plan(exp, target: Target | None = None) -> Planned:
         config, configs.mesh, target.count, batch=per_shard, seq_len=length,
         platform=target.platform, optimizer=configs.optimizer,
         chunk_tokens=getattr(recipe.config, "chunk_tokens", 2048))
-    return Planned(exp, target, mesh, models, step, state, batch, rows, length, arithmetic)
+    return Planned(exp, target, mesh, models, step, state, batch, rows, length, arithmetic,
+                   programs)
 
 
 _OOM = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|Ran out of memory", re.I)
@@ -174,33 +197,57 @@ def _over_by(message: str) -> int | None:
     return int(need - have)
 
 
-def compile_step(planned: Planned) -> Program:
-    """The train step compiled for the target: its memory, collectives and FLOPs per chip."""
+def step_spec(planned: Planned) -> ProgramSpec:
+    """The train step, with its analytic FLOPs per chip."""
     from jalign.data.formats import rows_per_example
-    from jalign.hlo_collectives import collectives
-    from jalign.sharding import use_mesh
-
     exp = planned.exp
     rows = planned.rows * rows_per_example(exp.recipe.data_kind)
     flops = exp.recipe.flops_per_step(planned.models, planned.length, rows)
-    flops /= planned.target.count
+    return ProgramSpec(planned.step, (planned.state, planned.batch),
+                       flops / planned.target.count)
+
+
+def compile_program(mesh, spec: ProgramSpec) -> Program:
+    """``spec``'s program compiled for the mesh's devices: its memory, collectives and
+    FLOPs per chip, or the compiler's refusal when it does not fit."""
+    from jalign.hlo_collectives import collectives
+    from jalign.sharding import use_mesh
+
+    more = dict(unit=spec.unit, units=spec.units, read_bytes=spec.read_bytes)
     t0 = time.perf_counter()
     try:
-        with use_mesh(planned.mesh):
-            compiled = planned.step.lower(planned.state, planned.batch).compile()
+        with use_mesh(mesh):
+            compiled = spec.fn.lower(*spec.args).compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError by version
         if not _OOM.search(str(e)):
             raise
         message = " ".join(str(e).split())
         return Program(time.perf_counter() - t0, None, message[:400],
-                       _over_by(message), {}, flops)
+                       _over_by(message), {}, spec.flops, **more)
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     memory = {k: int(getattr(ma, k)) for k in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
         "temp_size_in_bytes", "peak_memory_in_bytes") if hasattr(ma, k)}
     return Program(seconds, memory, None, None, collectives(compiled.as_text()),
-                   flops, _compiler_flops(compiled))
+                   spec.flops, _compiler_flops(compiled), **more)
+
+
+def compile_step(planned: Planned) -> Program:
+    """The train step compiled for the target."""
+    return compile_program(planned.mesh, step_spec(planned))
+
+
+def compile_all(planned: Planned, progress=None) -> dict:
+    """{name: Program}: the train step, then the recipe's other programs (a rollout's
+    sampler and scoring pass), each compiled for the target. ``progress(name)`` is called
+    before each compile (they take minutes on a pod's topology)."""
+    out = {}
+    for name, spec in {"train step": step_spec(planned), **planned.programs}.items():
+        if progress:
+            progress(name)
+        out[name] = compile_program(planned.mesh, spec)
+    return out
 
 
 def _compiler_flops(compiled) -> float | None:
@@ -222,12 +269,17 @@ def peak_bytes(memory: dict) -> int:
 
 
 def roofline(program: Program, chip: Chip) -> dict:
-    """Lower bounds on the step's time per chip (seconds) and the MFU they allow."""
+    """Lower bounds on the time of one of the program's units (a step, a decode step)
+    per chip (seconds) and the MFU they allow."""
     from jalign.hlo_collectives import ici_bytes
     m = program.memory
     compute = program.flops / chip.peak_flops
-    hbm = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]) / chip.hbm_bandwidth
-    ici = ici_bytes(program.collectives) / chip.ici_bandwidth if chip.ici_bandwidth else 0.0
+    read = program.read_bytes
+    if read is None:
+        read = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]) / program.units
+    hbm = read / chip.hbm_bandwidth
+    ici = (ici_bytes(program.collectives) / program.units / chip.ici_bandwidth
+           if chip.ici_bandwidth else 0.0)
     bound = max(compute, hbm, ici)
     return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "step_s": bound,
             "mfu": compute / bound if bound else 0.0,

@@ -9,7 +9,11 @@ from jalign.plan import Planned, Program, peak_bytes, roofline
 
 
 def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """GiB with two decimals; below a tenth of one, MiB or KiB (a tiny model's plan)."""
+    for unit, size in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 1024)):
+        if abs(n) >= size / 10 or n == 0:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def describe(p: Planned) -> list[str]:
@@ -39,17 +43,19 @@ def hbm_of(p: Planned) -> int | None:
     return p.target.chip.hbm_bytes if p.target.chip else None
 
 
-def verdict(p: Planned, program: Program) -> tuple[bool | None, list[str]]:
-    """(fits, lines): True/False against the chip's HBM, None when no HBM is known."""
+def verdict(p: Planned, program: Program, name: str = "train step"
+            ) -> tuple[bool | None, list[str]]:
+    """(fits, lines) of the compiled ``name``: True/False against the chip's HBM, None when
+    no HBM is known."""
     hbm = hbm_of(p)
     if program.refused:
         over = (f" by {gib(program.over_bytes)}" if program.over_bytes is not None else "")
-        lines = [f"compiled train step: does not fit{over} — the compiler refused it: "
+        lines = [f"compiled {name}: does not fit{over} — the compiler refused it: "
                  f"{program.refused[:240]}"]
-        return False, lines + knobs(p, program.over_bytes)
+        return False, lines + knobs(p, program.over_bytes, name)
     m = program.memory
     peak = peak_bytes(m)
-    line = (f"compiled train step ({program.compile_seconds:.0f} s) per chip: arguments "
+    line = (f"compiled {name} ({program.compile_seconds:.0f} s) per chip: arguments "
             f"{gib(m['argument_size_in_bytes'])}, outputs {gib(m['output_size_in_bytes'])} "
             f"(aliased {gib(m['alias_size_in_bytes'])}), temporaries "
             f"{gib(m['temp_size_in_bytes'])}; peak {gib(peak)}")
@@ -58,16 +64,19 @@ def verdict(p: Planned, program: Program) -> tuple[bool | None, list[str]]:
     fits = peak <= hbm
     line += (f" of {gib(hbm)}: " + (f"fits ({gib(hbm - peak)} free)" if fits
                                     else f"does not fit by {gib(peak - hbm)}"))
-    return fits, [line] + ([] if fits else knobs(p, peak - hbm))
+    return fits, [line] + ([] if fits else knobs(p, peak - hbm, name))
 
 
-def knobs(p: Planned, over: int | None) -> list[str]:
-    """Settings that bring the step under HBM, estimated from the arithmetic plan (what
-    scales with the micro-batch: activations, recomputation, logits)."""
+def knobs(p: Planned, over: int | None, name: str = "train step") -> list[str]:
+    """Settings that bring program ``name`` under HBM: the recipe's own, then for the
+    train step those estimated from the arithmetic plan (what scales with the micro-batch:
+    activations, recomputation, logits)."""
     config = p.models.configs[p.models.primary]
     tc = p.exp.configs.train
     a = p.arithmetic
-    out = list(p.exp.recipe.memory_knobs())
+    out = list(p.exp.recipe.memory_knobs(name))
+    if name != "train step":
+        return ["  to fit, try: " + "; ".join(out + ["more chips on MeshConfig.fsdp"])]
     if resolve_attention(config, p.target.platform) == "xla":
         out.append(f"{type(config).__name__}.attention_impl='auto' (a fused kernel: no "
                    "[heads, seq, seq] scores)")
@@ -90,11 +99,12 @@ def knobs(p: Planned, over: int | None) -> list[str]:
 
 
 def collective_lines(program: Program) -> list[str]:
+    per = program.unit if program.units == 1 else f"{program.units} {program.unit}s"
     if not program.collectives:
-        return ["collectives per step: none"]
+        return [f"  collectives per {per}: none"]
     parts = [f"{k} {v['count']} x, {gib(v['bytes'])}" for k, v in
              sorted(program.collectives.items())]
-    return ["collectives per step and chip (loop trips counted): " + "; ".join(parts)]
+    return [f"  collectives per {per} and chip (loop trips counted): " + "; ".join(parts)]
 
 
 def roofline_lines(p: Planned, program: Program) -> list[str]:
@@ -102,21 +112,24 @@ def roofline_lines(p: Planned, program: Program) -> list[str]:
     if chip is None or program.memory is None:
         return []
     r = roofline(program, chip)
-    ici = (f", ICI >= {r['ici_s'] * 1e3:.1f} ms" if chip.ici_bandwidth else
+    ici = (f", ICI >= {r['ici_s'] * 1e3:.2f} ms" if chip.ici_bandwidth else
            ", ICI not bounded (no bandwidth stated)")
-    return [f"roofline per chip ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-            f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM"
+    unit = program.unit
+    return [f"  roofline per chip and {unit} ({chip.name}: {chip.peak_flops / 1e12:.0f} "
+            f"TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s HBM"
             + (f", {chip.ici_bandwidth / 1e9:.0f} GB/s ICI" if chip.ici_bandwidth else "")
-            + f"; {chip.source}): {program.flops / 1e12:.2f} TFLOP analytic -> compute >= "
-            f"{r['compute_s'] * 1e3:.1f} ms, HBM >= {r['hbm_s'] * 1e3:.1f} ms{ici}; step >= "
-            f"{r['step_s'] * 1e3:.1f} ms ({r['limit']}-bound), MFU <= {100 * r['mfu']:.0f}%"
-            + (f" (the compiler's cost analysis says {program.compiler_flops / 1e12:.2f} "
+            + f"; {chip.source}): {program.flops / 1e12:.3g} TFLOP analytic -> compute >= "
+            f"{r['compute_s'] * 1e3:.2f} ms, HBM >= {r['hbm_s'] * 1e3:.2f} ms{ici}; {unit} >= "
+            f"{r['step_s'] * 1e3:.2f} ms ({r['limit']}-bound), MFU <= {100 * r['mfu']:.0f}%"
+            + (f" (the compiler's cost analysis says {program.compiler_flops / 1e12:.3g} "
                "TFLOP: it counts each loop body once)" if program.compiler_flops else "")]
 
 
-def report(p: Planned, program: Program | None) -> tuple[bool | None, list[str]]:
+def report(p: Planned, programs: dict | None) -> tuple[bool | None, list[str]]:
+    """(fits, lines): ``programs`` {name: Program} compiled (``plan.compile_all``), or None
+    for the arithmetic plan alone. Fits when every program fits."""
     lines = describe(p)
-    if program is None:
+    if programs is None:
         hbm = hbm_of(p)
         if hbm is None or p.arithmetic is None:
             return None, lines
@@ -124,8 +137,13 @@ def report(p: Planned, program: Program | None) -> tuple[bool | None, list[str]]
         return fits, lines + [f"arithmetic verdict: {'fits' if fits else 'does not fit'} "
                               f"{gib(hbm)} (compile with --compile for the compiler's own "
                               "numbers)"]
-    fits, more = verdict(p, program)
-    lines += more
-    if program.memory is not None:
-        lines += collective_lines(program) + roofline_lines(p, program)
-    return fits, lines
+    verdicts = []
+    for name, program in programs.items():
+        fits, more = verdict(p, program, name)
+        verdicts.append(fits)
+        lines += more
+        if program.memory is not None:
+            lines += collective_lines(program) + roofline_lines(p, program)
+    if False in verdicts:
+        return False, lines
+    return (None if None in verdicts else True), lines

@@ -95,3 +95,45 @@ def test_tpu_style_text_loops_async_pairs_and_named_operands():
     # 4 outer x 3 inner trips; the start's operand (bf16[4,8], 64 bytes), not its tuple
     assert found["collective-permute"] == {"count": 12, "bytes": 12 * 4 * 8 * 2}
     assert ici_bytes(found) == (2 * 16 * 16 * 4 + 4 * 16 * 8 * 4) + 2 * 4 * 16 * 4 + 12 * 4 * 8 * 2
+
+
+# A sampler's token loop as XLA:TPU writes it: rotated (the counter compared after its
+# increment), stopping early when every row is done (an all-reduce inside the condition).
+ROTATED = """\
+HloModule m
+
+%cond (p: (s32[], pred[2], f32[8])) -> pred[] {
+  %one = s32[]{:T(128)} constant(1)
+  %n = s32[]{:T(128)} constant(6)
+  %yes = pred[]{:T(512)} constant(true)
+  %p = (s32[], pred[2], f32[8]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %next = s32[]{:T(128)S(6)} add(%i, %one)
+  %lt = pred[]{:T(512)S(6)} compare(%next, %n), direction=LT, metadata={op_name="lt"}
+  %d = pred[2] get-tuple-element(%p), index=1
+  %all = u32[] all-reduce(%d), replica_groups={}, to_apply=%and
+  %no = pred[] not(%all)
+  ROOT %go = pred[] and(%lt, %no)
+}
+
+%body (p: (s32[], pred[2], f32[8])) -> (s32[], pred[2], f32[8]) {
+  %p = (s32[], pred[2], f32[8]) parameter(0)
+  %w = f32[8]{0} get-tuple-element(%p), index=2
+  %ag = f32[32]{0} all-gather(%w), dimensions={0}
+  ROOT %t = (s32[], pred[2], f32[8]) tuple(%i, %d, %w)
+}
+
+ENTRY %main (a: (s32[], pred[2], f32[8])) -> (s32[], pred[2], f32[8]) {
+  %a = (s32[], pred[2], f32[8]) parameter(0)
+  ROOT %loop = (s32[], pred[2], f32[8]) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_an_early_exit_rotated_loop_counts_up_to_its_bound():
+    """The bound is the constant the counter is compared with, however the counter is
+    offset; other constants in the condition (the increment, a predicate) do not confuse
+    it. For a loop that may stop early it is an upper bound."""
+    found = collectives(ROTATED)
+    assert found["all-gather"] == {"count": 6, "bytes": 6 * 32 * 4}
+    assert found["all-reduce"]["count"] == 6

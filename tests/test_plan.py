@@ -100,3 +100,85 @@ def test_a_step_that_does_not_fit_names_the_knobs(tiny_plan):
     dpo = open_plan(exp, target_of(exp.configs.mesh, devices_needed=False))
     assert "DPOConfig.reference='precomputed'" in " ".join(
         verdict(dataclasses.replace(dpo, target=planned.target), program)[1])
+
+
+GRPO = ["tests/train/tiny_grpo.gin"]
+# beta > 0 and two epochs: the scoring pass runs the policy and the reference
+ON_8_GRPO = ["MeshConfig.fsdp = 8", "DataConfig.batch_size = 8", "GRPOConfig.beta = 0.05",
+             "GRPOConfig.epochs = 2"]
+
+
+@pytest.fixture(scope="module")
+def grpo_plan():
+    from jalign.plan import compile_all
+    planned = open_plan(load_experiment(GRPO, ON_8_GRPO))
+    return planned, compile_all(planned)
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes of device 0's shard of every abstract array in ``tree``."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape)
+        item = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.itemsize
+        total += int(np.prod(shape, dtype=np.int64)) * item
+    return total
+
+
+def test_a_rollout_plan_compiles_the_runs_sampler_and_scoring_pass(grpo_plan):
+    """Besides the train step, the plan compiles the programs the rollout source builds
+    for a run — the same jitted sampler object — on the planned state and abstract inputs."""
+    from jalign.rl.generate import make_generate_fn
+    from jalign.rl.rollout import POLICY, REFERENCE
+    from jalign.sharding import DEFAULT_RULES
+    from jalign.train.metrics import train_flops_per_token
+    planned, programs = grpo_plan
+    assert list(programs) == ["train step", "sampler", "scoring pass"]
+    assert all(p.refused is None and p.memory["temp_size_in_bytes"] > 0
+               for p in programs.values())
+    cfg, models = planned.exp.recipe.config, planned.models
+    run_sampler = make_generate_fn(models.graphdef(POLICY), max_new_tokens=cfg.max_new_tokens,
+                                   top_k=cfg.top_k, use_top_p=cfg.top_p is not None,
+                                   mesh=planned.mesh, rules=DEFAULT_RULES,
+                                   group_size=cfg.group_size, draw=cfg.sampler_draw)
+    assert planned.programs["sampler"].fn is run_sampler
+    # The compiled arguments are the abstract inputs' shards (weights included), but for
+    # the scalars a program does not read (jit drops unused arguments: top_p without
+    # top-p sampling, the KL coefficient when the KL is not a reward penalty).
+    for name, read in (("sampler", 4), ("scoring pass", 7)):
+        args = planned.programs[name].args
+        assert (_shard_bytes(args[:read]) <= programs[name].memory["argument_size_in_bytes"]
+                <= _shard_bytes(args)), name
+    scoring = planned.programs["scoring pass"]
+    assert set(scoring.args[0]) == {POLICY, REFERENCE}
+    # FLOPs: one forward of the policy and of the reference over each prompt once per
+    # forward group and every completion's tokens, per chip.
+    b, g, n = 8, cfg.group_size, cfg.max_new_tokens
+    p = planned.length - n
+    tokens = b * g * n + b * g // cfg.forward_group * p
+    per_token = train_flops_per_token(models.configs[POLICY], p + n) / 3
+    assert scoring.flops == pytest.approx(2 * per_token * tokens / 8)
+    sampler = programs["sampler"]
+    assert sampler.unit == "decode step" and sampler.units == n
+    assert sampler.collectives["all-gather"]["count"] > 0  # FSDP: weights gathered
+
+
+def test_a_rollout_plan_reports_every_program_and_knobs_for_the_sampler(grpo_plan):
+    import dataclasses
+
+    from jalign.chips import Chip
+    from jalign.plan_report import report, verdict
+    planned, programs = grpo_plan
+    fits, lines = report(planned, programs)
+    text = "\n".join(lines)
+    assert fits is None  # a host's devices: no HBM stated
+    for name in ("train step", "sampler", "scoring pass"):
+        assert f"compiled {name} (" in text
+    assert "collectives per 6 decode steps and chip" in text
+    small = Chip("tiny", 1e12, 1024, 1e9, 1e9, "test")
+    planned = dataclasses.replace(planned, target=dataclasses.replace(planned.target, chip=small))
+    fits, lines = verdict(planned, programs["sampler"], "sampler")
+    assert fits is False and lines[0].startswith("compiled sampler (")
+    assert "GRPOConfig.max_new_tokens" in lines[-1] and "MeshConfig.fsdp" in lines[-1]
+    fits, lines = report(planned, programs)
+    assert fits is False and "roofline per chip and decode step" in "\n".join(lines)

@@ -32,8 +32,9 @@ class DPORecipe(Recipe):
             precompute.annotate_splits(data, ctx, score, role=POLICY, key=self.name)
         return DatasetSource(data)
 
-    def memory_knobs(self) -> list[str]:
-        if self.config.needs_reference and self.config.reference == "in_step":
+    def memory_knobs(self, program: str = "train step") -> list[str]:
+        if (program == "train step" and self.config.needs_reference
+                and self.config.reference == "in_step"):
             return ["DPOConfig.reference='precomputed' (the reference scores every pair once "
                     "before training: no second model in the step)"]
         return []

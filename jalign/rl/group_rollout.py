@@ -59,14 +59,14 @@ def _policy_in_scoring(config, models) -> bool:
 class GroupRolloutSource(Rollouts):
     """``BatchSource`` of GRPO-family minibatches (``config``: a ``GRPOConfig``)."""
 
-    def __init__(self, prompts, config, ctx):
+    def __init__(self, prompts, config, ctx, connect: bool = True):
         self.group_size = config.group_size
         self.SCORED = (POLICY, REFERENCE) if config.beta > 0 else (POLICY,)
         self.estimate = adv.get(config.advantage)
         self.options = estimator_options(config)
         self.policy_in_scoring = _policy_in_scoring(config, ctx.models)
         self.accum_steps = ctx.accum_steps
-        super().__init__(prompts, config, ctx)
+        super().__init__(prompts, config, ctx, connect)
 
     def make_kl_controller(self):
         from jalign.rl.kl import FixedKLController
@@ -163,6 +163,15 @@ class GroupRolloutSource(Rollouts):
         # The LM head on the response slots only (as the GRPO loss), and each prompt run
         # once for its group: the scoring pass sees the rollout's rows in sampling order.
         return {"last": self.config.max_new_tokens, "group_size": self.config.forward_group}
+
+    def scoring_forwards(self) -> tuple[str, ...]:
+        return ((POLICY,) if self.policy_in_scoring else ()) + (
+            (REFERENCE,) if self.config.beta > 0 else ())
+
+    def scored_tokens(self) -> int:
+        # Each prompt once per forward group, each completion once (log_prob_options).
+        n = self.config.max_new_tokens
+        return self.rows * n + self.rows // self.config.forward_group * self.prompt_length
 
     @staticmethod
     def extra_fields(config, models) -> dict:

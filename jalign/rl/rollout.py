@@ -146,7 +146,7 @@ class Rollouts(BatchSource):
     SCORED: tuple[str, ...] = (POLICY,)
     group_size = 1
 
-    def __init__(self, prompts, config, ctx):
+    def __init__(self, prompts, config, ctx, connect: bool = True):
         self.prompts = prompts  # DataIterator of left-padded prompts
         self.config = config
         self.kl = self.make_kl_controller()
@@ -155,6 +155,8 @@ class Rollouts(BatchSource):
         self._order: list = []   # row indices of each of its minibatches
         self._pending_metrics: dict = {}
         self._compile(ctx)
+        if connect:  # ``jalign plan`` builds the programs alone: no rewards, no eval data
+            self._connect(ctx)
 
     # ------------------------------------------------------------ geometry
 
@@ -272,6 +274,11 @@ class Rollouts(BatchSource):
         self.score = jax.jit(self._score_pass, out_shardings=(self.row_sh, self.replicated))
         self.gather = jax.jit(lambda buf, idx: jax.tree.map(lambda x: x[idx], buf),
                               out_shardings=self.minibatch_sh)
+
+    def _connect(self, ctx) -> None:
+        """What the rollout reads beyond its programs: the reward functions and model, the
+        eval prompts."""
+        cfg = self.config
         self.functions = cfg.rewards.load_functions()
         self.scorer = None
         if "reward_model" in cfg.rewards.names:
@@ -455,6 +462,60 @@ class Rollouts(BatchSource):
         """The rollout's metrics, with the first step trained on it (then nothing)."""
         out, self._pending_metrics = self._pending_metrics, {}
         return out
+
+    # ------------------------------------------------------------ planning
+
+    def planned_programs(self, state) -> dict:
+        """{name: ``jalign.plan.ProgramSpec``} of the rollout's own programs, for ``jalign
+        plan``: the sampler (prefill and the token loop, ``max_new_tokens`` decode steps,
+        each reading the weights every chip multiplies by — whole after an FSDP gather, its
+        share under tensor parallelism — and its rows' KV cache) and the scoring pass, on
+        the abstract train state ``state``. The programs are the ones ``_compile`` builds
+        for a run."""
+        from jalign.plan import ProgramSpec
+        from jalign.train.metrics import train_flops_per_token
+        S, cfg = jax.ShapeDtypeStruct, self.config
+        b, p, n, rows = self.prompt_rows, self.prompt_length, cfg.max_new_tokens, self.rows
+
+        def put(sharding, tree):
+            return jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=sharding), tree)
+
+        trees = self._trees(state, self.SCORED)
+        policy = trees[POLICY]
+        if cfg.rollout_sharding == "replicated":
+            policy = put(self.replicated, policy)
+        prompt = S((b, p), jnp.int32, sharding=self.prompt_sh)
+        key = put(self.replicated, jax.eval_shape(lambda: jax.random.key(0)))
+        params = put(self.replicated, jax.eval_shape(lambda: self.sampling))
+        per_row = S((rows,), jnp.float32, sharding=self.row_sh)
+        per_token = S((rows, n), jnp.float32, sharding=self.row_sh)
+        score_args = (trees, prompt, prompt, S((rows, n), jnp.int32, sharding=self.row_sh),
+                      S((rows,), jnp.int32, sharding=self.row_sh), per_token, per_row,
+                      S((), jnp.float32, sharding=self.replicated))
+        length = p + n
+        forward = sum(train_flops_per_token(self.models.configs[r], length) / 3
+                      for r in self.scoring_forwards()) * self.scored_tokens()
+        config = self.models.configs[POLICY]
+        # One decode step: every row's token through the weights, attending to a full cache.
+        h, kv = config.resolved_head_dim, config.num_kv_heads
+        decode = rows * (train_flops_per_token(config, 0) / 3
+                         + 4.0 * config.num_layers * config.num_heads * h * length)
+        cache = 2 * config.num_layers * rows * length * kv * h * jnp.dtype(config.dtype).itemsize
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(policy))
+        chips = self.mesh.devices.size
+        read = weights / self.mesh.shape["tensor"] + cache / chips
+        return {"sampler": ProgramSpec(self.sample, (policy, prompt, prompt, key, params),
+                                       decode / chips, "decode step", units=n, read_bytes=read),
+                "scoring pass": ProgramSpec(self.score, score_args, forward / chips,
+                                            "rollout")}
+
+    def scoring_forwards(self) -> tuple[str, ...]:
+        """The roles whose forward the scoring pass runs (for its FLOPs)."""
+        return self.SCORED
+
+    def scored_tokens(self) -> int:
+        """Tokens of a rollout that each of ``scoring_forwards`` runs on."""
+        return self.rows * self.row_length()
 
     # ------------------------------------------------------------ evaluation
 

@@ -59,10 +59,17 @@ class Recipe:
         prefixes = ("chosen_", "rejected_") if self.data_kind == "preference" else ("",)
         return {p + f: int32(rows, length) for p in prefixes for f in SFT_FIELDS}
 
-    def memory_knobs(self) -> list[str]:
-        """Settings of this recipe that lower a step's memory (``jalign plan`` suggests
-        them when a step does not fit)."""
+    def memory_knobs(self, program: str = "train step") -> list[str]:
+        """Settings of this recipe that lower the memory of its ``program`` (the train
+        step, or one of ``planned_programs``): ``jalign plan`` suggests them when it does
+        not fit."""
         return []
+
+    def planned_programs(self, models, configs, mesh, rules, state) -> dict:
+        """The recipe's programs besides the train step, for ``jalign plan`` to compile on
+        the abstract train state ``state``: {name: ``jalign.plan.ProgramSpec``} (a rollout
+        recipe's sampler and scoring pass)."""
+        return {}
 
     def passes(self, models) -> float:
         """Forward-pass equivalents of one step per token, for MFU: 3 (forward, input and

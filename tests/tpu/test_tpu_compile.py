@@ -61,3 +61,26 @@ def test_every_tpu_hw_config_holds_8b_at_4096(hw, algo):
                              *ALGOS[algo]])
     assert program.refused is None, program.refused
     assert peak_bytes(program.memory) <= planned.target.chip.hbm_bytes
+
+
+def test_8b_grpo_on_v5e_16_compiles_its_sampler_and_scoring_pass():
+    """A rollout recipe's plan compiles the run's sampler (prefill and token loop) and
+    scoring pass besides the train step; with a KL term and two epochs the scoring pass
+    runs the policy and the reference. All fit a v5e chip at 2048 + 256 tokens."""
+    from jalign.plan import compile_all
+    exp = load_experiment([str(ROOT / c) for c in ("configs/model/llama3_1_8b.gin",
+                                                   "configs/algo/grpo.gin",
+                                                   "configs/hw/tpu_v5e_16.gin")],
+                          ["DataConfig.max_length = 4096", "DataConfig.max_prompt_length = 2048",
+                           "DataConfig.batch_size = 16", "GRPOConfig.beta = 0.04",
+                           "GRPOConfig.epochs = 2"])
+    planned = open_plan(exp, target_of(exp.configs.mesh))
+    programs = compile_all(planned)
+    assert list(programs) == ["train step", "sampler", "scoring pass"]
+    for name, program in programs.items():
+        assert program.refused is None, (name, program.refused)
+        assert peak_bytes(program.memory) <= planned.target.chip.hbm_bytes, name
+    # the scoring pass holds the policy's and the reference's fp32 weights, 1/16 each
+    weights = 2 * 4 * planned.models.configs["policy"].num_params() / 16
+    assert programs["scoring pass"].memory["argument_size_in_bytes"] >= 0.99 * weights
+    assert programs["sampler"].units == 256
