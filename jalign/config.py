@@ -7,6 +7,7 @@ callers (CLI, tests) get one error type whose message names the binding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Sequence
 import gin
 
 from jalign.algos import registry
+from jalign.config_types import check_bindings
 from jalign.data.pipeline import DataConfig
 from jalign.distributed import DistributedConfig
 from jalign.errors import ConfigError  # noqa: F401 (re-exported)
@@ -56,14 +58,17 @@ def build(name: str, scope: str | None = None):
     """
     register()
     cls = CLASSES[name]
+    scoped = set(gin.get_bindings(f"{scope}/{name}", inherit_scopes=False)) if scope else set()
+    with gin.config_scope(scope) if scope else contextlib.nullcontext():
+        check_bindings(cls, gin.get_bindings(name),
+                       lambda field: f"{scope}/{name}" if field in scoped else name)
     try:
-        if scope:
-            with gin.config_scope(scope):
-                made = _REGISTERED[name]()
-        else:
+        with gin.config_scope(scope) if scope else contextlib.nullcontext():
             made = _REGISTERED[name]()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{name}: {e}") from None
+        # gin appends "In call to configurable ..." on lines of its own
+        text = str(e).split("\n  In call to configurable")[0].strip()
+        raise ConfigError(text if text.startswith(name) else f"{name}: {text}") from None
     values = {f.name: getattr(made, f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         # A nested config (PPOConfig.rewards) comes from its own class's bindings

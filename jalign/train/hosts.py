@@ -7,6 +7,7 @@ process it is a plain function of its argument.
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -65,7 +66,7 @@ def _merge_into(out: dict, new: dict, index: int, where: str) -> None:
 
 
 class Preemption:
-    """SIGTERM (a preemption notice), as a step every process saves at.
+    """SIGTERM (a preemption notice), as a step every process saves at; and Ctrl-C.
 
     One process: a Python handler notes the signal and the loop saves after the step in
     flight. Several: a host that saves alone would hang the collective save, so the
@@ -73,10 +74,18 @@ class Preemption:
     ``jax.distributed.initialize``; it catches SIGTERM itself, so no Python handler is
     installed): ``reached(step)``, called by every process at every step, turns True at
     the same step everywhere (one past the furthest any host had got when the notice
-    arrived)."""
+    arrived).
 
-    def __init__(self):
+    Ctrl-C (SIGINT) on one process: the first is a request like SIGTERM (the step in
+    flight finishes and is saved; ``interrupted`` tells the loop to exit as interrupted,
+    not preempted), the second stops at once (KeyboardInterrupt, nothing more saved).
+    Several processes keep Python's default (a save from one host alone would hang)."""
+
+    def __init__(self, say=None):
         self.requested = False  # latched: a source may only save at its next boundary
+        self.interrupted = False
+        self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._previous_int = None
         from jax._src import distributed as jax_distributed
         # JAX's sync manager exists once joined (unless its preemption service is off:
         # then each host notes its own SIGTERM, as one process does).
@@ -91,16 +100,27 @@ class Preemption:
 
         def handler(signum, frame):
             self.requested = True
+
+        def interrupt(signum, frame):
+            if self.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.interrupted = self.requested = True
+            self._say("\nCtrl-C: finishing the step in flight, saving it, then exiting "
+                      "(Ctrl-C again stops at once, without saving)")
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
+            self._previous_int = signal.signal(signal.SIGINT, interrupt)
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
         return self
 
     def __exit__(self, *exc):
+        import signal
         if self._previous is not None:
-            import signal
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
     def reached(self, step: int) -> bool:
         """Whether the run should save and stop (now, or at the source's next boundary);

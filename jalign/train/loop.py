@@ -36,6 +36,7 @@ from jalign.train.train_config import TrainConfig  # noqa: F401 (re-exported)
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved on SIGTERM, restart to continue
 EXIT_NONFINITE = 3    # aborted on a non-finite loss or gradient
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (saved on the first one)
 
 
 # Fault injection for the robustness tests (and for users checking their own setup):
@@ -61,6 +62,10 @@ class NonFiniteError(RuntimeError):
 
 class Preempted(Exception):
     pass
+
+
+class Interrupted(Preempted):
+    """Ctrl-C: the step in flight was saved; not a preemption a launcher restarts."""
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -159,6 +164,8 @@ class Training:
                     self.bar.close()
                 run.ckpt.close()
                 self.writer.close()
+                if run.lock is not None:
+                    run.lock.release()
         return self._summarise()
 
     def _one_step(self, step: int, preemption) -> bool:
@@ -192,6 +199,11 @@ class Training:
         # there: preemption waits for its next boundary.
         if preemption.reached(done) and self.source.at_boundary():
             self.drain()
+            if preemption.interrupted:
+                self.save("interrupt", done)
+                self.run.ckpt.wait()
+                raise Interrupted(f"Ctrl-C: saved step {done} to {self.run.run_dir}; run the "
+                                  "same command again to continue from it")
             self.save("sigterm", done)
             self.run.ckpt.wait()
             raise Preempted(f"SIGTERM: saved step {done} to {self.run.run_dir}; restart to "
@@ -385,6 +397,8 @@ def trained_model(summary: dict, role: str | None = None):
 
 
 def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED
     if isinstance(exc, Preempted):
         return EXIT_PREEMPTED
     if isinstance(exc, NonFiniteError):

@@ -35,6 +35,7 @@ from jalign.train.hosts import agree_min, agree_on, check_same_directory, from_p
 from jalign.train.operative import operative_for_models
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.recipe import Recipe
+from jalign.train.run_lock import LOCK_NAME, RunLock
 from jalign.train.resume import ResumePoint, config_record, model_record, read_resume_point
 from jalign.train.source import SourceContext, complete
 from jalign.train.state_init import build_state
@@ -88,6 +89,7 @@ class Run:
     end: int
     log: Callable[[str], None]
     metadata: dict = dataclasses.field(default_factory=dict)  # saved with each step
+    lock: Any = None  # the run directory's RunLock, released when the loop ends
 
     @property
     def tc(self) -> TrainConfig:
@@ -121,12 +123,59 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
              rules=DEFAULT_RULES, allow_config_change: bool = False,
              make_source: Callable | None = None, show_operative: bool = False) -> Run:
     """Open (resume or start) the run the configs describe. Raises ConfigError, before
-    anything is loaded or compiled and before the run directory is created, for a problem
-    in the config. ``make_source(data_iterator) -> BatchSource`` replaces the recipe's
-    batch source (tests); a resumed run restores the source's saved state into it."""
+    anything is loaded or compiled (and leaving no new run directory behind), for a
+    problem in the config or a run directory another run holds. ``make_source(
+    data_iterator) -> BatchSource`` replaces the recipe's batch source (tests); a resumed
+    run restores the source's saved state into it. The returned run holds its directory's
+    lock (``run_lock``) until the loop ends."""
     log = _log_main
     configs = normalized(configs)
     mesh, run_dir = check_start(recipe, configs, rules)
+    created = not run_dir.exists()
+    lock = take_run_lock(run_dir, log)
+    try:
+        run = _open_locked(recipe, configs, mesh, run_dir, operative=operative, rules=rules,
+                           allow_config_change=allow_config_change, make_source=make_source,
+                           show_operative=show_operative, log=log)
+    except BaseException:
+        lock.release()
+        if created:  # a run refused at start leaves nothing behind
+            remove_empty_run_dir(run_dir)
+        raise
+    run.lock = lock
+    return run
+
+
+def take_run_lock(run_dir, log) -> RunLock:
+    """The run directory's lock, taken by process 0 for every process (the same
+    ConfigError everywhere when another run holds it)."""
+    lock = RunLock(run_dir)
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            lock.acquire(log)
+        except ConfigError as e:
+            error = str(e)
+    error = from_process_0(error)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def remove_empty_run_dir(run_dir) -> None:
+    """Remove a run directory that holds nothing but its lock file."""
+    if jax.process_index() != 0:
+        return
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _open_locked(recipe: Recipe, configs: RunConfigs, mesh, run_dir, *, operative, rules,
+                 allow_config_change, make_source, show_operative, log) -> Run:
     point = find_resume(recipe, configs, run_dir, allow_config_change, log)
     models = resolve_models(recipe, configs, point)
     # Each role's pinned source, saved with each step: process 0's (a source run saving

@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli import env, run_losses
 
-from jalign.train.loop import EXIT_NONFINITE, EXIT_PREEMPTED
+from jalign.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
 
 CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +100,10 @@ def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
     assert _losses(tmp_path / "term") == ref_losses  # exact by construction
 
 
-def test_external_sigterm_is_handled(tmp_path):
+def test_a_busy_run_directory_and_ctrl_c(tmp_path):
+    """While a run trains, a second `jalign train` on its run directory is refused at
+    start, in one line naming the holder. Ctrl-C (from outside, mid-step) then finishes
+    the step, saves it and exits 130; the same command continues from that step."""
     run_dir = tmp_path / "ext"
     proc = subprocess.Popen(_cmd(tmp_path, "ext", "TrainConfig.steps=100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -109,10 +112,17 @@ def test_external_sigterm_is_handled(tmp_path):
     while time.time() < deadline and not (
             (run_dir / "metrics.jsonl").exists() and len(_losses(run_dir)) >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    second = _run(tmp_path, "ext", "OptimizerConfig.learning_rate=0.5", expect=2)
+    err = second.stderr.strip()
+    assert len(err.splitlines()) == 1 and f"in use by pid {proc.pid} on " in err, err
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert _committed(run_dir)[-1] == max(_losses(run_dir))
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert "Ctrl-C: finishing the step in flight" in err and "Traceback" not in err
+    saved = _committed(run_dir)[-1]
+    assert saved == max(_losses(run_dir)) and f"Ctrl-C: saved step {saved}" in err
+    r = _run(tmp_path, "ext", f"TrainConfig.steps={saved + 1}")
+    assert f"at step {saved}" in r.stdout and "taking it over" not in r.stdout
 
 
 def test_nonfinite_abort_and_skip(tmp_path):
