@@ -394,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
             BadRecord) as e:
         print(f"jalign {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # not writable, read-only or full: one line, not a traceback
+        from jalign.errors import os_error_line
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"jalign {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as e:  # out of device/host memory: say what to change, not where XLA was
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

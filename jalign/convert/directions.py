@@ -137,7 +137,9 @@ DIRECTIONS = tuple(f"{a}-to-{b}" for a in READERS for b in WRITERS if a != b) + 
 
 def convert(args, say=print) -> Loaded:
     """Run ``args.direction`` (one of ``DIRECTIONS``)."""
+    from jalign.errors import check_writable
     reader, _, writer = args.direction.partition("-to-")
+    check_writable(args.dst, f"jalign convert {args.direction} ... {args.dst}")
     if writer == "peft":
         loaded = read_jalign(args, say, adapters=True)
         write_peft(loaded, args, say)

@@ -26,7 +26,7 @@ from jalign import sources
 from jalign.checkpoint import CheckpointError, TrainCheckpointer, resolve_run_dir
 from jalign.data.pipeline import DataConfig
 from jalign.data.tokenizer_files import save_tokenizer
-from jalign.errors import ConfigError, first_line
+from jalign.errors import ConfigError, check_writable, first_line
 from jalign.models.lora import LoraConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, abstract_mesh, make_mesh
 from jalign.train import preflight as P
@@ -132,7 +132,8 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
     configs = normalized(configs)
     mesh, run_dir = check_start(recipe, configs, rules)
     created = not run_dir.exists()
-    lock = take_run_lock(run_dir, log)
+    lock = take_run_lock(run_dir, log, f"TrainConfig.output_root={configs.train.output_root!r} "
+                                       f"(run_name {configs.train.run_name!r})")
     try:
         run = _open_locked(recipe, configs, mesh, run_dir, operative=operative, rules=rules,
                            allow_config_change=allow_config_change, make_source=make_source,
@@ -146,16 +147,21 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
     return run
 
 
-def take_run_lock(run_dir, log) -> RunLock:
+def take_run_lock(run_dir, log, what: str) -> RunLock:
     """The run directory's lock, taken by process 0 for every process (the same
-    ConfigError everywhere when another run holds it)."""
+    ConfigError everywhere when another run holds it, or when ``what``, the binding of the
+    run directory, names a place this user cannot write)."""
     lock = RunLock(run_dir)
     error = ""
     if jax.process_index() == 0:
         try:
+            check_writable(run_dir, what)
+            check_writable(run_dir / "checkpoints" / "next", what)  # a resumed run's saves
             lock.acquire(log)
         except ConfigError as e:
             error = str(e)
+        except OSError as e:  # the run's first write: an unwritable place shows here
+            error = f"{what}: cannot write {run_dir}: {e.strerror}"
     error = from_process_0(error)
     if error:
         raise ConfigError(error)
