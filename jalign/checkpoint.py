@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 
 import jalign
 from jalign import checksum
+from jalign.checkpoint_space import (DiskFull, SpaceCheck, disk_full_message, is_disk_full)
+from jalign.faults import fault
 from jalign.errors import first_line
 from jalign.models.build import params_of
 from jalign.models.families import config_from_dict, config_to_dict
@@ -185,6 +187,14 @@ def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _write_fails(directory):
+    def write():
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local '
+                         f'file "{directory}": Failed to write 418 bytes to file 9: No space '
+                         "left on device [os_error_code='28']")
+    return write
+
+
 class TrainCheckpointer:
     """Saves and restores training: state, data-iterator position, operative config.
 
@@ -194,8 +204,12 @@ class TrainCheckpointer:
     becomes visible to restore only once Orbax has committed it.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = True,
+                 warn=None):
         self.run_dir = Path(run_dir)
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of a save in flight
+        self._failed: DiskFull | None = None
+        self._space = SpaceCheck(warn)
         options = ocp.CheckpointManagerOptions(
             create=True, max_to_keep=keep, enable_async_checkpointing=async_save,
             save_interval_steps=1)  # the loop decides when to save
@@ -224,14 +238,38 @@ class TrainCheckpointer:
                                   "train_state": checksum.checksums(rest),
                                   "fixed": checksum.checksums(state.fixed or {})}}
         metadata.update(extra_metadata or {})
-        self._mngr.save(step, args=ocp.args.Composite(
+        size = sum(int(x.nbytes) for x in jax.tree.leaves((state.params, rest))
+                   if hasattr(x, "nbytes"))
+        directory = self.run_dir / "checkpoints"
+        self.wait()  # the save in flight's failure shows here, named as its own
+        self._space(directory, size)
+        self._pending = (step, size)
+        if fault("disk_full_at_save", step):  # as tensorstore reports a full file system
+            self._guarded(_write_fails(directory))
+        self._guarded(lambda: self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train_state=ocp.args.StandardSave(rest),
             data=ocp.args.JsonSave(data_state),
             gin_config=ocp.args.JsonSave({"operative": operative, "record": config_record}),
             model_config=ocp.args.JsonSave(config_to_dict(model_config)),
-            metadata=ocp.args.JsonSave(metadata)), force=True)
+            metadata=ocp.args.JsonSave(metadata)), force=True))
         return step
+
+    def _guarded(self, action):
+        """``action()``; a full disk under it (this save, or the one in flight) becomes
+        DiskFull naming the step, the directory and the intact checkpoint."""
+        try:
+            return action()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            if self._failed is None:  # orbax raises it again at the next wait or close
+                step, size = self._pending or (None, 0)
+                committed = [s for s in self._mngr.all_steps() if s != step]
+                self._failed = DiskFull(disk_full_message(
+                    self.run_dir / "checkpoints", step, size, max(committed, default=None)))
+            self._pending = None
+            raise self._failed from None
 
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
@@ -384,8 +422,11 @@ class TrainCheckpointer:
         return target
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        self._guarded(self._mngr.wait_until_finished)
+        self._pending = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()

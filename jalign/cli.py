@@ -67,6 +67,9 @@ def cmd_train(args) -> int:
     except (loop.Preempted, loop.NonFiniteError) as e:
         print(f"jalign train: {e}", file=sys.stderr, flush=True)
         return loop.exit_code_for(e)
+    except loop.DiskFull as e:
+        print(f"jalign train: error: {e}", file=sys.stderr, flush=True)
+        return loop.exit_code_for(e)
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before training began
         print("\njalign train: stopped at once by Ctrl-C: nothing was saved after the last "
               "checkpoint, from which the same command continues", file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ def _with_injected_nan(recipe: Recipe) -> Recipe:
     import jax.numpy as jnp
 
     from jalign.losses.types import LossOutput
-    from jalign.train.loop import FAULT_ENV
+    from jalign.faults import FAULT_ENV
 
     steps = [int(p.split(":")[1]) for p in os.environ.get(FAULT_ENV, "").split(",")
              if p.startswith("nan_at_step:")]

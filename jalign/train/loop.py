@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jalign.checkpoint_space import DiskFull, quiet_saves
+from jalign.faults import FAULT_ENV, fault  # noqa: F401 (FAULT_ENV re-exported)
 from jalign.losses.types import combine_aux
 from jalign.data.formats import rows_per_example
 from jalign.sharding import DEFAULT_RULES, global_rows
@@ -37,23 +39,7 @@ from jalign.train.train_config import TrainConfig  # noqa: F401 (re-exported)
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved on SIGTERM, restart to continue
 EXIT_NONFINITE = 3    # aborted on a non-finite loss or gradient
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (saved on the first one)
-
-
-# Fault injection for the robustness tests (and for users checking their own setup):
-# JALIGN_FAULT="sigkill_after_save:4" kills the process with SIGKILL once step 4's
-# checkpoint is committed; "sigkill_during_save:8" right after step 8's async save starts;
-# "sigterm_at_step:6" sends this process SIGTERM after step 6; "sigterm_at_step:6@1" only
-# process 1 of a multi-host run.
-FAULT_ENV = "JALIGN_FAULT"
-
-
-def _fault(kind: str, step: int) -> bool:
-    """Whether ``JALIGN_FAULT`` asks for ``kind`` at ``step`` here ("kind:step", or
-    "kind:step@P" for process P only)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    here = f"{kind}:{step}"
-    return any(part == here or part == f"{here}@{jax.process_index()}"
-               for part in spec.split(","))
+EXIT_DISK_FULL = 74   # EX_IOERR: a checkpoint did not fit its file system
 
 
 class NonFiniteError(RuntimeError):
@@ -149,7 +135,7 @@ class Training:
 
     def execute(self) -> dict:
         run = self.run
-        with Preemption() as preemption:
+        with Preemption() as preemption, quiet_saves():
             try:
                 self._open_bar()
                 if self.evaluator.enabled and self.tc.eval_at_start and run.start == 0:
@@ -193,7 +179,7 @@ class Training:
         done = step + 1
         self.pending.append(Pending(done, metrics, t_dispatch, self.source.step_metrics()))
         self.drain(keep_last=True)
-        if _fault("sigterm_at_step", done):
+        if fault("sigterm_at_step", done):
             os.kill(os.getpid(), signal.SIGTERM)  # through the real handler
         # A source whose state is complete only between some steps (rollouts) is saved
         # there: preemption waits for its next boundary.
@@ -310,9 +296,9 @@ class Training:
                       model_config=run.model_config, operative=run.operative,
                       config_record=run.record, roles=meta.pop("roles"),
                       extra_metadata={"reason": reason, "algorithm": run.recipe.name, **meta})
-        if _fault("sigkill_during_save", step):
+        if fault("sigkill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if _fault("sigkill_after_save", step):
+        if fault("sigkill_after_save", step):
             run.ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -403,4 +389,6 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_PREEMPTED
     if isinstance(exc, NonFiniteError):
         return EXIT_NONFINITE
+    if isinstance(exc, DiskFull):
+        return EXIT_DISK_FULL
     return 1

@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli import env, run_losses
 
-from jalign.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
+from jalign.train.loop import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
 
 CONFIG = str(Path(__file__).with_name("tiny_sft.gin"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +98,21 @@ def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
     r = _run(tmp_path, "term")
     assert "at step 6" in r.stdout
     assert _losses(tmp_path / "term") == ref_losses  # exact by construction
+
+
+def test_a_full_disk_is_said_and_the_rerun_resumes_exactly(tmp_path, reference):
+    """The final save fails as a full file system fails under orbax: one line (where, how
+    much, which checkpoint is intact), exit 74, no traceback; rerun, it resumes there."""
+    ref_losses, _ = reference
+    r = _run(tmp_path, "full", fault="disk_full_at_save:8", expect=EXIT_DISK_FULL)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("jalign train: error: the disk is full: the checkpoint of step 8 "
+                          f"could not be written to {tmp_path / 'full' / 'checkpoints'} (")
+    assert "Checkpoint 4 is intact" in err and "a checkpoint of this run takes ~" in err
+    r = _run(tmp_path, "full")
+    assert "at step 4" in r.stdout
+    assert _losses(tmp_path / "full") == ref_losses  # exact by construction
 
 
 def test_a_busy_run_directory_and_ctrl_c(tmp_path):
