@@ -295,6 +295,7 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
                                   config.batch_size // shards))
     it = ShardedIterator(parts, list(mine), shards)
     it.stats["tokenize_seconds"] = round(time.time() - t0, 3)
+    it.datasets_fingerprint = getattr(records, "_fingerprint", None)  # a datasets object's
     if kind == "prompt":
         it.records = records  # for record_fields (every process holds all of them)
     return it
@@ -342,6 +343,7 @@ class ShardedIterator:
     def __init__(self, parts: list[DataIterator], shard_ids: list[int], shards: int):
         self.parts, self.shard_ids, self.shards = parts, shard_ids, shards
         self.records = None
+        self.datasets_fingerprint = None
         self.chat, self.config, self.kind = parts[0].chat, parts[0].config, parts[0].kind
         self.rows = sum(p.rows for p in parts)
         self.stats = _merged_stats([p.stats for p in parts])
@@ -364,6 +366,12 @@ class ShardedIterator:
     @property
     def batches(self) -> int:
         return self.parts[0].batches
+
+    def fingerprint(self) -> dict:
+        """What this stream depends on (``jalign.data.fingerprint``): its files' hashes
+        are computed now."""
+        from jalign.data.fingerprint import data_fingerprint
+        return data_fingerprint(self.config, self.chat, self.datasets_fingerprint)
 
     def annotate(self, fn) -> None:
         """``fn(examples, chat, shard)`` for each of this process's shards (``shard``: a

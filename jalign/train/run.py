@@ -192,6 +192,7 @@ def _open_locked(recipe: Recipe, configs: RunConfigs, mesh, run_dir, *, operativ
         log("operative config:\n" + operative)
     configs, named = resolve_tokenizers(configs, point, run_dir)
     data, eval_iter = open_data(configs, point, models, named)
+    fingerprint = check_data_unchanged(point, data, allow_config_change, log)
     ckpt = prepare_run_dir(run_dir, configs.train, operative, point, data.chat)
     initial = initial_models(models, records, point, configs, mesh, rules)
     ctx = SourceContext(mesh=mesh, rules=rules, seed=configs.train.seed, models=models,
@@ -221,7 +222,8 @@ def _open_locked(recipe: Recipe, configs: RunConfigs, mesh, run_dir, *, operativ
                source=source, eval_iter=eval_iter, eval_start=eval_start,
                optimizer=built.optimizer, schedule=built.schedule, shardings=built.shardings,
                state=built.state, start=start, end=_end_step(configs, source, start, log),
-               log=log, metadata={"roles": records, "data_shards": point.data_shards})
+               log=log, metadata={"roles": records, "data_shards": point.data_shards,
+                                  "data_fingerprint": fingerprint})
 
 
 # ------------------------------------------------------------------ 1. checks at start
@@ -387,6 +389,30 @@ def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels, name
                 f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
                 f"make no full batch of eval/DataConfig.batch_size={ec.batch_size}")
     return data, eval_iter
+
+
+def check_data_unchanged(point: ResumePoint, data, allow: bool, log) -> dict:
+    """The training data's fingerprint (``jalign.data.fingerprint``), compared on resume
+    with the checkpoint's: a changed file (or tokenizer) is refused like a changed config,
+    naming it, unless ``allow`` (then logged)."""
+    from jalign.data.fingerprint import differences
+    new = data.fingerprint()
+    if point.step is None:
+        return new
+    old = (point.metadata or {}).get("data_fingerprint")
+    if old is None:
+        log(f"note: the checkpoint at step {point.step} predates data fingerprints; the "
+            "training data was not compared")
+        return new
+    changed = differences(old, new)
+    if changed and not allow:
+        raise ConfigError(f"resuming step {point.step}: the training data changed since "
+                          f"(DataConfig.path={data.config.path!r}): " + "; ".join(changed)
+                          + ". Restore it, use another TrainConfig.run_name, or pass "
+                          "--allow-config-change to continue on the new data")
+    for line in changed:
+        log(f"resume: data changed: {line} (allowed by --allow-config-change)")
+    return new
 
 
 def _same_unsplit_data(train_path: str, eval_path: str) -> bool:

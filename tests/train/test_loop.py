@@ -100,6 +100,33 @@ def test_sigterm_saves_current_step_and_exits_distinctly(tmp_path, reference):
     assert _losses(tmp_path / "term") == ref_losses  # exact by construction
 
 
+def test_changed_training_data_is_refused_on_resume_unless_allowed(tmp_path):
+    """A local jsonl edited (or grown) between a run and its resume is a changed input:
+    refused at start naming the file, unless --allow-config-change (then logged)."""
+    from jalign.data import tasks
+    data = tmp_path / "train.jsonl"
+    records = tasks.sft_records("add", 48, 0, split="train")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    bindings = (f"DataConfig.path='{data}'", "TrainConfig.eval_batches=0")
+    _run(tmp_path, "edited", *bindings, "TrainConfig.steps=4")
+    answer = records[5]["messages"][1]["content"]
+    records[5]["messages"][1]["content"] = "0" * len(answer)  # an answer changed, same size
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = _run(tmp_path, "edited", *bindings, expect=2)
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "resuming step 4: the training data changed" in err
+    assert f"{data} changed (content hash" in err and "same size" in err, err
+    with open(data, "a") as f:  # 20 more lines
+        f.write("".join(json.dumps(r) + "\n" for r in records[:20]))
+    r = _run(tmp_path, "edited", *bindings, expect=2)
+    assert "bytes)" in r.stderr and str(data) in r.stderr
+    r = subprocess.run(_cmd(tmp_path, "edited", *bindings) + ["--allow-config-change"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resume: data changed: {data} changed" in r.stdout
+    assert max(_losses(tmp_path / "edited")) == 8
+
+
 def test_a_full_disk_is_said_and_the_rerun_resumes_exactly(tmp_path, reference):
     """The final save fails as a full file system fails under orbax: one line (where, how
     much, which checkpoint is intact), exit 74, no traceback; rerun, it resumes there."""
