@@ -44,8 +44,9 @@ class FieldError(DataError):
 def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, Any]]:
     """Records from a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory, or a
     hub dataset name (needs network). JSON is parsed here, one record at a time, so that
-    records of mixed shape (a string in one, a list in the next) are fine and a broken
-    line is reported by number. A source with splits (a JSON object of them, a
+    records of mixed shape (a string in one, a list in the next) are fine; a .jsonl line
+    that is not JSON (or not UTF-8) is kept aside by number (``Records.bad``) for the
+    tokenizer to refuse or count. A source with splits (a JSON object of them, a
     DatasetDict, a hub dataset) gives ``split``, and a split it does not have is a
     FieldError; a single file without splits (.jsonl, .parquet, a JSON list) is one split,
     read whole whatever ``split`` names: a held-out file given as the eval data is the
@@ -54,9 +55,12 @@ def read_records(path: str, *, split: str = "train") -> Iterable[Mapping[str, An
     if p.is_file():
         if p.suffix == ".json":
             try:
-                data = json.loads(p.read_text())
+                data = json.loads(p.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+                raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
+                                f"{e.start})") from None
             if isinstance(data, dict):  # {"data": [...]} or {split: [...]}
                 if split in data:
                     data = data[split]
@@ -127,17 +131,35 @@ def _read_hub(name: str, split: str):
         raise
 
 
-def _read_jsonl(p: Path) -> list:
-    records = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+class Records(list):
+    """Records read from a file, with where each came from (``where``: ``file:line``,
+    1-based) and the lines that were no record (``bad``: [(where, reason)]), which the
+    tokenizer counts or refuses by ``DataConfig.on_bad_record``."""
+
+    def __init__(self, items=(), where=(), bad=()):
+        super().__init__(items)
+        self.where, self.bad = list(where), list(bad)
+
+
+def _read_jsonl(p: Path) -> Records:
+    records, where, bad = [], [], []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            at = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append((at, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+                continue
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-    return records
+                bad.append((at, f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
+            where.append(at)
+    return Records(records, where, bad)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -22,7 +22,7 @@ from grain.experimental import FirstFitPackIterDataset, ThreadPrefetchIterDatase
 from jalign.data import formats, packing
 from jalign.data.formats import BadRecord, DataError, FieldError
 from jalign.errors import first_line
-from jalign.data.tokenize import (TOKENIZERS, ChatTokenizer, TemplateRefused, TokenizeConfig,
+from jalign.data.tokenize import (TOKENIZERS, ChatTokenizer, PromptTooLong, TokenizeConfig,
                                   load_tokenizer)
 
 STATE_VERSION = 1  # one shard's iterator state
@@ -118,16 +118,29 @@ def open_tokenizer(config: DataConfig) -> ChatTokenizer:
 def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatTokenizer, *,
                      process_index: int = 0, process_count: int = 1,
                      progress: bool = False) -> tuple[list[dict], dict]:
-    """Normalise and tokenize this process's records; return (examples, stats)."""
+    """Normalise and tokenize this process's records; return (examples, stats).
+
+    A bad record (a line that is not JSON or not UTF-8, a record the format's adapter
+    refuses, one the chat template refuses, a prompt too long for the row) stops here
+    under ``on_bad_record='error'``, naming ``file:line`` (1-based; ``record N`` for a
+    source without lines) and the reason; under ``skip`` it is dropped and counted by
+    reason (``stats['skipped_reasons']``)."""
     kind, adapt = formats.adapter(config.format)
     tok_cfg = config.tokenize_config()
     columns = dict(config.columns)
     fn = TOKENIZERS[kind]
     stats: dict[str, Any] = {"records": 0, "examples": 0, "skipped_bad_record": 0,
-                             "skipped_too_long": 0, "tokens": 0, "target_tokens": 0,
-                             "max_token_id": -1}
+                             "skipped_too_long": 0, "skipped_reasons": {}, "tokens": 0,
+                             "target_tokens": 0, "max_token_id": -1}
     examples = []
     records = list(records) if not isinstance(records, Sequence) else records
+    where = _locator(records, config)
+    for at, reason in getattr(records, "bad", ()):  # lines that were no record
+        if process_index == 0:  # counted once, by the first shard
+            stats["records"] += 1
+            _bad(stats, config, at, reason, "skipped_bad_record")
+        elif config.on_bad_record == "error":
+            _bad(stats, config, at, reason, "skipped_bad_record")
     mine = range(process_index, len(records), process_count)
     bar = None
     if progress:
@@ -139,17 +152,12 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
         if bar is not None:
             bar.update(1)
         try:
-            record = adapt(records[index], columns)
-        except BadRecord as e:
-            _bad(stats, config, index, str(e), "skipped_bad_record")
+            example = fn(chat, adapt(records[index], columns), tok_cfg)
+        except PromptTooLong as e:
+            _bad(stats, config, where(index), str(e), "skipped_too_long")
             continue
-        try:
-            example = fn(chat, record, tok_cfg)
-        except TemplateRefused as e:
-            _bad(stats, config, index, str(e), "skipped_bad_record")
-            continue
-        except BadRecord as e:  # truncation left nothing to train on: always dropped
-            _drop(stats, index, str(e), "skipped_too_long")
+        except BadRecord as e:  # the adapter's, the template's, the tokenizer's
+            _bad(stats, config, where(index), str(e), "skipped_bad_record")
             continue
         example["record_index"] = index
         examples.append(example)
@@ -170,22 +178,42 @@ def tokenize_records(records: Iterable[Mapping], config: DataConfig, chat: ChatT
     return examples, stats
 
 
+def _locator(records, config: DataConfig):
+    """index -> where record ``index`` came from: ``file:line`` when the reader kept lines,
+    else ``PATH: record N`` (1-based)."""
+    lines = getattr(records, "where", None)
+    if lines:
+        return lines.__getitem__
+    return lambda index: f"{config.path}: record {index + 1}"
+
+
 def _examples_note(stats):
     shown = stats.get("skipped_examples", [])[:3]
     return "; e.g. " + "; ".join(shown) if shown else ""
 
 
-def _bad(stats, config, index, message, counter):
+def _bad(stats, config, at: str, message: str, counter: str):
+    """Stop (``on_bad_record='error'``) or drop and count a bad record found ``at``."""
     if config.on_bad_record == "error":
-        raise DataError(f"{config.path}: record {index}: {message}")
-    _drop(stats, index, message, counter)
-
-
-def _drop(stats, index, message, counter):
+        raise DataError(f"{at}: {message} (DataConfig.on_bad_record='skip' drops such "
+                        "records and counts them)")
     stats[counter] += 1
+    reason = message.split(" (")[0]
+    stats["skipped_reasons"][reason] = stats["skipped_reasons"].get(reason, 0) + 1
     shown = stats.setdefault("skipped_examples", [])
     if len(shown) < 20:
-        shown.append(f"record {index}: {message}")
+        shown.append(f"{at}: {message}")
+
+
+def skipped_summary(stats: dict) -> str | None:
+    """One line of what ``on_bad_record='skip'`` dropped, by reason, or None."""
+    reasons = stats.get("skipped_reasons") or {}
+    if not reasons:
+        return None
+    parts = ", ".join(f"{n} {reason}" for reason, n in
+                      sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return (f"skipped {sum(reasons.values())} of {stats['records']} records: {parts}"
+            f"{_examples_note(stats)}")
 
 
 class DataIterator:
@@ -425,6 +453,9 @@ def _merged_stats(parts: list[dict]) -> dict:
                 out[k] = max(out.get(k, -1), v)
             elif k == "skipped_examples":
                 out.setdefault(k, []).extend(v)
+            elif k == "skipped_reasons":
+                for reason, n in v.items():
+                    out.setdefault(k, {})[reason] = out.get(k, {}).get(reason, 0) + n
             elif isinstance(v, (int, float)):
                 out[k] = out.get(k, 0) + v
     return out

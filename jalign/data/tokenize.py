@@ -53,8 +53,9 @@ class TokenizeConfig:
     """How records become tokens.
 
     max_length: tokens per example (prompt + response). max_prompt_length: prompts longer
-    than this lose tokens from the left (keeping BOS). Responses are cut from the right to
-    fit max_length; an example left with no response token is dropped and counted.
+    than this lose tokens from the left (keeping BOS); without it a prompt that leaves no
+    room for a response (prompt data: longer than max_length - 1) is a bad record
+    (``PromptTooLong``). Responses are cut from the right to fit max_length.
     train_on: which assistant turns carry loss. chat_template: a name in NAMED_TEMPLATES,
     a Jinja string, or None for the tokenizer's own.
     """
@@ -97,6 +98,17 @@ def load_tokenizer(name_or_path: str | None = None):
     return tok
 
 
+class PromptTooLong(BadRecord):
+    """A prompt with no room left for a response (or past the row) and no
+    ``max_prompt_length`` to truncate it to."""
+
+
+def _too_long(n: int, limit: int, cfg) -> PromptTooLong:
+    return PromptTooLong(f"prompt too long ({n} tokens, over the {limit} that max_length="
+                         f"{cfg.max_length} allows; DataConfig.max_prompt_length truncates "
+                         "prompts from the left)")
+
+
 class TemplateRefused(BadRecord):
     """The chat template raised on this conversation (e.g. its own role-order check): a bad
     record, handled by DataConfig.on_bad_record like any other."""
@@ -118,6 +130,12 @@ class ChatTokenizer:
 
     def __init__(self, tokenizer, chat_template: str | None = None):
         self.tokenizer = tokenizer
+        # transformers warns once that a sequence is longer than the tokenizer's
+        # model_max_length: jalign truncates to DataConfig.max_length itself (and counts
+        # or refuses what does not fit), so the warning only misleads. Marked as given.
+        warned = getattr(tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
         template = NAMED_TEMPLATES.get(chat_template, chat_template)
         if template is None:
             template = getattr(tokenizer, "chat_template", None)
@@ -248,6 +266,8 @@ def truncate_example(ids: np.ndarray, mask: np.ndarray, cfg: TokenizeConfig, bos
     if not len(trained):
         raise BadRecord("no assistant tokens to train on")
     start = trained[0]
+    if cfg.max_prompt_length is None and start >= cfg.max_length:
+        raise _too_long(start, cfg.max_length - 1, cfg)
     prompt = _truncate_prompt(ids[:start], cfg.max_prompt_length, bos_id)
     ids = np.concatenate([prompt, ids[start:]])[: cfg.max_length]
     mask = np.concatenate([np.zeros(len(prompt), np.int32), mask[start:]])[: cfg.max_length]
@@ -279,6 +299,8 @@ def tokenize_preference(chat: ChatTokenizer, record: dict, cfg: TokenizeConfig) 
     shared = 0
     while shared < min(len(p_c), len(p_r)) and p_c[shared] == p_r[shared]:
         shared += 1
+    if cfg.max_prompt_length is None and shared >= cfg.max_length:
+        raise _too_long(shared, cfg.max_length - 1, cfg)
     prompt_ids = _truncate_prompt(p_c[:shared], cfg.max_prompt_length, chat.bos_id)
     room = cfg.max_length - len(prompt_ids)
     out = {"prompt_ids": prompt_ids}
@@ -296,7 +318,10 @@ def tokenize_preference(chat: ChatTokenizer, record: dict, cfg: TokenizeConfig) 
 
 def tokenize_prompt(chat: ChatTokenizer, record: dict, cfg: TokenizeConfig) -> dict:
     limit = cfg.max_prompt_length or cfg.max_length - 1
-    prompt_ids = _truncate_prompt(chat.encode_prompt(record["prompt"]), limit, chat.bos_id)
+    prompt_ids = chat.encode_prompt(record["prompt"])
+    if cfg.max_prompt_length is None and len(prompt_ids) > limit:
+        raise _too_long(len(prompt_ids), limit, cfg)
+    prompt_ids = _truncate_prompt(prompt_ids, limit, chat.bos_id)
     return {"prompt_ids": prompt_ids}
 
 

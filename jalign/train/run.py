@@ -31,7 +31,8 @@ from jalign.models.lora import LoraConfig
 from jalign.sharding import DEFAULT_RULES, MeshConfig, abstract_mesh, make_mesh
 from jalign.train import preflight as P
 from jalign.train import roles as R
-from jalign.train.hosts import agree_min, agree_on, check_same_directory, from_process_0
+from jalign.train.hosts import (agree_min, agree_on, all_states, check_same_directory,
+                                 from_process_0)
 from jalign.train.operative import operative_for_models
 from jalign.train.optimizer import OptimizerConfig
 from jalign.train.recipe import Recipe
@@ -192,6 +193,7 @@ def _open_locked(recipe: Recipe, configs: RunConfigs, mesh, run_dir, *, operativ
         log("operative config:\n" + operative)
     configs, named = resolve_tokenizers(configs, point, run_dir)
     data, eval_iter = open_data(configs, point, models, named)
+    skipped = report_skipped(data, eval_iter, log)
     fingerprint = check_data_unchanged(point, data, allow_config_change, log)
     ckpt = prepare_run_dir(run_dir, configs.train, operative, point, data.chat)
     initial = initial_models(models, records, point, configs, mesh, rules)
@@ -223,7 +225,7 @@ def _open_locked(recipe: Recipe, configs: RunConfigs, mesh, run_dir, *, operativ
                optimizer=built.optimizer, schedule=built.schedule, shardings=built.shardings,
                state=built.state, start=start, end=_end_step(configs, source, start, log),
                log=log, metadata={"roles": records, "data_shards": point.data_shards,
-                                  "data_fingerprint": fingerprint})
+                                  "data_fingerprint": fingerprint, "data_skipped": skipped})
 
 
 # ------------------------------------------------------------------ 1. checks at start
@@ -389,6 +391,30 @@ def open_data(configs: RunConfigs, point: ResumePoint, models: R.RunModels, name
                 f"eval/DataConfig: {eval_iter.stats['examples']} eval examples per process "
                 f"make no full batch of eval/DataConfig.batch_size={ec.batch_size}")
     return data, eval_iter
+
+
+def report_skipped(data, eval_iter, log) -> dict:
+    """Say what ``on_bad_record='skip'`` dropped from each split (every process's counts
+    summed), by reason; returns {binding: {reason: count}} for the checkpoints' metadata."""
+    from jalign.data.pipeline import skipped_summary
+    out = {}
+    for binding, it in (("DataConfig", data), ("eval/DataConfig", eval_iter)):
+        if it is None:
+            continue
+        parts = all_states({"reasons": it.stats.get("skipped_reasons", {}),
+                            "records": it.stats["records"],
+                            "shown": it.stats.get("skipped_examples", [])[:3]})
+        reasons: dict = {}
+        for part in parts:
+            for reason, n in part["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        line = skipped_summary({"skipped_reasons": reasons,
+                                "records": sum(p["records"] for p in parts),
+                                "skipped_examples": [x for p in parts for x in p["shown"]]})
+        if line:
+            log(f"{binding}: {line}")
+            out[binding] = reasons
+    return out
 
 
 def check_data_unchanged(point: ResumePoint, data, allow: bool, log) -> dict:

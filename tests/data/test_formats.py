@@ -7,7 +7,7 @@ import pytest
 
 from jalign.data import formats
 from jalign.data.formats import BadRecord, DataError
-from jalign.data.pipeline import DataConfig, build_iterator, tokenize_records
+from jalign.data.pipeline import DataConfig, build_iterator, skipped_summary, tokenize_records
 from jalign.data.tokenize import ChatTokenizer, load_tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[2] / "jalign" / "assets" / "samples"
@@ -97,7 +97,7 @@ def chat():
 def test_bad_record_error_names_index_and_problem(chat, case):
     bad, message = BAD_CASES[case]
     records = [GOOD, GOOD, bad, GOOD]
-    with pytest.raises(DataError, match=f"record 2: {message}"):
+    with pytest.raises(DataError, match=f"^mem: record 3: {message}"):  # 1-based
         tokenize_records(records, DataConfig(path="mem", on_bad_record="error"), chat)
 
 
@@ -108,7 +108,8 @@ def test_bad_record_skip_drops_and_counts(chat, case):
     examples, stats = tokenize_records(records, DataConfig(path="mem", on_bad_record="skip"), chat)
     assert len(examples) == 2 and stats["skipped_bad_record"] == 2
     assert [e["record_index"] for e in examples] == [0, 2]
-    assert stats["skipped_examples"][0].startswith("record 1: ")
+    assert stats["skipped_examples"][0].startswith("mem: record 2: ")
+    assert sum(stats["skipped_reasons"].values()) == 2
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
@@ -126,11 +127,58 @@ def test_all_records_bad_is_an_error(chat):
         tokenize_records([{"x": 1}, {"y": 2}], DataConfig(path="mem", on_bad_record="skip"), chat)
 
 
-def test_broken_jsonl_line_is_named(tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n{not json\n")
-    with pytest.raises(DataError, match="broken.jsonl:2: invalid JSON"):
-        formats.read_records(str(path))
+def _bad_file(tmp_path):
+    """A jsonl with a good record, a broken line, a non-UTF-8 line, a record the adapter
+    refuses (an unknown role), a prompt too long for the row and a blank line."""
+    path = tmp_path / "bad.jsonl"
+    long = {"messages": [{"role": "user", "content": "word " * 600},
+                         {"role": "assistant", "content": "ok"}]}
+    bot = {"messages": [{"role": "bot", "content": "hi"}]}
+    path.write_bytes((json.dumps(GOOD) + "\n{not json\n").encode() + b'{"x": "\xff"}\n'
+                     + (json.dumps(bot) + "\n" + json.dumps(long) + "\n\n"
+                        + json.dumps(GOOD) + "\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (b"{not json", "invalid JSON"), (b'{"x": "\xff"}', "not UTF-8 (byte 0xff at column 8)"),
+    (json.dumps({"messages": [{"role": "bot", "content": "hi"}]}).encode(), "role"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 600},
+                              {"role": "assistant", "content": "ok"}]}).encode(),
+     "prompt too long")])
+def test_error_names_the_bad_line_of_a_jsonl_1_based(tmp_path, bad, reason):
+    """Under 'error' a bad line stops at start, named file:line, whatever kind of bad."""
+    path = tmp_path / "one_bad.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + bad + b"\n")
+    with pytest.raises(DataError) as e:
+        build_iterator(DataConfig(path=str(path), max_length=64, batch_size=1))
+    assert str(e.value).startswith(f"{path}:3: ") and reason in str(e.value), str(e.value)
+
+
+def test_skip_drops_every_bad_line_and_counts_it_by_reason(tmp_path):
+    it = build_iterator(DataConfig(path=str(_bad_file(tmp_path)), max_length=64, batch_size=1,
+                                   on_bad_record="skip"))
+    stats = it.stats
+    assert stats["examples"] == 2 and stats["records"] == 6
+    assert stats["skipped_reasons"] == {"invalid JSON": 1, "not UTF-8": 1,
+                                        "prompt too long": 1,
+                                        **{k: 1 for k in stats["skipped_reasons"]
+                                           if "role" in k}}
+    assert len(stats["skipped_reasons"]) == 4
+    line = skipped_summary(stats)
+    assert line.startswith("skipped 4 of 6 records: ") and ":2: invalid JSON" in line
+
+
+def test_a_prompt_too_long_stops_under_error_too(tmp_path):
+    path = tmp_path / "long.jsonl"
+    long = {"messages": [{"role": "user", "content": "word " * 600},
+                         {"role": "assistant", "content": "ok"}]}
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
+    with pytest.raises(DataError, match=f"^{path}:2: prompt too long"):
+        build_iterator(DataConfig(path=str(path), max_length=64, batch_size=1))
+    it = build_iterator(DataConfig(path=str(path), max_length=64, batch_size=1,
+                                   max_prompt_length=32))  # truncation asked for: kept
+    assert it.stats["examples"] == 2
 
 
 def test_local_parquet_and_save_to_disk(tmp_path):
@@ -166,3 +214,17 @@ def test_a_file_without_splits_is_read_whole_for_any_split(tmp_path):
     assert formats.is_unsplit_file(str(SAMPLES / "messages.jsonl"))
     assert formats.is_unsplit_file(str(tmp_path / "list.json"))
     assert not formats.is_unsplit_file(str(tmp_path / "splits.json"))
+
+
+def test_a_run_says_what_it_skipped_at_start(tmp_path):
+    """open_run's report: one line per split, by reason (every process's counts), and the
+    counts for the checkpoints' metadata."""
+    from jalign.train.run import report_skipped
+    it = build_iterator(DataConfig(path=str(_bad_file(tmp_path)), max_length=64, batch_size=1,
+                                   on_bad_record="skip"))
+    said = []
+    recorded = report_skipped(it, None, said.append)
+    assert len(said) == 1 and said[0].startswith("DataConfig: skipped 4 of 6 records: ")
+    assert sum(recorded["DataConfig"].values()) == 4
+    clean = build_iterator(DataConfig(path="bundled:add", bundled_size=8, batch_size=1))
+    assert report_skipped(clean, None, said.append) == {} and len(said) == 1
