@@ -242,7 +242,8 @@ class TrainCheckpointer:
                    if hasattr(x, "nbytes"))
         directory = self.run_dir / "checkpoints"
         self.wait()  # the save in flight's failure shows here, named as its own
-        self._space(directory, size)
+        if jax.process_index() == 0:
+            self._space(directory, size)
         self._pending = (step, size)
         if fault("disk_full_at_save", step):  # as tensorstore reports a full file system
             self._guarded(_write_fails(directory))

@@ -58,13 +58,16 @@ def build(name: str, scope: str | None = None):
     """
     register()
     cls = CLASSES[name]
-    scoped = set(gin.get_bindings(f"{scope}/{name}", inherit_scopes=False)) if scope else set()
-    with gin.config_scope(scope) if scope else contextlib.nullcontext():
-        check_bindings(cls, gin.get_bindings(name),
-                       lambda field: f"{scope}/{name}" if field in scoped else name)
     try:
+        # get_bindings evaluates references (@RopeScaling()): their errors are the config's
+        scoped = (set(gin.get_bindings(f"{scope}/{name}", inherit_scopes=False)) if scope
+                  else set())
         with gin.config_scope(scope) if scope else contextlib.nullcontext():
+            check_bindings(cls, gin.get_bindings(name),
+                           lambda field: f"{scope}/{name}" if field in scoped else name)
             made = _REGISTERED[name]()
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         # gin appends "In call to configurable ..." on lines of its own
         text = str(e).split("\n  In call to configurable")[0].strip()

@@ -34,9 +34,11 @@ def os_error_line(e: OSError) -> str | None:
     """One line for an OSError a user can act on (permissions, a read-only or full file
     system), or None for any other."""
     import errno
-    where = e.filename or "the output"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    where = e.filename or "a file"
+    if e.errno == errno.EROFS:
         return f"cannot write {where}: {e.strerror}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: {e.strerror} (this user may not read or write it)"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full writing {where} ({e.strerror})"
     return None

@@ -37,11 +37,14 @@ def source_fingerprint(config, datasets_fingerprint=None) -> dict:
     path = config.path
     if path.startswith("bundled:"):  # generated: the config decides it (its record)
         return {path: {"generated": True}}
+    # Named as the config names them (not resolved): the same data read through another
+    # mount point or working directory is the same data.
     p = Path(path)
     if p.is_file():
-        return {str(p.resolve()): _file(p)}
+        return {path: _file(p)}
     if p.is_dir():
-        return {str(f.resolve()): _file(f) for f in sorted(p.rglob("*")) if f.is_file()}
+        return {f"{path}/{f.relative_to(p)}": _file(f) for f in sorted(p.rglob("*"))
+                if f.is_file()}
     # a hub dataset: its name, split and the content fingerprint datasets computed
     return {f"hub:{path}[{config.split}]": {"fingerprint": datasets_fingerprint}}
 

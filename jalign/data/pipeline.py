@@ -11,6 +11,7 @@ the saved iterator stopped.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
@@ -198,11 +199,11 @@ def _bad(stats, config, at: str, message: str, counter: str):
         raise DataError(f"{at}: {message} (DataConfig.on_bad_record='skip' drops such "
                         "records and counts them)")
     stats[counter] += 1
-    reason = message.split(" (")[0]
+    reason = re.sub(r"\[\d+\]", "[i]", message.splitlines()[0].split(" (")[0])
     stats["skipped_reasons"][reason] = stats["skipped_reasons"].get(reason, 0) + 1
     shown = stats.setdefault("skipped_examples", [])
     if len(shown) < 20:
-        shown.append(f"{at}: {message}")
+        shown.append(f"{at}: {message.splitlines()[0]}")
 
 
 def skipped_summary(stats: dict) -> str | None:
@@ -310,6 +311,7 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
         chat = open_tokenizer(config)
     t0 = time.time()
     records = _source_records(config) if records is None else records
+    datasets_fingerprint = getattr(records, "_fingerprint", None)  # a datasets object's
     records = list(records) if not isinstance(records, Sequence) else records
     per = shards // process_count
     mine = range(process_index * per, (process_index + 1) * per)
@@ -323,7 +325,7 @@ def build_iterator(config: DataConfig, *, records: Iterable[Mapping] | None = No
                                   config.batch_size // shards))
     it = ShardedIterator(parts, list(mine), shards)
     it.stats["tokenize_seconds"] = round(time.time() - t0, 3)
-    it.datasets_fingerprint = getattr(records, "_fingerprint", None)  # a datasets object's
+    it.datasets_fingerprint = datasets_fingerprint
     if kind == "prompt":
         it.records = records  # for record_fields (every process holds all of them)
     return it

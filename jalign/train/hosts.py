@@ -110,7 +110,8 @@ class Preemption:
                       "(Ctrl-C again stops at once, without saving)")
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
-            self._previous_int = signal.signal(signal.SIGINT, interrupt)
+            if jax.process_count() == 1:  # several: one host saving alone would hang
+                self._previous_int = signal.signal(signal.SIGINT, interrupt)
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
         return self

@@ -135,24 +135,32 @@ class Training:
 
     def execute(self) -> dict:
         run = self.run
-        with Preemption() as preemption, quiet_saves():
-            try:
-                self._open_bar()
-                if self.evaluator.enabled and self.tc.eval_at_start and run.start == 0:
-                    self.last_eval = self.evaluator(self.state, 0)  # the baseline
-                    self.writer.write(self.last_eval)
-                for step in range(run.start, run.end):
-                    if not self._one_step(step, preemption):
-                        break
-                self._finish()
-            finally:
-                if self.bar is not None:
-                    self.bar.close()
-                run.ckpt.close()
-                self.writer.close()
-                if run.lock is not None:
-                    run.lock.release()
-        return self._summarise()
+        try:
+            with Preemption() as preemption, quiet_saves():
+                try:
+                    self._loop(preemption)
+                finally:
+                    if self.bar is not None:
+                        self.bar.close()
+                    try:
+                        run.ckpt.close()  # may raise (a full disk under the last save)
+                    finally:
+                        self.writer.close()
+            return self._summarise()
+        finally:  # the run directory is free again, however the run ended
+            if run.lock is not None:
+                run.lock.release()
+
+    def _loop(self, preemption) -> None:
+        run = self.run
+        self._open_bar()
+        if self.evaluator.enabled and self.tc.eval_at_start and run.start == 0:
+            self.last_eval = self.evaluator(self.state, 0)  # the baseline
+            self.writer.write(self.last_eval)
+        for step in range(run.start, run.end):
+            if not self._one_step(step, preemption):
+                break
+        self._finish()
 
     def _one_step(self, step: int, preemption) -> bool:
         """Dispatch one step and do what falls due after it; False when the data ended."""

@@ -140,9 +140,9 @@ def open_run(recipe: Recipe, configs: RunConfigs, *, operative: str = "",
                            allow_config_change=allow_config_change, make_source=make_source,
                            show_operative=show_operative, log=log)
     except BaseException:
-        lock.release()
-        if created:  # a run refused at start leaves nothing behind
+        if created:  # a run refused at start leaves nothing behind (removed while locked)
             remove_empty_run_dir(run_dir)
+        lock.release()
         raise
     run.lock = lock
     return run
@@ -163,6 +163,8 @@ def take_run_lock(run_dir, log, what: str) -> RunLock:
             error = str(e)
         except OSError as e:  # the run's first write: an unwritable place shows here
             error = f"{what}: cannot write {run_dir}: {e.strerror}"
+        except Exception as e:  # whatever it is, every process must stop alike
+            error = f"{what}: cannot take the lock of {run_dir} ({type(e).__name__}: {e})"
     error = from_process_0(error)
     if error:
         raise ConfigError(error)
@@ -422,7 +424,9 @@ def check_data_unchanged(point: ResumePoint, data, allow: bool, log) -> dict:
     with the checkpoint's: a changed file (or tokenizer) is refused like a changed config,
     naming it, unless ``allow`` (then logged)."""
     from jalign.data.fingerprint import differences
-    new = data.fingerprint()
+    # Process 0's: its record is the one saved (Orbax writes JSON items from process 0),
+    # and every process must decide alike; the files are hashed once.
+    new = from_process_0(data.fingerprint() if jax.process_index() == 0 else None)
     if point.step is None:
         return new
     old = (point.metadata or {}).get("data_fingerprint")

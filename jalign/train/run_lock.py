@@ -47,9 +47,10 @@ class RunLock:
 
     def _holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            holder = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def _busy(self, holder: dict, extra: str = "") -> ConfigError:
         who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} (since "
@@ -77,7 +78,8 @@ class RunLock:
         previous = self._holder()
         if previous and not locked:
             same_host = previous.get("host") == socket.gethostname()
-            if not same_host or _alive(int(previous.get("pid", -1))):
+            pid = previous.get("pid")
+            if not same_host or not isinstance(pid, int) or _alive(pid):
                 f.close()
                 raise self._busy(previous, f" (this file system has no locks: if that run "
                                            f"is gone, delete {self.path})")
