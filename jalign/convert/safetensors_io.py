@@ -7,17 +7,16 @@ a time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from jalign.atomic_dir import atomic_directory  # noqa: F401 (exports' writers import it here)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -201,21 +200,3 @@ def write_sharded(tensors_in_order, directory: Path, max_shard_bytes: int) -> li
     return names
 
 
-@contextlib.contextmanager
-def atomic_directory(out: Path, *, overwrite: bool = False):
-    """Yields a temporary sibling of ``out`` to write into; on success it replaces ``out``,
-    so an interrupted export never leaves a half-written directory there. A non-empty
-    ``out`` is refused unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
