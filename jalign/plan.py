@@ -28,6 +28,7 @@ import jax
 
 from jalign.chips import GiB, Chip, parse_topology
 from jalign.errors import ConfigError
+from jalign.program_spec import ProgramSpec
 
 TPU_EXTRA = "pip install 'jalign[tpu]'  (jax[tpu]: libtpu, ~0.7 GB)"
 
@@ -86,20 +87,6 @@ def target_of(mesh_config, devices_needed: bool = True) -> Target:
                           f"{TPU_EXTRA}") from None
     devices = list(topo.devices)
     return Target(name, devices, len(devices), len({d.process_index for d in devices}), chip)
-
-
-@dataclasses.dataclass
-class ProgramSpec:
-    """A jitted program of a run and what to compile it on: abstract arguments laid out on
-    the target's mesh, and for the roofline its analytic FLOPs per chip and unit of work
-    (``unit``: a step, a rollout, a decode step; the program runs ``units`` of them)."""
-
-    fn: object
-    args: tuple
-    flops: float
-    unit: str = "step"
-    units: int = 1
-    read_bytes: float | None = None  # HBM bytes per chip and unit; None: arguments + outputs
 
 
 @dataclasses.dataclass

@@ -278,6 +278,7 @@ class Rollouts(BatchSource):
     def _connect(self, ctx) -> None:
         """What the rollout reads beyond its programs: the reward functions and model, the
         eval prompts."""
+        from jalign.train.step import batch_sharding
         cfg = self.config
         self.functions = cfg.rewards.load_functions()
         self.scorer = None
@@ -466,13 +467,13 @@ class Rollouts(BatchSource):
     # ------------------------------------------------------------ planning
 
     def planned_programs(self, state) -> dict:
-        """{name: ``jalign.plan.ProgramSpec``} of the rollout's own programs, for ``jalign
+        """{name: ``jalign.program_spec.ProgramSpec``} of the rollout's own programs, for ``jalign
         plan``: the sampler (prefill and the token loop, ``max_new_tokens`` decode steps,
         each reading the weights every chip multiplies by — whole after an FSDP gather, its
         share under tensor parallelism — and its rows' KV cache) and the scoring pass, on
         the abstract train state ``state``. The programs are the ones ``_compile`` builds
         for a run."""
-        from jalign.plan import ProgramSpec
+        from jalign.program_spec import ProgramSpec
         from jalign.train.metrics import train_flops_per_token
         S, cfg = jax.ShapeDtypeStruct, self.config
         b, p, n, rows = self.prompt_rows, self.prompt_length, cfg.max_new_tokens, self.rows

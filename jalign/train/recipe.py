@@ -67,7 +67,7 @@ class Recipe:
 
     def planned_programs(self, models, configs, mesh, rules, state) -> dict:
         """The recipe's programs besides the train step, for ``jalign plan`` to compile on
-        the abstract train state ``state``: {name: ``jalign.plan.ProgramSpec``} (a rollout
+        the abstract train state ``state``: {name: ``jalign.program_spec.ProgramSpec``} (a rollout
         recipe's sampler and scoring pass)."""
         return {}
 
