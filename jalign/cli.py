@@ -416,14 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-# XLA:CPU allocates its large temporaries afresh every step; glibc hands them back to the
-# OS and the next step page-faults them in again (~800k faults per step measured on the
-# SFT benchmark). Keeping freed memory in the process removed the faults and cut the step
-# time by ~20% (docs/benchmarks.md). It must be set before the process starts, so the
-# command re-executes itself once with it. It costs memory (the SmolLM2 LoRA demo stage:
-# 9.6 GB peak instead of 4.3 GB) and buys nothing where the steps run on an accelerator,
-# whose memory is XLA's own, while a large checkpoint read through the host would keep its
-# freed buffers: so only for XLA:CPU. JALIGN_KEEP_MALLOC=1 opts out.
+# glibc's keep-freed-memory tunables: XLA:CPU allocates its large temporaries afresh every
+# step and glibc hands them back to the OS, to be page-faulted in again. Keeping them in the
+# process was worth ~20% of the SFT benchmark's step with XLA attention; measured again with
+# the blockwise attention now default on CPU (benchmarks/allocator.py, docs/benchmarks.md),
+# it buys 7-9% on that 34M shape and nothing on SmolLM2-135M, and doubles peak memory on
+# both (5.8 -> 11.8 GiB for SmolLM2's full SFT). So it is off unless asked for with
+# JALIGN_TUNE_MALLOC=1 (on XLA:CPU only: on an accelerator the steps' memory is XLA's own).
+# It must be set before the process starts: the command re-executes itself once with it.
 GLIBC_TUNING = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1"
 # Installed JAX backends other than XLA:CPU, by module-name prefix (jax[cuda12], jax[tpu], ...).
 ACCELERATOR_MODULES = ("jax_cuda", "jax_rocm", "libtpu")
@@ -440,16 +440,19 @@ def runs_on_xla_cpu(environ) -> bool:
 
 
 def allocator_env(environ, platform_libc: str = "") -> dict | None:
-    """The environment to re-execute with (GLIBC_TUNING added), or None to run as is."""
-    if (not sys.platform.startswith("linux") or platform_libc != "glibc"
-            or "GLIBC_TUNABLES" in environ or environ.get("JALIGN_KEEP_MALLOC")
-            or not runs_on_xla_cpu(environ)):
+    """The environment to re-execute with (GLIBC_TUNING added) when JALIGN_TUNE_MALLOC=1
+    asks for it on XLA:CPU under Linux/glibc, or None to run as is (the default; also
+    with the user's own GLIBC_TUNABLES, or JALIGN_KEEP_MALLOC=1 from when it was on)."""
+    if (environ.get("JALIGN_TUNE_MALLOC", "") in ("", "0") or environ.get("JALIGN_KEEP_MALLOC")
+            or not sys.platform.startswith("linux") or platform_libc != "glibc"
+            or "GLIBC_TUNABLES" in environ or not runs_on_xla_cpu(environ)):
         return None
     return dict(environ, GLIBC_TUNABLES=GLIBC_TUNING)
 
 
 def entry() -> None:
-    """Console-script entry point: tune the allocator (Linux/glibc, XLA:CPU), then run."""
+    """Console-script entry point: tune the allocator where asked (``allocator_env``), then
+    run."""
     import os
     import platform
 
