@@ -17,6 +17,7 @@ tokenizer and chat template llama.cpp and transformers' GGUF loader read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -102,17 +103,27 @@ def locate(path) -> Path:
     return p
 
 
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, size: int, mtime_ns: int):
+    """gguf's reader of a file as it is now (its size and time in the key: a file written
+    anew is read anew). Parsing a file's metadata takes ~4 s for a 49k-token vocabulary (the
+    tokenizer arrays, element by element), and a run from a GGUF source opens the same
+    file for its config, its tokenizer and its weights; the reader maps the file read-only."""
+    import gguf
+    return gguf.GGUFReader(path)
+
+
 class GGUFFile:
     """A GGUF file's metadata and tensors, read lazily (memory-mapped by ``gguf``)."""
 
     def __init__(self, path):
-        import gguf
         self.path = locate(path)
         if not self.path.is_file():
             raise ConversionError(f"{path}: no such GGUF file (nor a file of an installed "
                                   "package of that name)")
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
+            stat = self.path.stat()
+            self.reader = _reader(str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
         except Exception as e:  # a truncated or foreign file: gguf raises what it meets
             raise ConversionError(f"{self.path}: not a readable GGUF file "
                                   f"({type(e).__name__}: {e})") from None

@@ -178,6 +178,40 @@ def check_demo_table(stdout: str, workdir: Path, eval_n: int) -> None:
     assert rm_config["architectures"] == ["LlamaForSequenceClassification"]
 
 
+def check_real_model_run(run: Path) -> None:
+    """The README's real-model stage (`jalign demo --stages smollm2`: LoRA SFT of SmolLM2
+    from its GGUF) kept the model's own tokenizer and chat template, and its merged Hugging
+    Face export (tokenizer included) gives transformers the logits jalign computes for the
+    run. (tests/integration/test_smollm_lora.py checks the PEFT adapter of such a run.)"""
+    import numpy as np
+    import torch
+    import transformers
+
+    from jalign.data.tokenize import ChatTokenizer, load_tokenizer
+    from jalign.models.build import forward
+    from jalign.sources import load_checkpoint
+    from tests.numerics import assert_f32_close, llama_logits_bound
+
+    kept = load_tokenizer(str(run / "tokenizer"))
+    assert len(kept) == 49152 and "<|im_start|>" in kept.chat_template
+    chat = ChatTokenizer(kept)
+    prompts = [[{"role": "user", "content": "What is 123 + 456?"}],
+               [{"role": "user", "content": "What is the capital of France?"}]]
+    exported = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    assert list(exported.apply_chat_template(prompts[0], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)) == \
+        list(chat.encode_prompt(prompts[0]))
+    rows = [chat.encode_prompt(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = np.stack([np.pad(r, (0, width - len(r)), constant_values=r[-1]) for r in rows])
+    _, merged = load_checkpoint(run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    assert_f32_close(np.asarray(forward(merged, ids)), theirs,
+                     **llama_logits_bound(merged, ids.shape[1]))
+
+
 def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     """One test, so the commands run in order in one directory (each may need what an
     earlier one made); every failure is collected and reported with its command."""
@@ -197,4 +231,6 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
                                 f"{code}: {out.err[-1500:]}")
         elif code != 0:
             failures.append(f"{command}\n  exit {code}: {out.err[-1500:]}")
+        if command == "jalign demo --stages smollm2" and code == 0:
+            check_real_model_run(tmp_path / "runs" / "demo" / "smollm2_add")
     assert not failures, "\n\n".join(failures)
