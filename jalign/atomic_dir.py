@@ -34,7 +34,8 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,7 +54,7 @@ def _stale(path: Path, kind: str, out: Path) -> bool:
     parts = path.name[len(f".{out.name}.{kind}-"):].rsplit("-", 2)  # host, pid, random
     if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
-    return not _alive(int(parts[1]))
+    return not pid_alive(int(parts[1]))
 
 
 def settle_leftovers(out: Path, say=_say) -> None:

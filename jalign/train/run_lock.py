@@ -22,19 +22,10 @@ import os
 import socket
 from pathlib import Path
 
+from jalign.atomic_dir import pid_alive as _alive
 from jalign.errors import ConfigError
 
 LOCK_NAME = ".jalign_lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
 
 
 class RunLock:
