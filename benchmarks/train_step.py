@@ -129,7 +129,7 @@ JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
                   "glibc.malloc.arena_max=1")
 OTHER_ROWS = ("jalign-other", "jalign-other-scan")  # --jalign-other: another jalign checkout
-ROWS = ("jalign", "jalign-scan", "jalign-blockwise", "jalign-jemalloc", "jalign-scan-jemalloc",
+ROWS = ("jalign", "jalign-scan", "jalign-xla", "jalign-jemalloc", "jalign-scan-jemalloc",
         "jalign-glibc", "torch", "trl", "tunix") + OTHER_ROWS
 DPO_ROWS = ("jalign", "jalign-scan", "jalign-glibc", "trl", "trl-gc", "tunix") + OTHER_ROWS
 IFT_ROWS = ("sft", "ift", "sft-scan", "ift-scan")
@@ -152,6 +152,7 @@ class Worker:
         self.others: list[float] = []  # other processes' CPU use (cores) during each run
         self.waited: list[float] = []
         self.info: dict = {}
+        self.peak_rss = float("nan")  # GiB, read just before the worker is told to exit
         self.error: str | None = None
         self.log = open(log_path, "w")
         self.log.write("$ " + shlex.join(cmd) + "\n")
@@ -198,8 +199,19 @@ class Worker:
         self.error = reason
         self.stop()
 
+    def peak_rss_gib(self) -> float:
+        """The worker's peak resident memory so far (VmHWM; nan once it has exited)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+        except OSError:
+            pass
+        return float("nan")
+
     def stop(self):
         if self.proc.poll() is None:
+            self.peak_rss = self.peak_rss_gib()
             self.send("exit")
             try:
                 self.proc.wait(timeout=30)
@@ -222,6 +234,17 @@ def launch(key: str, label: str, cmd, env: dict, reason: str | None, log_path: P
     print(f"[{label}] not run: {reason}", flush=True)
     skipped[key] = (label, reason)
     return None
+
+
+def first_step(w: "Worker") -> str:
+    """The compile column: a jalign worker's measured compile, else the first warm-up step's
+    time beyond the median step (what a first call costs a framework that compiles lazily)."""
+    if "compile_s" in w.info:
+        return f"{w.info['compile_s']:.1f}"
+    warm = w.info.get("warmup_times") or []
+    if warm and w.times:
+        return f"~{max(0.0, warm[0] - statistics.median(w.times)):.1f}"
+    return "n/a"
 
 
 def mem_gib() -> float:
@@ -265,8 +288,8 @@ def plan(args) -> tuple[list[tuple[str, str, list[str] | None, dict, str | None]
     rows.append(("jalign", "jalign (unrolled)", [jpy, w] + common, jalign_env, py_ok(jpy, "")))
     rows.append(("jalign-scan", "jalign (scan)", [jpy, w, "--scan"] + common, jalign_env,
                  py_ok(jpy, "")))
-    rows.append(("jalign-blockwise", "jalign (unrolled), blockwise attention",
-                 [jpy, w, "--attention", "blockwise"] + common, jalign_env, py_ok(jpy, "")))
+    rows.append(("jalign-xla", "jalign (unrolled), xla attention ([T, T] scores)",
+                 [jpy, w, "--attention", "xla"] + common, jalign_env, py_ok(jpy, "")))
     je_reason = py_ok(jpy, "")
     if not Path(args.jemalloc).exists():
         je_reason = (f"{args.jemalloc} not found (apt-get update && apt-get install -y "
@@ -498,7 +521,7 @@ def main():
             faults = statistics.median(w.faults) if w.faults else float("nan")
             others = statistics.median(w.others) if w.others else float("nan")
             results[w.key] = (w.label, statistics.median(w.times), min(w.times), max(w.times),
-                              len(w.times), faults, others)
+                              len(w.times), faults, others, w.peak_rss, first_step(w))
         else:
             skipped.setdefault(w.key, (w.label, w.error or "no timed steps"))
     ift = args.algo == "ift"
@@ -517,11 +540,12 @@ def main():
               f"{args.rounds} rounds x {args.steps} steps per implementation\n")
     unit, per_step = ("pairs/s", args.batch) if dpo else ("tokens/s", tokens)
     print(f"| implementation | median s/step | min s/step | max s/step | {unit} | "
-          f"GFLOP/s | MFU | speed vs {base_name} | page faults/step | others' CPU (cores) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"GFLOP/s | MFU | speed vs {base_name} | page faults/step | peak RSS GiB | "
+          "compile s | others' CPU (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in [r[0] for r in rows]:
         if key in results:
-            label, med, lo, hi, n, faults, others = results[key]
+            label, med, lo, hi, n, faults, others, rss, compile_s = results[key]
             row_flops = next((w.info.get("flops", fl) for w in workers if w.key == key), fl)
             gf = row_flops["total"] / med / 1e9
             mfu = f"{100 * gf / peak_gflops:.0f}%" if peak_gflops == peak_gflops else "n/a"
@@ -530,10 +554,11 @@ def main():
             vs = f"{ref[1] / med:.2f}x" if ref else "n/a"
             rate = f"{per_step / med:.3f}" if dpo else f"{tokens / med:.0f}"
             print(f"| {label} | {med:.3f} | {lo:.3f} | {hi:.3f} | {rate} | "
-                  f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {others:.2f} |")
+                  f"{gf:.1f} | {mfu} | {vs} | {faults:,.0f} | {rss:.2f} | {compile_s} | "
+                  f"{others:.2f} |")
         elif key in skipped:
             label, reason = skipped[key]
-            print(f"| {label} | not run: {reason} | | | | | | | | |")
+            print(f"| {label} | not run: {reason} | | | | | | | | | | |")
     if ift:
         for suffix in ("", "-scan"):
             if f"sft{suffix}" in results and f"ift{suffix}" in results:
@@ -545,7 +570,10 @@ def main():
           "page faults of the worker process during one timed step (getrusage). others' CPU: "
           "median CPU use of all other processes on the machine while this row's steps ran "
           "(/proc/stat minus the worker's own /proc/<pid>/stat), in cores out of "
-          f"{os.cpu_count()}: the noise each row suffered.")
+          f"{os.cpu_count()}: the noise each row suffered. peak RSS: the worker process's "
+          "VmHWM after all its steps (model, optimizer, batch, the framework itself). compile "
+          "s: jalign's ahead-of-time compile of the step; for the other rows the first warm-up "
+          "step minus the median step (~ their compile or first-call overhead, marked ~).")
     if dpo:
         print("DPO: pairs/s = pairs per step / median s/step; every row's timed step includes "
               "the frozen reference's forward over the same 2 x pairs sequences (jalign: inside "

@@ -113,7 +113,8 @@ def serve_step(b, name: str, flops: dict, warmup: int, **extra_info):
 def main():
     def extra(ap):
         ap.add_argument("--scan", action="store_true", help="scan_layers=True (default: unrolled)")
-        ap.add_argument("--attention", default="xla", help="LlamaConfig.attention_impl")
+        ap.add_argument("--attention", default="auto",
+                       help="LlamaConfig.attention_impl (default: the library's, auto)")
 
     args = worker_args(extra)
     b = build(args, args.scan, attention_impl=args.attention)

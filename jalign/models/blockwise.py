@@ -23,13 +23,15 @@ import jax.numpy as jnp
 
 from jalign.models.masks import MASK_VALUE
 
-BLOCKS = None  # query blocks per row; None: one per 128 queries, 2 to 8 (blocks_for)
+BLOCKS = None  # query blocks per row; None: blocks_for(T)
 
 
 def blocks_for(t: int) -> int:
-    """Query blocks for rows of ``t`` tokens: 2, 3 and 4 blocks measured alike at 512
-    tokens on CPU (benchmarks/attention_kernels.py); more skip more of the masked
-    triangle ((n - 1) / 2n of the scores) as rows grow."""
+    """Query blocks for rows of ``t`` tokens: one per 128 queries, 2 to 8. More skip more of
+    the masked triangle ((n - 1) / 2n of the scores) but make smaller dots and a longer
+    program: at 512 tokens on CPU 8 blocks took one layer's forward + backward from 92 to
+    77 ms alone, but the whole SFT step only from 3.24 to 3.21 s, for 2.4 s more compile
+    (benchmarks/attention_kernels.py, docs/benchmarks.md)."""
     return BLOCKS or max(2, min(8, t // 128))
 
 
@@ -48,28 +50,41 @@ def _block_mask(seg_bt, start: int, end: int, window):
     return ok[None] & (seg_bt[:, start:end, None] == seg_bt[:, None, :end])
 
 
-def _scores(q_bqgrh, k_bkgh, mask, scale):
-    s = jnp.einsum("bqgrh,bkgh->bgrqk", q_bqgrh, k_bkgh,
-                   preferred_element_type=jnp.float32) * scale
+def _heads_first(q, k, v):
+    """Heads ahead of tokens, once per call: every block's dots then read contiguous rows
+    of one head instead of transposing each block's slice again (6% of the layer's
+    forward + backward on CPU, benchmarks/attention_kernels.py)."""
+    b, t, n, h = q.shape
+    g = k.shape[2]
+    qh = q.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)   # [B, G, R, T, H]
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, G, T, H]
+
+
+def _scores(qh, kh, mask, scale):
+    s = jnp.einsum("bgrqh,bgkh->bgrqk", qh, kh, preferred_element_type=jnp.float32) * scale
     return jnp.where(mask[:, None, None], s, MASK_VALUE)
 
 
 def _forward(q, k, v, seg, window, blocks):
     b, t, n, h = q.shape
-    g = k.shape[2]
     scale = h ** -0.5
-    qg = q.reshape(b, t, g, n // g, h)
+    qh, kh, vh = _heads_first(q, k, v)
     outs, lses = [], []
     for start, end in _edges(t, blocks):
-        s = _scores(qg[:, start:end], k[:, :end], _block_mask(seg, start, end, window), scale)
+        mask = _block_mask(seg, start, end, window)
+        s = _scores(qh[:, :, :, start:end], kh[:, :, :end], mask, scale)
         m = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - m)
         denom = jnp.sum(e, axis=-1, keepdims=True)
         lses.append((m + jnp.log(denom))[..., 0])                       # [B, G, R, Tq]
         p = (e / denom).astype(v.dtype)
-        outs.append(jnp.einsum("bgrqk,bkgh->bqgrh", p, v[:, :end]))
-    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
-    return out, jnp.concatenate(lses, axis=-1)
+        outs.append(jnp.einsum("bgrqk,bgkh->bgrqh", p, vh[:, :, :end]))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=-1)   # [B, G, R, T, H]
+
+
+def _to_btnh(oh):
+    b, g, r, t, h = oh.shape
+    return oh.transpose(0, 3, 1, 2, 4).reshape(b, t, g * r, h)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -77,42 +92,43 @@ def blockwise_attention(q_btnh, k_btgh, v_btgh, segment_ids_bt, window=None,
                         blocks: int | None = None):
     """Causal self-attention of rows at indices 0..T-1 masked by segment (and ``window``);
     [batch, T, q_heads, head_dim] like ``attention``."""
-    return _forward(q_btnh, k_btgh, v_btgh, segment_ids_bt, window, blocks)[0]
+    return _to_btnh(_forward(q_btnh, k_btgh, v_btgh, segment_ids_bt, window, blocks)[0])
 
 
 def _fwd(q, k, v, seg, window, blocks):
-    out, lse = _forward(q, k, v, seg, window, blocks)
-    return out, (q, k, v, seg, out, lse)
+    oh, lse = _forward(q, k, v, seg, window, blocks)
+    return _to_btnh(oh), (q, k, v, seg, oh, lse)
 
 
 def _bwd(window, blocks, res, d_out):
-    q, k, v, seg, out, lse = res
+    q, k, v, seg, oh, lse = res
     b, t, n, h = q.shape
     g = k.shape[2]
     scale = h ** -0.5
-    qg = q.reshape(b, t, g, n // g, h)
-    dog = d_out.reshape(b, t, g, n // g, h)
+    qh, kh, vh = _heads_first(q, k, v)
+    doh = d_out.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
     # rowsum(do * o): the softmax backward's per-query term, [B, G, R, T]
-    delta = jnp.einsum("bqgrh,bqgrh->bgrq", dog.astype(jnp.float32),
-                       out.reshape(b, t, g, n // g, h).astype(jnp.float32))
+    delta = jnp.einsum("bgrqh,bgrqh->bgrq", doh.astype(jnp.float32), oh.astype(jnp.float32))
     dq = []
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
+    dk = jnp.zeros(kh.shape, jnp.float32)
+    dv = jnp.zeros(vh.shape, jnp.float32)
     for start, end in _edges(t, blocks):
-        s = _scores(qg[:, start:end], k[:, :end], _block_mask(seg, start, end, window), scale)
+        qb = qh[:, :, :, start:end]
+        s = _scores(qb, kh[:, :, :end], _block_mask(seg, start, end, window), scale)
         p = jnp.exp(s - lse[..., start:end, None])                      # [B, G, R, Tq, K]
-        do = dog[:, start:end]
-        dv = dv.at[:, :end].add(jnp.einsum("bgrqk,bqgrh->bkgh", p.astype(v.dtype), do,
-                                           preferred_element_type=jnp.float32))
-        dp = jnp.einsum("bqgrh,bkgh->bgrqk", do, v[:, :end], preferred_element_type=jnp.float32)
+        do = doh[:, :, :, start:end]
+        dv = dv.at[:, :, :end].add(jnp.einsum("bgrqk,bgrqh->bgkh", p.astype(v.dtype), do,
+                                              preferred_element_type=jnp.float32))
+        dp = jnp.einsum("bgrqh,bgkh->bgrqk", do, vh[:, :, :end], preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[..., start:end, None]) * scale).astype(q.dtype)
-        dq.append(jnp.einsum("bgrqk,bkgh->bqgrh", ds, k[:, :end],
+        dq.append(jnp.einsum("bgrqk,bgkh->bgrqh", ds, kh[:, :, :end],
                              preferred_element_type=jnp.float32))
-        dk = dk.at[:, :end].add(jnp.einsum("bgrqk,bqgrh->bkgh", ds, qg[:, start:end],
-                                           preferred_element_type=jnp.float32))
-    dq = jnp.concatenate(dq, axis=1).reshape(b, t, n, h)
+        dk = dk.at[:, :, :end].add(jnp.einsum("bgrqk,bgrqh->bgkh", ds, qb,
+                                              preferred_element_type=jnp.float32))
+    dq = _to_btnh(jnp.concatenate(dq, axis=3))
     zero_seg = jnp.zeros(seg.shape, jax.dtypes.float0)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_seg
+    return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
+            dv.transpose(0, 2, 1, 3).astype(v.dtype), zero_seg)
 
 
 blockwise_attention.defvjp(_fwd, _bwd)
