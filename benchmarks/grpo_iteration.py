@@ -12,9 +12,9 @@ betas 0.9/0.95, no clipping) of the token-level ("dapo") clipped loss, clip 0.2,
 (no reference model) on the prompts x G rows:
 
   jalign            jalign's GRPO run as ``jalign train`` opens it (configs/algo/dapo.gin;
-                    the rollout source + the jitted train step; the glibc malloc tunables
-                    that the ``jalign`` command sets on XLA:CPU)
-  jalign (malloc)   the same without them (stock glibc malloc)
+                    the rollout source + the jitted train step; stock glibc malloc, the
+                    command's default)
+  jalign (tuned)    the same with the glibc malloc tunables ``JALIGN_TUNE_MALLOC=1`` sets
   TRL GRPOTrainer   ``trl.GRPOTrainer.train()``, its own generation backend (transformers'
                     ``generate`` on CPU), gradient checkpointing off (TRL's default is on)
   Tunix GRPOLearner ``tunix.rl.grpo.GRPOLearner.train()`` on Tunix's NNX Llama3 (the same
@@ -22,9 +22,9 @@ betas 0.9/0.95, no clipping) of the token-level ("dapo") clipped loss, clip 0.2,
                     "vanilla" rollout (its own sampler) sharing the actor's one-device mesh,
                     ``loss_agg_mode='token-mean'`` (= dapo), epsilon 0.2, beta 0
 
-The worker protocol and the driver are benchmarks/train_step.py's (long-lived workers,
-the order rotating every round, a wait for a quiet machine before each timed iteration,
-other processes' CPU use recorded). Each worker also reports its iteration's phases:
+The worker protocol and the driver are benchmarks/harness.py's, as for the train steps
+(long-lived workers, the order rotating every round, a wait for a quiet machine before each
+timed iteration, other processes' CPU use and each worker's peak RSS recorded). Each worker also reports its iteration's phases:
 sampling, rewards, the scoring before the update, and the update (details in
 train_step_impls/jalign_grpo_worker.py, trl_grpo_worker.py and tunix_grpo_worker.py).
 TRL's and Tunix's venvs: see benchmarks/train_step.py (``--trl-python``,
@@ -46,14 +46,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import train_step as ts  # benchmarks/train_step.py: the driver's Worker and helpers
+import train_step as ts  # benchmarks/train_step.py: venvs, rows, paths
 from machine import cpu_model
 
 sys.path.insert(0, str(ts.IMPLS_DIR))
-from common import (GRPO_COMPLETION, GRPO_GROUP, GRPO_PROMPT, GRPO_PROMPTS, HZ,  # noqa: E402
-                    SHAPE, cpu_busy, grpo_flops, proc_cpu, wait_quiet)
+from common import (GRPO_COMPLETION, GRPO_GROUP, GRPO_PROMPT, GRPO_PROMPTS,  # noqa: E402
+                    SHAPE, grpo_flops)
+from harness import first_step, run_rounds  # noqa: E402
 
-ROWS = ("jalign", "jalign-malloc", "trl", "tunix")
+ROWS = ("jalign", "jalign-tuned", "trl", "tunix")
 PHASES = ("sample", "reward", "score", "update")
 
 
@@ -76,10 +77,9 @@ def plan(args) -> list:
     from jalign.cli import GLIBC_TUNING
     jw = str(ts.IMPLS_DIR / "jalign_grpo_worker.py")
     env = {"PYTHONPATH": str(ts.REPO)}
-    rows = [("jalign", "jalign", [jpy, jw] + common, dict(env, GLIBC_TUNABLES=GLIBC_TUNING),
-             missing(jpy, "")),
-            ("jalign-malloc", "jalign (stock glibc malloc)", [jpy, jw] + common, env,
-             missing(jpy, "")),
+    rows = [("jalign", "jalign", [jpy, jw] + common, env, missing(jpy, "")),
+            ("jalign-tuned", "jalign + glibc malloc tunables (JALIGN_TUNE_MALLOC=1)",
+             [jpy, jw] + common, dict(env, GLIBC_TUNABLES=GLIBC_TUNING), missing(jpy, "")),
             ("trl", "TRL GRPOTrainer", [tpy, str(ts.IMPLS_DIR / "trl_grpo_worker.py")] + common,
              {}, missing(tpy, "trl")),
             ("tunix", "Tunix GRPOLearner",
@@ -92,45 +92,16 @@ def start(rows, args, logs: Path) -> tuple[list, dict]:
     workers, skipped = [], {}
     for key, label, cmd, env_extra, reason in rows:
         env = dict(os.environ, **env_extra)
-        if key == "jalign-malloc":
-            env.pop("GLIBC_TUNABLES", None)
         t0 = time.perf_counter()
         w = ts.launch(key, label, cmd, env, reason, logs / f"grpo-{key}.log",
                       args.start_timeout, skipped)
         if w is None:
             continue
-        w.phases = []
         warm = ", ".join(f"{t:.1f}" for t in w.info.get("warmup_times", []))
         print(f"[{label}] ready in {time.perf_counter() - t0:.0f} s (warmup iterations: "
               f"{warm} s)", flush=True)
         workers.append(w)
     return workers, skipped
-
-
-def rounds(workers, args) -> None:
-    for r in range(args.rounds if workers else 0):
-        order = workers[r % len(workers):] + workers[:r % len(workers)]
-        for w in order:
-            if w.error:
-                continue
-            waited = wait_quiet(args.quiet_below, args.quiet_wait)
-            b0, p0, t0 = cpu_busy(), proc_cpu(w.proc.pid), time.perf_counter()
-            w.send("run 1")
-            msg = w.wait("times", 1800)
-            if msg is None:
-                print(f"[{w.label}] failed in round {r + 1}: {w.error}", flush=True)
-                continue
-            b1, p1, t1 = cpu_busy(), proc_cpu(w.proc.pid), time.perf_counter()
-            w.times += msg["times"]
-            w.phases += msg.get("phases", [{}])
-            w.others.append(max(0.0, ((b1 - b0) - (p1 - p0)) / HZ / (t1 - t0)))
-            w.waited.append(waited)
-        line = ", ".join(f"{w.key} {w.times[-1]:.2f} ({w.others[-1]:.1f})"
-                         for w in workers if w.times and not w.error)
-        print(f"round {r + 1}/{args.rounds} s/iteration (others' CPU, cores): {line}",
-              flush=True)
-    for w in workers:
-        w.stop()
 
 
 def table(workers, skipped, rows, args) -> None:
@@ -144,13 +115,14 @@ def table(workers, skipped, rows, args) -> None:
           f"{args.prompt_len + args.completion} slots); {args.rounds} rounds\n")
     print("| implementation | median s/iteration | min | max | speed vs TRL | "
           + " | ".join(f"{p} s" for p in PHASES)
-          + " | sampled tokens/iteration | sampled tokens/s | update GFLOP/s | others' CPU (cores) |")
-    print("|---|" + "---:|" * (8 + len(PHASES)))
+          + " | sampled tokens/iteration | sampled tokens/s | update GFLOP/s | peak RSS GiB | "
+          "compile s | others' CPU (cores) |")
+    print("|---|" + "---:|" * (10 + len(PHASES)))
     for key in [r[0] for r in rows]:
         w = next((w for w in workers if w.key == key and w.times), None)
         if w is None:
             label, reason = skipped.get(key, (key, "no timed iterations"))
-            print(f"| {label} | not run: {reason} |" + " |" * (7 + len(PHASES)))
+            print(f"| {label} | not run: {reason} |" + " |" * (9 + len(PHASES)))
             continue
         ph = {p: statistics.median(x.get(p, 0.0) for x in w.phases) for p in PHASES}
         tokens = statistics.median(x.get("completion_tokens", float("nan")) for x in w.phases)
@@ -158,14 +130,17 @@ def table(workers, skipped, rows, args) -> None:
         print(f"| {w.label} | {med[key]:.3f} | {min(w.times):.3f} | {max(w.times):.3f} | {vs} | "
               + " | ".join(f"{ph[p]:.3f}" for p in PHASES)
               + f" | {tokens:.0f} | {tokens / ph['sample']:.0f} | "
-              f"{fl['total'] / ph['update'] / 1e9:.1f} | {statistics.median(w.others):.2f} |")
+              f"{fl['total'] / ph['update'] / 1e9:.1f} | {w.peak_rss:.2f} | {first_step(w)} | "
+              f"{statistics.median(w.others):.2f} |")
     print("\nspeed vs TRL = TRL's median / the row's median (>1: faster). Phases: medians "
           "over the rounds; sample = generating the completions (jalign: one prefill per "
           "prompt, G completions from its cache; TRL and Tunix: their samplers on the "
           "prompts repeated G times), reward = the reward function (jalign: also decoding), "
           "score = what runs between rewards and the update (jalign: the scoring program, "
           "advantages; TRL: the rest of _generate_and_score_completions; Tunix: the rest of "
-          "_generate_and_compute_advantage), update = loss, backward, AdamW.")
+          "_generate_and_compute_advantage), update = loss, backward, AdamW. peak RSS: the "
+          "worker's VmHWM after its iterations; compile s: the first warm-up iteration minus "
+          "the median one (~ what compiling or a first call cost).")
     print("\nversions / settings:")
     for w in workers:
         keep = {k: w.info[k] for k in ("versions", "threads", "gradient_checkpointing",
@@ -209,7 +184,8 @@ def main() -> None:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows = plan(args)
     workers, skipped = start(rows, args, logs)
-    rounds(workers, args)
+    run_rounds(workers, args.rounds, lambda w: 1, args.quiet_below, args.quiet_wait,
+               unit="s/iteration")
     table(workers, skipped, rows, args)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.json:

@@ -143,14 +143,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mo
     micro_sharding = batch_sharding(mesh, global_batch // accum_steps, rules)
     dropout = adapter_dropout(models)
 
-    def _apply(grads, opt_state, params):
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        new_opt = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt, opt_state)
-        return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), new_opt
-
-    def _unchanged(grads, opt_state, params):
-        return params, opt_state
-
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         out, grads = accumulate(loss_fn, models, state.params, state.fixed, batch, step_rng,
@@ -159,13 +151,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mo
         weight = jnp.maximum(out.weight, 1e-9).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / weight, grads)
         grad_norm = optax.tree.norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_opt = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt, state.opt_state)
+        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
         finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
-        # One branch runs: the update's passes over parameters and moments, or none. (A
-        # select of new against old after the update was one more pass over each: 3% of
-        # the CPU benchmark step, docs/benchmarks.md.)
-        new_params, new_opt = jax.lax.cond(finite, _apply, _unchanged,
-                                           grads, state.opt_state, state.params)
-        new_state = TrainState(state.step + 1, new_params, new_opt, jax.random.key_data(rng),
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = TrainState(state.step + 1, keep(new_params, state.params),
+                               keep(new_opt, state.opt_state), jax.random.key_data(rng),
                                state.skipped + (~finite).astype(jnp.int32), state.fixed)
         metrics = _metrics(out)
         metrics.update(grad_norm=grad_norm, finite=finite)

@@ -4,6 +4,8 @@ they hold the same float32 weights): the same prompt ids, logits within the floa
 the same greedy tokens; and GGUF files jalign writes (f16, q8_0) read back by the gguf
 package within the quantisation's bound and by transformers and jalign alike."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -37,12 +39,38 @@ def _hf_gguf(path):
     return model, tokenizer
 
 
+def _hf_gguf_once(path, tmp_path_factory):
+    """``_hf_gguf(path)``, read from the GGUF once per test session: under pytest-xdist the
+    first worker here saves what transformers read (its config, its float32 weights as
+    safetensors, the tokenizer it built) in the session's shared temporary directory and
+    the others rebuild the model from that copy: the same weights and tokenizer without
+    parsing and de-quantising the file again (~18 s per worker)."""
+    from filelock import FileLock
+    from safetensors.torch import load_model, save_model
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _hf_gguf(path)
+    saved = tmp_path_factory.getbasetemp().parent / f"transformers_{path.stem}"
+    with FileLock(f"{saved}.lock"):
+        if not (saved / "complete").exists():
+            model, tokenizer = _hf_gguf(path)
+            saved.mkdir(exist_ok=True)
+            model.config.to_json_file(saved / "config.json")
+            save_model(model, str(saved / "model.safetensors"))
+            tokenizer.save_pretrained(saved)
+            (saved / "complete").touch()
+            return model, tokenizer
+    config = transformers.AutoConfig.from_pretrained(saved)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_model(model, str(saved / "model.safetensors"))
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(saved)
+
+
 @pytest.fixture(scope="module")
-def smollm():
+def smollm(tmp_path_factory):
     path = smollm_gguf()
     config, model = load_gguf(path)
     chat = ChatTokenizer(tokenizer_from_gguf(GGUFFile(path)))
-    hf_model, hf_tokenizer = _hf_gguf(path)
+    hf_model, hf_tokenizer = _hf_gguf_once(path, tmp_path_factory)
     return path, config, model, chat, hf_model, hf_tokenizer
 
 

@@ -268,7 +268,7 @@ def test_nonfinite_update_leaves_state_bit_unchanged():
     after, metrics = step(poisoned, batch)
     assert not bool(metrics["finite"]) and int(after.skipped) == 1
     assert int(after.step) == int(before.step) + 1
-    # exact by construction: a non-finite step takes the branch that returns the old arrays
+    # exact by construction: a non-finite step selects the old arrays (jnp.where)
     for a, b in zip(jax.tree.leaves(jax.device_get(after.params)), jax.tree.leaves(before.params)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(jax.device_get(after.opt_state)), jax.tree.leaves(before.opt_state)):
