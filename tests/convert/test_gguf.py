@@ -230,6 +230,28 @@ def test_jalign_generate_on_the_gguf_uses_its_tokenizer_and_conversations(smollm
     assert blocks[2].splitlines()[1] == answer  # raw ids continue exactly as the prompt
 
 
+def _assert_reads_as_the_stock_reader(path):
+    """jalign's reader (the file's bytes as a plain ndarray, jalign.convert.gguf._reader)
+    finds the same fields, parts and tensors as ``gguf.GGUFReader`` itself."""
+    import gguf
+
+    from jalign.convert.gguf import _reader
+    stock, ours = gguf.GGUFReader(path), _reader(str(path), *_stat_key(path))
+    assert list(ours.fields) == list(stock.fields)
+    for key, a in stock.fields.items():
+        b = ours.fields[key]
+        assert (b.types, b.data, len(b.parts)) == (a.types, a.data, len(a.parts)), key
+        assert all(np.array_equal(x, y) for x, y in zip(a.parts, b.parts)), key
+    assert [(t.name, t.tensor_type, t.shape.tolist()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.shape.tolist()) for t in stock.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(stock.tensors, ours.tensors))
+
+
+def _stat_key(path):
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 @pytest.mark.parametrize("name", ["llama2", "qwen2", "qwen3", "mistral"])
 def test_each_family_goes_through_gguf_and_transformers_reads_it(tmp_path, name):
     """A tiny random model of each family GGUF carries, written as f32 GGUF: jalign reads
@@ -253,6 +275,7 @@ def test_each_family_goes_through_gguf_and_transformers_reads_it(tmp_path, name)
                     tokenizer=load_tokenizer(str(tmp_path / "hf")))
     _, back = load_gguf(out)
     assert checksum.checksums(params_of(back)) == checksum.checksums(params_of(model))
+    _assert_reads_as_the_stock_reader(out)
     ids = np.random.default_rng(0).integers(3, 512, (2, 24)).astype(np.int32)
     ref = hf_logits(hf_model, ids)
     hf_back = transformers.AutoModelForCausalLM.from_pretrained(
