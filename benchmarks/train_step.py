@@ -29,7 +29,11 @@ cores, and it records how much CPU other processes used during each row's steps 
 pooled over rounds; the table shows median and min seconds per step, tokens/s
 (batch*seq / median), model GFLOP/s and MFU (the same FLOP count for every row, see
 ``common.flops_per_step``) and speed relative to TRL (TRL's median / the row's median).
-Worker protocol and timing details: benchmarks/train_step_impls/*.py.
+The driver is benchmarks/harness.py's (shared with grpo_iteration.py); worker protocol and
+timing details: benchmarks/train_step_impls/*.py. The table also shows each worker's peak
+RSS and its compile time (jalign's ahead-of-time compile; for the others the first
+warm-up step beyond the median). jalign rows run the library's defaults (blockwise
+attention on CPU); ``jalign-xla`` is the materialised-scores attention path.
 
 ``--algo dpo`` times a DPO train step instead, on the same model shape: ``--batch`` pairs
 (default 4), each a ``--prompt``-token prompt (128) followed by a chosen and a rejected
