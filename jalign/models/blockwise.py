@@ -110,25 +110,27 @@ def _bwd(window, blocks, res, d_out):
     # rowsum(do * o): the softmax backward's per-query term, [B, G, R, T]
     delta = jnp.einsum("bgrqh,bgrqh->bgrq", doh.astype(jnp.float32), oh.astype(jnp.float32))
     dq = []
-    dk = jnp.zeros(kh.shape, jnp.float32)
-    dv = jnp.zeros(vh.shape, jnp.float32)
+    # dk and dv are summed transposed, [B, G, H, T]: on CPU the dot do^T p (its output rows
+    # the head dims) ran 1.7x faster than p^T do (rows the keys), both contracting queries.
+    dk_t = jnp.zeros((b, g, h, t), jnp.float32)
+    dv_t = jnp.zeros((b, g, h, t), jnp.float32)
     for start, end in _edges(t, blocks):
         qb = qh[:, :, :, start:end]
         s = _scores(qb, kh[:, :, :end], _block_mask(seg, start, end, window), scale)
         p = jnp.exp(s - lse[..., start:end, None])                      # [B, G, R, Tq, K]
         do = doh[:, :, :, start:end]
-        dv = dv.at[:, :, :end].add(jnp.einsum("bgrqk,bgrqh->bgkh", p.astype(v.dtype), do,
-                                              preferred_element_type=jnp.float32))
+        dv_t = dv_t.at[..., :end].add(jnp.einsum("bgrqh,bgrqk->bghk", do, p.astype(v.dtype),
+                                                 preferred_element_type=jnp.float32))
         dp = jnp.einsum("bgrqh,bgkh->bgrqk", do, vh[:, :, :end], preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[..., start:end, None]) * scale).astype(q.dtype)
         dq.append(jnp.einsum("bgrqk,bgkh->bgrqh", ds, kh[:, :, :end],
                              preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bgrqk,bgrqh->bgkh", ds, qb,
-                                              preferred_element_type=jnp.float32))
+        dk_t = dk_t.at[..., :end].add(jnp.einsum("bgrqh,bgrqk->bghk", qb, ds,
+                                                 preferred_element_type=jnp.float32))
     dq = _to_btnh(jnp.concatenate(dq, axis=3))
     zero_seg = jnp.zeros(seg.shape, jax.dtypes.float0)
-    return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
-            dv.transpose(0, 2, 1, 3).astype(v.dtype), zero_seg)
+    return (dq.astype(q.dtype), dk_t.transpose(0, 3, 1, 2).astype(k.dtype),
+            dv_t.transpose(0, 3, 1, 2).astype(v.dtype), zero_seg)
 
 
 blockwise_attention.defvjp(_fwd, _bwd)
