@@ -92,6 +92,9 @@ def start(rows, args, logs: Path) -> tuple[list, dict]:
     workers, skipped = [], {}
     for key, label, cmd, env_extra, reason in rows:
         env = dict(os.environ, **env_extra)
+        if key == "jalign":  # the command's default allocator, whatever this shell has set
+            for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
+                env.pop(name, None)
         t0 = time.perf_counter()
         w = ts.launch(key, label, cmd, env, reason, logs / f"grpo-{key}.log",
                       args.start_timeout, skipped)
@@ -185,13 +188,14 @@ def main() -> None:
     rows = plan(args)
     workers, skipped = start(rows, args, logs)
     run_rounds(workers, args.rounds, lambda w: 1, args.quiet_below, args.quiet_wait,
-               unit="s/iteration")
+               unit="s/iteration", timeout_s=1800, timeout_per_step_s=0)
     table(workers, skipped, rows, args)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"rows": {w.key: {"label": w.label, "times": w.times, "phases": w.phases,
-                              "others_cores": w.others, "info": w.info, "error": w.error}
+                              "others_cores": w.others, "info": w.info, "error": w.error,
+                              "peak_rss_gib": w.peak_rss, "compile": first_step(w)}
                       for w in workers}, "skipped": skipped}, indent=1))
 
 

@@ -153,11 +153,13 @@ def select(rows: list, only_arg: str, known: tuple) -> list:
 
 
 def run_rounds(workers: list, rounds: int, steps_of, quiet_below: float, quiet_wait: float, *,
-               unit: str = "s/step", shown: list | None = None) -> None:
+               unit: str = "s/step", shown: list | None = None, timeout_s: float = 600,
+               timeout_per_step_s: float = 120) -> None:
     """``rounds`` rounds, each giving every worker ``steps_of(worker)`` timed steps, the order
     rotating every round; fills each worker's times, faults, phases, others (other processes'
     CPU use during its run, in cores) and waited; a worker that fails is reported and left
-    out of later rounds. Then every worker is stopped (its peak RSS read first)."""
+    out of later rounds (``timeout_s + timeout_per_step_s * steps`` without an answer is a
+    failure). Then every worker is stopped (its peak RSS read first)."""
     for r in range(rounds if workers else 0):
         order = workers[r % len(workers):] + workers[:r % len(workers)]
         for w in order:
@@ -167,7 +169,7 @@ def run_rounds(workers: list, rounds: int, steps_of, quiet_below: float, quiet_w
             waited = wait_quiet(quiet_below, quiet_wait)
             b0, p0, t0 = cpu_busy(), proc_cpu(w.proc.pid), time.perf_counter()
             w.send(f"run {k}")
-            msg = w.wait("times", 600 + 120 * k)
+            msg = w.wait("times", timeout_s + timeout_per_step_s * k)
             if msg is None:
                 print(f"[{w.label}] failed in round {r + 1}: {w.error}", flush=True)
                 continue

@@ -11,7 +11,7 @@ weight decay, constant lr, no gradient clipping), every token but the first a ta
                       MALLOC_CONF=thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1)
   jalign + glibc      jalign (unrolled) with stock glibc malloc told never to mmap or trim
                       (GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=
-                      4294967296:glibc.malloc.arena_max=1, what the jalign command sets;
+                      4294967296:glibc.malloc.arena_max=1, what JALIGN_TUNE_MALLOC=1 sets;
                       --glibc-tunables times another): the same effect without jemalloc
   transformers+torch  ``LlamaForCausalLM`` + ``torch.optim.AdamW``, hand-written loop
   TRL SFTTrainer      ``trl.SFTTrainer.train()``, timed by a TrainerCallback
@@ -127,7 +127,8 @@ VENVS = Path(os.environ.get("JALIGN_BENCH_VENVS",
                             Path.home() / ".cache" / "jalign" / "bench-venvs"))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,metadata_thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-# What the jalign command sets (jalign.cli.GLIBC_TUNING); --glibc-tunables times another.
+# What `JALIGN_TUNE_MALLOC=1 jalign ...` sets (jalign.cli.GLIBC_TUNING; off by default);
+# --glibc-tunables times another.
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:"
                   "glibc.malloc.arena_max=1")
 OTHER_ROWS = ("jalign-other", "jalign-other-scan")  # --jalign-other: another jalign checkout
@@ -212,10 +213,13 @@ def other_rows(args, worker: str, common: list[str], py_ok) -> list:
     reason = py_ok(args.jalign_python, "") or (None if w.exists() else f"{w} not found")
     env = {"PYTHONPATH": str(other)}
     name = args.jalign_other_label or other.name
-    return [("jalign-other", f"jalign {name} (unrolled)", [args.jalign_python, str(w)] + common,
-             env, reason),
+    # The SFT worker's own default attention changed (xla until 2026-12-07, auto since):
+    # both sides run the library's default, named explicitly.
+    same = ["--attention", "auto"] if worker == "jalign_worker.py" else []
+    return [("jalign-other", f"jalign {name} (unrolled)",
+             [args.jalign_python, str(w)] + same + common, env, reason),
             ("jalign-other-scan", f"jalign {name} (scan)",
-             [args.jalign_python, str(w), "--scan"] + common, env, reason)]
+             [args.jalign_python, str(w), "--scan"] + same + common, env, reason)]
 
 
 def plan_dpo(args, common: list[str], py_ok, jalign_env: dict) -> list:
@@ -460,7 +464,8 @@ def main():
              "peak_times": peak_worker.times if peak_worker else [],
              "rows": {w.key: {"label": w.label, "times": w.times, "faults": w.faults,
                               "others_cores": w.others, "waited_s": w.waited,
-                              "info": w.info,
+                              "info": w.info, "peak_rss_gib": w.peak_rss,
+                              "compile": first_step(w),
                               "error": w.error} for w in workers},
              "skipped": skipped}, indent=1))
     if args.breakdown:

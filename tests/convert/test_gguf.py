@@ -237,6 +237,7 @@ def _assert_reads_as_the_stock_reader(path):
 
     from jalign.convert.gguf import _reader
     stock, ours = gguf.GGUFReader(path), _reader(str(path), *_stat_key(path))
+    assert type(ours.data) is np.ndarray  # the fast path: not a np.memmap
     assert list(ours.fields) == list(stock.fields)
     for key, a in stock.fields.items():
         b = ours.fields[key]
