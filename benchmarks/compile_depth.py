@@ -25,6 +25,7 @@ def main():
     a = ap.parse_args()
     import jax
     jax.config.update("jax_enable_compilation_cache", False)
+    from common import SHAPE
     from jalign_worker import build
     print("| layers | scanned compile s | unrolled compile s |\n|---:|---:|---:|")
     depths = sorted({int(x) for x in (a.scan + "," + a.unrolled).split(",") if x})
@@ -34,8 +35,7 @@ def main():
             if str(depth) not in wanted.split(","):
                 row.append("")
                 continue
-            args = types.SimpleNamespace(vocab=8192, hidden=512, intermediate=1408, layers=depth,
-                                         heads=8, kv_heads=8, seq=512, batch=4, max_steps=100)
+            args = types.SimpleNamespace(**dict(SHAPE, layers=depth), max_steps=100)
             b = build(args, scan)
             t0 = time.perf_counter()
             b.step.lower(b.state, b.batch).compile()

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-M, HIDDEN, INTER, VOCAB, LAYERS = 2048, 512, 1408, 8192, 8
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step_impls"))
+from common import SHAPE  # noqa: E402  (the benchmark model's shape)
+
+M = SHAPE["batch"] * SHAPE["seq"]
+HIDDEN, INTER = SHAPE["hidden"], SHAPE["intermediate"]
+VOCAB, LAYERS = SHAPE["vocab"], SHAPE["layers"]
 # (name, in, out, uses per step)
 LINEARS = (("q/k/v/o", HIDDEN, HIDDEN, 4 * LAYERS), ("gate/up", HIDDEN, INTER, 2 * LAYERS),
            ("down", INTER, HIDDEN, LAYERS), ("lm head", HIDDEN, VOCAB, 1))

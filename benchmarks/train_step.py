@@ -366,8 +366,6 @@ def main():
     run_rounds(participants, args.rounds, lambda w: 1 if w is peak_worker else args.steps,
                args.quiet_below, args.quiet_wait, unit="s/step",
                shown=[w for w in participants if w is not peak_worker])
-    for w in participants:
-        w.stop()
 
     peak_gflops = float("nan")
     if peak_worker and peak_worker.times:

@@ -110,9 +110,10 @@ def _bwd(window, blocks, res, d_out):
     g = k.shape[2]
     scale = h ** -0.5
     qh, kh, vh = _heads_first(q, k, v)
-    doh = d_out.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
+    dog = d_out.reshape(b, t, g, n // g, h)
+    doh = dog.transpose(0, 2, 3, 1, 4)
     # rowsum(do * o): the softmax backward's per-query term, [B, G, R, T]
-    delta = jnp.einsum("bqgrh,bqgrh->bgrq", d_out.reshape(b, t, g, n // g, h).astype(jnp.float32),
+    delta = jnp.einsum("bqgrh,bqgrh->bgrq", dog.astype(jnp.float32),
                        out.reshape(b, t, g, n // g, h).astype(jnp.float32))
     dq = []
     # dk and dv are summed transposed, [B, G, H, T]: on CPU the dot do^T p (its output rows
