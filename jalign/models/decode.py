@@ -58,13 +58,41 @@ def _final_logits(model, x_btd):
 
 
 def _write(cache_all, layer, new_btgh, start):
-    """Stores one layer's new keys (or values) at slots ``start..`` of the full cache.
+    """Stores one layer's new keys (or values) at slots ``start..`` of the cache: stacked
+    [layers, ...], or a tuple of per-layer arrays (``split_cache``; ``layer`` static).
 
     Only the new tokens are written: inside scan and while_loop XLA updates the carried
     buffer in place, so a decode step moves [B, 1, G, H] per layer, not the whole cache.
     """
-    new = new_btgh.astype(cache_all.dtype).transpose(0, 2, 1, 3)[None]  # [1, B, G, T, H]
-    return jax.lax.dynamic_update_slice(cache_all, new, (layer, 0, 0, start, 0))
+    new = new_btgh.astype(_dtype(cache_all)).transpose(0, 2, 1, 3)  # [B, G, T, H]
+    if isinstance(cache_all, tuple):
+        one = jax.lax.dynamic_update_slice(cache_all[layer], new, (0, 0, start, 0))
+        return cache_all[:layer] + (one,) + cache_all[layer + 1:]
+    return jax.lax.dynamic_update_slice(cache_all, new[None], (layer, 0, 0, start, 0))
+
+
+def _dtype(cache_all):
+    return (cache_all[0] if isinstance(cache_all, tuple) else cache_all).dtype
+
+
+def layer_cache(cache_all, layer):
+    """One layer's keys (or values) [B, G, S, H] of a stacked or split cache. From a
+    split one this is the array itself; from a stacked one XLA copies the layer out (as
+    a slice of a while_loop's carry it cannot alias it)."""
+    if isinstance(cache_all, tuple):
+        return cache_all[layer]
+    return jax.lax.dynamic_index_in_dim(cache_all, layer, 0, keepdims=False)
+
+
+def split_cache(cache: KVCache) -> KVCache:
+    """The cache with ``k``/``v`` as tuples of per-layer arrays [B, G, S, H], for a token
+    loop over ``split_layers``: each decoded token then reads every layer's keys where
+    they lie. Read out of the stacked [layers, ...] carry, each layer's whole cache was
+    copied at every token (a quarter of a group sampler's thunk time, docs/benchmarks.md)."""
+    def split(a):
+        return tuple(constrain(a[i], _CACHE_AXES[1:]) for i in range(a.shape[0]))
+
+    return KVCache(split(cache.k), split(cache.v), cache.valid)
 
 
 def split_layers(model) -> list[dict]:
@@ -86,6 +114,8 @@ def _run_layers(model, x_btd, layer_fn, cache: KVCache, layers: list[dict] | Non
     """
     cfg = model.config
     carry = (x_btd, cache.k, cache.v)
+    if layers is None and isinstance(cache.k, tuple):
+        raise ValueError("a split cache (split_cache) runs over split_layers(model): pass layers")
     if layers is not None:
         for i, p in enumerate(layers):
             carry = layer_fn(p, *carry, i)
@@ -156,7 +186,8 @@ def _cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts):
 def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
                 layers: list[dict] | None = None):
     """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
-    ``layers``: ``split_layers(model)``, taken once outside a token loop.
+    ``layers``: ``split_layers(model)``, taken once outside a token loop; with them the
+    cache may be ``split_cache``'s (per-layer arrays: nothing copied per token).
 
     The token attends to every valid slot up to and including its own: the real prompt
     tokens and the tokens fed since (slots after ``index`` are empty and invalid). The
@@ -177,9 +208,7 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
     def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
         k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
-        o = _cached_attention(q, jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False),
-                              jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False),
-                              attn_mask)
+        o = _cached_attention(q, layer_cache(k_all, i), layer_cache(v_all, i), attn_mask)
         return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache,

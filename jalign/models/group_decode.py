@@ -3,9 +3,11 @@
 Group sampling (the GRPO family) prefills each prompt once; copying its cache G times
 (one per completion) would make every decoded token read the prompt's keys and values G
 times over. Here the cache has two parts: the prompt's, one copy per prompt
-([layers, B, kv_heads, P, head_dim], as ``decode.prefill`` writes it), and the
-completions', one per row ([layers, B·G, kv_heads, N, head_dim]: ``decode``'s head-major
+([B, kv_heads, P, head_dim] per layer, as ``decode.prefill`` writes it), and the
+completions', one per row ([B·G, kv_heads, S, head_dim] per layer: ``decode``'s head-major
 layout, sharded over rows like it, read by the attention matmuls without a transpose).
+Each layer's keys are an array of their own, as long as the slots the current segment of
+the token loop fills (``grow``), so a token reads them in place.
 Each step attends over both with one softmax: the prompt's slots as a matmul of the
 group's G queries against one copy of the prompt's keys.
 
@@ -23,50 +25,77 @@ import jax.numpy as jnp
 
 from jalign.models.attention import MASK_VALUE
 from jalign.models.decode import (_CACHE_AXES, DecodeState, KVCache, _final_logits, _run_layers,
-                                  _write)
+                                  _write, split_cache)
 from jalign.models.llama import finish_layer, project_qkv
 from jalign.models.rope import rope_angles
 from jalign.sharding import constrain
 
 
 class GroupCache(NamedTuple):
-    prompt: KVCache   # k, v [layers, B, kv_heads, P, head_dim]; valid [B, P]
-    k: jax.Array      # [layers, B·G, kv_heads, N, head_dim]: the completions' keys
-    v: jax.Array      # same as k
-    valid: jax.Array  # [B·G, N] bool: completion slot holds a fed token
+    prompt: KVCache   # k, v: per layer [B, kv_heads, P, head_dim] (decode.split_cache); valid [B, P]
+    k: tuple          # per layer [B·G, kv_heads, S, head_dim]: the completions' keys
+    v: tuple          # same as k
+    valid: jax.Array  # [B·G, S] bool: completion slot holds a fed token
+
+
+_LAYER_AXES = _CACHE_AXES[1:]
 
 
 def group_cache(prompt: KVCache, group_size: int, slots: int) -> GroupCache:
-    """The prompts' prefilled cache plus ``slots`` empty completion slots per row."""
+    """The prompts' prefilled cache (stacked, as ``decode.prefill`` returns it) plus
+    ``slots`` empty completion slots per row, each layer's its own array."""
     layers, b, g, _, h = prompt.k.shape
-    shape = (layers, b * group_size, g, max(slots, 1), h)
-    zeros = constrain(jnp.zeros(shape, prompt.k.dtype), _CACHE_AXES)
-    return GroupCache(prompt, zeros, zeros, jnp.zeros((shape[1], shape[3]), bool))
+    shape = (b * group_size, g, max(slots, 1), h)
+    zeros = tuple(constrain(jnp.zeros(shape, prompt.k.dtype), _LAYER_AXES)
+                  for _ in range(layers))
+    return GroupCache(split_cache(prompt), zeros, zeros, jnp.zeros((shape[0], shape[2]), bool))
+
+
+def grow(cache: GroupCache, slots: int) -> GroupCache:
+    """The cache with ``slots`` completion slots (the new ones empty). A token loop runs in
+    segments, each over a cache as long as the slots it fills: the attention then reads
+    every completion slot it is given, with no slice (a copy) of the filled ones per token."""
+    extra = slots - cache.valid.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot shrink a group cache of {cache.valid.shape[1]} slots to {slots}")
+
+    def pad(a):
+        return constrain(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))), _LAYER_AXES)
+
+    return GroupCache(cache.prompt, tuple(map(pad, cache.k)), tuple(map(pad, cache.v)),
+                      jnp.pad(cache.valid, ((0, 0), (0, extra))))
 
 
 def _attention(q_btnh, kp_bgsh, vp_bgsh, mask_p_bs, kc_bgsh, vc_bgsh, mask_c_bs):
     """Softmax attention of B·G query rows over their group's prompt slots [B, kv, P, H]
     and their own completion slots [B·G, kv, N, H] (one softmax over both), as
-    ``decode._cached_attention`` computes it over one cache."""
+    ``decode._cached_attention`` computes it over one cache.
+
+    The completion slots are read in their own [B·G, ...] layout, only the small scores
+    and probabilities reshaped: a [B, G, ...] view of the cache is not free where the
+    cache is a while loop's carry (XLA wrote a second copy of every layer's completion
+    cache at every token)."""
     bg, t, n, h = q_btnh.shape
     b, g = kp_bgsh.shape[:2]
     G = bg // b  # noqa: N806 (the group size)
-    q = q_btnh.reshape(b, G, t, g, n // g, h).transpose(0, 1, 3, 4, 2, 5)  # [b,G,g,r,t,h]
-    kc = kc_bgsh.reshape(b, G, *kc_bgsh.shape[1:])  # rows of a group are consecutive
-    vc = vc_bgsh.reshape(b, G, *vc_bgsh.shape[1:])
+    r = n // g
+    q = q_btnh.reshape(bg, t, g, r, h).transpose(0, 2, 3, 1, 4)  # [bG, g, r, t, h]
+    qp = q.reshape(b, G, g, r, t, h)  # rows of a group are consecutive
     scale = h ** -0.5
     f32 = jnp.float32
-    sp = jnp.einsum("bGgrth,bgsh->bGgrts", q, kp_bgsh, preferred_element_type=f32) * scale
-    sc = jnp.einsum("bGgrth,bGgsh->bGgrts", q, kc, preferred_element_type=f32) * scale
+    sp = jnp.einsum("bGgrth,bgsh->bGgrts", qp, kp_bgsh, preferred_element_type=f32) * scale
+    sc = jnp.einsum("ngrth,ngsh->ngrts", q, kc_bgsh, preferred_element_type=f32) * scale
     sp = jnp.where(mask_p_bs[:, None, None, None, None, :], sp, MASK_VALUE)
-    sc = jnp.where(mask_c_bs.reshape(b, G, 1, 1, 1, -1), sc, MASK_VALUE)
-    probs = jax.nn.softmax(jnp.concatenate([sp, sc], axis=-1), axis=-1)
+    sc = jnp.where(mask_c_bs[:, None, None, None, :], sc, MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([sp, sc.reshape(b, G, *sc.shape[1:])], axis=-1),
+                           axis=-1)
     pp = probs[..., :sp.shape[-1]].astype(vp_bgsh.dtype)
-    pc = probs[..., sp.shape[-1]:].astype(vc.dtype)
+    pc = probs[..., sp.shape[-1]:].astype(vc_bgsh.dtype).reshape(sc.shape)
     # Both halves summed in float32 and rounded once (as one einsum over one cache is).
     out = (jnp.einsum("bGgrts,bgsh->bGgrth", pp, vp_bgsh, preferred_element_type=f32)
-           + jnp.einsum("bGgrts,bGgsh->bGgrth", pc, vc, preferred_element_type=f32))
-    return out.astype(q_btnh.dtype).transpose(0, 1, 4, 2, 3, 5).reshape(bg, t, n, h)
+           .reshape(bg, g, r, t, h)
+           + jnp.einsum("ngrts,ngsh->ngrth", pc, vc_bgsh, preferred_element_type=f32))
+    return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(bg, t, n, h)
 
 
 def _masks(cfg, cache: GroupCache, valid_c, idx):
@@ -84,30 +113,23 @@ def _masks(cfg, cache: GroupCache, valid_c, idx):
 
 
 def group_decode_step(model, token_ids, cache: GroupCache, state: DecodeState,
-                      layers: list[dict] | None = None, slots: int | None = None):
-    """Feeds one token per row [B·G] at completion slot ``state.index``; returns
-    (logits [B·G, V], cache, state). ``layers``: ``decode.split_layers(model)``.
-    ``slots`` (static): attend over the first ``slots`` completion slots only (they must
-    hold every fed token, ``state.index`` < ``slots``): the later ones are empty, and
-    reading them costs as much memory traffic per token as the weights do."""
+                      layers: list[dict]):
+    """Feeds one token per row [B·G] at completion slot ``state.index`` (< the cache's
+    slots: ``grow`` it first); returns (logits [B·G, V], cache, state).
+    ``layers``: ``decode.split_layers(model)``."""
     cfg = model.config
     eps = cfg.rms_norm_eps
     idx = state.index
     valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((token_ids.shape[0], 1), bool), idx, axis=1)
     mask_p, mask_c = _masks(cfg, cache, valid, idx)
-    mask_c = mask_c[:, :slots]
     cos, sin = rope_angles(state.positions[:, None], cfg)
 
     def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
         k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
-
-        def at(a):
-            return jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
-
-        o = _attention(q, at(cache.prompt.k), at(cache.prompt.v), mask_p,
-                       at(k_all)[:, :, :slots], at(v_all)[:, :, :slots], mask_c)
+        o = _attention(q, cache.prompt.k[i], cache.prompt.v[i], mask_p, k_all[i], v_all[i],
+                       mask_c)
         return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer,

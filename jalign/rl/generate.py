@@ -27,8 +27,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.decode import DecodeState, decode_step, init_cache, prefill, split_layers
-from jalign.models.group_decode import group_cache, group_decode_step
+from jalign.models.decode import (DecodeState, decode_step, init_cache, prefill, split_cache,
+                                  split_layers)
+from jalign.models.group_decode import group_cache, group_decode_step, grow
 from jalign.rl import draws
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
 
@@ -101,7 +102,7 @@ def _group_prefill(model, prompt_ids, prompt_mask, group_size: int, max_new_toke
     b, p_len = prompt_ids.shape
     logits, prompt_cache, dstate = prefill(model, prompt_ids, prompt_mask,
                                            init_cache(model.config, b, p_len))
-    cache = group_cache(prompt_cache, group_size, max_new_tokens - 1)
+    cache = group_cache(prompt_cache, group_size, 1)  # grown per segment of the token loop
     rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
     return rep(logits), cache, DecodeState(index=jnp.int32(0), positions=rep(dstate.positions))
 
@@ -125,7 +126,7 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     if group_size == 1:
         cache = init_cache(model.config, b, p_len + n - 1)
         logits, cache, dstate = prefill(model, prompt_ids, prompt_mask, cache)
-        step = decode_step
+        cache, step = split_cache(cache), decode_step
     else:
         logits, cache, dstate = _group_prefill(model, prompt_ids, prompt_mask, group_size, n)
         b, step = b * group_size, group_decode_step
@@ -148,21 +149,23 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
         i, *_, done, _lengths = carry
         return (i < n) & ~jnp.all(done)
 
-    def body(carry, read):
+    def body(carry):
         i, cache, dstate, tokens, logprobs, done, lengths = carry
         # Finished rows keep feeding pad: harmless, their outputs are discarded.
-        logits, cache, dstate = step(model, tokens[:, i - 1], cache, dstate, layers, **read)
+        logits, cache, dstate = step(model, tokens[:, i - 1], cache, dstate, layers)
         token, logprob = pick(logits, jax.random.fold_in(rng, i), done)
         return (i + 1, cache, dstate, *record(i, token, logprob, tokens, logprobs, done, lengths))
 
     carry = (jnp.int32(1), cache, dstate, *out)
     # Group sampling reads only the completion slots filled so far, in a few segments of
-    # the token loop, each compiled for its own number of slots (plain decoding reads the
-    # whole cache: its programs, and so its samples, stay as they were).
+    # the token loop, each compiled for its own number of slots and over a cache grown to
+    # that many (plain decoding reads the whole cache: its programs, and so its samples,
+    # stay as they were).
     for end in (_segment_ends(n) if group_size > 1 else (n,)):
-        read = {"slots": max(end - 1, 1)} if group_size > 1 else {}
-        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end),
-                                   functools.partial(body, read=read), carry)
+        if group_size > 1:
+            i, cache, *rest = carry
+            carry = (i, grow(cache, max(end - 1, 1)), *rest)
+        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, carry)
     steps, _, _, tokens, logprobs, _, lengths = carry
     return {"tokens": tokens, "lengths": lengths, "logprobs": logprobs, "num_steps": steps}
 

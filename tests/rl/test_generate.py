@@ -282,3 +282,24 @@ def test_sharded_sampler_equals_the_full_forward(model, prompts, shape):
         assert_f32_close(out["logprobs"][r, :n], want, **llama_logp_bound(model, P + N))
     # (Token-for-token equality with the single-device run is not asserted: at a near-tie
     # within the float32 bound either run may pick either token, on some CPU.)
+
+
+def test_sharded_group_sampler_equals_the_full_forward(model, prompts, monkeypatch):
+    """The group sampler (one prefill per prompt, each layer's completion cache its own
+    array, grown per segment of the token loop) on an 8-device mesh: every greedy token of
+    every row of each group is an argmax of the single-device full forward, as for the
+    plain sampler. (Segments of 2 tokens: 4 segments in N = 8, the cache grown for each.)"""
+    from jalign.rl import generate as gen
+    from jalign.sharding import MeshConfig, make_mesh
+    rows, ids, mask = prompts
+    g = 4
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    sharded = create_model(preset("tiny"), seed=5, mesh=mesh)
+    monkeypatch.setattr(gen, "SEGMENT_TOKENS", 2)
+    out = {k: np.asarray(v) for k, v in generate(
+        sharded, ids, mask, max_new_tokens=N, rng=jax.random.key(0), greedy=True,
+        eos_id=EOS, pad_id=PAD, mesh=mesh, group_size=g).items()}
+    assert out["tokens"].shape == (len(rows) * g, N)
+    _assert_argmax_path(model, [r for r in rows for _ in range(g)], out, err_msg="grouped")
+    for i in range(len(rows)):  # greedy: a group's rows are one path
+        assert (out["tokens"][i * g:(i + 1) * g] == out["tokens"][i * g]).all()
