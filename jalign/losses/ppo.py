@@ -108,7 +108,7 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
     ``group_size`` G > 1 (with ``last``): rows come in groups of G consecutive rows with
     the same prompt (the T - ``last`` first tokens), which then runs once per group
     (``jalign.models.group_forward``)."""
-    from jalign.losses.sft import map_token_chunks
+    from jalign.losses.sft import LOGITS_KEPT_PER_VOCAB, map_token_chunks
     b, t = ids_bt.shape
     skip = 0 if last is None else t - 1 - last
     if not 0 <= skip < t - 1:
@@ -130,7 +130,8 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
     logp, ent = map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
-                                 remat=True)
+                                 remat=True,
+                                 kept_bytes_per_token=LOGITS_KEPT_PER_VOCAB * w_dv.shape[-1])
 
     def rows(x):
         return jnp.pad(x, ((0, 0), (skip, 0)))

@@ -18,6 +18,9 @@ from jalign.losses.types import LossOutput
 from jalign.sharding import constrain
 
 DEFAULT_CHUNK_TOKENS = 2048
+# Bytes per vocabulary entry of one token that a log-prob's backward keeps: its float32
+# logit and softmax probability.
+LOGITS_KEPT_PER_VOCAB = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +67,22 @@ def _batch_shards(rows: int) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = False):
+# With remat asked for, a device's tokens still run as one chunk, their logits kept for
+# the backward, where those come to at most this: recomputing them costs a third more of
+# the head's FLOPs (the GRPO benchmark's loss and gradient, 4096 completion tokens of an
+# 8192 vocabulary: 5.93 -> 5.78 s, docs/benchmarks.md). A 128k vocabulary's kept logits
+# reach it at 256 tokens, below the default chunk.
+KEEP_LOGITS_BYTES = 256 * 2**20
+
+
+def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = False,
+                     kept_bytes_per_token: int | None = None):
     """``fn(hidden [c, D], targets [c]) -> pytree of [c]`` over [B, T] tokens (or [N] of a
     2-D ``hidden``), about ``chunk`` tokens of each device's rows at a time; results [B, T]
     (or [N]): a vocabulary projection per chunk, so the [tokens, vocab] logits never exist
     at once. ``remat``: recompute each chunk in the backward pass instead of storing its
-    logits.
+    logits, unless the device's tokens times ``kept_bytes_per_token`` (what the backward
+    keeps of a token's projection) fit ``KEEP_LOGITS_BYTES``: then they run as one chunk.
 
     Chunks run along each row's tokens (all rows at once), so every device projects its
     own rows of a batch sharded over the mesh: chunking the flattened batch instead makes
@@ -80,7 +93,9 @@ def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = Fa
         hidden_btd, targets_bt = hidden_btd[None], targets_bt[None]
     b, t, d = hidden_btd.shape
     local = 1 if flat else max(1, b // _batch_shards(b))  # rows on each device
-    if local * t <= chunk:
+    kept = (kept_bytes_per_token is not None
+            and local * t * kept_bytes_per_token <= KEEP_LOGITS_BYTES)
+    if local * t <= chunk or (remat and kept):
         out = fn(hidden_btd.reshape(-1, d), targets_bt.reshape(-1))
         return jax.tree.map(lambda x: x.reshape(t) if flat else x.reshape(b, t), out)
     n = -(-t // max(1, chunk // local))     # chunks per row
@@ -110,7 +125,8 @@ def chunked_log_probs(hidden_btd, w_dv, targets_bt, chunk: int = DEFAULT_CHUNK_T
     def one(h_cd, t_c):
         return token_log_probs(_logits(h_cd, w_dv)[None], t_c[None])[0]
 
-    return map_token_chunks(one, hidden_btd, targets_bt, chunk, remat=True)
+    return map_token_chunks(one, hidden_btd, targets_bt, chunk, remat=True,
+                            kept_bytes_per_token=LOGITS_KEPT_PER_VOCAB * w_dv.shape[-1])
 
 
 def next_token_log_probs(model, hidden_btd, ids_bt, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):

@@ -7,10 +7,56 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pytest
+
+from jalign.losses import sft
 from jalign.losses.sft import chunked_log_probs, sft_loss, token_log_probs
 from jalign.models.build import create_model
 from jalign.models.config import preset
 from tests.numerics import TRANSCENDENTAL_TERMS, assert_f32_close, llama_logp_bound
+
+
+@pytest.fixture(autouse=True)
+def chunks_always_recomputed(request, monkeypatch):
+    """This module's small logits would all fit the budget under which the chunks run as
+    one, kept for the backward (sft.KEEP_LOGITS_BYTES): the chunk tests turn it off so
+    that chunks are what they test (the rule itself has its own test, which keeps it)."""
+    if "keep_rule" not in request.node.name:
+        monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", 0)
+
+
+def _chunk_loops(fn, *args) -> int:
+    """How many token-chunk loops (``lax.map``'s scan) the gradient program of ``fn`` runs."""
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(*args)).count("scan[")
+
+
+def test_keep_rule_logits_within_the_budget_run_as_one_chunk(monkeypatch):
+    """37 tokens over a 50-entry vocabulary keep 37 x 50 x 8 bytes (logit and probability,
+    float32): within the budget the tokens run as one chunk, nothing recomputed; one byte
+    under it, in chunks of 8 recomputed in the backward. The same values either way (the
+    chunked path's equality with one block: test_chunked_equals_full_values_and_gradients)."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 50, 37), jnp.int32)
+
+    def loss(h, w):
+        return jnp.sum(chunked_log_probs(h, w, t, 8) * jnp.arange(37))
+
+    kept = 37 * 50 * sft.LOGITS_KEPT_PER_VOCAB
+    monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", kept)
+    assert _chunk_loops(loss, h, w) == 0
+    one = jax.grad(loss, argnums=(0, 1))(h, w)
+    monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", kept - 1)
+    assert _chunk_loops(loss, h, w) >= 1
+    chunked = jax.grad(loss, argnums=(0, 1))(h, w)
+    # dL/dh_n = a_n (w[:, t_n] - sum_v p_nv w[:, v]): at most 36 x 2 max|w|; dL/dw[:, v] =
+    # sum_n a_n h_n (onehot - p): at most sum_n a_n max|h| (a_n = n).
+    bound = dict(terms=50 + 2 * TRANSCENDENTAL_TERMS, depth=3)
+    max_h, max_w = float(jnp.max(jnp.abs(h))), float(jnp.max(jnp.abs(w)))
+    assert_f32_close(one[0], chunked[0], **bound, scale=36 * 2 * max_w, err_msg="dL/dh")
+    assert_f32_close(one[1], chunked[1], **bound, scale=sum(range(37)) * max_h,
+                     err_msg="dL/dw")
 
 
 def test_token_log_probs_by_hand():
