@@ -32,8 +32,9 @@ temporaries (the compiled step's scratch)
   ``logits``      the loss's float32 logits and their gradient: 2 x [rows, vocab / tensor]
                   x 4 bytes. jalign's losses project about ``chunk_tokens`` of each
                   device's own tokens at a time, so rows = min(tokens, chunk)
-                  (``logits='chunked'``); ``logits='full'``: a loss that materialises
-                  [batch, seq, vocab].
+                  (``logits='chunked'``), or all of them where their logits fit
+                  ``jalign.losses.sft.KEEP_LOGITS_BYTES``; ``logits='full'``: a loss that
+                  materialises [batch, seq, vocab].
 
 Tokens are per batch shard: ``batch`` rows of ``seq_len`` on each data x fsdp shard (the
 micro-batch; a global batch of ``batch x data x fsdp`` rows per accumulation step).
@@ -268,8 +269,11 @@ def plan(config, mesh_config: MeshConfig, num_devices: int, *, batch: int,
     recompute = int(tokens * layer_backward(config, mesh, seq_len, attention, rules,
                                             compiler["score_bytes"]))
     vocab = _split(config.vocab_size, "act_vocab", mesh, rules)
-    # the loss's chunks run along each device's own rows (jalign.losses.sft)
-    rows = tokens if logits == "full" else min(tokens, chunk_tokens)
+    # the loss's chunks run along each device's own rows (jalign.losses.sft); logits that
+    # fit its budget are kept whole
+    from jalign.losses.sft import KEEP_LOGITS_BYTES, LOGITS_KEPT_PER_VOCAB
+    kept = tokens * LOGITS_KEPT_PER_VOCAB * config.vocab_size <= KEEP_LOGITS_BYTES
+    rows = tokens if logits == "full" or kept else min(tokens, chunk_tokens)
     return Plan(params, opt_state, compiler["grad_buffers"] * 4 * elements, copies,
                 activations, recompute,
                 2 * 4 * rows * vocab)

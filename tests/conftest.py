@@ -31,3 +31,15 @@ def _eight_devices():
     if jax.device_count() != 8:
         pytest.fail(f"tests need 8 host devices (XLA_FLAGS); got {jax.device_count()}: "
                     "was jax imported before tests/conftest.py ran?")
+
+
+@pytest.fixture(autouse=True)
+def _chunks_recomputed(request, monkeypatch):
+    """The tiny test models' logits would all fit the budget under which the token chunks
+    of a log-prob run as one, kept for the backward (``jalign.losses.sft.KEEP_LOGITS_BYTES``),
+    so the tests that set small chunks would no longer run any: in-process they recompute
+    chunks as a large model's do, except where marked ``keep_logits`` (the rule's own
+    tests). ``jalign`` subprocesses keep the library's rule."""
+    if request.node.get_closest_marker("keep_logits") is None:
+        from jalign.losses import sft
+        monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", 0)

@@ -131,7 +131,8 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
 
     logp, ent = map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
                                  remat=True,
-                                 kept_bytes_per_token=LOGITS_KEPT_PER_VOCAB * w_dv.shape[-1])
+                                 kept_bytes_per_token=(LOGITS_KEPT_PER_VOCAB + 4 * entropy)
+                                 * w_dv.shape[-1])
 
     def rows(x):
         return jnp.pad(x, ((0, 0), (skip, 0)))

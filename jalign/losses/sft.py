@@ -19,7 +19,8 @@ from jalign.sharding import constrain
 
 DEFAULT_CHUNK_TOKENS = 2048
 # Bytes per vocabulary entry of one token that a log-prob's backward keeps: its float32
-# logit and softmax probability.
+# logit and softmax probability (the backward's own float32 gradient of the logits comes
+# on top while it runs: the budget bounds what is kept, not the peak).
 LOGITS_KEPT_PER_VOCAB = 8
 
 
@@ -80,9 +81,11 @@ def map_token_chunks(fn, hidden_btd, targets_bt, chunk: int, *, remat: bool = Fa
     """``fn(hidden [c, D], targets [c]) -> pytree of [c]`` over [B, T] tokens (or [N] of a
     2-D ``hidden``), about ``chunk`` tokens of each device's rows at a time; results [B, T]
     (or [N]): a vocabulary projection per chunk, so the [tokens, vocab] logits never exist
-    at once. ``remat``: recompute each chunk in the backward pass instead of storing its
-    logits, unless the device's tokens times ``kept_bytes_per_token`` (what the backward
-    keeps of a token's projection) fit ``KEEP_LOGITS_BYTES``: then they run as one chunk.
+    at once. A device's tokens that fit one chunk run as one, their logits kept for the
+    backward. ``remat``: recompute each of several chunks in the backward pass instead of
+    storing its logits, unless the device's tokens times ``kept_bytes_per_token`` (what the
+    backward keeps of a token's projection) fit ``KEEP_LOGITS_BYTES``: then they too run
+    as one chunk, kept.
 
     Chunks run along each row's tokens (all rows at once), so every device projects its
     own rows of a batch sharded over the mesh: chunking the flattened batch instead makes

@@ -32,8 +32,8 @@ _CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)
 
 
 class KVCache(NamedTuple):
-    k: jax.Array      # [layers, batch, kv_heads, max_len, head_dim], compute dtype
-    v: jax.Array      # same as k
+    k: jax.Array      # [layers, batch, kv_heads, max_len, head_dim], compute dtype (or a
+    v: jax.Array      # tuple of per-layer [batch, ...] arrays: split_cache); v as k
     valid: jax.Array  # [batch, max_len] bool: slot holds a real (prompt or generated) token
 
 
@@ -87,8 +87,11 @@ def layer_cache(cache_all, layer):
 def split_cache(cache: KVCache) -> KVCache:
     """The cache with ``k``/``v`` as tuples of per-layer arrays [B, G, S, H], for a token
     loop over ``split_layers``: each decoded token then reads every layer's keys where
-    they lie. Read out of the stacked [layers, ...] carry, each layer's whole cache was
-    copied at every token (a quarter of a group sampler's thunk time, docs/benchmarks.md)."""
+    they lie (read out of a stacked [layers, ...] carry and then sliced, a group sampler's
+    completion cache was copied at every token: docs/benchmarks.md). The split copies the
+    cache once, the stacked one live beside it until then: the group sampler splits only
+    its prompts' cache; the plain sampler, which gained nothing from it, keeps the stacked
+    one."""
     def split(a):
         return tuple(constrain(a[i], _CACHE_AXES[1:]) for i in range(a.shape[0]))
 
@@ -135,7 +138,8 @@ def _run_layers(model, x_btd, layer_fn, cache: KVCache, layers: list[dict] | Non
 
 
 def prefill(model, prompt_ids, prompt_mask, cache: KVCache):
-    """Runs left-padded prompts [B, P] and stores their keys/values in slots 0..P-1.
+    """Runs left-padded prompts [B, P] and stores their keys/values in slots 0..P-1 of a
+    stacked cache (``init_cache``'s).
 
     Returns (logits of the last prompt token [B, V], cache, DecodeState). Padding gets
     segment id 0 and real tokens 1, so the two never attend to each other (the shared

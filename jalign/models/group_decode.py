@@ -3,7 +3,7 @@
 Group sampling (the GRPO family) prefills each prompt once; copying its cache G times
 (one per completion) would make every decoded token read the prompt's keys and values G
 times over. Here the cache has two parts: the prompt's, one copy per prompt
-([B, kv_heads, P, head_dim] per layer, as ``decode.prefill`` writes it), and the
+([B, kv_heads, P, head_dim] per layer, ``decode.prefill``'s split), and the
 completions', one per row ([B·G, kv_heads, S, head_dim] per layer: ``decode``'s head-major
 layout, sharded over rows like it, read by the attention matmuls without a transpose).
 Each layer's keys are an array of their own, as long as the slots the current segment of
@@ -32,7 +32,7 @@ from jalign.sharding import constrain
 
 
 class GroupCache(NamedTuple):
-    prompt: KVCache   # k, v: per layer [B, kv_heads, P, head_dim] (decode.split_cache); valid [B, P]
+    prompt: KVCache   # k, v: per layer [B, kv_heads, P, head_dim] (split_cache); valid [B, P]
     k: tuple          # per layer [B·G, kv_heads, S, head_dim]: the completions' keys
     v: tuple          # same as k
     valid: jax.Array  # [B·G, S] bool: completion slot holds a fed token
@@ -54,7 +54,9 @@ def group_cache(prompt: KVCache, group_size: int, slots: int) -> GroupCache:
 def grow(cache: GroupCache, slots: int) -> GroupCache:
     """The cache with ``slots`` completion slots (the new ones empty). A token loop runs in
     segments, each over a cache as long as the slots it fills: the attention then reads
-    every completion slot it is given, with no slice (a copy) of the filled ones per token."""
+    every completion slot it is given, with no slice (a copy) of the filled ones per token.
+    Each growth copies the filled slots once into the longer arrays, both live meanwhile:
+    the last one holds ~1.75x the final completion cache for a moment (4 segments)."""
     extra = slots - cache.valid.shape[1]
     if extra < 0:
         raise ValueError(f"cannot shrink a group cache of {cache.valid.shape[1]} slots to {slots}")

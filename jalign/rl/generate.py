@@ -27,8 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jalign.models.decode import (DecodeState, decode_step, init_cache, prefill, split_cache,
-                                  split_layers)
+from jalign.models.decode import DecodeState, decode_step, init_cache, prefill, split_layers
 from jalign.models.group_decode import group_cache, group_decode_step, grow
 from jalign.rl import draws
 from jalign.sharding import DEFAULT_RULES, Rules, use_mesh
@@ -94,7 +93,7 @@ def _pick(logits_bv, key, done_b, params: SamplingParams, greedy, top_k, use_top
     return jnp.where(done_b, params.pad_id, token), jnp.where(done_b, 0.0, logprob)
 
 
-def _group_prefill(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int):
+def _group_prefill(model, prompt_ids, prompt_mask, group_size: int):
     """Each prompt prefilled once; its keys and values stay one copy, read once per group
     at each token (``jalign.models.group_decode``; faster than G copies of the cache where
     the prompt is a sizeable part of the slots, docs/benchmarks.md), and each of its G rows
@@ -126,9 +125,9 @@ def rollout(model, prompt_ids, prompt_mask, rng, params: SamplingParams, *, max_
     if group_size == 1:
         cache = init_cache(model.config, b, p_len + n - 1)
         logits, cache, dstate = prefill(model, prompt_ids, prompt_mask, cache)
-        cache, step = split_cache(cache), decode_step
+        step = decode_step
     else:
-        logits, cache, dstate = _group_prefill(model, prompt_ids, prompt_mask, group_size, n)
+        logits, cache, dstate = _group_prefill(model, prompt_ids, prompt_mask, group_size)
         b, step = b * group_size, group_decode_step
 
     def record(i, token, logprob, tokens, logprobs, done, lengths):

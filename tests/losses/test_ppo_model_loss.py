@@ -66,8 +66,12 @@ def _expected(model, batch, cfg: PPOConfig):
     return total, total + kl[m].sum(), m.sum()
 
 
-@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+@pytest.mark.parametrize("kl_in", ["reward", "loss",
+                                   pytest.param("loss", marks=pytest.mark.keep_logits,
+                                                id="loss-kept-logits")])
 def test_ppo_loss_composes_its_terms(setup, kl_in):
+    """(chunk_tokens=8: chunks recomputed in the backward; with the keep rule, as the
+    library runs a model this small, the tokens run as one chunk, logits kept.)"""
     model, batch = setup
     cfg = PPOConfig(vf_coef=0.7, entropy_coef=0.05, clip_low=0.1, clip_high=0.3,
                     temperature=0.8, kl_in=kl_in, kl_estimator="k3", chunk_tokens=8)

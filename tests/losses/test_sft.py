@@ -5,9 +5,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 import pytest
+from flax import nnx
 
 from jalign.losses import sft
 from jalign.losses.sft import chunked_log_probs, sft_loss, token_log_probs
@@ -16,21 +15,15 @@ from jalign.models.config import preset
 from tests.numerics import TRANSCENDENTAL_TERMS, assert_f32_close, llama_logp_bound
 
 
-@pytest.fixture(autouse=True)
-def chunks_always_recomputed(request, monkeypatch):
-    """This module's small logits would all fit the budget under which the chunks run as
-    one, kept for the backward (sft.KEEP_LOGITS_BYTES): the chunk tests turn it off so
-    that chunks are what they test (the rule itself has its own test, which keeps it)."""
-    if "keep_rule" not in request.node.name:
-        monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", 0)
+def _chunk_loops(fn, *args) -> tuple[int, int]:
+    """(token-chunk loops: ``lax.map``'s scans, rematerialised blocks) of the gradient
+    program of ``fn``."""
+    jaxpr = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(*args))
+    return jaxpr.count("scan["), jaxpr.count("remat") + jaxpr.count("checkpoint[")
 
 
-def _chunk_loops(fn, *args) -> int:
-    """How many token-chunk loops (``lax.map``'s scan) the gradient program of ``fn`` runs."""
-    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(*args)).count("scan[")
-
-
-def test_keep_rule_logits_within_the_budget_run_as_one_chunk(monkeypatch):
+@pytest.mark.keep_logits
+def test_logits_within_the_budget_run_as_one_chunk_kept(monkeypatch):
     """37 tokens over a 50-entry vocabulary keep 37 x 50 x 8 bytes (logit and probability,
     float32): within the budget the tokens run as one chunk, nothing recomputed; one byte
     under it, in chunks of 8 recomputed in the backward. The same values either way (the
@@ -45,10 +38,11 @@ def test_keep_rule_logits_within_the_budget_run_as_one_chunk(monkeypatch):
 
     kept = 37 * 50 * sft.LOGITS_KEPT_PER_VOCAB
     monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", kept)
-    assert _chunk_loops(loss, h, w) == 0
+    assert _chunk_loops(loss, h, w) == (0, 0)
     one = jax.grad(loss, argnums=(0, 1))(h, w)
     monkeypatch.setattr(sft, "KEEP_LOGITS_BYTES", kept - 1)
-    assert _chunk_loops(loss, h, w) >= 1
+    loops, remat = _chunk_loops(loss, h, w)
+    assert loops >= 1 and remat >= 1, (loops, remat)
     chunked = jax.grad(loss, argnums=(0, 1))(h, w)
     # dL/dh_n = a_n (w[:, t_n] - sum_v p_nv w[:, v]): at most 36 x 2 max|w|; dL/dw[:, v] =
     # sum_n a_n h_n (onehot - p): at most sum_n a_n max|h| (a_n = n).

@@ -284,7 +284,7 @@ def test_sharded_sampler_equals_the_full_forward(model, prompts, shape):
     # within the float32 bound either run may pick either token, on some CPU.)
 
 
-def test_sharded_group_sampler_equals_the_full_forward(model, prompts, monkeypatch):
+def test_sharded_group_sampler_equals_the_full_forward(model, prompts, monkeypatch, request):
     """The group sampler (one prefill per prompt, each layer's completion cache its own
     array, grown per segment of the token loop) on an 8-device mesh: every greedy token of
     every row of each group is an argmax of the single-device full forward, as for the
@@ -296,6 +296,8 @@ def test_sharded_group_sampler_equals_the_full_forward(model, prompts, monkeypat
     mesh = make_mesh(MeshConfig(2, 2, 2))
     sharded = create_model(preset("tiny"), seed=5, mesh=mesh)
     monkeypatch.setattr(gen, "SEGMENT_TOKENS", 2)
+    gen._jitted_rollout.cache_clear()  # traced afresh with 2-token segments, dropped after
+    request.addfinalizer(gen._jitted_rollout.cache_clear)
     out = {k: np.asarray(v) for k, v in generate(
         sharded, ids, mask, max_new_tokens=N, rng=jax.random.key(0), greedy=True,
         eos_id=EOS, pad_id=PAD, mesh=mesh, group_size=g).items()}

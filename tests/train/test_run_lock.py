@@ -73,10 +73,17 @@ def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path, capsys):
 
 
 def test_the_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once():
+    """From Python's own Ctrl-C handler, as a run started from a terminal has it (a process
+    started in the background by a non-interactive shell inherits SIGINT ignored), and back
+    to it after."""
     said = []
-    with Preemption(say=said.append) as p:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert p.reached(1) and p.interrupted and "Ctrl-C again stops at once" in said[0]
-        with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Preemption(say=said.append) as p:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert p.reached(1) and p.interrupted and "Ctrl-C again stops at once" in said[0]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
