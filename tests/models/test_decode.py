@@ -166,3 +166,37 @@ def test_prompt_longer_than_cache_is_rejected():
     ids = np.ones((1, 8), np.int32)
     with pytest.raises(ValueError, match="slots"):
         prefill(model, ids, np.ones_like(ids), init_cache(model.config, 1, 4))
+
+
+def test_a_group_cache_splits_per_layer_and_grows_keeping_its_slots():
+    """The group sampler's cache (jalign.models.group_decode): the prompts' stacked cache
+    split into one array per layer, and the completions' per-layer arrays grown between
+    segments of the token loop: the filled slots and their valid marks kept in place, the
+    new slots empty and invalid; it never shrinks. Exact by construction (copies)."""
+    from jalign.models.decode import _write, split_cache
+    from jalign.models.group_decode import group_cache, grow
+    config = preset("tiny")
+    layers, b, g, p_len, h = config.num_layers, 2, 3, 5, config.resolved_head_dim
+    kv = config.num_kv_heads
+    rng = np.random.default_rng(0)
+    prompt = KVCache(jnp.asarray(rng.normal(size=(layers, b, kv, p_len, h)), jnp.float32),
+                     jnp.asarray(rng.normal(size=(layers, b, kv, p_len, h)), jnp.float32),
+                     jnp.ones((b, p_len), bool))
+    split = split_cache(prompt)
+    assert len(split.k) == layers
+    for i in range(layers):
+        np.testing.assert_array_equal(split.k[i], prompt.k[i])
+        np.testing.assert_array_equal(split.v[i], prompt.v[i])
+    cache = group_cache(prompt, g, 2)
+    assert [a.shape for a in cache.k] == [(b * g, kv, 2, h)] * layers
+    new = jnp.asarray(rng.normal(size=(b * g, 1, kv, h)), jnp.float32)  # [rows, T, kv, H]
+    k = _write(cache.k, 1, new, 1)  # layer 1, slot 1
+    cache = cache._replace(k=k, valid=cache.valid.at[:, 1].set(True))
+    grown = grow(cache, 5)
+    assert [a.shape for a in grown.k] == [(b * g, kv, 5, h)] * layers
+    np.testing.assert_array_equal(grown.k[1][:, :, 1], new[:, 0])
+    np.testing.assert_array_equal(grown.k[1][:, :, :2], k[1])
+    assert not np.asarray(grown.k[1][:, :, 2:]).any() and not np.asarray(grown.k[0]).any()
+    np.testing.assert_array_equal(grown.valid, np.eye(5, dtype=bool)[1][None].repeat(b * g, 0))
+    with pytest.raises(ValueError, match="shrink"):
+        grow(grown, 4)
