@@ -75,15 +75,6 @@ def _dtype(cache_all):
     return (cache_all[0] if isinstance(cache_all, tuple) else cache_all).dtype
 
 
-def layer_cache(cache_all, layer):
-    """One layer's keys (or values) [B, G, S, H] of a stacked or split cache. From a
-    split one this is the array itself; from a stacked one XLA copies the layer out (as
-    a slice of a while_loop's carry it cannot alias it)."""
-    if isinstance(cache_all, tuple):
-        return cache_all[layer]
-    return jax.lax.dynamic_index_in_dim(cache_all, layer, 0, keepdims=False)
-
-
 def split_cache(cache: KVCache) -> KVCache:
     """The cache with ``k``/``v`` as tuples of per-layer arrays [B, G, S, H], for a token
     loop over ``split_layers``: each decoded token then reads every layer's keys where
@@ -190,8 +181,7 @@ def _cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts):
 def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
                 layers: list[dict] | None = None):
     """Feeds one token per row [B] at slot ``state.index``; returns (logits [B, V], cache, state).
-    ``layers``: ``split_layers(model)``, taken once outside a token loop; with them the
-    cache may be ``split_cache``'s (per-layer arrays: nothing copied per token).
+    ``layers``: ``split_layers(model)``, taken once outside a token loop.
 
     The token attends to every valid slot up to and including its own: the real prompt
     tokens and the tokens fed since (slots after ``index`` are empty and invalid). The
@@ -212,7 +202,9 @@ def decode_step(model, token_ids, cache: KVCache, state: DecodeState,
     def layer(p, x, k_all, v_all, i):
         q, k, v = project_qkv(p, x, cos, sin, eps)
         k_all, v_all = _write(k_all, i, k, idx), _write(v_all, i, v, idx)
-        o = _cached_attention(q, layer_cache(k_all, i), layer_cache(v_all, i), attn_mask)
+        o = _cached_attention(q, jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False),
+                              jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False),
+                              attn_mask)
         return finish_layer(p, x, o, eps), k_all, v_all
 
     x, k_all, v_all = _run_layers(model, model.embed_tokens(token_ids[:, None]), layer, cache,
