@@ -52,7 +52,9 @@ RUN = ["DataConfig.path='bundled:add'", "DataConfig.bundled_size=2000",
 
 def settings() -> dict:
     from jalign.cli import GLIBC_TUNING
-    return {"untuned": {"JALIGN_KEEP_MALLOC": "1"}, "tuned": {"GLIBC_TUNABLES": GLIBC_TUNING}}
+    return {"untuned": {"JALIGN_KEEP_MALLOC": "1"},
+            "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+            "tuned": {"GLIBC_TUNABLES": GLIBC_TUNING}}
 
 
 def bindings(shape: str, scan: bool, steps: int, out: Path, name: str) -> list[str]:

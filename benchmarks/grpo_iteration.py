@@ -12,8 +12,10 @@ betas 0.9/0.95, no clipping) of the token-level ("dapo") clipped loss, clip 0.2,
 (no reference model) on the prompts x G rows:
 
   jalign            jalign's GRPO run as ``jalign train`` opens it (configs/algo/dapo.gin;
-                    the rollout source + the jitted train step; stock glibc malloc, the
-                    command's default)
+                    the rollout source + the jitted train step; the command's allocator
+                    default, ``jalign.cli.allocator_env``: glibc huge pages where the
+                    kernel gives them on request)
+  jalign (stock)    the same with glibc's malloc as it comes (``JALIGN_KEEP_MALLOC=1``)
   jalign (tuned)    the same with the glibc malloc tunables ``JALIGN_TUNE_MALLOC=1`` sets
   TRL GRPOTrainer   ``trl.GRPOTrainer.train()``, its own generation backend (transformers'
                     ``generate`` on CPU), gradient checkpointing off (TRL's default is on)
@@ -52,9 +54,9 @@ from machine import cpu_model
 sys.path.insert(0, str(ts.IMPLS_DIR))
 from common import (GRPO_COMPLETION, GRPO_GROUP, GRPO_PROMPT, GRPO_PROMPTS,  # noqa: E402
                     SHAPE, grpo_flops)
-from harness import first_step, run_rounds  # noqa: E402
+from harness import command_env, first_step, run_rounds  # noqa: E402
 
-ROWS = ("jalign", "jalign-tuned", "trl", "tunix")
+ROWS = ("jalign", "jalign-stock", "jalign-tuned", "trl", "tunix")
 PHASES = ("sample", "reward", "score", "update")
 
 
@@ -78,6 +80,8 @@ def plan(args) -> list:
     jw = str(ts.IMPLS_DIR / "jalign_grpo_worker.py")
     env = {"PYTHONPATH": str(ts.REPO)}
     rows = [("jalign", "jalign", [jpy, jw] + common, env, missing(jpy, "")),
+            ("jalign-stock", "jalign, stock glibc malloc (JALIGN_KEEP_MALLOC=1)",
+             [jpy, jw] + common, dict(env, JALIGN_KEEP_MALLOC="1"), missing(jpy, "")),
             ("jalign-tuned", "jalign + glibc malloc tunables (JALIGN_TUNE_MALLOC=1)",
              [jpy, jw] + common, dict(env, GLIBC_TUNABLES=GLIBC_TUNING), missing(jpy, "")),
             ("trl", "TRL GRPOTrainer", [tpy, str(ts.IMPLS_DIR / "trl_grpo_worker.py")] + common,
@@ -93,8 +97,7 @@ def start(rows, args, logs: Path) -> tuple[list, dict]:
     for key, label, cmd, env_extra, reason in rows:
         env = dict(os.environ, **env_extra)
         if key == "jalign":  # the command's default allocator, whatever this shell has set
-            for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
-                env.pop(name, None)
+            env = command_env(env)
         t0 = time.perf_counter()
         w = ts.launch(key, label, cmd, env, reason, logs / f"grpo-{key}.log",
                       args.start_timeout, skipped)

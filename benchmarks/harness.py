@@ -106,6 +106,22 @@ class Worker:
                 self.proc.wait()
 
 
+ALLOCATOR_VARS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "JALIGN_KEEP_MALLOC",
+                  "JALIGN_TUNE_MALLOC")
+
+
+def command_env(env: dict) -> dict:
+    """``env`` as the ``jalign`` command would run its steps in it: whatever allocator
+    settings this shell has dropped, then the command's own default applied
+    (``jalign.cli.allocator_env``: huge pages where the kernel gives them on request), so
+    a row labelled as the command measures the command's allocator."""
+    import platform
+
+    from jalign.cli import allocator_env, thp_mode
+    base = {k: v for k, v in env.items() if k not in ALLOCATOR_VARS}
+    return allocator_env(base, platform.libc_ver()[0], thp_mode()) or base
+
+
 def launch(key: str, label: str, cmd, env: dict, reason: str | None, log_path: Path,
            timeout: float, skipped: dict) -> Worker | None:
     """Start one row's worker and wait for it to be ready (its ``info`` set); None, with

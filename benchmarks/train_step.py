@@ -33,7 +33,9 @@ The driver is benchmarks/harness.py's (shared with grpo_iteration.py); worker pr
 timing details: benchmarks/train_step_impls/*.py. The table also shows each worker's peak
 RSS and its compile time (jalign's ahead-of-time compile; for the others the first
 warm-up step beyond the median). jalign rows run the library's defaults (blockwise
-attention on CPU); ``jalign-xla`` is the materialised-scores attention path.
+attention on CPU) with the ``jalign`` command's allocator default (``harness.command_env``:
+glibc huge pages where the kernel gives them on request), except the rows that name their
+own allocator; ``jalign-xla`` is the materialised-scores attention path.
 
 ``--algo dpo`` times a DPO train step instead, on the same model shape: ``--batch`` pairs
 (default 4), each a ``--prompt``-token prompt (128) followed by a chosen and a rejected
@@ -119,7 +121,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(IMPLS_DIR))
 from common import (DPO_BETA, DPO_PROMPT, SHAPE, dpo_flops_per_step,  # noqa: E402
                     flops_per_step)
-from harness import Worker, first_step, launch, mem_gib, run_rounds, select  # noqa: E402
+from harness import (ALLOCATOR_VARS, Worker, command_env, first_step, launch,  # noqa: E402
+                     mem_gib, run_rounds, select)
 
 # Where the peers' virtual environments live (outside the repo): $JALIGN_BENCH_VENVS, or
 # a cache directory.
@@ -339,6 +342,8 @@ def main():
         env = dict(os.environ, **env_extra)
         if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
+        if key.startswith("jalign") and not set(env_extra) & set(ALLOCATOR_VARS):
+            env = command_env(env)  # the `jalign` command's allocator default
         t0 = time.perf_counter()
         w = launch(key, label, cmd, env, reason, logs / f"{'dpo-' if dpo else ''}{key}.log",
                    args.start_timeout, skipped)

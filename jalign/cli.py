@@ -416,17 +416,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-# glibc's keep-freed-memory tunables: XLA:CPU allocates its large temporaries afresh every
-# step and glibc hands them back to the OS, to be page-faulted in again. Keeping them in the
-# process was worth ~20% of the SFT benchmark's step with XLA attention; measured again with
-# the blockwise attention now default on CPU (benchmarks/allocator.py, docs/benchmarks.md),
-# it buys 7-9% on that 34M shape and nothing on SmolLM2-135M, and doubles peak memory on
-# both (5.8 -> 11.8 GiB for SmolLM2's full SFT). So it is off unless asked for with
-# JALIGN_TUNE_MALLOC=1 (on XLA:CPU only: on an accelerator the steps' memory is XLA's own).
-# It must be set before the process starts: the command re-executes itself once with it.
+# The allocator, decided by measurement (benchmarks/allocator.py, docs/benchmarks.md).
+# XLA:CPU allocates its large temporaries afresh every step; glibc serves each one from a
+# fresh mmap and unmaps it when freed, so every step page-faults its temporaries in again
+# (656k faults and 3.4 s of kernel time per GRPO benchmark update on a 2-core VM). Two
+# remedies, both GLIBC_TUNABLES, which must be set before the process starts (the command
+# re-executes itself once with them):
+# - huge pages (the default where the kernel's transparent huge pages are "madvise"):
+#   malloc asks for 2 MiB pages, 512x fewer faults, the same memory: as fast as keeping
+#   the memory on the GRPO update and the 34M SFT step, peak unchanged.
+# - keeping freed memory (JALIGN_TUNE_MALLOC=1): no faults at all, but the single arena it
+#   needs fragments; it doubled peak memory on every shape measured.
+HUGEPAGE_TUNING = "glibc.malloc.hugetlb=1"
 GLIBC_TUNING = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1"
 # Installed JAX backends other than XLA:CPU, by module-name prefix (jax[cuda12], jax[tpu], ...).
 ACCELERATOR_MODULES = ("jax_cuda", "jax_rocm", "libtpu")
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def runs_on_xla_cpu(environ) -> bool:
@@ -439,15 +444,32 @@ def runs_on_xla_cpu(environ) -> bool:
     return not any(m.name.startswith(ACCELERATOR_MODULES) for m in pkgutil.iter_modules())
 
 
-def allocator_env(environ, platform_libc: str = "") -> dict | None:
-    """The environment to re-execute with (GLIBC_TUNING added) when JALIGN_TUNE_MALLOC=1
-    asks for it on XLA:CPU under Linux/glibc, or None to run as is (the default; also
-    with the user's own GLIBC_TUNABLES, or JALIGN_KEEP_MALLOC=1 from when it was on)."""
-    if (environ.get("JALIGN_TUNE_MALLOC", "") in ("", "0") or environ.get("JALIGN_KEEP_MALLOC")
+def thp_mode(path: str = THP_MODE_FILE) -> str:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"; "" unknown):
+    the bracketed word of the sysfs file."""
+    try:
+        text = open(path, encoding="ascii").read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+def allocator_env(environ, platform_libc: str = "", thp: str = "") -> dict | None:
+    """The environment to re-execute with, or None to run as is. On XLA:CPU under
+    Linux/glibc: GLIBC_TUNING where JALIGN_TUNE_MALLOC=1 asks for it, else
+    HUGEPAGE_TUNING where the kernel gives huge pages on request (``thp`` "madvise"; with
+    "always" it already does). Never over the user's own GLIBC_TUNABLES, and not with
+    JALIGN_KEEP_MALLOC=1 (stock glibc)."""
+    if (environ.get("JALIGN_KEEP_MALLOC", "") not in ("", "0")
             or not sys.platform.startswith("linux") or platform_libc != "glibc"
             or "GLIBC_TUNABLES" in environ or not runs_on_xla_cpu(environ)):
         return None
-    return dict(environ, GLIBC_TUNABLES=GLIBC_TUNING)
+    if environ.get("JALIGN_TUNE_MALLOC", "") not in ("", "0"):
+        return dict(environ, GLIBC_TUNABLES=GLIBC_TUNING)
+    if thp == "madvise":
+        return dict(environ, GLIBC_TUNABLES=HUGEPAGE_TUNING)
+    return None
 
 
 def entry() -> None:
@@ -456,7 +478,7 @@ def entry() -> None:
     import os
     import platform
 
-    env = allocator_env(os.environ, platform.libc_ver()[0])
+    env = allocator_env(os.environ, platform.libc_ver()[0], thp_mode())
     if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "jalign.cli", *sys.argv[1:]], env)
     sys.exit(main())

@@ -21,6 +21,16 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.environ.get(
     "JALIGN_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache every program
 
+# The `jalign` command's allocator default (jalign.cli.allocator_env: glibc huge pages
+# where the kernel gives them on request), for the pytest-xdist workers this process
+# starts and the subprocesses they start; glibc reads GLIBC_TUNABLES only when a process
+# starts, so this process itself keeps stock glibc. Unset with JALIGN_KEEP_MALLOC=1.
+import platform  # noqa: E402
+
+from jalign.cli import allocator_env, thp_mode  # noqa: E402 (no jax import there)
+
+os.environ.update(allocator_env(os.environ, platform.libc_ver()[0], thp_mode()) or {})
+
 import jax  # noqa: E402
 
 import pytest  # noqa: E402
