@@ -21,12 +21,11 @@ EOS is disabled (``eos_tokens=[-1]``: no token takes that id), so every row gene
 (Tunix's top-p mode, which at top_p 1 and no top-k draws from the full softmax).
 The KV cache holds ``prompt + new`` positions (Tunix requires at least that).
 
-Protocol: one JSON line per message on the worker's original stdout, prefixed ``@@``
-(library output goes to stderr). After loading it sends ``ready``; then each stdin line
-``run greedy|sampled SEED`` runs one ``Sampler.__call__`` and answers ``result`` with the
-wall seconds of that call (tokenization, prefill, the jitted decode loop, device_get,
-detokenization: everything Tunix's public call does) and the new tokens; ``exit`` ends.
-The first call of each mode includes compilation (the driver reports it separately).
+Protocol and common arguments: sampler_protocol.py (the benchmark harness's). A call is
+``Sampler.__call__`` and its timed interval is everything Tunix's public call does
+(tokenization, prefill, the jitted decode loop, device_get, detokenization). ``ready``
+also says whether Tunix padded the prompts back to exactly the driver's array
+(``same_prompts``; the driver refuses the row otherwise).
 
 ``--rope-theta-from-config`` is a correctness check only (not used for the benchmark
 rows): Tunix 0.1.7's Llama3 attention calls ``apply_rope`` without the config's
@@ -37,24 +36,13 @@ loaded weights reproduce jalign's greedy tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-
-class Channel:
-    """The worker's side of the protocol: messages on a private copy of stdout."""
-
-    def __init__(self):
-        self._out = os.fdopen(os.dup(1), "w", buffering=1)
-        sys.stdout.flush()
-        os.dup2(2, 1)  # whatever a library prints from now on goes to stderr
-
-    def send(self, event: str, **fields):
-        self._out.write("@@" + json.dumps({"event": event, **fields}) + "\n")
-        self._out.flush()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sampler_protocol import NO_EOS, sampler_args, serve_sampler  # noqa: E402
 
 
 class IdTokenizer:
@@ -81,15 +69,11 @@ class IdTokenizer:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hf-dir", required=True, help="HF Llama checkpoint (safetensors)")
-    ap.add_argument("--prompts", required=True, help=".npy of left-padded prompt ids")
-    ap.add_argument("--pad", type=int, default=0)
-    ap.add_argument("--new", type=int, required=True)
-    ap.add_argument("--rope-theta-from-config", action="store_true",
-                    help="correctness check: make Tunix's apply_rope use config.rope_theta")
-    args = ap.parse_args()
-    chan = Channel()
+    def extra(ap):
+        ap.add_argument("--rope-theta-from-config", action="store_true",
+                        help="correctness check: make Tunix's apply_rope use config.rope_theta")
+
+    args = sampler_args(extra)
     t0 = time.perf_counter()
 
     import jax
@@ -128,34 +112,25 @@ def main():
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     sampler = sampler_lib.Sampler(model, IdTokenizer(args.pad), cache)
 
-    def run(mode: str, seed: int):
-        kw = (dict(temperature=0.0) if mode == "greedy"
-              else dict(temperature=1.0, top_p=1.0, top_k=None))
+    kw = (dict(temperature=0.0) if args.mode == "greedy"
+          else dict(temperature=1.0, top_p=1.0, top_k=None))
+    same = []
+
+    def call(seed: int):
         out = sampler(prompts, max_generation_steps=args.new, max_prompt_length=width,
-                      eos_tokens=[-1], seed=seed, **kw)
-        return out
+                      eos_tokens=[NO_EOS], seed=seed, **kw)
+        if not same:  # did the sampler see the driver's exact left-padded prompt array?
+            same.append(bool(np.array_equal(np.asarray(out.padded_prompt_tokens), ids)))
+        return np.asarray([np.asarray(t) for t in out.tokens])
 
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(flax.nnx.state(model))))
-    chan.send("ready", info=dict(
+    info = dict(
         versions=dict(tunix=getattr(tunix, "__version__", "?"), jax=jax.__version__,
                       flax=flax.__version__),
         devices=str(jax.devices()), n_params=n_params, load_s=load_s,
         rope_theta_config=theta, rope_theta_from_config=args.rope_theta_from_config,
-        tunix_file=os.path.dirname(tunix.__file__)))
-    for line in sys.stdin:
-        parts = line.split()
-        if not parts or parts[0] != "run":
-            break
-        mode, seed = parts[1], int(parts[2])
-        s = time.perf_counter()
-        out = run(mode, seed)
-        dt = time.perf_counter() - s
-        tokens = [np.asarray(t).tolist() for t in out.tokens]
-        # Did the sampler see the driver's exact prompt array (left-padded the same way)?
-        same = bool(np.array_equal(np.asarray(out.padded_prompt_tokens), ids))
-        chan.send("result", seconds=dt, tokens=tokens, same_prompts=same)
-    sys.stderr.flush()
-    os._exit(0)
+        tunix_file=os.path.dirname(tunix.__file__))
+    serve_sampler(call, info, args.warmup, extra_info=lambda: dict(same_prompts=same[0]))
 
 
 if __name__ == "__main__":

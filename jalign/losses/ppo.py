@@ -108,7 +108,7 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
     ``group_size`` G > 1 (with ``last``): rows come in groups of G consecutive rows with
     the same prompt (the T - ``last`` first tokens), which then runs once per group
     (``jalign.models.group_forward``)."""
-    from jalign.losses.sft import LOGITS_KEPT_PER_VOCAB, map_token_chunks
+    from jalign.losses import sft
     b, t = ids_bt.shape
     skip = 0 if last is None else t - 1 - last
     if not 0 <= skip < t - 1:
@@ -122,16 +122,16 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
     w_dv = policy.lm_head_weight().astype(hidden_btd.dtype)
 
     def one(h_cd, t_c):
-        z = jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32) / temperature
+        z = sft._logits(h_cd, w_dv) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, t_c[:, None], axis=-1)[:, 0] - lse
         if not entropy:
             return logp, jnp.zeros_like(logp)
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
-    logp, ent = map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
-                                 remat=True,
-                                 kept_bytes_per_token=(LOGITS_KEPT_PER_VOCAB + 4 * entropy)
+    logp, ent = sft.map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
+                                     remat=True,
+                                     kept_bytes_per_token=(sft.LOGITS_KEPT_PER_VOCAB + 4 * entropy)
                                  * w_dv.shape[-1])
 
     def rows(x):
