@@ -423,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
 # remedies, both GLIBC_TUNABLES, which must be set before the process starts (the command
 # re-executes itself once with them):
 # - huge pages (the default where the kernel's transparent huge pages are "madvise"):
-#   malloc asks for 2 MiB pages, 512x fewer faults, the same memory: as fast as keeping
-#   the memory on the GRPO update and the 34M SFT step, peak unchanged.
+#   malloc asks for 2 MiB pages, up to 512x fewer faults, the same memory: the 34M SFT
+#   step 0.80x and SmolLM2-135M's 0.89x the time, peak +0.4% / +1.7%; the GRPO
+#   benchmark's iteration unchanged.
 # - keeping freed memory (JALIGN_TUNE_MALLOC=1): no faults at all, but the single arena it
-#   needs fragments; it doubled peak memory on every shape measured.
+#   needs fragments; it doubled or tripled peak memory on every SFT shape measured.
 HUGEPAGE_TUNING = "glibc.malloc.hugetlb=1"
 GLIBC_TUNING = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1"
 # Installed JAX backends other than XLA:CPU, by module-name prefix (jax[cuda12], jax[tpu], ...).

@@ -129,10 +129,9 @@ def response_log_probs(policy, ids_bt, segment_ids_bt, positions_bt, *, temperat
             return logp, jnp.zeros_like(logp)
         return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
+    kept_per_token = (sft.LOGITS_KEPT_PER_VOCAB + 4 * entropy) * w_dv.shape[-1]
     logp, ent = sft.map_token_chunks(one, hidden_btd, ids_bt[:, skip + 1:], chunk_tokens,
-                                     remat=True,
-                                     kept_bytes_per_token=(sft.LOGITS_KEPT_PER_VOCAB + 4 * entropy)
-                                 * w_dv.shape[-1])
+                                     remat=True, kept_bytes_per_token=kept_per_token)
 
     def rows(x):
         return jnp.pad(x, ((0, 0), (skip, 0)))
