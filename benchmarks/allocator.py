@@ -1,5 +1,8 @@
 """The CLI's allocator setting, decided by measurement: step time and peak memory of
-`jalign train` with and without glibc's keep-freed-memory tunables, side by side, on
+`jalign train` under three glibc settings side by side: stock (``JALIGN_KEEP_MALLOC=1``),
+huge pages (``jalign.cli.HUGEPAGE_TUNING``, the command's default where the kernel's
+transparent huge pages are "madvise") and keep freed memory (``GLIBC_TUNING``,
+``JALIGN_TUNE_MALLOC=1``), on
 
   bench    the train-step benchmark's shape (benchmarks/train_step.py): a random 34.1M
            Llama (vocab 8192, hidden 512, 8 layers), 4 rows x 512 tokens
@@ -51,10 +54,10 @@ RUN = ["DataConfig.path='bundled:add'", "DataConfig.bundled_size=2000",
 
 
 def settings() -> dict:
-    from jalign.cli import GLIBC_TUNING
-    return {"untuned": {"JALIGN_KEEP_MALLOC": "1"},
-            "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-            "tuned": {"GLIBC_TUNABLES": GLIBC_TUNING}}
+    from jalign.cli import GLIBC_TUNING, HUGEPAGE_TUNING
+    return {"stock": {"JALIGN_KEEP_MALLOC": "1"},
+            "huge pages": {"GLIBC_TUNABLES": HUGEPAGE_TUNING},
+            "keep freed memory": {"GLIBC_TUNABLES": GLIBC_TUNING}}
 
 
 def bindings(shape: str, scan: bool, steps: int, out: Path, name: str) -> list[str]:
@@ -109,7 +112,7 @@ def main() -> None:
                 got = {s: [] for s in settings()}
                 for r in range(args.rounds):
                     for setting in settings():
-                        name = f"{shape}_{scan}_{setting}_{r}"
+                        name = f"{shape}_{scan}_{setting.replace(' ', '_')}_{r}"
                         got[setting].append(one_row(shape, scan, setting, args.steps,
                                                     Path(tmp), name))
                         print(f"  {name}: {got[setting][-1]}", file=sys.stderr, flush=True)

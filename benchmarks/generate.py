@@ -8,7 +8,8 @@ to ``--prompt`` tokens), greedy and sampled (temperature 1, top-k off), with EOS
 so every row generates the full length on every side (transformers: ``min_new_tokens``;
 jalign: an EOS id no token takes). jalign: ``jalign.rl.generate.generate`` (prefill, then
 one cached decode step per token inside one jitted ``lax.while_loop``), with the ``jalign``
-command's allocator default; transformers: ``model.generate(..., use_cache=True)`` under
+command's allocator default (glibc huge pages where the kernel gives them on request; the
+other rows, Tunix's XLA:CPU included, run glibc as it comes); transformers: ``model.generate(..., use_cache=True)`` under
 ``torch.inference_mode()`` with ``--threads`` intra-op threads; Tunix:
 ``tunix.generate.sampler.Sampler.__call__`` (jitted prefill, then a jitted
 ``lax.while_loop`` of cached decode steps; greedy = temperature 0, sampled = temperature
@@ -192,7 +193,8 @@ def main():
                     help="the workers' logs go here")
     args = ap.parse_args()
     if args.no_tunix:
-        args.only = args.only or "jalign,transformers"
+        args.only = ",".join(k for k in (args.only.split(",") if args.only else ROWS)
+                             if k != "tunix")
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:

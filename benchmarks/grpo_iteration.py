@@ -54,7 +54,7 @@ from machine import cpu_model
 sys.path.insert(0, str(ts.IMPLS_DIR))
 from common import (GRPO_COMPLETION, GRPO_GROUP, GRPO_PROMPT, GRPO_PROMPTS,  # noqa: E402
                     SHAPE, grpo_flops)
-from harness import command_env, first_step, run_rounds  # noqa: E402
+from harness import ALLOCATOR_VARS, command_env, first_step, run_rounds  # noqa: E402
 
 ROWS = ("jalign", "jalign-stock", "jalign-tuned", "trl", "tunix")
 PHASES = ("sample", "reward", "score", "update")
@@ -96,7 +96,10 @@ def start(rows, args, logs: Path) -> tuple[list, dict]:
     workers, skipped = [], {}
     for key, label, cmd, env_extra, reason in rows:
         env = dict(os.environ, **env_extra)
-        if key == "jalign":  # the command's default allocator, whatever this shell has set
+        if key.startswith("jalign"):  # each its own allocator, whatever this shell has set
+            env = dict({k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS},
+                       **env_extra)
+        if key == "jalign":  # the command's default
             env = command_env(env)
         t0 = time.perf_counter()
         w = ts.launch(key, label, cmd, env, reason, logs / f"grpo-{key}.log",

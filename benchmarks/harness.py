@@ -1,6 +1,6 @@
 """The benchmark harness: each row of a table is its own long-lived worker process, driven
 the same way for every workload (SFT, DPO and IFT steps, GRPO iterations; see
-benchmarks/train_step.py and grpo_iteration.py) and every peer (jalign, PyTorch, TRL, Tunix).
+benchmarks/train_step.py, grpo_iteration.py and generate.py) and every peer (jalign, PyTorch, TRL, Tunix).
 
 A worker speaks the protocol of train_step_impls/common.py (``serve`` for a loop the worker
 owns, ``Gate`` for one a Trainer owns): it warms up, says ``ready`` with its info (versions,
@@ -116,7 +116,10 @@ def command_env(env: dict) -> dict:
     (``jalign.cli.allocator_env``: huge pages where the kernel gives them on request), so
     a row labelled as the command measures the command's allocator."""
     import platform
+    import sys
 
+    if str(REPO) not in sys.path:  # a driver run with a python that has jalign uninstalled
+        sys.path.insert(0, str(REPO))
     from jalign.cli import allocator_env, thp_mode
     base = {k: v for k, v in env.items() if k not in ALLOCATOR_VARS}
     return allocator_env(base, platform.libc_ver()[0], thp_mode()) or base

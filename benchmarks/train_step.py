@@ -342,8 +342,8 @@ def main():
         env = dict(os.environ, **env_extra)
         if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = env_extra["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
-        if key.startswith("jalign") and not set(env_extra) & set(ALLOCATOR_VARS):
-            env = command_env(env)  # the `jalign` command's allocator default
+        if cmd and cmd[0] == args.jalign_python and not set(env_extra) & set(ALLOCATOR_VARS):
+            env = command_env(env)  # a jalign row: the `jalign` command's allocator default
         t0 = time.perf_counter()
         w = launch(key, label, cmd, env, reason, logs / f"{'dpo-' if dpo else ''}{key}.log",
                    args.start_timeout, skipped)

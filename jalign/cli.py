@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 # The allocator, decided by measurement (benchmarks/allocator.py, docs/benchmarks.md).
 # XLA:CPU allocates its large temporaries afresh every step; glibc serves each one from a
 # fresh mmap and unmaps it when freed, so every step page-faults its temporaries in again
-# (656k faults and 3.4 s of kernel time per GRPO benchmark update on a 2-core VM). Two
+# (656k faults and 3.4 s of kernel time per loss-and-gradient call of the GRPO benchmark
+# on a 2-core VM). Two
 # remedies, both GLIBC_TUNABLES, which must be set before the process starts (the command
 # re-executes itself once with them):
 # - huge pages (the default where the kernel's transparent huge pages are "madvise"):
@@ -449,7 +450,8 @@ def thp_mode(path: str = THP_MODE_FILE) -> str:
     """The kernel's transparent-huge-page mode ("always", "madvise", "never"; "" unknown):
     the bracketed word of the sysfs file."""
     try:
-        text = open(path, encoding="ascii").read()
+        with open(path, encoding="ascii") as f:
+            text = f.read()
     except OSError:
         return ""
     start, end = text.find("["), text.find("]")
@@ -474,8 +476,7 @@ def allocator_env(environ, platform_libc: str = "", thp: str = "") -> dict | Non
 
 
 def entry() -> None:
-    """Console-script entry point: tune the allocator where asked (``allocator_env``), then
-    run."""
+    """Console-script entry point: apply the allocator rule (``allocator_env``), then run."""
     import os
     import platform
 

@@ -1,7 +1,7 @@
 """The jalign command's allocator rule (benchmarks/allocator.py, docs/benchmarks.md): on
 XLA:CPU under Linux/glibc it asks for huge pages where the kernel gives them on request
 (transparent huge pages "madvise"), keeps freed memory only when asked
-(JALIGN_TUNE_MALLOC=1: faster on small shapes, twice the peak memory), and never overrides
+(JALIGN_TUNE_MALLOC=1: two to three times the peak memory on SFT shapes), and never overrides
 the user's own GLIBC_TUNABLES or JALIGN_KEEP_MALLOC=1."""
 
 import sys
@@ -28,6 +28,18 @@ ASK = {"JALIGN_TUNE_MALLOC": "1"}
 def test_by_default_huge_pages_where_the_kernel_gives_them_on_request(plugins):
     env = cli.allocator_env({"PATH": "/bin"}, "glibc", "madvise")
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": cli.HUGEPAGE_TUNING}
+
+
+@pytest.mark.parametrize("tune", ["0", ""])
+def test_tune_malloc_0_is_the_default(plugins, tune):
+    env = cli.allocator_env({"JALIGN_TUNE_MALLOC": tune}, "glibc", "madvise")
+    assert env["GLIBC_TUNABLES"] == cli.HUGEPAGE_TUNING
+
+
+@pytest.mark.parametrize("environ", [{}, dict(ASK)])
+def test_the_re_executed_command_does_not_re_execute(plugins, environ):
+    first = cli.allocator_env(environ, "glibc", "madvise")
+    assert first is not None and cli.allocator_env(first, "glibc", "madvise") is None
 
 
 @pytest.mark.parametrize("thp", ["always", "never", ""])
