@@ -26,6 +26,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "train_step_impls"))
+from harness import ALLOCATOR_VARS  # noqa: E402  (benchmarks/)
 
 
 def settings() -> dict:
@@ -36,7 +38,6 @@ def settings() -> dict:
 
 def loss_and_grad():
     """(jitted value_and_grad, its argument): the GRPO benchmark's loss and gradient."""
-    sys.path.insert(0, os.path.join(HERE, "train_step_impls"))
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -96,8 +97,7 @@ def main():
     got = {s: [] for s in settings()}
     for r in range(args.rounds):
         for name, tunables in settings().items():
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
+            env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
             if tunables:
                 env["GLIBC_TUNABLES"] = tunables
             env["PYTHONPATH"] = os.path.dirname(HERE)

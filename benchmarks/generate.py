@@ -112,8 +112,8 @@ def run_mode(args, d: str, mode: str, logs: Path) -> tuple[list, dict]:
                    args.start_timeout, skipped)
         if w is None:
             continue
-        if key == "tunix" and not w.info.get("same_prompts", False):
-            w.fail("Tunix padded the prompts differently from the driver")
+        if w.info.get("same_prompts") is False:  # a worker that re-pads saw other prompts
+            w.fail(f"{label} padded the prompts differently from the driver")
             print(f"[{label}] not run: {w.error}", flush=True)
             skipped[key] = (label, w.error)
             continue
