@@ -105,8 +105,10 @@ def _with_tiny_overrides(argv: list[str]) -> list[str]:
                                  else [])
         extra += sum((["--gin", b] for b in bindings), [])
     if sub == "demo":
-        # (the real-model stage: its 135M model on shorter rows)
-        real = ["DataConfig.max_length=64"] if "smollm2" in " ".join(argv) else []
+        # (the real-model stage: its 135M model on shorter rows, and its own batch of 8
+        # rows, not TINY_DEMO's 16: one per simulated device, half the 135M model's work)
+        real = (["DataConfig.max_length=64", "DataConfig.batch_size=8",
+                 "eval/DataConfig.batch_size=8"] if "smollm2" in " ".join(argv) else [])
         extra += sum((["--gin", b] for b in TINY_DEMO + real), [])
     return argv + extra
 
