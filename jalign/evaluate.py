@@ -21,10 +21,13 @@ def complete(model, chat: ChatTokenizer, prompts: list, *, rng=None, greedy: boo
     """The completion text of each chat prompt (a list of messages).
 
     Every batch has the same shape (the last is padded with repeats, dropped from the
-    result), so generation compiles once."""
+    result), so generation compiles once; fewer prompts than ``batch_size`` are one batch
+    of their own number of rows (not padded up to ``batch_size``: 16 problems would
+    otherwise generate 64 rows)."""
     rng = jax.random.key(0) if rng is None else rng
     rows = [left_pad_prompt({"prompt_ids": chat.encode_prompt(p)}, prompt_length, chat.pad_id)
             for p in prompts]
+    batch_size = max(1, min(batch_size, len(rows)))
     texts = []
     for i, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start:start + batch_size]
