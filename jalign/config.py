@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tokenize
 from pathlib import Path
 from typing import Sequence
 
 import gin
 
 from jalign.algos import registry
+from jalign.config_errors import parse_error_line, unbound_macro_line
 from jalign.config_types import check_bindings
 from jalign.data.pipeline import DataConfig
 from jalign.distributed import DistributedConfig
@@ -140,8 +142,13 @@ def parse(config_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str
     try:
         gin.parse_config_files_and_bindings(
             files, list(bindings), finalize_config=False, skip_unknown=False)
-    except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-        raise ConfigError(f"bad gin configuration: {e}") from None
+    except (ValueError, KeyError, TypeError, SyntaxError, IOError, ImportError,
+            tokenize.TokenError) as e:
+        raise ConfigError("bad gin configuration: "
+                          + parse_error_line(e, files, bindings)) from None
+    unbound = unbound_macro_line()
+    if unbound:
+        raise ConfigError(f"bad gin configuration: {unbound}")
 
 
 def operative_config() -> str:

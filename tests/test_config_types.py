@@ -48,3 +48,31 @@ def test_gins_own_note_does_not_make_a_second_line():
     with pytest.raises(ConfigError) as e:
         load_experiment([GRPO], ["LoraConfig.targets=('q_proj',)"])
     assert str(e.value).startswith("LoraConfig.targets=") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("TrainConfig.stepz=3", "doesn't have a parameter named 'stepz'"),
+    ("TrainConfig.steps=", "Unable to parse value in --gin binding 'TrainConfig.steps='"),
+    ("TrainConfig.steps=[1,", "in --gin binding 'TrainConfig.steps=[1,'"),  # left open
+    ("TrainConfig.steps=(2", "in --gin binding 'TrainConfig.steps=(2'"),
+    ("TrainConfig.steps=3 4", "in --gin binding 'TrainConfig.steps=3 4'"),
+    ("import no_such_module_here", "No module named 'no_such_module_here'"),
+    ("TrainConfig.steps=@no_such_thing", "'@no_such_thing'"),
+    ("TrainConfig.steps=%STEPS", "TrainConfig.steps = %STEPS: the macro STEPS is never bound"),
+    ("eval/DataConfig.split=(%SPLIT,)", "eval/DataConfig.split = %SPLIT: the macro SPLIT"),
+])
+def test_a_malformed_binding_is_one_line_naming_it(capsys, binding, message):
+    """Malformed gin (an unknown parameter, an unparsable or unclosed value, a failed
+    import, an unbound macro) is exit 2 with one line, never a traceback."""
+    assert main(["train", SFT, "--gin", "TrainConfig.save_every=4", "--gin", binding]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jalign train: error: bad gin "), err
+    assert message in err, err
+
+
+def test_a_file_left_open_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'tests/train/tiny_sft.gin'\nTrainConfig.steps = (3,\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"in config file {bad}" in err, err

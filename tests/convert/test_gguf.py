@@ -4,7 +4,10 @@ they hold the same float32 weights): the same prompt ids, logits within the floa
 the same greedy tokens; and GGUF files jalign writes (f16, q8_0) read back by the gguf
 package within the quantisation's bound and by transformers and jalign alike."""
 
+import contextlib
+import functools
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -31,11 +34,28 @@ CONVERSATIONS = [
 NEW_TOKENS = 32
 
 
+@contextlib.contextmanager
+def _quick_gguf_package():
+    """Two of the gguf package's slow spots made quick for transformers' GGUF load, with the
+    same results: its reader over a plain ndarray view of the mapped file (jalign's reader,
+    which ``_assert_reads_as_the_stock_reader`` shows finds the same fields and tensors)
+    instead of a ``np.memmap`` sliced ~500k times in Python, and its tensor-name table
+    built once per (architecture, layers) instead of once per torch module (~400 times for
+    SmolLM2). A 135M load took ~20 s, of which these were ~15."""
+    import gguf
+    names = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    with mock.patch.object(gguf, "GGUFReader", lambda path, *a, **k: GGUFFile(path).reader), \
+            mock.patch.object(gguf, "get_tensor_name_map", names):
+        yield
+
+
 def _hf_gguf(path):
-    """transformers' own load of a GGUF file (its GGUF reader, then the model class)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    """transformers' own load of a GGUF file (its GGUF loader, then the model class)."""
+    with _quick_gguf_package():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent),
+                                                               gguf_file=path.name)
     return model, tokenizer
 
 

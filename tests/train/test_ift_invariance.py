@@ -110,6 +110,13 @@ def _ift_reference(model, params, batch, config=IFT):
                                extra_depth=WEIGHT_DEPTH)
 
 
+@pytest.fixture(scope="module")
+def reference(data, model):
+    """The float64 gradient of the IFT mean loss on the packed batch, and its bounds: what
+    every invariance below is compared with (computed once for them all)."""
+    return _ift_reference(model, params_of(model), data[0])
+
+
 @pytest.mark.parametrize("normalize", sequences.NORMALIZATIONS)
 def test_lambda_0_gamma_0_is_sft_with_the_same_normalisation(data, model, normalize):
     packed, _ = data
@@ -142,7 +149,7 @@ def test_lambda_0_gamma_0_is_sft_with_the_same_normalisation(data, model, normal
             np.testing.assert_allclose(sft_leaf, w, rtol=0, atol=tol, err_msg=f"sft {name}")
 
 
-def test_packed_equals_unpacked(data, model):
+def test_packed_equals_unpacked(data, model, reference):
     packed, unpacked = data
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     graphdef, params = model.config, params_of(model)
@@ -154,12 +161,12 @@ def test_packed_equals_unpacked(data, model):
     assert float(out_p.aux["replaced"][0]) == float(out_u.aux["replaced"][0]) > 0
     bound = llama_logp_bound(model, LENGTH, mean=True)
     assert_f32_close(v_packed, v_alone, **dict(bound, depth=bound["depth"] + WEIGHT_DEPTH))
-    want, tols = _ift_reference(model, params, packed)
+    want, tols = reference
     assert_grads_close(g_packed, want, tols, "packed")
     assert_grads_close(g_alone, want, tols, "unpacked")
 
 
-def test_accumulated_equals_full_batch(data, model):
+def test_accumulated_equals_full_batch(data, model, reference):
     packed, _ = data
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     graphdef, params = model.config, params_of(model)
@@ -170,13 +177,13 @@ def test_accumulated_equals_full_batch(data, model):
     assert float(out_full.weight) == float(out_acc.weight)  # exact: counts
     bound = llama_logp_bound(model, LENGTH, mean=True)
     assert_f32_close(v_acc, v_full, **dict(bound, depth=bound["depth"] + WEIGHT_DEPTH))
-    want, tols = _ift_reference(model, params, packed)
+    want, tols = reference
     assert_grads_close(g_full, want, tols, "full batch")
     assert_grads_close(g_acc, want, tols, "4 micro-batches")
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
-def test_sharded_equals_single_device(data, model, shape):
+def test_sharded_equals_single_device(data, model, reference, shape):
     packed, _ = data
     mesh = make_mesh(MeshConfig(*shape))
     sharded = create_model(CONFIG, seed=0, mesh=mesh)
@@ -193,5 +200,5 @@ def test_sharded_equals_single_device(data, model, shape):
     assert float(out.aux["replaced"][0]) == float(out1.aux["replaced"][0])
     bound = llama_logp_bound(model, LENGTH, mean=True)
     assert_f32_close(value, v1, **dict(bound, depth=bound["depth"] + WEIGHT_DEPTH))
-    want, tols = _ift_reference(model, params_of(model), packed)
+    want, tols = reference
     assert_grads_close(grads, want, tols, f"mesh {shape}")

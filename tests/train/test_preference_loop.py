@@ -15,10 +15,6 @@ from tests.train.test_loop import _committed, _losses, _run
 HERE = Path(__file__).parent
 DPO = str(HERE / "tiny_dpo.gin")
 RM = str(HERE / "tiny_rm.gin")
-# The learning-rate schedule is compiled into the step (its decay runs over the run's
-# steps): runs shorter than the configs' 8 steps that pin it to 8 compile the reference
-# runs' programs, which the suite's compilation cache then holds.
-SAME_SCHEDULE = "OptimizerConfig.decay_steps=8"
 
 
 def _step1_loss_bound() -> float:
@@ -128,7 +124,7 @@ def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_p
 
     from jalign.checkpoint import read_metadata
     from tests.train.test_loop import ROOT, _cmd, _env
-    _run(tmp_path, "noref", "TrainConfig.steps=4", SAME_SCHEDULE, config=DPO)
+    _run(tmp_path, "noref", "TrainConfig.steps=4", config=DPO)
     meta = read_metadata(tmp_path / "noref", 4)
     assert meta["frozen_rebuilt"] and meta["roles"]["reference"]["trains"] == "none"
     # what the rebuilt reference must equal
@@ -136,8 +132,7 @@ def test_dpo_checkpoints_hold_no_reference_and_a_changed_source_is_refused(tmp_p
         k.startswith("reference/") for k in meta["checksums"]["fixed"])
     assert not [k for k in meta["checksums"]["train_state"] if "reference" in k]
     assert not list((tmp_path / "noref" / "checkpoints" / "4" / "train_state").glob("*frozen*"))
-    r = subprocess.run(_cmd(tmp_path, "noref", "TrainConfig.steps=6", "ModelInit.seed=1",
-                            SAME_SCHEDULE, config=DPO) + ["--allow-config-change"],
+    r = subprocess.run(_cmd(tmp_path, "noref", "TrainConfig.steps=6", "ModelInit.seed=1", config=DPO) + ["--allow-config-change"],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert r.returncode != 0
     assert "frozen models rebuilt from ModelInit.source='random' differ" in r.stderr, r.stderr[-2000:]
@@ -148,15 +143,13 @@ def test_dpo_from_a_run_that_trains_on_still_resumes(tmp_path):
     has trained on since (a newer latest step), the resumed DPO run rebuilds its reference
     from the recorded step, not the latest."""
     from jalign.checkpoint import read_metadata
-    _run(tmp_path, "sft_src", "TrainConfig.steps=2", "TrainConfig.save_every=2", SAME_SCHEDULE)
+    _run(tmp_path, "sft_src", "TrainConfig.steps=2", "TrainConfig.save_every=2")
     src = f"ModelInit.source='jalign:{tmp_path / 'sft_src'}'"
-    _run(tmp_path, "dpo", src, "TrainConfig.steps=2", "TrainConfig.save_every=2", SAME_SCHEDULE,
+    _run(tmp_path, "dpo", src, "TrainConfig.steps=2", "TrainConfig.save_every=2",
          config=DPO)
     pinned = f"jalign:{tmp_path / 'sft_src'}@2"
     assert read_metadata(tmp_path / "dpo", 2)["roles"]["policy"]["source"] == pinned
-    _run(tmp_path, "sft_src", "TrainConfig.steps=4", "TrainConfig.save_every=2",
-         SAME_SCHEDULE)  # trains on
-    r = _run(tmp_path, "dpo", src, "TrainConfig.steps=4", "TrainConfig.save_every=2",
-             SAME_SCHEDULE, config=DPO)
+    _run(tmp_path, "sft_src", "TrainConfig.steps=4", "TrainConfig.save_every=2")  # trains on
+    r = _run(tmp_path, "dpo", src, "TrainConfig.steps=4", "TrainConfig.save_every=2", config=DPO)
     assert "resumed" in r.stdout and _committed(tmp_path / "dpo") == [2, 4]
     assert read_metadata(tmp_path / "dpo", 4)["roles"]["policy"]["source"] == pinned
