@@ -39,9 +39,12 @@ def _one_line(error: Exception) -> str:
 
 def _source(where, bindings: Sequence[str]) -> str:
     """'--gin binding "X.y=..."' or 'file F, line N: ...' for a gin Location."""
-    if where.filename is None:  # the bindings, parsed as one string: line N is binding N
-        if 1 <= where.line_num <= len(bindings):
-            return f"--gin binding {bindings[where.line_num - 1]!r}"
+    if where.filename is None:  # the bindings, parsed as one string, joined by newlines
+        last = 0
+        for binding in bindings:
+            last += binding.count("\n") + 1
+            if where.line_num <= last:
+                return f"--gin binding {binding!r}"
         return f"the bindings' line {where.line_num}"
     line = where.line_content.strip() if where.line_content else ""
     return f"{where.filename}, line {where.line_num}" + (f": {line}" if line else "")
