@@ -20,12 +20,16 @@ import gin
 
 def parse_error_line(error: Exception, files: Sequence[str], bindings: Sequence[str]) -> str:
     """One line for an error gin raised while parsing ``files`` then ``bindings``."""
-    if isinstance(error, tokenize.TokenError):
-        return f"{error.args[0]} in {_unclosed(files, bindings)}"
+    if isinstance(error, tokenize.TokenError) and error.args:  # (an include's copy has none)
+        where = _unclosed(files, bindings)
+        return f"{error.args[0]} in {where}" if where else _one_line(error)
     if isinstance(error, SyntaxError) and len(error.args) == 2 and hasattr(error.args[1],
                                                                           "line_num"):
         where = error.args[1]
-        return f"{error.args[0].rstrip('.')} in {_source(where, bindings)}"
+        # gin's message may hold lines of its own (an unquoted word: the ast's text, then
+        # "Failed to parse token 'foo'"): the last says what it could not read
+        message = [line.strip() for line in str(error.args[0]).splitlines() if line.strip()]
+        return f"{(message or [''])[-1].rstrip('.')} in {_source(where, bindings)}"
     return _one_line(error)
 
 
@@ -50,7 +54,7 @@ def _source(where, bindings: Sequence[str]) -> str:
     return f"{where.filename}, line {where.line_num}" + (f": {line}" if line else "")
 
 
-def _unclosed(files: Sequence[str], bindings: Sequence[str]) -> str:
+def _unclosed(files: Sequence[str], bindings: Sequence[str]) -> str | None:
     """The first binding or file whose text Python's tokenizer cannot finish (gin's own
     tokenizer says only 'EOF in multi-line statement', not where)."""
     for binding in bindings:
@@ -59,7 +63,7 @@ def _unclosed(files: Sequence[str], bindings: Sequence[str]) -> str:
     for path in files:
         if not _tokenizes(Path(path).read_text()):
             return f"config file {path}"
-    return "the configuration"
+    return None
 
 
 def _tokenizes(text: str) -> bool:

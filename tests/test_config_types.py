@@ -56,6 +56,7 @@ def test_gins_own_note_does_not_make_a_second_line():
     ("TrainConfig.steps=[1,", "in --gin binding 'TrainConfig.steps=[1,'"),  # left open
     ("TrainConfig.steps=(2", "in --gin binding 'TrainConfig.steps=(2'"),
     ("TrainConfig.steps=3 4", "in --gin binding 'TrainConfig.steps=3 4'"),
+    ("TrainConfig.run_name=foo", "'foo' in --gin binding 'TrainConfig.run_name=foo'"),
     ("import no_such_module_here", "No module named 'no_such_module_here'"),
     ("TrainConfig.steps=@no_such_thing", "'@no_such_thing'"),
     ("TrainConfig.steps=%STEPS", "TrainConfig.steps = %STEPS: the macro STEPS is never bound"),
