@@ -35,7 +35,7 @@ NEW_TOKENS = 32
 
 
 @contextlib.contextmanager
-def _quick_gguf_package():
+def _quick_gguf_package(path):
     """Two of the gguf package's slow spots made quick for transformers' GGUF load, with the
     same results: its reader over a plain ndarray view of the mapped file (jalign's reader,
     which ``_assert_reads_as_the_stock_reader`` shows finds the same fields and tensors)
@@ -44,14 +44,15 @@ def _quick_gguf_package():
     SmolLM2). A 135M load took ~20 s, of which these were ~15."""
     import gguf
     names = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
-    with mock.patch.object(gguf, "GGUFReader", lambda path, *a, **k: GGUFFile(path).reader), \
+    reader = GGUFFile(path).reader  # built before the patch: it subclasses gguf's reader
+    with mock.patch.object(gguf, "GGUFReader", lambda *a, **k: reader), \
             mock.patch.object(gguf, "get_tensor_name_map", names):
         yield
 
 
 def _hf_gguf(path):
     """transformers' own load of a GGUF file (its GGUF loader, then the model class)."""
-    with _quick_gguf_package():
+    with _quick_gguf_package(path):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent),
